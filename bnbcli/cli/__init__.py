@@ -1,0 +1,1 @@
+"""The `bnb` command line: Typer only, one thin module per verb."""

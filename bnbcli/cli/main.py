@@ -1,0 +1,88 @@
+"""`bnb` entry point and the one error boundary: typed errors become `error:`/`hint:` and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from bnbcli import __version__, output
+from bnbcli.cli.env import env
+from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
+
+EPILOG = (
+    "Exit codes: 0 ok; 1 the input or the result failed (bad checkpoint, a threshold missed); "
+    "2 usage or internal error; 130 interrupted (Ctrl-C). "
+    "Set BNB_DEBUG=1 or pass --debug for a traceback."
+)
+
+app = typer.Typer(
+    name="bnb",
+    help="Convert and inspect model checkpoints for bitsandbytes quantization.",
+    epilog=EPILOG,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        output.stdout.print(f"bnb {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    if debug:
+        os.environ["BNB_DEBUG"] = "1"
+
+
+app.command(epilog=EPILOG)(env)
+
+
+def _debugging() -> bool:
+    return os.environ.get("BNB_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's usage errors (bad option, unknown command), recognised by their public interface
+    rather than by a class that Typer may move."""
+    return callable(getattr(exc, "show", None)) and getattr(exc, "exit_code", None) == EXIT_USAGE
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except BnbError as exc:
+        if _debugging():
+            raise
+        output.error(exc.message, exc.hint)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:
+        # The reader went away (`bnb … | head`): exit quietly, without a second error on flush.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        output.error("aborted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        if _is_usage_error(exc):
+            exc.show()  # type: ignore[attr-defined]  # Click renders its own usage message
+            sys.exit(EXIT_USAGE)
+        if _debugging():
+            raise
+        output.error(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report it")
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,38 @@
+"""Typed errors with a one-line message, a hint and an exit code. Only the CLI's main() renders them."""
+
+from __future__ import annotations
+
+# Exit codes are a contract for CI scripts (documented in `bnb --help` and README.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the input or the result failed: bad checkpoint, a threshold missed
+EXIT_USAGE = 2  # usage or internal error
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class BnbError(Exception):
+    """An error the user can act on: ``message`` says what happened, ``hint`` what to do."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(BnbError, ValueError):
+    """Arguments that cannot work (an unsupported blocksize, an unknown scheme, …)."""
+
+    exit_code = EXIT_USAGE
+
+
+class BackendUnavailable(BnbError):
+    """A backend was asked for that this machine cannot run."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(BnbError):
+    """The input (a checkpoint, a tensor) is malformed or unusable."""
+
+    exit_code = EXIT_FAILED

@@ -1,0 +1,219 @@
+"""4-bit NF4/FP4 blockwise quantization (bitsandbytes ``quantize_4bit`` / ``dequantize_4bit``).
+
+Bytes are those of the CUDA kernel ``kQuantizeBlockwise<T, B, N, 0, NF4|FP4>`` and of
+``kDequantizeBlockwise``; the record knows the state-dict keys that ``Linear4bit`` saves and
+transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from bnbcli.codes import (
+    DYNAMIC_CODE,
+    FLT_MIN,
+    FOUR_BIT_BLOCKSIZES,
+    FP4_CODE,
+    FP4_MAGNITUDE_BITS,
+    FP4_SIGN_BIT,
+    FP4_THRESHOLDS,
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    NF4_THRESHOLDS,
+)
+from bnbcli.errors import UsageError
+from bnbcli.formats import blockwise8
+from bnbcli.formats.blocks import (
+    block_absmax,
+    encode,
+    expand_blocks,
+    num_blocks,
+    pack_nibbles,
+    scale_blocks,
+    to_blocks,
+    unpack_nibbles,
+)
+from bnbcli.formats.cuda_mean import cuda_mean_f32
+
+QUANT_TYPES = ("nf4", "fp4")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"bfloat16" for torch.bfloat16: the spelling of quant_state JSON and config.json."""
+    return str(dtype).removeprefix("torch.")
+
+
+@lru_cache(maxsize=None)
+def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(quant_map as stored, LUT the CUDA dequantizer really uses)."""
+    if quant_type == "nf4":
+        return torch.from_numpy(NF4_CODE.copy()), torch.from_numpy(NF4_CODE.copy())
+    lut = FP4_CODE.copy()
+    # dDequantizeFP4Tree multiplies a magnitude by the sign (1 - 2*bit3): code 8 decodes to -0.0,
+    # although the stored quant_map[8] is +0.0.
+    lut[8] = -0.0
+    return torch.from_numpy(FP4_CODE.copy()), torch.from_numpy(lut)
+
+
+@dataclass(frozen=True)
+class QuantState4bit:
+    """A 4-bit quantized tensor with everything bitsandbytes' ``QuantState`` serializes.
+
+    ``packed`` is [(n+1)//2, 1] uint8 (or those bytes viewed as ``quant_storage``). Without double
+    quantization ``absmax`` is float32 [nb]; with it, ``absmax`` is the uint8 codes of
+    (absmax - nested_offset) and ``nested_absmax``/``nested_quant_map`` hold the second level.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    quant_map: torch.Tensor
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    quant_type: str
+    nested_absmax: torch.Tensor | None = None
+    nested_quant_map: torch.Tensor | None = None
+    nested_offset: float | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.packed.dtype
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def quant_state_json(self) -> str:
+        """The string ``QuantState.as_dict(packed=True)`` packs: json.dumps with default separators."""
+        state: dict[str, object] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        if self.double_quant:
+            state["nested_blocksize"] = NESTED_BLOCKSIZE
+            state["nested_dtype"] = "float32"
+            state["nested_offset"] = self.nested_offset
+        return json.dumps(state)
+
+    def state_dict(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors ``Linear4bit`` saves for a weight named ``prefix`` (e.g. "model.layers.0.q.weight"),
+        in bitsandbytes' order. Each is its own buffer: safetensors refuses shared storage."""
+        entries = {
+            prefix: self.packed,
+            f"{prefix}.absmax": self.absmax,
+            f"{prefix}.quant_map": self.quant_map,
+        }
+        if self.double_quant:
+            assert self.nested_absmax is not None and self.nested_quant_map is not None
+            entries[f"{prefix}.nested_absmax"] = self.nested_absmax
+            entries[f"{prefix}.nested_quant_map"] = self.nested_quant_map
+        json_bytes = np.frombuffer(self.quant_state_json().encode("utf-8"), dtype=np.uint8)
+        entries[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.from_numpy(json_bytes.copy())
+        return entries
+
+
+def _check_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+    if quant_type not in QUANT_TYPES:
+        raise UsageError(f"unknown 4-bit quant_type {quant_type!r}", hint="use 'nf4' or 'fp4'")
+    if blocksize not in FOUR_BIT_BLOCKSIZES:
+        raise UsageError(
+            f"blocksize {blocksize} is not supported for 4-bit",
+            hint=f"use one of {', '.join(map(str, FOUR_BIT_BLOCKSIZES))}",
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
+    if quant_storage.is_complex:
+        raise UsageError(f"quant_storage {quant_storage} is not a real dtype")
+    if x.numel() == 0:
+        raise UsageError("cannot quantize an empty tensor")
+
+
+def _encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return encode(scaled, torch.from_numpy(NF4_THRESHOLDS))
+    # dQuantizeFP4: sign from x < 0 *after* the ftz multiply, so a product that underflows to a
+    # subnormal is -0.0 and keeps sign 0; then a monotone tree on |x|. NaN fails every test -> 0.
+    magnitude = torch.from_numpy(FP4_MAGNITUDE_BITS)[encode(scaled.abs(), torch.from_numpy(FP4_THRESHOLDS)).long()]
+    sign = (scaled <= -FLT_MIN).to(torch.uint8) * FP4_SIGN_BIT
+    return (magnitude | sign).masked_fill_(torch.isnan(scaled), 0)
+
+
+def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """bitsandbytes allocates [(n+1) // (2*itemsize), 1] elements of quant_storage; a trailing byte
+    that does not fill a whole element is dropped, as there."""
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    usable = packed[: (packed.numel() // itemsize) * itemsize].contiguous()
+    return usable.view(quant_storage).reshape(-1, 1)
+
+
+def quantize_4bit(
+    x: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+) -> QuantState4bit:
+    """bitsandbytes ``functional.quantize_4bit(x, blocksize, compress_statistics=double_quant, quant_type,
+    quant_storage)`` with the bytes of its CUDA kernel."""
+    _check_args(x, quant_type, blocksize, quant_storage)
+    n = x.numel()
+    blocks = to_blocks(x, blocksize)
+    absmax = block_absmax(blocks)
+    codes = _encode_4bit(scale_blocks(blocks, absmax), quant_type)
+    packed = _as_storage(pack_nibbles(codes, n), quant_storage)
+    quant_map, _ = _tables(quant_type)
+    common = dict(
+        packed=packed, quant_map=quant_map.clone(), blocksize=blocksize, shape=tuple(x.shape),
+        dtype=x.dtype, quant_type=quant_type,
+    )
+    if not double_quant:
+        return QuantState4bit(absmax=absmax, **common)  # type: ignore[arg-type]
+    # Double quantization: centre the absmax on its mean (torch's CUDA mean, bit for bit), then
+    # quantize it with the dynamic map in blocks of 256.
+    offset = cuda_mean_f32(absmax.numpy())
+    centered = absmax - torch.tensor(offset, dtype=torch.float32)
+    nested_codes, nested_absmax = blockwise8.quantize_codes(centered, NESTED_BLOCKSIZE)
+    return QuantState4bit(
+        absmax=nested_codes,
+        nested_absmax=nested_absmax,
+        nested_quant_map=torch.from_numpy(DYNAMIC_CODE.copy()),
+        nested_offset=float(offset),
+        **common,  # type: ignore[arg-type]
+    )
+
+
+def block_scales(q: QuantState4bit) -> torch.Tensor:
+    """float32 [nb] absmax per block, rebuilt as ``dequantize_4bit`` does for double quantization:
+    8-bit dequant (one rounding), then a separate float32 add of the offset (a second rounding)."""
+    if q.nested_absmax is None:
+        return q.absmax
+    assert q.nested_quant_map is not None and q.nested_offset is not None
+    scales = blockwise8.dequantize_codes(q.absmax, q.nested_absmax, NESTED_BLOCKSIZE, q.nested_quant_map)
+    return scales + torch.tensor(q.nested_offset, dtype=torch.float32)
+
+
+def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
+    """bitsandbytes ``functional.dequantize_4bit``: float32 LUT[code] * absmax, one rounding to ``dtype``."""
+    n = q.numel
+    packed = q.packed.contiguous().view(torch.uint8).reshape(-1)
+    needed = (n + 1) // 2
+    # A 2- or 4-byte quant_storage may have dropped the last partial element's bytes (see _as_storage).
+    if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
+        raise UsageError(f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent")
+    if packed.numel() < needed:
+        packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
+    _, lut = _tables(q.quant_type)
+    values = lut[unpack_nibbles(packed, n).long()]
+    return expand_blocks(values, block_scales(q), q.blocksize).to(q.dtype).reshape(q.shape)

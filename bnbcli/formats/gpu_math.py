@@ -1,0 +1,63 @@
+"""The float32 arithmetic of bitsandbytes' fast-math CUDA kernels, reproduced bit for bit on the CPU.
+
+bitsandbytes builds its kernels with ``--use_fast_math``: ``1.0f / absmax`` becomes the approximate
+reciprocal ``rcp.approx.ftz.f32`` and products are ``mul.ftz.f32`` (subnormal inputs and results are
+flushed to zero). The approximate reciprocal differs from the correctly rounded one by -1, 0 or +1
+ulp, and which one depends only on the 23 mantissa bits of the input. ``data/rcp_approx_sm90.npz``
+holds that correction for every mantissa, measured on an H100 (sm_90); see ../shared/hw/README.md.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+import torch
+
+from bnbcli.codes import FLT_MIN
+
+_MANTISSA_MASK = (1 << 23) - 1
+
+
+@lru_cache(maxsize=1)
+def _rcp_correction() -> torch.Tensor:
+    """int32[2^23]: the ulp step (-1, 0, +1) that rcp.approx adds to RN(1/x), indexed by x's mantissa."""
+    with resources.files("bnbcli.data").joinpath("rcp_approx_sm90.npz").open("rb") as f:
+        packed = np.load(f)["packed"]
+    # Four 2-bit codes per byte, little end first: 0 -> 0, 1 -> +1 ulp, 2 -> -1 ulp.
+    codes = (packed[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
+    step = np.array([0, 1, -1, 0], dtype=np.int32)[codes.reshape(-1)]
+    return torch.from_numpy(step)
+
+
+def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """ftz: float32 values below the smallest normal become zero (keeping the sign, as the GPU does)."""
+    return torch.where(x.abs() < FLT_MIN, x * 0.0, x)
+
+
+def rcp_approx(x: torch.Tensor) -> torch.Tensor:
+    """``rcp.approx.ftz.f32`` of a float32 tensor: what the kernels compute for ``1.0f / absmax``."""
+    x = flush_subnormals(x.to(torch.float32))
+    exact = torch.reciprocal(x)  # correctly rounded; 1/±0 = ±inf, 1/inf = 0, NaN stays NaN
+    mantissa = x.view(torch.int32) & _MANTISSA_MASK
+    step = _rcp_correction()[mantissa.long()]
+    finite_nonzero = torch.isfinite(exact) & (exact != 0)
+    # Adding to the raw bit pattern moves the magnitude by one ulp whatever the sign.
+    adjusted = torch.where(finite_nonzero, exact.view(torch.int32) + step, exact.view(torch.int32))
+    return flush_subnormals(adjusted.view(torch.float32))
+
+
+def mul_ftz(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``mul.ftz.f32``: a float32 product whose subnormal result is flushed to zero."""
+    return flush_subnormals(a * b)
+
+
+# CUDA arithmetic produces the canonical NaN 0x7fffffff; x86 produces 0xffc00000. Outputs that can
+# hold a NaN (0 * inf in a dequantization) are rewritten to the GPU's pattern so the bytes match.
+_CUDA_NAN = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+
+
+def gpu_nan(x: torch.Tensor) -> torch.Tensor:
+    """float32 x with every NaN replaced by the GPU's canonical NaN bit pattern."""
+    return torch.where(torch.isnan(x), _CUDA_NAN, x)

@@ -1,0 +1,68 @@
+"""LLM.int8() row-wise int8 (bitsandbytes ``int8_vectorwise_quant`` / ``int8_vectorwise_dequant``).
+
+Weights follow ``Int8Params._quantize``: cast to float16 first (round to nearest even; |x| >= 65520
+becomes inf), then the CUDA kernel ``kInt8VectorQuant`` quantizes each row with its own absmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bnbcli.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
+from bnbcli.errors import UsageError
+from bnbcli.formats.fourbit import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
+
+
+@dataclass(frozen=True)
+class Int8Rowwise:
+    """``CB`` int8 with the input's shape, ``SCB`` float32 [rows] (the fp16 row absmax), and with a
+    threshold > 0 the int64 indices of the columns that held outliers (None without a threshold)."""
+
+    CB: torch.Tensor
+    SCB: torch.Tensor
+    outlier_cols: torch.Tensor | None = None
+
+
+def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwise:
+    """LLM.int8 row-wise quantization of a weight, as transformers stores it (``Int8Params``)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
+    if x.numel() == 0:
+        raise UsageError("cannot quantize an empty tensor")
+    half = x.to(torch.float16)
+    rows = half.reshape(-1, half.shape[-1]) if half.dim() > 0 else half.reshape(1, 1)
+    values = rows.to(torch.float32)
+    magnitude = values.abs()
+
+    outlier_cols = None
+    counted = ~torch.isnan(magnitude)  # the kernel reduces with fmaxf: NaN never wins
+    if threshold > 0.0:
+        # Outliers (|x| >= threshold) leave the row absmax and are stored as 0.
+        outliers = magnitude >= threshold
+        outlier_cols = torch.nonzero(outliers.any(dim=0)).reshape(-1)
+        counted &= ~outliers
+        values = values.masked_fill(outliers, 0.0)
+
+    # The row max runs in half precision (exact) from a start of -0.0 (-FLT_MIN cast to half), so a
+    # row with nothing counted keeps SCB = -0.0; an fp16 overflow (|x| >= 65520) gives SCB = inf.
+    scb = torch.where(counted, magnitude, 0.0).amax(dim=1)
+    scb = torch.where(counted.any(dim=1), scb, -0.0)
+    # __fdividef(127.0f, absmax) == fl32(127 * rcp.approx(absmax)); a zero row gives inf, and
+    # 0 * inf = NaN, which __float2int_rn turns into 0.
+    scale = INT8_SCALE_NUMERATOR * rcp_approx(scb)
+    scaled = values * scale[:, None]
+    # __float2int_rn: round half to even; NaN becomes 0.
+    cb = torch.nan_to_num(torch.round(scaled), nan=0.0).to(torch.int8)
+    if outlier_cols is not None and rows.shape[0] > 1:
+        cb[:, outlier_cols] = 0
+    return Int8Rowwise(CB=cb.reshape(x.shape), SCB=scb, outlier_cols=outlier_cols)
+
+
+def dequantize_int8_rowwise(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
+    """float32 (q * SCB[row]) * float32(1/127): a multiply then a multiply, not q * SCB / 127."""
+    rows = CB.reshape(-1, CB.shape[-1]).to(torch.float32)
+    out = (rows * SCB.reshape(-1, 1)) * torch.tensor(INT8_INV_127, dtype=torch.float32)
+    return gpu_nan(out).reshape(CB.shape)
