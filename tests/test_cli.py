@@ -1,0 +1,71 @@
+"""CLI contract: exit codes, stdout is data, errors are one line on stderr, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import bnbcli
+
+
+def bnb(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from bnbcli.cli.main import main; main()", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_version() -> None:
+    result = bnb("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"bnb {bnbcli.__version__}"
+
+
+def test_help_documents_exit_codes() -> None:
+    result = bnb("--help")
+    assert result.returncode == 0
+    flat = " ".join(result.stdout.split())
+    assert "130" in flat and "usage or internal error" in flat
+    assert "env" in result.stdout
+
+
+def test_env_json_is_one_document() -> None:
+    result = bnb("env", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["schema_version"] == 1
+    assert document["bnbcli"] == bnbcli.__version__
+    assert "cpu" in document["backends"]
+    assert isinstance(document["gpus"], list)
+
+
+def test_env_table() -> None:
+    result = bnb("env")
+    assert result.returncode == 0
+    assert "torch" in result.stdout
+
+
+def test_unknown_command_is_a_usage_error_without_traceback() -> None:
+    result = bnb("frobnicate")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "frobnicate" in result.stderr
+    assert result.stdout == ""
+
+
+def test_unknown_option_is_a_usage_error() -> None:
+    result = bnb("env", "--nope")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "bnb"
+    assert script.exists(), "`pip install -e .` should install the bnb console script"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and bnbcli.__version__ in result.stdout

@@ -1,0 +1,58 @@
+"""The emulated fast-math arithmetic: approximate reciprocal, flush-to-zero, the GPU's NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bnbcli.formats.gpu_math import _rcp_correction, gpu_nan, mul_ftz, rcp_approx
+
+
+def test_correction_table_decodes_to_the_measured_counts() -> None:
+    """../shared/hw/README.md: 733,799 mantissas are +1 ulp and 374,723 are -1 ulp, none further."""
+    step = _rcp_correction()
+    assert step.numel() == 1 << 23
+    assert int((step == 1).sum()) == 733_799
+    assert int((step == -1).sum()) == 374_723
+
+
+def test_rcp_approx_within_one_ulp_and_exponent_independent() -> None:
+    rng = np.random.default_rng(1)
+    mantissas = rng.integers(0, 1 << 23, 20_000, dtype=np.int64)
+    results = []
+    for exponent in (1, 100, 127, 200):
+        bits = (exponent << 23) | mantissas
+        x = torch.from_numpy(bits.astype(np.int32)).view(torch.float32)
+        approx = rcp_approx(x)
+        exact = torch.reciprocal(x)
+        ulps = (approx.view(torch.int32) - exact.view(torch.int32)).abs()
+        assert int(ulps.max()) <= 1
+        results.append(approx.view(torch.int32) - exact.view(torch.int32))
+    # The step depends on the mantissa only (away from the subnormal-result range).
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+def test_rcp_approx_special_values() -> None:
+    x = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), 1e-40, 2.0**127, 1.0, -2.0, float("nan")])
+    r = rcp_approx(x)
+    assert r[0] == float("inf") and r[1] == float("-inf")
+    assert r[2] == 0 and r[3] == 0
+    assert r[4] == float("inf"), "a subnormal input is flushed to zero first"
+    assert r[5] == 0, "a subnormal result is flushed to zero"
+    assert r[6] == 1.0 and r[7] == -0.5
+    assert torch.isnan(r[8])
+
+
+def test_mul_ftz_flushes_subnormal_products() -> None:
+    a = torch.tensor([1e-20, -1e-20, 1e-10], dtype=torch.float32)
+    b = torch.tensor([1e-20, 1e-20, 1e-10], dtype=torch.float32)
+    p = mul_ftz(a, b)
+    assert p[0] == 0 and p[1] == 0 and torch.signbit(p[1])
+    assert p[2] > 0
+
+
+def test_gpu_nan_bit_pattern() -> None:
+    x = torch.tensor([0.0, 1.0], dtype=torch.float32) * torch.tensor([float("inf"), 1.0])
+    assert gpu_nan(x).view(torch.int32)[0] == 0x7FFFFFFF
+    assert gpu_nan(x)[1] == 1.0
