@@ -37,3 +37,45 @@ def error(message: str, hint: str | None = None) -> None:
     stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
     if hint:
         stderr.print(f"[bold cyan]hint:[/] {hint}", markup=True, highlight=False)
+
+
+class ByteProgress:
+    """A Rich progress bar in bytes on stderr; a no-op when disabled (not a terminal, --json, -q)."""
+
+    def __init__(self, total: int, description: str, enabled: bool) -> None:
+        self.enabled = enabled and stderr.is_terminal
+        self.total = total
+        self.description = description
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ByteProgress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            self._progress = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=stderr,
+                transient=True,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        return self
+
+    def advance(self, nbytes: int) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, nbytes)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.__exit__(*exc)

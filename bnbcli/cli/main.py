@@ -10,6 +10,7 @@ import typer
 
 from bnbcli import __version__, output
 from bnbcli.cli.env import env
+from bnbcli.cli.quantize import quantize
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
 
 EPILOG = (
@@ -45,6 +46,7 @@ def root(
         os.environ["BNB_DEBUG"] = "1"
 
 
+app.command(epilog=EPILOG)(quantize)
 app.command(epilog=EPILOG)(env)
 
 

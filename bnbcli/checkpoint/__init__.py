@@ -1,0 +1,1 @@
+"""Checkpoints: safetensors headers and tensors (safetensors_file), sources to convert (source), output (writer)."""

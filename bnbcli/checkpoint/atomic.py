@@ -1,0 +1,129 @@
+"""An output folder that appears whole or not at all.
+
+Everything is written into a temporary folder beside OUT (same filesystem, so the final rename is
+atomic); a lock file keeps a second run off the same OUT; an interrupted run leaves no OUT, and its
+temporary folder is swept away by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+
+from bnbcli.errors import InputError
+
+TMP_MARK = ".bnb-tmp-"
+LOCK_MARK = ".bnb-lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicOutputDir:
+    """``with AtomicOutputDir(out, overwrite) as tmp: …write into tmp…; commit()`` renames tmp to out."""
+
+    def __init__(self, out: Path, overwrite: bool = False) -> None:
+        self.out = out.absolute()
+        self.overwrite = overwrite
+        self.parent = self.out.parent
+        self.lock = self.parent / f".{self.out.name}{LOCK_MARK}"
+        self.tmp = self.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self.committed = False
+        self.locked = False
+
+    def __enter__(self) -> Path:
+        if not self.parent.is_dir():
+            raise InputError(f"the folder for {self.out} does not exist", hint=f"create {self.parent} first")
+        if self.out.exists() and not self.overwrite:
+            raise InputError(f"{self.out} already exists", hint="pass --overwrite to replace it, or choose another OUT")
+        self._take_lock()
+        try:
+            self._sweep_stale()
+            self.tmp.mkdir()
+        except OSError as exc:
+            self._release_lock()
+            raise InputError(
+                f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions and free space"
+            ) from exc
+        return self.tmp
+
+    def _take_lock(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    holder = int(self.lock.read_text().strip() or "0")
+                except (OSError, ValueError):
+                    holder = 0
+                if holder and _pid_alive(holder):
+                    raise InputError(
+                        f"another bnb (pid {holder}) is writing {self.out}",
+                        hint="wait for it to finish, or choose another OUT",
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # a stale lock from a killed run
+                continue
+            except OSError as exc:
+                raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            self.locked = True
+            return
+        raise InputError(f"cannot lock {self.out}", hint=f"remove {self.lock} if no bnb is running")
+
+    def _release_lock(self) -> None:
+        if self.locked:
+            self.lock.unlink(missing_ok=True)
+            self.locked = False
+
+    def _sweep_stale(self) -> None:
+        """Temporary folders of earlier runs on this OUT that died without cleaning up."""
+        for stale in self.parent.glob(f".{self.out.name}{TMP_MARK}*"):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def commit(self) -> None:
+        """Make the finished folder visible at OUT in one rename."""
+        for root, _, files in os.walk(self.tmp):
+            for name in files:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        if self.out.exists():
+            trash = self.parent / f".{self.out.name}{TMP_MARK}old-{os.getpid()}"
+            os.rename(self.out, trash)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
+        _fsync_dir(self.parent)
+        self.committed = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release_lock()

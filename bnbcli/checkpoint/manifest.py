@@ -1,0 +1,88 @@
+"""bnb_manifest.json: what was converted, from what, with which settings, and how well.
+
+Everything in it is deterministic for the same input and settings except the ``run`` object
+(timestamps, duration, host), which is documented as such.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bnbcli import __version__
+from bnbcli.output_plan import QuantizePlan
+from bnbcli.pipeline import ComponentResult
+
+MANIFEST_NAME = "bnb_manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def _dtype(d: Any) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def scheme_settings(plan: QuantizePlan) -> dict[str, Any]:
+    settings = asdict(plan.scheme)
+    return {k: (_dtype(v) if "dtype" in k or k == "quant_storage" else v) for k, v in settings.items()}
+
+
+def _tensor_entry(record: Any) -> dict[str, Any]:
+    job = record.job
+    entry: dict[str, Any] = {
+        "name": job.source.name,
+        "action": job.decision.action,
+        "reason": job.decision.reason,
+        "source": {"dtype": _dtype(job.source.dtype), "shape": list(job.source.shape), "bytes": job.source.nbytes},
+        "shard": job.shard,
+        "outputs": [
+            {"key": e.key, "dtype": _dtype(e.dtype), "shape": list(e.shape), "sha256": record.outputs[e.key]}
+            for e in job.entries
+        ],
+    }
+    if job.quantized:
+        entry["transposed"] = job.decision.transpose
+        entry["error"] = record.error.as_dict() if record.error else None
+    return entry
+
+
+def build_manifest(
+    plan: QuantizePlan, results: list[ComponentResult], source_label: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    components = []
+    for result in results:
+        c = result.plan
+        components.append(
+            {
+                "name": c.name,
+                "planner": c.planner,
+                "planner_reason": c.planner_reason,
+                "skip_modules": list(c.skip_modules),
+                "source_files": [
+                    {"path": str(Path(p).relative_to(plan.checkpoint.root)), "sha256": h}
+                    for p, h in result.source_sha256.items()
+                ],
+                "shards": [{"file": s, "bytes": result.shard_sizes[s]} for s in c.shards],
+                "tensors": [_tensor_entry(r) for r in result.records],
+            }
+        )
+    return {
+        "schema_version": MANIFEST_SCHEMA_VERSION,
+        "tool": {"name": "bnbcli", "version": __version__},
+        "source": source_label,
+        "settings": scheme_settings(plan),
+        "components": components,
+        # Not deterministic: when and where this run happened.
+        "run": {
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "seconds": round(seconds, 3),
+            "host": platform.node(),
+        },
+    }
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,225 @@
+"""What to convert: a safetensors file, a model folder, a diffusers pipeline folder, or a Hub repo id.
+
+``open_checkpoint`` reads headers only (never tensor data) and validates everything a conversion relies on,
+so that a bad checkpoint fails before any output is written. Pickle weights are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bnbcli.checkpoint import hub
+from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
+from bnbcli.checkpoint.shards import (
+    INDEX_SUFFIX,
+    SAFETENSORS_SUFFIX,
+    WeightChoice,
+    copy_files,
+    find_weights,
+    is_pickle_file,
+    load_weights,
+    pickle_error,
+    refuse_pickle,
+)
+from bnbcli.errors import InputError, UsageError
+
+CONFIG_NAME = "config.json"
+MODEL_INDEX_NAME = "model_index.json"  # marks a diffusers pipeline folder
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model, or one component of a diffusers pipeline."""
+
+    root: Path  # its folder (a single file's parent)
+    name: str  # the diffusers component name; "" for a plain model or file
+    config: dict[str, Any] | None  # parsed config.json, if present
+    weight_files: tuple[Path, ...]  # the safetensors shards, in index order
+    index: dict[str, Any] | None  # the parsed *.safetensors.index.json
+    tensors: dict[str, TensorInfo]  # over all shards; each tensor in exactly one shard
+    other_files: tuple[Path, ...]  # files under root to copy as-is (tokenizer, generation_config.json, …)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    kind: str  # "model" | "file" | "diffusers"
+    root: Path
+    components: dict[str, ModelSource]  # "" → the model, for kinds "model" and "file"
+    pipeline_files: tuple[Path, ...]  # diffusers: files outside the selected components, to copy as-is
+    repo_id: str | None = None
+    revision: str | None = None  # for a Hub repo: the commit its snapshot was resolved to
+
+
+def open_checkpoint(src: str, *, revision: str | None = None, components: Sequence[str] | None = None) -> Checkpoint:
+    """Open ``src``: a ``.safetensors`` file, a model folder, a diffusers folder, or a Hub repo id ``org/name``.
+
+    ``components`` selects diffusers components to convert; by default every component that has
+    safetensors weights (unet/transformer, text encoders, vae, …). The others are copied as-is.
+    ``revision`` (a branch, tag or commit) applies to Hub repo ids only.
+    """
+    path = Path(src).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise UsageError(
+                f"--revision {revision} applies to Hub repo ids, not to the local path {src}",
+                "leave out the revision, or give the repo id (org/name)",
+            )
+        return _open_local(path, components, trusted_root=path if path.is_dir() else path.parent)
+    if hub.looks_like_repo_id(src):
+        snapshot = hub.resolve(src, revision)
+        checkpoint = _open_local(snapshot.folder, components, trusted_root=snapshot.repo_folder)
+        return replace(checkpoint, repo_id=src, revision=snapshot.commit)
+    raise InputError(
+        f"{src}: no such file or folder",
+        "give a .safetensors file, a model folder, a diffusers pipeline folder, or a Hub repo id like org/name",
+    )
+
+
+def _open_local(path: Path, components: Sequence[str] | None, trusted_root: Path) -> Checkpoint:
+    if path.is_dir() and (path / MODEL_INDEX_NAME).is_file():
+        return _open_diffusers(path, components, trusted_root)
+    if components is not None:
+        raise UsageError(
+            f"{path}: components were selected, but this is not a diffusers pipeline (no {MODEL_INDEX_NAME})",
+            "leave out the component selection for a plain model",
+        )
+    if path.is_dir():
+        choice = find_weights(path)
+        if choice is None:
+            refuse_pickle(path)
+            raise InputError(
+                f"{path}: no safetensors weights (model.safetensors, or an index and its shards)",
+                "point at the folder that holds config.json and the .safetensors files "
+                "(a pytorch_model.bin checkpoint must be converted to safetensors first)",
+            )
+        return Checkpoint(
+            kind="model", root=path, components={"": _model_source(path, "", choice, trusted_root)}, pipeline_files=()
+        )
+    name = path.name
+    if name.endswith(INDEX_SUFFIX):  # an index file stands for its folder, with that index chosen
+        source = _model_source(path.parent, "", WeightChoice(index=path), trusted_root)
+        return Checkpoint(kind="model", root=path.parent, components={"": source}, pipeline_files=())
+    if name.endswith(SAFETENSORS_SUFFIX):
+        # A bare file: no config and nothing beside it to copy (its folder may be any folder, ~/Downloads).
+        shard = SafetensorsFile.open(path)
+        source = ModelSource(
+            root=path.parent,
+            name="",
+            config=None,
+            weight_files=(path,),
+            index=None,
+            tensors=dict(shard.tensors),
+            other_files=(),
+        )
+        return Checkpoint(kind="file", root=path.parent, components={"": source}, pipeline_files=())
+    if is_pickle_file(name):
+        raise pickle_error(path)
+    raise InputError(f"{path}: not a .safetensors file", "give a .safetensors file, a model folder or a Hub repo id")
+
+
+def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: Path) -> ModelSource:
+    loaded = load_weights(choice, trusted_root)
+    config_path = folder / CONFIG_NAME
+    other = tuple(p for p in copy_files(folder) if p != config_path)
+    return ModelSource(
+        root=folder,
+        name=name,
+        config=_read_json_object(config_path),
+        weight_files=loaded.files,
+        index=loaded.index,
+        tensors=loaded.tensors,
+        other_files=other,
+    )
+
+
+def _read_json_object(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{path}: not valid JSON: {e}", "fix or re-download the file") from e
+    if not isinstance(value, dict):
+        raise InputError(f"{path}: is a JSON {type(value).__name__}, not an object", "fix or re-download the file")
+    return value
+
+
+def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: Path) -> Checkpoint:
+    _read_json_object(root / MODEL_INDEX_NAME)  # a broken model_index.json would break the output too
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    available: dict[str, WeightChoice] = {}
+    unusable: dict[str, InputError] = {}  # folders with weights we cannot convert: pickle only, or ambiguous
+    for folder in subfolders:
+        try:
+            choice = find_weights(folder)
+        except InputError as e:
+            unusable[folder.name] = e
+            continue
+        if choice is not None:
+            available[folder.name] = choice
+        elif any(is_pickle_file(p.name) for p in folder.iterdir() if p.is_file()):
+            unusable[folder.name] = pickle_error(f"{root}: component {folder.name}")
+
+    if components is None:
+        # Default: every component with weights. One we cannot convert would silently stay unconverted.
+        for error in unusable.values():
+            raise error
+        selected = list(available)
+        if not selected:
+            raise InputError(
+                f"{root}: no component folder holds safetensors weights",
+                "each component (unet, vae, text_encoder, …) needs a diffusion_pytorch_model.safetensors or "
+                "model.safetensors",
+            )
+    else:
+        selected = list(dict.fromkeys(components))
+        if not selected:
+            raise UsageError(f"{root}: no components selected", f"choose from: {', '.join(available)}")
+        for name in selected:
+            if name in unusable:
+                raise unusable[name]
+            if name not in available:
+                raise InputError(
+                    f"{root}: no component {name!r} with safetensors weights",
+                    f"available components: {', '.join(available) or 'none'}",
+                )
+
+    sources = {name: _model_source(root / name, name, available[name], trusted_root) for name in selected}
+    return Checkpoint(
+        kind="diffusers", root=root, components=sources, pipeline_files=_pipeline_files(root, selected, available)
+    )
+
+
+def _pipeline_files(root: Path, selected: Sequence[str], available: dict[str, WeightChoice]) -> tuple[Path, ...]:
+    """Files outside the selected components, to copy as-is, listed file by file (never whole folders).
+
+    Root-level weight files (single-file pipeline checkpoints such as v1-5-pruned.ckpt) are duplicates and left
+    out. A component that is not selected keeps exactly the weights diffusers loads, not variants beside them;
+    any other folder (scheduler, tokenizer, a pickle or ambiguous component left out on request) is copied whole.
+    """
+    files = list(copy_files(root, recursive=False))
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if folder.name in selected:
+            continue
+        choice = available.get(folder.name)
+        if choice is None:
+            files.extend(copy_files(folder, all_weights=True))
+        else:
+            files.extend(copy_files(folder, keep_weights=_weights_of(choice)))
+    return tuple(files)
+
+
+def _weights_of(choice: WeightChoice) -> frozenset[Path]:
+    """The files of a component that is copied as-is: its chosen single file, or its index and shards."""
+    if choice.single is not None:
+        return frozenset({choice.single})
+    assert choice.index is not None
+    try:
+        weight_map = json.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
+        return frozenset({choice.index, *(choice.index.parent / shard for shard in weight_map.values())})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return frozenset({choice.index})  # copied as broken as it came: only selected components are validated

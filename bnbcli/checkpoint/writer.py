@@ -1,0 +1,160 @@
+"""Streaming safetensors writer: tensors are written one at a time at offsets fixed in advance.
+
+A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes back to back.
+Like safetensors' own ``save_file`` we lay tensors out by alignment (8-, 4-, 2-, then 1-byte dtypes),
+then by name, so every tensor is aligned for its dtype. Because every size is known from the plan,
+each tensor goes straight to its final offset as soon as it exists: memory holds one tensor, not a shard.
+
+The one exception is a double-quantized 4-bit ``quant_state`` JSON, whose length depends on the
+offset's decimal digits. Those few small tensors go last, are held until the shard closes, and the
+header is reserved at its largest possible size and padded with spaces (as safetensors pads it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bnbcli.errors import BnbError
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor an output shard will hold. For a ``variable`` one, ``shape`` is its largest shape."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    variable: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * _itemsize(self.dtype)
+
+
+def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    for key, dtype, shape, begin, end in entries:
+        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+
+def _padded(length: int) -> int:
+    """Header length padded so the data section starts 8-byte aligned (8 + length % 8 == 0)."""
+    return length + (-length) % 8
+
+
+class ShardWriter:
+    """Writes one safetensors file from a known list of tensors, in any order, one at a time."""
+
+    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.planned = {t.key: t for t in tensors}
+        fixed = sorted((t for t in tensors if not t.variable), key=lambda t: (-_itemsize(t.dtype), t.key))
+        self.variable_keys = sorted(t.key for t in tensors if t.variable)
+        self.offsets: dict[str, tuple[int, int]] = {}
+        position = 0
+        for t in fixed:
+            self.offsets[t.key] = (position, position + t.nbytes)
+            position += t.nbytes
+        self.fixed_end = position
+        # The largest header this shard can need: every variable tensor at its largest size.
+        worst = [(k, t.dtype, t.shape, *self.offsets[k]) for k, t in ((t.key, t) for t in fixed)]
+        for key in self.variable_keys:
+            t = self.planned[key]
+            worst.append((key, t.dtype, t.shape, position, position + t.nbytes))
+            position += t.nbytes
+        self.header_size = _padded(len(_header_bytes(worst, metadata)))
+        self.data_start = 8 + self.header_size
+        self.pending: dict[str, bytes] = {}
+        self.written: set[str] = set()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def write(self, key: str, tensor: torch.Tensor) -> str:
+        """Write one planned tensor; returns the sha256 of its bytes."""
+        planned = self.planned.get(key)
+        if planned is None or key in self.written:
+            raise BnbError(f"internal error: {key} is not planned for {self.path.name} or written twice")
+        shape = tuple(tensor.shape)
+        fits = shape == planned.shape or (planned.variable and len(shape) == 1 and shape[0] <= planned.shape[0])
+        if tensor.dtype != planned.dtype or not fits:
+            raise BnbError(
+                f"internal error: {key} is {tensor.dtype} {list(shape)}, planned {planned.dtype} {list(planned.shape)}"
+            )
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        if planned.variable:
+            self.pending[key] = data
+        else:
+            begin, _ = self.offsets[key]
+            view = memoryview(data)
+            offset = self.data_start + begin
+            while view:
+                done = os.pwrite(self.fd, view, offset)
+                view, offset = view[done:], offset + done
+        self.written.add(key)
+        return hashlib.sha256(data).hexdigest()
+
+    def close(self) -> int:
+        """Place the variable tensors, write the header, flush to disk; returns the tensor data bytes."""
+        missing = set(self.planned) - self.written
+        if missing:
+            raise BnbError(f"internal error: {len(missing)} planned tensors never written to {self.path.name}")
+        entries = [(k, self.planned[k].dtype, self.planned[k].shape, *self.offsets[k]) for k in self.offsets]
+        position = self.fixed_end
+        tail = bytearray()
+        for key in self.variable_keys:
+            data = self.pending[key]
+            entries.append((key, torch.uint8, (len(data),), position, position + len(data)))
+            position += len(data)
+            tail += data
+        entries.sort(key=lambda e: e[3])
+        header = _header_bytes(entries, self.metadata)
+        if len(header) > self.header_size:
+            raise BnbError(f"internal error: header of {self.path.name} outgrew its reservation")
+        header += b" " * (self.header_size - len(header))
+        os.pwrite(self.fd, tail, self.data_start + self.fixed_end)
+        os.pwrite(self.fd, len(header).to_bytes(8, "little") + header, 0)
+        os.ftruncate(self.fd, self.data_start + position)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        return position
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def shard_size(tensors: list[PlannedTensor], metadata: dict[str, str]) -> int:
+    """Bytes of the file a ShardWriter writes for these tensors (an upper bound with variable ones)."""
+    writer_header = _padded(len(_header_bytes([(t.key, t.dtype, t.shape, 0, 10**15) for t in tensors], metadata)))
+    return 8 + writer_header + sum(t.nbytes for t in tensors)

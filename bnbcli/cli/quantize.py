@@ -1,0 +1,115 @@
+"""`bnb quantize SRC OUT`: stream a safetensors checkpoint into a pre-quantized bitsandbytes one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bnbcli import output
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.output_plan import plan_summary
+from bnbcli.quantize import QuantizeRequest, plan_request, quantize as run_quantize
+from bnbcli.scheme import load_preset, scheme_from_dict
+from bnbcli.units import human_bytes, parse_size
+
+def quantize(
+    src: Annotated[str, typer.Argument(help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id.")],
+    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
+    double_quant: Annotated[
+        bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
+    ] = None,
+    blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (32…4096; 64).")] = None,
+    compute_dtype: Annotated[str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype (default: the model's dtype).")] = None,
+    quant_storage: Annotated[str | None, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as (uint8).")] = None,
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to this dtype first (default: the checkpoint's).")] = None,
+    skip: Annotated[list[str] | None, typer.Option("--skip", help="Keep modules matching PATTERN in 16-bit (repeatable; added to the defaults).")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file.")] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (default 50GB).")] = None,
+    components: Annotated[str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, cpu or cuda.")] = "auto",
+    planner: Annotated[str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize NaN/Inf weights as bitsandbytes would instead of refusing.")] = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+    verbose: VerboseFlag = False,
+    no_progress: NoProgressFlag = False,
+) -> None:
+    """Write a pre-quantized bitsandbytes checkpoint that from_pretrained(OUT) loads as it is."""
+    settings: dict[str, Any] = dict(load_preset(config)) if config else {}
+    flags = {
+        "method": scheme, "double_quant": double_quant, "blocksize": blocksize, "compute_dtype": compute_dtype,
+        "quant_storage": quant_storage, "dtype": dtype,
+    }
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if skip:
+        settings["skip"] = [*settings.get("skip", []), *skip]
+    request_kwargs: dict[str, Any] = {}
+    if max_shard_size is not None:
+        request_kwargs["max_shard_size"] = parse_size(max_shard_size)
+    request = QuantizeRequest(
+        src=src,
+        out=out,
+        scheme=scheme_from_dict(settings),
+        revision=revision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        backend=backend,
+        allow_nonfinite=allow_nonfinite,
+        overwrite=overwrite,
+        planner=None if planner == "auto" else planner,
+        **request_kwargs,
+    )
+    plan = plan_request(request)
+    summary = plan_summary(plan)
+    if dry_run:
+        if json_output:
+            output.emit_json({"dry_run": True, "out": str(out), **summary})
+        else:
+            _render_plan(summary, all_rows=True)
+        return
+    with output.ByteProgress(plan.bytes_in, "quantizing", enabled=not (json_output or quiet or no_progress)) as bar:
+        outcome = run_quantize(request, plan, bar.advance)
+    if json_output:
+        output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
+    elif not quiet:
+        if verbose:
+            _render_plan(summary, all_rows=True)
+        _render_result(summary, outcome.out)
+
+
+def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
+    from rich.table import Table
+
+    for component in summary["components"]:
+        title = f"plan{' for ' + component['name'] if component['name'] else ''} — planner: {component['planner']}"
+        table = Table(title=title, title_justify="left", caption=component["planner_reason"], caption_justify="left")
+        for column in ("tensor", "shape", "dtype", "action", "in", "out"):
+            table.add_column(column, justify="right" if column in ("in", "out") else "left")
+        for t in component["tensors"] if all_rows else []:
+            table.add_row(
+                t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], t["description"],
+                human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]),
+            )
+        table.add_section()
+        table.add_row(
+            f"{component['quantized']} quantized, {component['kept']} kept", "", "", "",
+            human_bytes(component["bytes_in"]), human_bytes(component["bytes_out"]),
+        )
+        output.stdout.print(table)
+        if component["skip_modules"]:
+            output.stdout.print(f"llm_int8_skip_modules: {', '.join(component['skip_modules'])}")
+
+
+def _render_result(summary: dict[str, Any], out: Path) -> None:
+    quantized = sum(c["quantized"] for c in summary["components"])
+    kept = sum(c["kept"] for c in summary["components"])
+    ratio = summary["bytes_out"] / summary["bytes_in"] if summary["bytes_in"] else 0.0
+    output.stdout.print(
+        f"wrote {out}: {quantized} tensors quantized, {kept} kept; "
+        f"{human_bytes(summary['bytes_in'])} → {human_bytes(summary['bytes_out'])} ({ratio:.0%})"
+    )

@@ -1,0 +1,99 @@
+"""The tensors a quantized weight becomes in a checkpoint, known from its shape alone.
+
+The plan uses these layouts to size shards and headers before any data is read; the pipeline then
+checks that what the formats produce matches them (``tests/test_layout.py`` checks it too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from bnbcli.codes import NESTED_BLOCKSIZE
+from bnbcli.formats.blocks import num_blocks
+
+# The longest ``repr`` of a float32 value as a Python float ("-1.1754943508222875e-38" is 23
+# characters): the one part of a 4-bit quant_state whose length is unknown before quantizing.
+MAX_FLOAT_REPR = 24
+
+
+@dataclass(frozen=True)
+class EntryLayout:
+    """One tensor of the output. Its key is the weight's key plus ``suffix`` ("" for the weight itself),
+    or, for a ``sibling`` (int8's SCB), the module's name plus "." plus ``suffix``."""
+
+    suffix: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    variable: bool = False  # its length (a JSON string) is known only after quantizing
+    sibling: bool = False
+
+    def key(self, weight_key: str) -> str:
+        if self.sibling:
+            return f"{weight_key.rsplit('.', 1)[0]}.{self.suffix}"
+        return weight_key + self.suffix
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def quant_state_json_length(quant_type: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, ...],
+                            double_quant: bool) -> int:
+    """Bytes of the packed quant_state JSON; with double quant, its upper bound."""
+    state: dict[str, object] = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": list(shape),
+    }
+    if double_quant:
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0)
+        return len(json.dumps(state)) - len("0.0") + MAX_FLOAT_REPR
+    return len(json.dumps(state))
+
+
+def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, quant_type: str, blocksize: int, double_quant: bool,
+                quant_storage: torch.dtype = torch.uint8) -> tuple[EntryLayout, ...]:
+    """The entries ``Linear4bit`` saves, in bitsandbytes' order (see QuantState4bit.state_dict)."""
+    n = 1
+    for d in shape:
+        n *= d
+    nb = num_blocks(n, blocksize)
+    entries = [
+        EntryLayout("", quant_storage, ((n + 1) // (2 * _itemsize(quant_storage)), 1)),
+        EntryLayout(".absmax", torch.uint8 if double_quant else torch.float32, (nb,)),
+        EntryLayout(".quant_map", torch.float32, (16,)),
+    ]
+    if double_quant:
+        entries.append(EntryLayout(".nested_absmax", torch.float32, (num_blocks(nb, NESTED_BLOCKSIZE),)))
+        entries.append(EntryLayout(".nested_quant_map", torch.float32, (256,)))
+    json_len = quant_state_json_length(quant_type, blocksize, dtype, shape, double_quant)
+    entries.append(
+        EntryLayout(f".quant_state.bitsandbytes__{quant_type}", torch.uint8, (json_len,), variable=double_quant)
+    )
+    return tuple(entries)
+
+
+def layout_int8(shape: tuple[int, ...]) -> tuple[EntryLayout, ...]:
+    """``Linear8bitLt`` keys: weight int8 [out, in], SCB float32 [out], weight_format uint8 0-d (row = 0).
+
+    The SCB/weight_format keys sit beside ``weight`` in the module, so their suffixes replace it.
+    """
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return (
+        EntryLayout("", torch.int8, tuple(shape)),
+        EntryLayout("SCB", torch.float32, (rows,), sibling=True),
+        EntryLayout("weight_format", torch.uint8, (), sibling=True),
+    )

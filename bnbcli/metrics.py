@@ -1,0 +1,43 @@
+"""Round-trip error of a quantized tensor against the values it was made from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RoundTripError:
+    rmse: float
+    max_abs: float
+    rel_fro: float  # ||x - y||_F / ||x||_F
+    sqnr_db: float  # 10 log10(||x||^2 / ||x - y||^2); inf when exact
+
+    def as_dict(self) -> dict[str, float | None]:
+        # JSON has no inf/NaN: an exact round trip reports sqnr_db as null.
+        return {k: (v if math.isfinite(v) else None) for k, v in asdict(self).items()}
+
+
+CHUNK = 1 << 22  # elements per float64 pass: bounded extra memory whatever the tensor size
+
+
+def roundtrip_error(original: torch.Tensor, restored: torch.Tensor) -> RoundTripError:
+    """Errors accumulated in float64, chunk by chunk, so large tensors neither lose the small
+    differences being measured nor need a float64 copy of the whole tensor."""
+    flat_x, flat_y = original.reshape(-1), restored.reshape(-1)
+    signal = noise = max_abs = 0.0
+    for start in range(0, flat_x.numel(), CHUNK):
+        x = flat_x[start : start + CHUNK].to(torch.float64)
+        diff = x - flat_y[start : start + CHUNK].to(torch.float64)
+        signal += float(torch.dot(x, x))
+        noise += float(torch.dot(diff, diff))
+        max_abs = max(max_abs, float(diff.abs().max()))
+    n = max(flat_x.numel(), 1)
+    return RoundTripError(
+        rmse=math.sqrt(noise / n),
+        max_abs=max_abs,
+        rel_fro=math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf),
+        sqnr_db=10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf,
+    )

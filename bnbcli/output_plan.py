@@ -1,0 +1,261 @@
+"""Where every output tensor goes: the jobs of each component, their entries, shards and exact sizes.
+
+Built from headers only. ``bnb quantize --dry-run`` renders it, the pipeline executes it, and nothing
+is re-decided during execution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from bnbcli.checkpoint.safetensors_file import TensorInfo
+from bnbcli.checkpoint.source import Checkpoint, ModelSource
+from bnbcli.checkpoint.writer import PlannedTensor, shard_size
+from bnbcli.errors import UsageError
+from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
+from bnbcli.plan import TensorDecision, plan_model, quantization_config
+from bnbcli.scheme import QuantScheme
+
+SHARD_METADATA = {"format": "pt"}
+DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # transformers v5's save_pretrained default, "50GB"
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One source tensor and what becomes of it."""
+
+    source: TensorInfo
+    decision: TensorDecision
+    dtype: torch.dtype  # the dtype it is quantized or kept in
+    entries: tuple[PlannedTensor, ...]
+    shard: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.decision.action == "quantize"
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str  # "" for a plain model, else the diffusers component folder
+    source: ModelSource
+    planner: str
+    planner_reason: str
+    jobs: tuple[TensorJob, ...]
+    shards: tuple[str, ...]
+    skip_modules: tuple[str, ...]
+    config: dict | None  # the output config.json
+    weights_stem: str  # "model" or "diffusion_pytorch_model"
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(j.source.nbytes for j in self.jobs)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(j.bytes_out for j in self.jobs)
+
+    def shard_jobs(self, shard: str) -> list[TensorJob]:
+        return [j for j in self.jobs if j.shard == shard]
+
+    def shard_bytes(self, shard: str) -> int:
+        entries = [e for j in self.shard_jobs(shard) for e in j.entries]
+        return shard_size(entries, SHARD_METADATA)
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    checkpoint: Checkpoint
+    scheme: QuantScheme
+    components: tuple[ComponentPlan, ...]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(c.bytes_in for c in self.components)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(c.bytes_out for c in self.components)
+
+
+def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
+    if scheme.method == "int8":
+        return layout_int8(shape)
+    return layout_4bit(shape, dtype, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage)
+
+
+def _target_dtype(info: TensorInfo, scheme: QuantScheme) -> torch.dtype:
+    """--dtype casts floating-point tensors (as transformers loads them with dtype=...); others keep theirs."""
+    if scheme.dtype is not None and info.dtype.is_floating_point:
+        return scheme.dtype
+    return info.dtype
+
+
+def _job_entries(info: TensorInfo, decision: TensorDecision, dtype: torch.dtype, scheme: QuantScheme):
+    if decision.action != "quantize":
+        return (PlannedTensor(info.name, dtype, info.shape),)
+    shape = tuple(reversed(info.shape)) if decision.transpose else info.shape
+    return tuple(
+        PlannedTensor(e.key(info.name), e.dtype, e.shape, e.variable) for e in _entry_layouts(scheme, shape, dtype)
+    )
+
+
+def _weights_stem(source: ModelSource) -> str:
+    names = [p.name for p in source.weight_files]
+    return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
+
+
+def _assign_shards(jobs: list[tuple[TensorInfo, TensorDecision, torch.dtype, tuple[PlannedTensor, ...]]],
+                   max_shard_size: int, stem: str) -> tuple[list[str], list[int]]:
+    """save_pretrained's rule: fill a shard in order until the next weight would overflow it; all pieces
+    of one weight stay in one shard (transformers v4 needs that to load them)."""
+    groups: list[int] = []
+    size = 0
+    for *_, entries in jobs:
+        nbytes = sum(e.nbytes for e in entries)
+        if not groups or (size + nbytes > max_shard_size and size > 0):
+            groups.append(0)
+            size = 0
+        groups[-1] += 1
+        size += nbytes
+    total = len(groups)
+    if total <= 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    assignment: list[int] = []
+    for index, count in enumerate(groups):
+        assignment.extend([index] * count)
+    return names, assignment
+
+
+def _output_config(source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...],
+                   model_dtype: torch.dtype) -> dict | None:
+    config = dict(source.config) if source.config is not None else {}
+    if scheme.dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in config or (key == "dtype" and "_class_name" not in config):
+                config[key] = str(scheme.dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(scheme, skip_modules, model_dtype)
+    return config
+
+
+def _model_dtype(source: ModelSource, scheme: QuantScheme) -> torch.dtype:
+    if scheme.dtype is not None:
+        return scheme.dtype
+    config = source.config or {}
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    floats = [t.dtype for t in source.tensors.values() if t.dtype.is_floating_point]
+    return max(set(floats), key=floats.count) if floats else torch.float32
+
+
+def plan_component(source: ModelSource, scheme: QuantScheme, max_shard_size: int,
+                   planner: str | None = None) -> ComponentPlan:
+    shapes = {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
+    decided = plan_model(source.config, shapes, scheme, planner=planner)
+    stem = _weights_stem(source)
+    rows = []
+    # Source order (file, then offset): shards stream sequentially and hash as they are read.
+    file_order = {path: i for i, path in enumerate(source.weight_files)}
+    for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
+        decision = decided.decisions[info.name]
+        dtype = _target_dtype(info, scheme)
+        rows.append((info, decision, dtype, _job_entries(info, decision, dtype, scheme)))
+    shards, assignment = _assign_shards(rows, max_shard_size, stem)
+    jobs = tuple(
+        TensorJob(source=info, decision=decision, dtype=dtype, entries=entries, shard=shards[assignment[i]])
+        for i, (info, decision, dtype, entries) in enumerate(rows)
+    )
+    model_dtype = _model_dtype(source, scheme)
+    return ComponentPlan(
+        name=source.name,
+        source=source,
+        planner=decided.planner,
+        planner_reason=decided.reason,
+        jobs=jobs,
+        shards=tuple(shards),
+        skip_modules=decided.skip_modules,
+        config=_output_config(source, scheme, decided.skip_modules, model_dtype),
+        weights_stem=stem,
+    )
+
+
+def plan_quantize(checkpoint: Checkpoint, scheme: QuantScheme, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                  planner: str | None = None) -> QuantizePlan:
+    if max_shard_size <= 0:
+        raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
+    components = tuple(
+        plan_component(source, scheme, max_shard_size, planner) for _, source in sorted(checkpoint.components.items())
+    )
+    return QuantizePlan(checkpoint=checkpoint, scheme=scheme, components=components)
+
+
+def index_document(component: ComponentPlan, actual_sizes: dict[str, int]) -> str:
+    """model.safetensors.index.json as transformers writes it (sorted keys, indent 2, newline).
+    ``actual_sizes``: tensor bytes written per shard (total_size counts tensor data, not headers)."""
+    weight_map = {e.key: j.shard for j in component.jobs for e in j.entries}
+    total_parameters = sum(j.source.numel for j in component.jobs)
+    document = {
+        "metadata": {"total_parameters": total_parameters, "total_size": sum(actual_sizes.values())},
+        "weight_map": weight_map,
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def describe_action(plan: QuantizePlan, job: TensorJob) -> str:
+    scheme = plan.scheme
+    if not job.quantized:
+        return f"keep ({job.decision.reason})"
+    if scheme.method == "int8":
+        fmt = "int8 row-wise"
+    else:
+        fmt = f"{scheme.method}{'+dq' if scheme.double_quant else ''} b{scheme.blocksize}"
+    return f"quantize as {fmt}" + (" (Conv1D, transposed)" if job.decision.transpose else "")
+
+
+def plan_summary(plan: QuantizePlan) -> dict:
+    """The plan as plain data: what `--dry-run --json` prints and the dry-run table shows."""
+    components = []
+    for c in plan.components:
+        components.append(
+            {
+                "name": c.name,
+                "planner": c.planner,
+                "planner_reason": c.planner_reason,
+                "skip_modules": list(c.skip_modules),
+                "shards": [{"file": s, "bytes": c.shard_bytes(s)} for s in c.shards],
+                "tensors": [
+                    {
+                        "name": j.source.name,
+                        "shape": list(j.source.shape),
+                        "dtype": str(j.source.dtype).removeprefix("torch."),
+                        "action": j.decision.action,
+                        "reason": j.decision.reason,
+                        "description": describe_action(plan, j),
+                        "transpose": j.decision.transpose,
+                        "bytes_in": j.source.nbytes,
+                        "bytes_out": j.bytes_out,
+                        "shard": j.shard,
+                    }
+                    for j in c.jobs
+                ],
+                "quantized": sum(1 for j in c.jobs if j.quantized),
+                "kept": sum(1 for j in c.jobs if not j.quantized),
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+            }
+        )
+    return {
+        "components": components,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+    }

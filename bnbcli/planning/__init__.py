@@ -1,0 +1,1 @@
+"""Planners behind bnbcli.plan: transformers, diffusers and name rules, with their shared records."""

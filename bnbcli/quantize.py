@@ -1,0 +1,69 @@
+"""`bnb quantize` as a library call: open the source, plan, execute into a temporary folder, rename."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bnbcli.backends import resolve_backend
+from bnbcli.checkpoint.atomic import AtomicOutputDir
+from bnbcli.checkpoint.manifest import build_manifest, write_manifest
+from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
+from bnbcli.errors import UsageError
+from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
+from bnbcli.pipeline import Progress, run_quantize
+from bnbcli.scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    src: str
+    out: Path
+    scheme: QuantScheme
+    revision: str | None = None
+    components: tuple[str, ...] | None = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    backend: str = "auto"
+    allow_nonfinite: bool = False
+    overwrite: bool = False
+    planner: str | None = None  # None: the best available; "name-rules" forces the fallback
+
+
+@dataclass(frozen=True)
+class QuantizeOutcome:
+    plan: QuantizePlan
+    out: Path
+    manifest: dict[str, Any]
+
+
+def source_label(checkpoint: Checkpoint) -> dict[str, Any]:
+    if checkpoint.repo_id:
+        return {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}
+    return {"path": str(checkpoint.root), "kind": checkpoint.kind}
+
+
+def _check_paths(checkpoint: Checkpoint, out: Path) -> None:
+    out = out.absolute().resolve()
+    root = checkpoint.root.resolve()
+    if out == root or root in out.parents or out in root.parents:
+        raise UsageError(f"OUT {out} overlaps the source {root}", hint="write the quantized checkpoint elsewhere")
+
+
+def plan_request(request: QuantizeRequest) -> QuantizePlan:
+    """Headers only: what --dry-run prints and what execution obeys."""
+    resolve_backend(request.backend)
+    checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
+    _check_paths(checkpoint, request.out)
+    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
+
+
+def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:
+    backend = resolve_backend(request.backend)
+    output = AtomicOutputDir(request.out, overwrite=request.overwrite)
+    with output as tmp:
+        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress)
+        manifest = build_manifest(plan, results, source_label(plan.checkpoint), seconds)
+        write_manifest(tmp, manifest)
+        output.commit()  # only now does OUT appear, whole
+    return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)
