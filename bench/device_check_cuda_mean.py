@@ -37,10 +37,39 @@ def make_lengths(rng: np.random.Generator) -> list[int]:
     # 128 (float4 loads), 2048 (512 threads), 131072 (split over CTAs),
     # 8448*512 (ctas_per_output saturates at 132 SMs * 4 blocks), 2**24 (float
     # factor no longer exact), multiples of 1024.
-    for b in (127, 128, 129, 130, 131, 2047, 2048, 2049, 2050, 2051, 8191, 8193,
-              131071, 131072, 131073, 131075, 135168, 135169, 264191, 264192,
-              4325375, 4325376, 4325377, 4325379, 16777215, 16777217, 16777219,
-              16777221, 20_000_000, 19_999_999, 20_971_520):
+    for b in (
+        127,
+        128,
+        129,
+        130,
+        131,
+        2047,
+        2048,
+        2049,
+        2050,
+        2051,
+        8191,
+        8193,
+        131071,
+        131072,
+        131073,
+        131075,
+        135168,
+        135169,
+        264191,
+        264192,
+        4325375,
+        4325376,
+        4325377,
+        4325379,
+        16777215,
+        16777217,
+        16777219,
+        16777221,
+        20_000_000,
+        19_999_999,
+        20_971_520,
+    ):
         lengths.add(b)
     lengths.update(1024 * int(k) for k in rng.integers(1, 16384, size=24))
     lengths.update(int(v) for v in np.exp(rng.uniform(np.log(65), np.log(2e7), size=130)))
@@ -67,7 +96,7 @@ def make_values(rng: np.random.Generator, n: int, dist: str) -> np.ndarray:
 
 
 def bits(v) -> str:
-    return "0x%08x" % int(np.float32(v).view(np.uint32))
+    return f"0x{int(np.float32(v).view(np.uint32)):08x}"
 
 
 def main() -> int:
@@ -104,23 +133,45 @@ def main() -> int:
             matched += 1
         else:
             cfg = reduce_config(n, sm, mtps)
-            mismatches.append({"n": n, "dist": d, "ours": bits(ours), "theirs": bits(theirs),
-                               "ours_f": float(ours), "theirs_f": float(theirs), "config": cfg})
+            mismatches.append(
+                {
+                    "n": n,
+                    "dist": d,
+                    "ours": bits(ours),
+                    "theirs": bits(theirs),
+                    "ours_f": float(ours),
+                    "theirs_f": float(theirs),
+                    "config": cfg,
+                }
+            )
             if n <= 1_000_000 and len(bad_inputs) < 6:
                 bad_inputs[f"n{n}_{d}"] = x
-    print(f"cuda_mean: {matched}/{total} match "
-          f"({len(lengths)} lengths, emulation {emu_time:.1f} s, total {time.time() - t0:.1f} s)")
+    print(
+        f"cuda_mean: {matched}/{total} match "
+        f"({len(lengths)} lengths, emulation {emu_time:.1f} s, total {time.time() - t0:.1f} s)"
+    )
     for m in mismatches[:20]:
-        print(f"  MISMATCH n={m['n']} dist={m['dist']} ours={m['ours']} ({m['ours_f']!r}) "
-              f"theirs={m['theirs']} ({m['theirs_f']!r}) config={m['config']}")
+        print(
+            f"  MISMATCH n={m['n']} dist={m['dist']} ours={m['ours']} ({m['ours_f']!r}) "
+            f"theirs={m['theirs']} ({m['theirs_f']!r}) config={m['config']}"
+        )
     out = os.environ.get("OUT")
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "cuda_mean_mismatches.json"), "w") as f:
-            json.dump({"torch": torch.__version__, "device": props.name, "sm_count": sm,
-                       "matched": matched, "total": total,
-                       "mismatching_lengths": sorted({m["n"] for m in mismatches}),
-                       "mismatches": mismatches}, f, indent=1)
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "device": props.name,
+                    "sm_count": sm,
+                    "matched": matched,
+                    "total": total,
+                    "mismatching_lengths": sorted({m["n"] for m in mismatches}),
+                    "mismatches": mismatches,
+                },
+                f,
+                indent=1,
+            )
         if bad_inputs:
             np.savez(os.path.join(out, "cuda_mean_mismatch_inputs.npz"), **bad_inputs)
     return 0 if matched == total else 1

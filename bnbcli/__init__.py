@@ -16,8 +16,8 @@ from bnbcli.formats.int8 import Int8Rowwise
 __version__ = "0.1.0"
 
 __all__ = [
-    "BnbError",
     "Blockwise8Quantized",
+    "BnbError",
     "Int8Rowwise",
     "QuantState4bit",
     "__version__",

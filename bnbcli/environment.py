@@ -40,7 +40,9 @@ def _installed(dist: str) -> str | None:
 
 def describe_environment() -> Environment:
     cuda = cuda_status()
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
     return Environment(
         bnbcli=__version__,
         python=platform.python_version(),

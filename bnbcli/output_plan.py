@@ -16,7 +16,7 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.errors import UsageError
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import TensorDecision, plan_model, quantization_config
+from bnbcli.plan import PlannerName, TensorDecision, plan_model, quantization_config
 from bnbcli.scheme import QuantScheme
 
 SHARD_METADATA = {"format": "pt"}
@@ -112,8 +112,11 @@ def _weights_stem(source: ModelSource) -> str:
     return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
 
 
-def _assign_shards(jobs: list[tuple[TensorInfo, TensorDecision, torch.dtype, tuple[PlannedTensor, ...]]],
-                   max_shard_size: int, stem: str) -> tuple[list[str], list[int]]:
+def _assign_shards(
+    jobs: list[tuple[TensorInfo, TensorDecision, torch.dtype, tuple[PlannedTensor, ...]]],
+    max_shard_size: int,
+    stem: str,
+) -> tuple[list[str], list[int]]:
     """save_pretrained's rule: fill a shard in order until the next weight would overflow it; all pieces
     of one weight stay in one shard (transformers v4 needs that to load them)."""
     groups: list[int] = []
@@ -136,8 +139,9 @@ def _assign_shards(jobs: list[tuple[TensorInfo, TensorDecision, torch.dtype, tup
     return names, assignment
 
 
-def _output_config(source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...],
-                   model_dtype: torch.dtype) -> dict | None:
+def _output_config(
+    source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
+) -> dict | None:
     config = dict(source.config) if source.config is not None else {}
     if scheme.dtype is not None:
         for key in ("dtype", "torch_dtype"):
@@ -158,8 +162,9 @@ def _model_dtype(source: ModelSource, scheme: QuantScheme) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
-def plan_component(source: ModelSource, scheme: QuantScheme, max_shard_size: int,
-                   planner: str | None = None) -> ComponentPlan:
+def plan_component(
+    source: ModelSource, scheme: QuantScheme, max_shard_size: int, planner: PlannerName | None = None
+) -> ComponentPlan:
     shapes = {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
     decided = plan_model(source.config, shapes, scheme, planner=planner)
     stem = _weights_stem(source)
@@ -189,8 +194,12 @@ def plan_component(source: ModelSource, scheme: QuantScheme, max_shard_size: int
     )
 
 
-def plan_quantize(checkpoint: Checkpoint, scheme: QuantScheme, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                  planner: str | None = None) -> QuantizePlan:
+def plan_quantize(
+    checkpoint: Checkpoint,
+    scheme: QuantScheme,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    planner: PlannerName | None = None,
+) -> QuantizePlan:
     if max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
     components = tuple(

@@ -68,7 +68,8 @@ class _StreamHasher:
 
 
 def _raw_bytes(t: torch.Tensor) -> memoryview:
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    # numpy arrays are buffers at run time; numpy's stubs do not say so to mypy
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]
 
 
 def _quantized_entries(job: TensorJob, weight: torch.Tensor, plan: QuantizePlan, backend: str):
@@ -78,17 +79,19 @@ def _quantized_entries(job: TensorJob, weight: torch.Tensor, plan: QuantizePlan,
         q = api.quantize_int8_rowwise(weight, backend=backend)
         restored = api.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend)
         values = [q.CB, q.SCB, torch.tensor(0, dtype=torch.uint8)]  # weight_format 0 = "row"
-        entries = dict(zip((e.key for e in job.entries), values))
+        entries = dict(zip((e.key for e in job.entries), values, strict=True))
     else:
-        q4 = api.quantize_4bit(weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage,
-                               backend=backend)
+        q4 = api.quantize_4bit(
+            weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
+        )
         restored = api.dequantize_4bit(q4, backend=backend)
         entries = q4.state_dict(name)
     return entries, roundtrip_error(weight, restored)
 
 
-def _run_job(job: TensorJob, plan: QuantizePlan, backend: str, allow_nonfinite: bool, writer: ShardWriter,
-             hasher: _StreamHasher) -> TensorRecord:
+def _run_job(
+    job: TensorJob, plan: QuantizePlan, backend: str, allow_nonfinite: bool, writer: ShardWriter, hasher: _StreamHasher
+) -> TensorRecord:
     tensor = read_tensor(job.source)
     hasher.feed(job.source.start, _raw_bytes(tensor))
     if tensor.dtype != job.dtype:
@@ -100,8 +103,10 @@ def _run_job(job: TensorJob, plan: QuantizePlan, backend: str, allow_nonfinite: 
     if job.decision.transpose:
         tensor = tensor.t().contiguous()  # Conv1D stores [in, out]; bitsandbytes wants [out, in]
     if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())  # the error path only
+        found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
         raise InputError(
-            f"{job.source.name} has NaN or Inf values",
+            f"{job.source.path}: tensor {job.source.name!r} has non-finite values: {found}",
             hint="fix the checkpoint, or pass --allow-nonfinite to quantize them as bitsandbytes would",
         )
     entries, record.error = _quantized_entries(job, tensor, plan, backend)
@@ -113,8 +118,9 @@ def _run_job(job: TensorJob, plan: QuantizePlan, backend: str, allow_nonfinite: 
     return record
 
 
-def _run_component(component: ComponentPlan, plan: QuantizePlan, out_dir: Path, backend: str,
-                   allow_nonfinite: bool, progress: Progress) -> ComponentResult:
+def _run_component(
+    component: ComponentPlan, plan: QuantizePlan, out_dir: Path, backend: str, allow_nonfinite: bool, progress: Progress
+) -> ComponentResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     hashers = {}
     for path in component.source.weight_files:
@@ -135,9 +141,7 @@ def _run_component(component: ComponentPlan, plan: QuantizePlan, out_dir: Path, 
             writer.abort()
         sizes[shard] = (out_dir / shard).stat().st_size
     if len(component.shards) > 1:
-        (out_dir / f"{component.weights_stem}.safetensors.index.json").write_text(
-            index_document(component, data_bytes)
-        )
+        (out_dir / f"{component.weights_stem}.safetensors.index.json").write_text(index_document(component, data_bytes))
     return ComponentResult(
         plan=component,
         records=records,
@@ -154,8 +158,9 @@ def _copy_tree_item(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)  # contents only: a read-only source should not make a read-only output
 
 
-def run_quantize(plan: QuantizePlan, out_dir: Path, backend: str, allow_nonfinite: bool,
-                 progress: Progress) -> tuple[list[ComponentResult], float]:
+def run_quantize(
+    plan: QuantizePlan, out_dir: Path, backend: str, allow_nonfinite: bool, progress: Progress
+) -> tuple[list[ComponentResult], float]:
     """Write every component into ``out_dir`` (a temporary folder the caller renames into place)."""
     started = time.monotonic()
     results = []

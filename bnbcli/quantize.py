@@ -13,6 +13,7 @@ from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.errors import UsageError
 from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
 from bnbcli.pipeline import Progress, run_quantize
+from bnbcli.plan import PlannerName
 from bnbcli.scheme import QuantScheme
 
 
@@ -27,7 +28,7 @@ class QuantizeRequest:
     backend: str = "auto"
     allow_nonfinite: bool = False
     overwrite: bool = False
-    planner: str | None = None  # None: the best available; "name-rules" forces the fallback
+    planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
 
 
 @dataclass(frozen=True)

@@ -32,14 +32,26 @@ METHODS: tuple[str, ...] = get_args(Method)
 FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 # transformers `BitsAndBytesConfig.__init__` accepts exactly these storage dtypes.
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (
-    torch.uint8, torch.int8, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.uint8,
+    torch.int8,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
 )
 _DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float64": torch.float64, "fp64": torch.float64,
-    "uint8": torch.uint8, "int8": torch.int8,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
 }
 AUTO = "auto"  # TOML has no null: "auto" stands for None (the model's dtype / each tensor's dtype)
 
@@ -198,3 +210,17 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
     except UsageError as err:
         raise UsageError(f"{path.name}: {err.message}", hint=err.hint) from None
     return settings
+
+
+FOUR_BIT_ONLY = ("double_quant", "blocksize", "quant_storage")
+
+
+def resolve_scheme(preset: Mapping[str, Any], flags: Mapping[str, Any]) -> QuantScheme:
+    """Defaults < preset (--config) < flags. A flag that switches a 4-bit preset to int8 also drops
+    the preset's 4-bit-only settings; the same settings given as flags are still refused."""
+    merged = {**preset, **flags}
+    if merged.get("method") == "int8" and preset.get("method", "nf4") != "int8":
+        for key in FOUR_BIT_ONLY:
+            if key not in flags:
+                merged.pop(key, None)
+    return scheme_from_dict(merged)

@@ -47,14 +47,14 @@ def test_double_rounding_would_be_wrong() -> None:
 
 
 def test_nf4_thresholds_separate_the_table() -> None:
-    assert np.all(NF4_CODE[:-1] < NF4_THRESHOLDS) and np.all(NF4_THRESHOLDS < NF4_CODE[1:])
+    assert np.all(NF4_CODE[:-1] < NF4_THRESHOLDS) and np.all(NF4_CODE[1:] > NF4_THRESHOLDS)
 
 
 def test_fp4_magnitude_order() -> None:
     """The magnitude bits in interval order decode to increasing values."""
     decoded = FP4_CODE[FP4_MAGNITUDE_BITS]
     assert np.all(np.diff(decoded) > 0)
-    assert np.all(decoded[:-1] < FP4_THRESHOLDS) and np.all(FP4_THRESHOLDS < decoded[1:])
+    assert np.all(decoded[:-1] < FP4_THRESHOLDS) and np.all(decoded[1:] > FP4_THRESHOLDS)
 
 
 def kernel_binary_search(x: np.ndarray, code: np.ndarray) -> np.ndarray:

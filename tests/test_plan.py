@@ -25,8 +25,13 @@ from bnbcli.scheme import QuantScheme, available_presets, load_preset, scheme_fr
 MODELS = golden_dir() / "models"
 pytestmark = pytest.mark.skipif(not MODELS.is_dir(), reason=f"no golden models at {MODELS}")
 
-SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-                      "U8": torch.uint8, "I8": torch.int8}
+SAFETENSORS_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+}
 # The BitsAndBytesConfig each golden variant was written with (golden/README.md), as a QuantScheme.
 VARIANTS: dict[str, QuantScheme] = {
     "nf4-dq": QuantScheme(method="nf4", double_quant=True, compute_dtype=torch.bfloat16),
@@ -205,8 +210,13 @@ def test_diffusers_explicit_skip_list_reloads_to_the_same_decisions() -> None:
 # --- name rules -----------------------------------------------------------------------------------
 
 # What the heuristic gets wrong on the golden families, stated rather than hidden: nothing.
-NAME_RULES_DISAGREEMENTS: dict[str, set[str]] = {"llama": set(), "qwen2_tied": set(), "gpt2": set(), "opt": set(),
-                                                 "flux_tiny": set()}
+NAME_RULES_DISAGREEMENTS: dict[str, set[str]] = {
+    "llama": set(),
+    "qwen2_tied": set(),
+    "gpt2": set(),
+    "opt": set(),
+    "flux_tiny": set(),
+}
 
 
 @pytest.mark.parametrize("family", [*TRANSFORMERS_FAMILIES, "flux_tiny"])
@@ -290,8 +300,14 @@ def test_pattern_matches_is_transformers_should_convert_module() -> None:
     pytest.importorskip("transformers")
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    names = ["model.layers.1.mlp.down_proj", "model.layers.11.mlp.down_proj", "lm_head", "model.up_gate",
-             "transformer.h.0.mlp.c_proj", "model.layers.1"]
+    names = [
+        "model.layers.1.mlp.down_proj",
+        "model.layers.11.mlp.down_proj",
+        "lm_head",
+        "model.up_gate",
+        "transformer.h.0.mlp.c_proj",
+        "model.layers.1",
+    ]
     patterns = ["down_proj", "model.layers.1", "layers.*", "gate", "lm_head", "mlp.c", r"model\.layers\.1\d"]
     for name in names:
         for pattern in patterns:
@@ -312,10 +328,13 @@ def test_quantization_config_is_what_bitsandbytesconfig_writes(variant: str) -> 
     ours = quantization_config(scheme, tuple(skip), torch.bfloat16)
     kwargs: dict = {"llm_int8_skip_modules": skip, "llm_int8_threshold": scheme.threshold}
     if scheme.is_4bit:
-        kwargs |= {"load_in_4bit": True, "bnb_4bit_quant_type": scheme.method,
-                   "bnb_4bit_use_double_quant": scheme.double_quant,
-                   "bnb_4bit_compute_dtype": scheme.compute_dtype or torch.bfloat16,
-                   "bnb_4bit_quant_storage": scheme.quant_storage}
+        kwargs |= {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": scheme.method,
+            "bnb_4bit_use_double_quant": scheme.double_quant,
+            "bnb_4bit_compute_dtype": scheme.compute_dtype or torch.bfloat16,
+            "bnb_4bit_quant_storage": scheme.quant_storage,
+        }
     else:
         kwargs["load_in_8bit"] = True
     expected = BitsAndBytesConfig(**kwargs).to_dict()

@@ -60,10 +60,15 @@ def block_view(x: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=tensors(), quant_type=st.sampled_from(["nf4", "fp4"]), blocksize=st.sampled_from(FOUR_BIT_BLOCKSIZES),
-       double_quant=st.booleans())
-def test_4bit_round_trip_within_worst_step(x: torch.Tensor, quant_type: str, blocksize: int,
-                                           double_quant: bool) -> None:
+@given(
+    x=tensors(),
+    quant_type=st.sampled_from(["nf4", "fp4"]),
+    blocksize=st.sampled_from(FOUR_BIT_BLOCKSIZES),
+    double_quant=st.booleans(),
+)
+def test_4bit_round_trip_within_worst_step(
+    x: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> None:
     q = bnbcli.quantize_4bit(x, quant_type, blocksize, double_quant)
     y = bnbcli.dequantize_4bit(q)
     assert y.dtype == x.dtype and y.shape == x.shape

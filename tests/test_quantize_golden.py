@@ -61,8 +61,10 @@ def test_quantize_matches_golden(family: str, variant: str, tmp_path: Path) -> N
         theirs = {k: v for k, v in theirs.items() if k not in lm_head}
     assert set(ours) == set(theirs)
     differing = [
-        k for k in theirs
-        if ours[k].dtype != theirs[k].dtype or ours[k].shape != theirs[k].shape
+        k
+        for k in theirs
+        if ours[k].dtype != theirs[k].dtype
+        or ours[k].shape != theirs[k].shape
         or tensor_bytes(ours[k]) != tensor_bytes(theirs[k])
     ]
     assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"

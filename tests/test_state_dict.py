@@ -49,7 +49,13 @@ def test_entries_with_double_quant() -> None:
     assert entries[f"{PREFIX}.nested_quant_map"].shape == (256,)
     state = json.loads(bytes(entries[f"{PREFIX}.quant_state.bitsandbytes__fp4"].tolist()))
     assert list(state) == [
-        "quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype", "nested_offset"
+        "quant_type",
+        "blocksize",
+        "dtype",
+        "shape",
+        "nested_blocksize",
+        "nested_dtype",
+        "nested_offset",
     ]
     assert state["nested_offset"] == q.nested_offset and state["nested_blocksize"] == 256
     # The offset round-trips through JSON to the same float32 bits.

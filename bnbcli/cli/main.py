@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from bnbcli import __version__, output
 from bnbcli.cli.env import env
@@ -60,13 +61,19 @@ def _is_usage_error(exc: Exception) -> bool:
     return callable(getattr(exc, "show", None)) and getattr(exc, "exit_code", None) == EXIT_USAGE
 
 
+def _error(message: str, hint: str | None = None) -> None:
+    # Messages carry paths and tensor names, which may contain "[…]": Rich would take that for markup
+    # and drop it, or raise MarkupError (a traceback from the error boundary itself) on "[/…]".
+    output.error(escape(message), escape(hint) if hint else hint)
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except BnbError as exc:
         if _debugging():
             raise
-        output.error(exc.message, exc.hint)
+        _error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         output.error("interrupted")
@@ -86,5 +93,11 @@ def main() -> None:
             sys.exit(EXIT_USAGE)
         if _debugging():
             raise
-        output.error(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report it")
+        _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report it")
         sys.exit(EXIT_USAGE)
+    # Without standalone mode Click returns the code of a `typer.Exit` instead of exiting; Typer turns
+    # Ctrl-C into Exit(130) itself (older releases raised Abort, handled above).
+    if code == EXIT_INTERRUPTED:
+        output.error("interrupted")
+    if isinstance(code, int) and code:
+        sys.exit(code)

@@ -3,65 +3,98 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
 from bnbcli import output
 from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
 from bnbcli.output_plan import plan_summary
-from bnbcli.quantize import QuantizeRequest, plan_request, quantize as run_quantize
-from bnbcli.scheme import load_preset, scheme_from_dict
+from bnbcli.plan import PlannerName
+from bnbcli.quantize import QuantizeRequest, plan_request
+from bnbcli.quantize import quantize as run_quantize
+from bnbcli.scheme import load_preset, resolve_scheme
 from bnbcli.units import human_bytes, parse_size
 
+
 def quantize(
-    src: Annotated[str, typer.Argument(help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id.")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id."
+        ),
+    ],
     out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
     scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
     ] = None,
     blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (32…4096; 64).")] = None,
-    compute_dtype: Annotated[str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype (default: the model's dtype).")] = None,
-    quant_storage: Annotated[str | None, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as (uint8).")] = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Cast weights to this dtype first (default: the checkpoint's).")] = None,
-    skip: Annotated[list[str] | None, typer.Option("--skip", help="Keep modules matching PATTERN in 16-bit (repeatable; added to the defaults).")] = None,
-    config: Annotated[str | None, typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file.")] = None,
-    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (default 50GB).")] = None,
-    components: Annotated[str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")] = None,
+    compute_dtype: Annotated[
+        str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype (default: the model's dtype).")
+    ] = None,
+    quant_storage: Annotated[
+        str | None, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as (uint8).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Cast weights to this dtype first (default: the checkpoint's).")
+    ] = None,
+    skip: Annotated[
+        list[str] | None,
+        typer.Option("--skip", help="Keep modules matching PATTERN in 16-bit (repeatable; added to the defaults)."),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file."),
+    ] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (default 50GB).")
+    ] = None,
+    components: Annotated[
+        str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")
+    ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto, cpu or cuda.")] = "auto",
-    planner: Annotated[str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")] = "auto",
+    planner: Annotated[
+        str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
+    ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
-    allow_nonfinite: Annotated[bool, typer.Option("--allow-nonfinite", help="Quantize NaN/Inf weights as bitsandbytes would instead of refusing.")] = False,
+    allow_nonfinite: Annotated[
+        bool,
+        typer.Option("--allow-nonfinite", help="Quantize NaN/Inf weights as bitsandbytes would instead of refusing."),
+    ] = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     verbose: VerboseFlag = False,
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a pre-quantized bitsandbytes checkpoint that from_pretrained(OUT) loads as it is."""
-    settings: dict[str, Any] = dict(load_preset(config)) if config else {}
-    flags = {
-        "method": scheme, "double_quant": double_quant, "blocksize": blocksize, "compute_dtype": compute_dtype,
-        "quant_storage": quant_storage, "dtype": dtype,
+    preset: dict[str, Any] = dict(load_preset(config)) if config else {}
+    given = {
+        "method": scheme,
+        "double_quant": double_quant,
+        "blocksize": blocksize,
+        "compute_dtype": compute_dtype,
+        "quant_storage": quant_storage,
+        "dtype": dtype,
     }
-    settings.update({k: v for k, v in flags.items() if v is not None})
+    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if skip:
-        settings["skip"] = [*settings.get("skip", []), *skip]
+        flags["skip"] = [*preset.get("skip", []), *skip]
     request_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         request_kwargs["max_shard_size"] = parse_size(max_shard_size)
     request = QuantizeRequest(
         src=src,
         out=out,
-        scheme=scheme_from_dict(settings),
+        scheme=resolve_scheme(preset, flags),
         revision=revision,
         components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
         backend=backend,
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
-        planner=None if planner == "auto" else planner,
+        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
         **request_kwargs,
     )
     plan = plan_request(request)
@@ -92,13 +125,21 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
             table.add_column(column, justify="right" if column in ("in", "out") else "left")
         for t in component["tensors"] if all_rows else []:
             table.add_row(
-                t["name"], "×".join(map(str, t["shape"])) or "scalar", t["dtype"], t["description"],
-                human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]),
+                t["name"],
+                "×".join(map(str, t["shape"])) or "scalar",
+                t["dtype"],
+                t["description"],
+                human_bytes(t["bytes_in"]),
+                human_bytes(t["bytes_out"]),
             )
         table.add_section()
         table.add_row(
-            f"{component['quantized']} quantized, {component['kept']} kept", "", "", "",
-            human_bytes(component["bytes_in"]), human_bytes(component["bytes_out"]),
+            f"{component['quantized']} quantized, {component['kept']} kept",
+            "",
+            "",
+            "",
+            human_bytes(component["bytes_in"]),
+            human_bytes(component["bytes_out"]),
         )
         output.stdout.print(table)
         if component["skip_modules"]:

@@ -13,7 +13,7 @@ import torch
 
 from bnbcli.codes import BLOCKWISE8_BLOCKSIZES, DYNAMIC_CODE
 from bnbcli.errors import UsageError
-from bnbcli.formats.blocks import block_absmax, encode, expand_blocks, scale_blocks, to_blocks
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 
 
@@ -63,12 +63,18 @@ def _check_blocksize(blocksize: int) -> None:
         )
 
 
+def _encode_dynamic(scaled: torch.Tensor) -> torch.Tensor:
+    return encode(scaled, dynamic_thresholds())
+
+
+@lru_cache(maxsize=1)
+def code_table() -> CodeTable:
+    return CodeTable.build(_encode_dynamic)
+
+
 def quantize_codes(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 codes (flat) and float32 absmax of x, as ``kQuantizeBlockwise<General8bit>`` makes them."""
-    blocks = to_blocks(x, blocksize)
-    absmax = block_absmax(blocks)
-    codes = encode(scale_blocks(blocks, absmax), dynamic_thresholds())
-    return codes.reshape(-1)[: x.numel()], absmax
+    return quantize_blocks(x, blocksize, code_table())
 
 
 def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = False) -> Blockwise8Quantized:

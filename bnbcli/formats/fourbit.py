@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -28,16 +28,7 @@ from bnbcli.codes import (
 )
 from bnbcli.errors import UsageError
 from bnbcli.formats import blockwise8
-from bnbcli.formats.blocks import (
-    block_absmax,
-    encode,
-    expand_blocks,
-    num_blocks,
-    pack_nibbles,
-    scale_blocks,
-    to_blocks,
-    unpack_nibbles,
-)
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -45,11 +36,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """"bfloat16" for torch.bfloat16: the spelling of quant_state JSON and config.json."""
+    """ "bfloat16" for torch.bfloat16: the spelling of quant_state JSON and config.json."""
     return str(dtype).removeprefix("torch.")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(quant_map as stored, LUT the CUDA dequantizer really uses)."""
     if quant_type == "nf4":
@@ -140,14 +131,22 @@ def _check_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage:
         raise UsageError("cannot quantize an empty tensor")
 
 
-def _encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    if quant_type == "nf4":
-        return encode(scaled, torch.from_numpy(NF4_THRESHOLDS))
-    # dQuantizeFP4: sign from x < 0 *after* the ftz multiply, so a product that underflows to a
-    # subnormal is -0.0 and keeps sign 0; then a monotone tree on |x|. NaN fails every test -> 0.
+def _encode_nf4(scaled: torch.Tensor) -> torch.Tensor:
+    """dQuantizeNF4: a decision tree on strict ``x > threshold`` tests, i.e. a count of thresholds below."""
+    return encode(scaled, torch.from_numpy(NF4_THRESHOLDS))
+
+
+def _encode_fp4(scaled: torch.Tensor) -> torch.Tensor:
+    """dQuantizeFP4: sign from x < 0 *after* the ftz multiply, so a product that underflows to a
+    subnormal is -0.0 and keeps sign 0; then a monotone tree on |x|. NaN fails every test -> 0."""
     magnitude = torch.from_numpy(FP4_MAGNITUDE_BITS)[encode(scaled.abs(), torch.from_numpy(FP4_THRESHOLDS)).long()]
     sign = (scaled <= -FLT_MIN).to(torch.uint8) * FP4_SIGN_BIT
     return (magnitude | sign).masked_fill_(torch.isnan(scaled), 0)
+
+
+@cache
+def code_table(quant_type: str) -> CodeTable:
+    return CodeTable.build(_encode_nf4 if quant_type == "nf4" else _encode_fp4)
 
 
 def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
@@ -168,15 +167,16 @@ def quantize_4bit(
     """bitsandbytes ``functional.quantize_4bit(x, blocksize, compress_statistics=double_quant, quant_type,
     quant_storage)`` with the bytes of its CUDA kernel."""
     _check_args(x, quant_type, blocksize, quant_storage)
-    n = x.numel()
-    blocks = to_blocks(x, blocksize)
-    absmax = block_absmax(blocks)
-    codes = _encode_4bit(scale_blocks(blocks, absmax), quant_type)
-    packed = _as_storage(pack_nibbles(codes, n), quant_storage)
+    packed, absmax = quantize_blocks(x, blocksize, code_table(quant_type), pack=True)
+    packed = _as_storage(packed, quant_storage)
     quant_map, _ = _tables(quant_type)
     common = dict(
-        packed=packed, quant_map=quant_map.clone(), blocksize=blocksize, shape=tuple(x.shape),
-        dtype=x.dtype, quant_type=quant_type,
+        packed=packed,
+        quant_map=quant_map.clone(),
+        blocksize=blocksize,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+        quant_type=quant_type,
     )
     if not double_quant:
         return QuantState4bit(absmax=absmax, **common)  # type: ignore[arg-type]

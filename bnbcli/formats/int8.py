@@ -12,6 +12,7 @@ import torch
 
 from bnbcli.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.errors import UsageError
+from bnbcli.formats import blocks
 from bnbcli.formats.fourbit import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 
@@ -32,6 +33,13 @@ def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwis
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if x.numel() == 0:
         raise UsageError("cannot quantize an empty tensor")
+    if threshold > 0.0 or x.dim() == 0:
+        return reference_quantize_int8_rowwise(x, threshold)
+    return _quantize_int8_rows(x)
+
+
+def reference_quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwise:
+    """The kernel's arithmetic as whole-tensor torch expressions: the specification."""
     half = x.to(torch.float16)
     rows = half.reshape(-1, half.shape[-1]) if half.dim() > 0 else half.reshape(1, 1)
     values = rows.to(torch.float32)
@@ -59,6 +67,41 @@ def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwis
     if outlier_cols is not None and rows.shape[0] > 1:
         cb[:, outlier_cols] = 0
     return Int8Rowwise(CB=cb.reshape(x.shape), SCB=scb, outlier_cols=outlier_cols)
+
+
+def _quantize_int8_rows(x: torch.Tensor) -> Int8Rowwise:
+    """``reference_quantize_int8_rowwise(x)`` (no threshold) byte for byte, in cache-sized chunks of rows.
+
+    Takes the reference's arithmetic for granted on ordinary rows (finite, not all zero), where every
+    scaled value is finite and within [-127, 127]; other rows go through the reference.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    nrows, ncols = rows.shape
+    cb = torch.empty(nrows, ncols, dtype=torch.int8)
+    scb = torch.empty(nrows, dtype=torch.float32)
+    step = max(1, blocks.CHUNK_ELEMENTS // ncols)
+    chunk_shape = (min(step, nrows), ncols)
+    half = torch.empty(chunk_shape, dtype=torch.float16)
+    magnitude = torch.empty(chunk_shape, dtype=torch.int16)
+    scaled = torch.empty(chunk_shape, dtype=torch.float32)
+    for r0 in range(0, nrows, step):
+        k = min(step, nrows - r0)
+        h = rows[r0 : r0 + k] if x.dtype == torch.float16 else half[:k].copy_(rows[r0 : r0 + k])
+        # Row absmax on the fp16 bits without the sign: they order like the magnitudes (NaN above inf).
+        m = torch.bitwise_and(h.view(torch.int16), 0x7FFF, out=magnitude[:k])
+        row_scb = torch.amax(m, dim=1).view(torch.float16).to(torch.float32)
+        scb[r0 : r0 + k] = row_scb
+        scale = INT8_SCALE_NUMERATOR * rcp_approx(row_scb)
+        # fp16 widens exactly, so this is the reference's float32 multiply; then round half to even.
+        s = scaled[:k].copy_(h).mul_(scale[:, None]).round_()
+        cb[r0 : r0 + k].copy_(s)  # whole numbers in [-127, 127] on ordinary rows
+
+    unusual = torch.nonzero(~((scb > 0) & (scb <= torch.finfo(torch.float16).max))).reshape(-1)
+    if unusual.numel():
+        redo = reference_quantize_int8_rowwise(rows[unusual])
+        cb[unusual] = redo.CB
+        scb[unusual] = redo.SCB
+    return Int8Rowwise(CB=cb.reshape(x.shape), SCB=scb)
 
 
 def dequantize_int8_rowwise(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:

@@ -47,8 +47,9 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def quant_state_json_length(quant_type: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, ...],
-                            double_quant: bool) -> int:
+def quant_state_json_length(
+    quant_type: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, ...], double_quant: bool
+) -> int:
     """Bytes of the packed quant_state JSON; with double quant, its upper bound."""
     state: dict[str, object] = {
         "quant_type": quant_type,
@@ -62,8 +63,14 @@ def quant_state_json_length(quant_type: str, blocksize: int, dtype: torch.dtype,
     return len(json.dumps(state))
 
 
-def layout_4bit(shape: tuple[int, ...], dtype: torch.dtype, quant_type: str, blocksize: int, double_quant: bool,
-                quant_storage: torch.dtype = torch.uint8) -> tuple[EntryLayout, ...]:
+def layout_4bit(
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[EntryLayout, ...]:
     """The entries ``Linear4bit`` saves, in bitsandbytes' order (see QuantState4bit.state_dict)."""
     n = 1
     for d in shape:

@@ -115,8 +115,12 @@ def _default_skip_rules(model: Any) -> list[tuple[str, list[str]]]:
     # The function removes only ".weight": when the last parameter is a bias the entry names no module.
     last = [params[-1][0].removesuffix(".weight")] if params else []
     keep = sorted(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return [("tied weight", sorted(tied)), ("output embedding", out_names), ("last module", last),
-            ("_keep_in_fp32_modules", keep)]
+    return [
+        ("tied weight", sorted(tied)),
+        ("output embedding", out_names),
+        ("last module", last),
+        ("_keep_in_fp32_modules", keep),
+    ]
 
 
 def _checkpoint_params(model: Any, keys: list[str]) -> tuple[dict[str, str], dict[str, str]]:

@@ -1,0 +1,475 @@
+"""The error contract of `bnb quantize`, through the real command in a subprocess.
+
+Every bad input must give exit code 1 (the input is bad) or 2 (the arguments are), exactly one
+`error: …` line that names the problem and the file or tensor, one `hint: …` line, no traceback,
+nothing on stdout, no OUT afterwards (nor a `.OUT.bnb-tmp-*` folder or a `.OUT.bnb-lock` beside it),
+and the source untouched. That last part is checked by hashing the case's whole folder, hidden files
+included, before and after.
+
+Each run starts Python and imports torch (~3 s), so the cases selected for a session are started
+together, a few at a time, by one fixture; each test then checks its own case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from golden import golden_dir  # tests/ is on sys.path (conftest.py)
+from safetensors.torch import load_file, save_file
+
+LLAMA_SRC = golden_dir() / "models" / "llama" / "src"
+COMMAND = [sys.executable, "-c", "from bnbcli.cli.main import main; main()"]
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+PARALLEL = 3  # runs at once: each is mostly CPU-bound imports, and a run waits a little on its disk
+
+
+def bnb_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("BNB_DEBUG", None)  # a traceback would be wanted there; here it is a failure
+    env.update(HF_HUB_OFFLINE="1", NO_COLOR="1", TERM="dumb", COLUMNS="300")
+    return env
+
+
+def run_bnb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], capture_output=True, text=True, timeout=timeout, env=bnb_env(), stdin=subprocess.DEVNULL
+    )
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def tiny_model(seed: int = 0, size: int = 64) -> dict[str, torch.Tensor]:
+    """A few tensors with Llama-like names; without config.json the name-rules planner quantizes
+    the projections and keeps the embedding and the norm."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(128, size, generator=g).to(torch.bfloat16),
+        "model.layers.0.input_layernorm.weight": torch.ones(size, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(2 * size, size, generator=g).to(torch.bfloat16),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(size, 2 * size, generator=g).to(torch.bfloat16),
+    }
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors if tensors is not None else tiny_model(), folder / "model.safetensors")
+    return folder
+
+
+def write_sharded(folder: Path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str] | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    true_map: dict[str, str] = {}
+    for shard, tensors in shards.items():
+        save_file(tensors, folder / shard)
+        true_map.update(dict.fromkeys(tensors, shard))
+    index = {"metadata": {"total_size": 0}, "weight_map": true_map if weight_map is None else weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def raw_safetensors(path: Path, header: dict[str, Any] | bytes, data: bytes, header_len: int | None = None) -> Path:
+    """A safetensors file by hand: 8-byte little-endian header length, header, data section."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(blob) if header_len is None else header_len) + blob + data)
+    return path
+
+
+def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def copy_llama(folder: Path) -> Path:
+    shutil.copytree(LLAMA_SRC, folder)
+    for path in folder.iterdir():  # the golden files are read-only; the copies should be ordinary files
+        path.chmod(0o644)
+    folder.chmod(0o755)
+    return folder
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (hidden ones too) → the sha256 of a file, or "dir"."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """``build(root)`` makes the inputs under ``root`` and returns the arguments after `bnb quantize`.
+    The output folder is always ``root / "out"`` unless the arguments say otherwise."""
+
+    build: Callable[[Path], list[str]]
+    code: int
+    words: tuple[str, ...] = ()  # in the error line
+    hint_words: tuple[str, ...] = ()  # in the hint line
+    out_exists: bool = False  # OUT exists before the run (and must be left exactly as it was)
+
+
+def _truncated(root: Path) -> list[str]:
+    path = write_model(root / "src") / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 100)
+    return [str(root / "src"), str(root / "out")]
+
+
+def _header_past_end(root: Path) -> list[str]:
+    raw_safetensors(root / "src" / "model.safetensors", {"w": entry("F32", [4], 0, 16)}, bytes(16), header_len=10**6)
+    return [str(root / "src"), str(root / "out")]
+
+
+def _header_not_json(root: Path) -> list[str]:
+    raw_safetensors(root / "src" / "model.safetensors", b'{"w": {"dtype": "F32", ', bytes(16))
+    return [str(root / "src" / "model.safetensors"), str(root / "out")]
+
+
+def _overlap(root: Path) -> list[str]:
+    header = {"a.weight": entry("F32", [2, 2], 0, 16), "b.weight": entry("F32", [2, 2], 8, 24)}
+    raw_safetensors(root / "src" / "model.safetensors", header, bytes(24))
+    return [str(root / "src"), str(root / "out")]
+
+
+def _past_data(root: Path) -> list[str]:
+    header = {"a.weight": entry("F32", [2, 2], 0, 16), "b.weight": entry("F32", [2, 2], 16, 32)}
+    raw_safetensors(root / "src" / "model.safetensors", header, bytes(20))
+    return [str(root / "src"), str(root / "out")]
+
+
+def _unknown_dtype(root: Path) -> list[str]:
+    header = {"a.weight": entry("F32", [2, 2], 0, 16), "b.weight": entry("Q4_K", [16], 16, 32)}
+    raw_safetensors(root / "src" / "model.safetensors", header, bytes(32))
+    return [str(root / "src"), str(root / "out")]
+
+
+def _split(seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    tensors = tiny_model(seed)
+    names = list(tensors)
+    return {
+        "model-00001-of-00002.safetensors": {n: tensors[n] for n in names[:2]},
+        "model-00002-of-00002.safetensors": {n: tensors[n] for n in names[2:]},
+    }
+
+
+def _index_missing_shard(root: Path) -> list[str]:
+    shards = _split()
+    weight_map = {n: s for s, t in shards.items() for n in t}
+    write_sharded(root / "src", shards, weight_map)
+    (root / "src" / "model-00002-of-00002.safetensors").unlink()
+    return [str(root / "src"), str(root / "out")]
+
+
+def _index_escapes(root: Path) -> list[str]:
+    shards = _split()
+    weight_map = {n: s for s, t in shards.items() for n in t}
+    second = "model-00002-of-00002.safetensors"
+    weight_map.update(dict.fromkeys(shards[second], "../" + second))
+    write_sharded(root / "src", shards, weight_map)
+    shutil.move(root / "src" / second, root / second)  # the escaping path exists: only the check stops it
+    return [str(root / "src"), str(root / "out")]
+
+
+def _two_shards(root: Path) -> list[str]:
+    shards = _split()
+    first, second = list(shards)
+    weight_map = {n: s for s, t in shards.items() for n in t}
+    shards[second]["model.embed_tokens.weight"] = shards[first]["model.embed_tokens.weight"]
+    write_sharded(root / "src", shards, weight_map)
+    return [str(root / "src"), str(root / "out")]
+
+
+def _nonfinite(value: float, *flags: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        tensors = tiny_model()
+        tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = value
+        write_model(root / "src", tensors)
+        return [str(root / "src"), str(root / "out"), *flags]
+
+    return build
+
+
+def _shape_contradicts_config(root: Path) -> list[str]:
+    src = copy_llama(root / "src")
+    tensors = load_file(src / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj.weight"
+    rows, cols = tensors[name].shape
+    tensors[name] = torch.zeros(rows, cols * 2, dtype=tensors[name].dtype)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    return [str(src), str(root / "out")]
+
+
+def _pickle_only(root: Path) -> list[str]:
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (root / "src" / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be unpickled")
+    return [str(root / "src"), str(root / "out")]
+
+
+def _out_exists(*flags: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        write_model(root / "src")
+        (root / "out").mkdir()
+        (root / "out" / "precious.txt").write_text("an earlier result\n")
+        return [str(root / "src"), str(root / "out"), *flags]
+
+    return build
+
+
+def _with_flags(*flags: str) -> Callable[[Path], list[str]]:
+    def build(root: Path) -> list[str]:
+        write_model(root / "src")
+        return [str(root / "src"), str(root / "out"), *flags]
+
+    return build
+
+
+def _no_source(root: Path) -> list[str]:
+    root.mkdir(parents=True, exist_ok=True)
+    return [str(root / "no-such-model"), str(root / "out")]
+
+
+def _out_inside_src(root: Path) -> list[str]:
+    write_model(root / "src")
+    return [str(root / "src"), str(root / "src" / "quantized")]
+
+
+def _markup_in_path(root: Path) -> list[str]:
+    """Rich reads `[x]` as markup: a path that contains some must still be printed as it is."""
+    path = write_model(root / "src [v2] [/old]") / "model.safetensors"
+    os.truncate(path, path.stat().st_size - 1)
+    return [str(root / "src [v2] [/old]"), str(root / "out")]
+
+
+CASES: dict[str, Case] = {
+    "truncated-shard": Case(_truncated, EXIT_FAILED, ("model.safetensors", "truncated")),
+    "header-length-past-end": Case(
+        _header_past_end, EXIT_FAILED, ("model.safetensors", "header length 1000000", "past the end")
+    ),
+    "header-not-json": Case(_header_not_json, EXIT_FAILED, ("model.safetensors", "not valid JSON")),
+    "overlapping-offsets": Case(_overlap, EXIT_FAILED, ("model.safetensors", "'b.weight' overlaps tensor 'a.weight'")),
+    "offsets-past-data": Case(
+        _past_data, EXIT_FAILED, ("model.safetensors", "'b.weight'", "past the 20-byte data section")
+    ),
+    "unknown-dtype": Case(
+        _unknown_dtype, EXIT_FAILED, ("model.safetensors", "'b.weight'", "unknown dtype 'Q4_K'"), ("BF16",)
+    ),
+    "index-missing-shard": Case(
+        _index_missing_shard,
+        EXIT_FAILED,
+        ("model.safetensors.index.json", "model-00002-of-00002.safetensors", "does not exist"),
+    ),
+    "index-path-escapes": Case(
+        _index_escapes,
+        EXIT_FAILED,
+        ("model.safetensors.index.json", "'../model-00002-of-00002.safetensors'", "escapes"),
+    ),
+    "tensor-in-two-shards": Case(
+        _two_shards,
+        EXIT_FAILED,
+        (
+            "'model.embed_tokens.weight'",
+            "two shards",
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ),
+    ),
+    "nan-weight": Case(
+        _nonfinite(float("nan")),
+        EXIT_FAILED,
+        ("model.safetensors", "'model.layers.0.mlp.up_proj.weight'", ": 1 NaN"),
+        ("--allow-nonfinite",),
+    ),
+    "inf-weight": Case(
+        _nonfinite(float("-inf")),
+        EXIT_FAILED,
+        ("model.safetensors", "'model.layers.0.mlp.up_proj.weight'", ": 1 Inf"),
+        ("--allow-nonfinite",),
+    ),
+    "nan-weight-allowed": Case(_nonfinite(float("nan"), "--allow-nonfinite"), 0),
+    "inf-weight-allowed": Case(_nonfinite(float("inf"), "--allow-nonfinite", "--scheme", "int8"), 0),
+    "shape-contradicts-config": Case(
+        _shape_contradicts_config,
+        EXIT_FAILED,
+        ("model.layers.1.mlp.up_proj.weight", "[344, 256]", "contradicts config.json"),
+    ),
+    "pickle-only": Case(_pickle_only, EXIT_FAILED, ("pytorch_model.bin", "pickle"), ("safetensors",)),
+    "out-exists": Case(_out_exists(), EXIT_FAILED, ("out", "already exists"), ("--overwrite",), out_exists=True),
+    "out-exists-overwrite": Case(_out_exists("--overwrite"), 0, out_exists=True),
+    "unknown-scheme": Case(_with_flags("--scheme", "nf5"), EXIT_USAGE, ("'nf5'",), ("nf4", "int8")),
+    "bad-blocksize": Case(_with_flags("--blocksize", "48"), EXIT_USAGE, ("blocksize 48",), ("64",)),
+    "bad-max-shard-size": Case(_with_flags("--max-shard-size", "5XB"), EXIT_USAGE, ("'5XB'",), ("5GB",)),
+    "zero-max-shard-size": Case(_with_flags("--max-shard-size", "0"), EXIT_USAGE, ("--max-shard-size",)),
+    "backend-cuda": Case(_with_flags("--backend", "cuda"), EXIT_USAGE, ("cuda",), ("--backend cpu",)),
+    "unknown-backend": Case(_with_flags("--backend", "tpu"), EXIT_USAGE, ("'tpu'",), ("cpu",)),
+    "unknown-preset": Case(_with_flags("--config", "nf9"), EXIT_USAGE, ("'nf9'",), ("nf4-dq",)),
+    "bad-dtype": Case(_with_flags("--dtype", "int4"), EXIT_USAGE, ("'int4'",), ("bfloat16",)),
+    "source-missing": Case(_no_source, EXIT_FAILED, ("no-such-model", "no such file or folder")),
+    "out-inside-src": Case(_out_inside_src, EXIT_USAGE, ("quantized", "overlaps the source"), ("elsewhere",)),
+    "markup-in-path": Case(_markup_in_path, EXIT_FAILED, ("src [v2] [/old]/model.safetensors", "truncated")),
+}
+
+
+@dataclass
+class Outcome:
+    root: Path
+    args: list[str]
+    before: dict[str, str]
+    result: subprocess.CompletedProcess[str]
+    seconds: float
+
+
+def _run_case(root: Path, case: Case) -> Outcome:
+    args = case.build(root)
+    before = tree_digest(root)
+    started = time.monotonic()
+    result = run_bnb("quantize", *args)
+    return Outcome(root, args, before, result, time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Future[Outcome]]:
+    """Start every selected case at once (PARALLEL at a time); tests wait on their own."""
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params
+    ]
+    base = tmp_path_factory.mktemp("quantize-errors")
+    pool = ThreadPoolExecutor(max_workers=PARALLEL)
+    futures = {name: pool.submit(_run_case, base / name, CASES[name]) for name in dict.fromkeys(selected)}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def assert_no_debris(root: Path, out: Path) -> None:
+    leftovers = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.bnb-"))
+    assert not leftovers, f"temporary folder or lock left beside OUT: {leftovers}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_quantize_error_contract(name: str, outcomes: dict[str, Future[Outcome]]) -> None:
+    case = CASES[name]
+    outcome = outcomes[name].result()
+    result, root = outcome.result, outcome.root
+    out = Path(outcome.args[1])
+    shown = f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert "Traceback" not in result.stderr, shown
+    assert result.returncode == case.code, shown
+    assert_no_debris(root, out)
+
+    if case.code == 0:
+        after = tree_digest(root)
+        inputs_after = {k: v for k, v in after.items() if k != "out" and not k.startswith("out/")}
+        inputs_before = {k: v for k, v in outcome.before.items() if k != "out" and not k.startswith("out/")}
+        assert inputs_after == inputs_before, "the source changed"
+        assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+        assert not (out / "precious.txt").exists(), "--overwrite should replace OUT, not merge into it"
+        assert result.stdout.startswith(f"wrote {out}"), shown
+        return
+
+    # Nothing written, nothing moved: the whole case folder is byte for byte as before (OUT included
+    # where it existed), so no OUT, no temporary folder, no lock, and an untouched source.
+    assert tree_digest(root) == outcome.before, "the run changed files: " + shown
+    assert out.exists() == case.out_exists
+    assert result.stdout == "", shown
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2, shown
+    error, hint = lines
+    assert error.startswith("error: ") and hint.startswith("hint: "), shown
+    for word in case.words:
+        assert word in error, f"{word!r} not in the error line\n{shown}"
+    for word in case.hint_words:
+        assert word in hint, f"{word!r} not in the hint line\n{shown}"
+    assert "internal error" not in error, shown
+
+
+def test_every_error_case_names_its_file_or_tensor() -> None:
+    """The cases about a file or a tensor check for its name in the error line (a guard on the table)."""
+    for name, case in CASES.items():
+        if case.code == EXIT_FAILED:
+            assert case.words, name
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def _long_checkpoint(folder: Path, count: int = 40, size: int = 1024) -> None:
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(size, size, generator=g).to(torch.bfloat16)
+        for i in range(count)
+    }
+    save_file(tensors, folder / "model.safetensors")
+
+
+def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of the tensors: exit 130, `error: interrupted`, no OUT, no temp folder, no lock.
+
+    The signal is sent once the temporary folder holds a shard with data in it, so the run is known to
+    be inside the pipeline (never while it imports or plans), whatever the machine's speed.
+    """
+    src, out = tmp_path / "src", tmp_path / "out"
+    _long_checkpoint(src)
+    before = tree_digest(tmp_path)
+    proc = subprocess.Popen(
+        [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=bnb_env(),
+        # A shell's background job inherits SIGINT ignored, and Python keeps an inherited SIG_IGN:
+        # give the child the default disposition, as a terminal's Ctrl-C would find it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        tmp_dir = tmp_path / f".out.bnb-tmp-{proc.pid}"
+        shard = tmp_dir / "model.safetensors"
+        while True:
+            assert proc.poll() is None, f"finished before it could be interrupted: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no shard data appeared within 60 s"
+            try:
+                if shard.stat().st_size > 0:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+        assert (tmp_path / ".out.bnb-lock").is_file()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    shown = f"exit {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    assert proc.returncode == EXIT_INTERRUPTED, shown
+    assert "Traceback" not in stderr and stdout == "", shown
+    assert stderr.splitlines() == ["error: interrupted"], shown
+    assert not out.exists()
+    assert_no_debris(tmp_path, out)
+    assert tree_digest(tmp_path) == before
