@@ -4,10 +4,12 @@
 
 One seeded 4096x4096 bf16 tensor; for each format both sides quantize it, warm-up runs first, then
 ``repeats`` rounds that time ours and theirs back to back (so machine noise hits both alike); the
-table gives the medians, the speed-up (theirs / ours) and whether the outputs are byte-identical.
-bitsandbytes' CPU path is not its CUDA path, so its bytes may differ from ours (which are the CUDA
-kernels' bytes). int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and
-that cast is inside its timing; ours takes the bf16 tensor and casts inside. If bitsandbytes is not
+table gives the medians, the speed-up (theirs / ours), whether our timed (fast) path gave the bytes of
+our whole-tensor reference (the specification that tests/test_conformance.py holds to bitsandbytes'
+CUDA bytes on every golden case), and whether bitsandbytes' CPU output equals ours. bitsandbytes' CPU
+path is not its CUDA path, so its bytes often differ from ours (which are the CUDA kernels' bytes).
+int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and that cast is inside
+its timing; ours takes the bf16 tensor and casts inside. If bitsandbytes is not
 importable, only ours is timed.
 """
 
@@ -78,11 +80,34 @@ def ours_and_theirs(x: torch.Tensor) -> dict[str, tuple[Callable, Callable | Non
     }
 
 
+def reference_bytes(x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+    """format -> the codes and scales of the whole-tensor reference (the specification that the golden
+    CUDA vectors test), to show that the fast path timed here gives the same bytes on this tensor."""
+    from bnbcli.formats import blockwise8, fourbit, int8
+    from bnbcli.formats.blocks import reference_quantize_blocks
+
+    def four(quant_type: str) -> list[torch.Tensor]:
+        return list(reference_quantize_blocks(x, 64, fourbit.code_table(quant_type).encoder, pack=True))
+
+    cb = int8.reference_quantize_int8_rowwise(x)
+    return {
+        "nf4": four("nf4"),
+        "nf4 + double quant": four("nf4")[:1],  # the packed codes; its absmax is itself quantized
+        "fp4": four("fp4"),
+        "int8 row-wise": [cb.CB, cb.SCB],
+        "blockwise8 (4096)": list(reference_quantize_blocks(x, 4096, blockwise8.code_table().encoder)),
+    }
+
+
 def identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     def raw(t: torch.Tensor) -> bytes:
         return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
     return len(a) == len(b) and all(x.dtype == y.dtype and raw(x) == raw(y) for x, y in zip(a, b, strict=True))
+
+
+def yes(flag: bool) -> str:
+    return "yes" if flag else "NO"
 
 
 def timed(fn: Callable) -> float:
@@ -101,6 +126,7 @@ def main() -> None:
     torch.manual_seed(SEED)
     x = torch.randn(SHAPE, dtype=torch.float32).to(torch.bfloat16)
     rows = []
+    spec = reference_bytes(x)
     for name, (ours, theirs) in ours_and_theirs(x).items():
         for _ in range(args.warmup):
             ours()
@@ -112,6 +138,8 @@ def main() -> None:
             if theirs:
                 theirs_ms.append(timed(theirs))
         row = {"format": name, "ours_ms": statistics.median(ours_ms)}
+        expected = spec[name]
+        row["equals_reference"] = identical(ours()[: len(expected)], expected)
         if theirs:
             row["bnb_ms"] = statistics.median(theirs_ms)
             row["speedup"] = row["bnb_ms"] / row["ours_ms"]
@@ -141,13 +169,16 @@ def main() -> None:
     )
     if bitsandbytes is None:
         print(f"  ({BNB_MISSING}): timing ours only")
-    print(f"{'format':<20} {'ours ms':>9} {'bnb ms':>9} {'speed-up':>9}  byte-identical")
+    print(f"{'format':<20} {'ours ms':>9} {'bnb ms':>9} {'speed-up':>9}  {'ours = reference':>16}  bnb = ours")
     for r in rows:
         if "bnb_ms" in r:
             same = "yes" if r["byte_identical"] else "no"
-            print(f"{r['format']:<20} {r['ours_ms']:9.1f} {r['bnb_ms']:9.1f} {r['speedup']:8.2f}x  {same}")
+            print(
+                f"{r['format']:<20} {r['ours_ms']:9.1f} {r['bnb_ms']:9.1f} {r['speedup']:8.2f}x  "
+                f"{yes(r['equals_reference']):>16}  {same}"
+            )
         else:
-            print(f"{r['format']:<20} {r['ours_ms']:9.1f} {'-':>9} {'-':>9}  -")
+            print(f"{r['format']:<20} {r['ours_ms']:9.1f} {'-':>9} {'-':>9}  {yes(r['equals_reference']):>16}  -")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def main(models: Path, work: Path) -> int:
 
     meta = json.loads((models / "logits_meta.json").read_text())
     golden_logits = load_file(models / "logits.safetensors")
+    work.mkdir(parents=True, exist_ok=True)
     ids = torch.tensor(meta["input_ids"]).cuda()
     total = same = 0
     for family in sorted(p for p in models.iterdir() if p.is_dir()):

@@ -23,21 +23,32 @@ class RoundTripError:
 CHUNK = 1 << 22  # elements per float64 pass: bounded extra memory whatever the tensor size
 
 
-def roundtrip_error(original: torch.Tensor, restored: torch.Tensor) -> RoundTripError:
-    """Errors accumulated in float64, chunk by chunk, so large tensors neither lose the small
-    differences being measured nor need a float64 copy of the whole tensor."""
+def roundtrip_sums(original: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+    """float64 [signal, noise, max_abs] on the tensors' device, chunk by chunk, without waiting for it:
+    on a GPU the sums stay queued with the kernels until the writer needs them."""
     flat_x, flat_y = original.reshape(-1), restored.reshape(-1)
-    signal = noise = max_abs = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=original.device)
     for start in range(0, flat_x.numel(), CHUNK):
         x = flat_x[start : start + CHUNK].to(torch.float64)
         diff = x - flat_y[start : start + CHUNK].to(torch.float64)
-        signal += float(torch.dot(x, x))
-        noise += float(torch.dot(diff, diff))
-        max_abs = max(max_abs, float(diff.abs().max()))
-    n = max(flat_x.numel(), 1)
+        sums[0] += torch.dot(x, x)
+        sums[1] += torch.dot(diff, diff)
+        torch.maximum(sums[2], diff.abs().max(), out=sums[2])
+    return sums
+
+
+def error_from_sums(sums: torch.Tensor, numel: int) -> RoundTripError:
+    signal, noise, max_abs = (float(v) for v in sums.tolist())
+    n = max(numel, 1)
     return RoundTripError(
         rmse=math.sqrt(noise / n),
         max_abs=max_abs,
         rel_fro=math.sqrt(noise / signal) if signal > 0 else (0.0 if noise == 0 else math.inf),
         sqnr_db=10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf,
     )
+
+
+def roundtrip_error(original: torch.Tensor, restored: torch.Tensor) -> RoundTripError:
+    """Errors accumulated in float64, so large tensors neither lose the small differences being
+    measured nor need a float64 copy of the whole tensor."""
+    return error_from_sums(roundtrip_sums(original, restored), original.numel())

@@ -1,28 +1,34 @@
-"""The streaming executor: one tensor in flight, read → (cast, transpose) → quantize → write.
+"""The streaming executor: read → convert → write, as three overlapping stages, obeying a QuantizePlan.
 
-It obeys a QuantizePlan and decides nothing itself. Source shards are read in file order, so their
-sha256 is computed from the bytes as they stream past, without a second read.
+A reader thread reads the next tensor while the calling thread converts the current one (on the CPU,
+or queued on a GPU) and a writer thread waits for the previous one and puts its entries at their
+planned offsets. One-slot queues between the stages keep a few tensors in memory, whatever the model
+size. The sha256 of each source file is computed beside all this (checkpoint/hashing.py). It decides
+nothing: every size, offset and action comes from the plan.
 """
 
 from __future__ import annotations
 
-import hashlib
+import queue
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bnbcli import api
+from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.writer import ShardWriter
-from bnbcli.errors import InputError
-from bnbcli.metrics import RoundTripError, roundtrip_error
+from bnbcli.convert import Converted, Converter, make_converters
+from bnbcli.metrics import RoundTripError
 from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document
 
 Progress = Callable[[int], None]
+POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed
 
 
 @dataclass
@@ -40,113 +46,153 @@ class ComponentResult:
     source_sha256: dict[str, str]
 
 
-class _StreamHasher:
-    """sha256 of a source file fed in file order: the header first, then each tensor's bytes."""
-
-    def __init__(self, path: Path, data_start: int) -> None:
-        self.path = path
-        self.digest = hashlib.sha256()
-        with path.open("rb") as f:
-            self.digest.update(f.read(data_start))
-        self.position = data_start
-
-    def feed(self, start: int, data: memoryview) -> None:
-        if start != self.position:  # not contiguous after all: fall back to reading the file
-            self.position = -1
-        elif self.position >= 0:
-            self.digest.update(data)
-            self.position += len(data)
-
-    def hexdigest(self) -> str:
-        if self.position != self.path.stat().st_size:
-            digest = hashlib.sha256()
-            with self.path.open("rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-            return digest.hexdigest()
-        return self.digest.hexdigest()
+class _Stopped(Exception):
+    """Another stage failed; this one leaves quietly."""
 
 
-def _raw_bytes(t: torch.Tensor) -> memoryview:
-    # numpy arrays are buffers at run time; numpy's stubs do not say so to mypy
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")  # type: ignore[arg-type]
+_END = object()
 
 
-def _quantized_entries(job: TensorJob, weight: torch.Tensor, plan: QuantizePlan, backend: str):
-    scheme = plan.scheme
-    name = job.source.name
-    if scheme.method == "int8":
-        q = api.quantize_int8_rowwise(weight, backend=backend)
-        restored = api.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend)
-        values = [q.CB, q.SCB, torch.tensor(0, dtype=torch.uint8)]  # weight_format 0 = "row"
-        entries = dict(zip((e.key for e in job.entries), values, strict=True))
-    else:
-        q4 = api.quantize_4bit(
-            weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
-        )
-        restored = api.dequantize_4bit(q4, backend=backend)
-        entries = q4.state_dict(name)
-    return entries, roundtrip_error(weight, restored)
+class _Handoff:
+    """A one-slot queue between two stages that gives up when ``stop`` is set, so a failed stage
+    never leaves the others blocked forever."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = stop
+
+    def put(self, item: Any) -> None:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                self._queue.put(item, timeout=POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+
+    def get(self) -> Any:
+        while True:
+            if self._stop.is_set():
+                raise _Stopped
+            try:
+                return self._queue.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+
+    def items(self) -> Iterator[Any]:
+        while (item := self.get()) is not _END:
+            yield item
 
 
-def _run_job(
-    job: TensorJob, plan: QuantizePlan, backend: str, allow_nonfinite: bool, writer: ShardWriter, hasher: _StreamHasher
-) -> TensorRecord:
-    tensor = read_tensor(job.source)
-    hasher.feed(job.source.start, _raw_bytes(tensor))
-    if tensor.dtype != job.dtype:
-        tensor = tensor.to(job.dtype)
-    record = TensorRecord(job)
-    if not job.quantized:
-        record.outputs[job.source.name] = writer.write(job.source.name, tensor)
-        return record
-    if job.decision.transpose:
-        tensor = tensor.t().contiguous()  # Conv1D stores [in, out]; bitsandbytes wants [out, in]
-    if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
-        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())  # the error path only
-        found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
-        raise InputError(
-            f"{job.source.path}: tensor {job.source.name!r} has non-finite values: {found}",
-            hint="fix the checkpoint, or pass --allow-nonfinite to quantize them as bitsandbytes would",
-        )
-    entries, record.error = _quantized_entries(job, tensor, plan, backend)
-    planned = [e.key for e in job.entries]
-    if list(entries) != planned:
-        raise InputError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")
-    for key, value in entries.items():
-        record.outputs[key] = writer.write(key, value)
-    return record
+class _Stage(threading.Thread):
+    """A daemon thread whose exception is kept for the caller, and which stops the others on failure."""
+
+    def __init__(self, name: str, target: Callable[[], None], stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self._target_fn = target
+        self._stop_all = stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._target_fn()
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the calling thread, which raises it
+            self.error = exc
+            self._stop_all.set()
+
+
+class _ShardWriters:
+    """Opens each output shard when its first tensor arrives and closes it after its last."""
+
+    def __init__(self, component: ComponentPlan, out_dir: Path) -> None:
+        self.component = component
+        self.out_dir = out_dir
+        self.remaining = {s: len(component.shard_jobs(s)) for s in component.shards}
+        self.open: dict[str, ShardWriter] = {}
+        self.data_bytes: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def write(self, converted: Converted, record: TensorRecord) -> None:
+        shard = converted.job.shard
+        if shard not in self.open:
+            jobs = self.component.shard_jobs(shard)
+            self.open[shard] = ShardWriter(self.out_dir / shard, [e for j in jobs for e in j.entries], SHARD_METADATA)
+        writer = self.open[shard]
+        for key, value in converted.entries.items():
+            record.outputs[key] = writer.write(key, value)
+        self.remaining[shard] -= 1
+        if self.remaining[shard] == 0:
+            self.data_bytes[shard] = writer.close()
+            del self.open[shard]
+            self.sizes[shard] = (self.out_dir / shard).stat().st_size
+
+    def close_empty(self) -> None:
+        """A shard with no tensors (a model without weights) is still written, as save_pretrained does."""
+        for shard, count in self.remaining.items():
+            if count == 0 and shard not in self.sizes:
+                self.data_bytes[shard] = ShardWriter(self.out_dir / shard, [], SHARD_METADATA).close()
+                self.sizes[shard] = (self.out_dir / shard).stat().st_size
+
+    def abort(self) -> None:
+        for writer in self.open.values():
+            writer.abort()
 
 
 def _run_component(
-    component: ComponentPlan, plan: QuantizePlan, out_dir: Path, backend: str, allow_nonfinite: bool, progress: Progress
+    component: ComponentPlan, out_dir: Path, converters: list[Converter], progress: Progress
 ) -> ComponentResult:
     out_dir.mkdir(parents=True, exist_ok=True)
-    hashers = {}
-    for path in component.source.weight_files:
-        first = min((t.start for t in component.source.tensors.values() if t.path == path), default=None)
-        hashers[path] = _StreamHasher(path, first if first is not None else path.stat().st_size)
+    hashes = FileHashes(list(component.source.weight_files))
+    stop = threading.Event()
+    to_convert, to_write = _Handoff(stop), _Handoff(stop)
     records: list[TensorRecord] = []
-    sizes: dict[str, int] = {}
-    data_bytes: dict[str, int] = {}
-    for shard in component.shards:
-        jobs = component.shard_jobs(shard)
-        writer = ShardWriter(out_dir / shard, [e for j in jobs for e in j.entries], SHARD_METADATA)
-        try:
-            for job in jobs:
-                records.append(_run_job(job, plan, backend, allow_nonfinite, writer, hashers[job.source.path]))
-                progress(job.source.nbytes)
-            data_bytes[shard] = writer.close()
-        finally:
-            writer.abort()
-        sizes[shard] = (out_dir / shard).stat().st_size
+    shards = _ShardWriters(component, out_dir)
+    pin = converters[0].pin_memory
+
+    def read() -> None:
+        for job in component.jobs:
+            to_convert.put((job, read_tensor(job.source, pin_memory=pin and job.quantized)))
+        to_convert.put(_END)
+
+    def write() -> None:
+        for converted in to_write.items():
+            record = TensorRecord(converted.job)
+            record.error = converted.finish()
+            shards.write(converted, record)
+            records.append(record)
+            progress(converted.job.source.nbytes)
+        shards.close_empty()
+
+    stages = [_Stage("bnb-read", read, stop), _Stage("bnb-write", write, stop)]
+    for stage in stages:
+        stage.start()
+    try:
+        for i, (job, tensor) in enumerate(to_convert.items()):
+            to_write.put(converters[i % len(converters)](job, tensor))
+        to_write.put(_END)
+        stages[1].join()
+    except _Stopped:
+        pass
+    finally:
+        stop.set()  # after success a no-op; after a failure here (Ctrl-C included) it releases the stages
+        for stage in stages:
+            stage.join()
+        shards.abort()
+    for stage in stages:
+        if stage.error is not None:
+            hashes.cancel()
+            raise stage.error
     if len(component.shards) > 1:
-        (out_dir / f"{component.weights_stem}.safetensors.index.json").write_text(index_document(component, data_bytes))
+        index = out_dir / f"{component.weights_stem}.safetensors.index.json"
+        index.write_text(index_document(component, shards.data_bytes))
     return ComponentResult(
         plan=component,
         records=records,
-        shard_sizes=sizes,
-        source_sha256={str(p): h.hexdigest() for p, h in hashers.items()},
+        shard_sizes=shards.sizes,
+        source_sha256=hashes.result(),
     )
 
 
@@ -159,17 +205,23 @@ def _copy_tree_item(src: Path, dst: Path) -> None:
 
 
 def run_quantize(
-    plan: QuantizePlan, out_dir: Path, backend: str, allow_nonfinite: bool, progress: Progress
+    plan: QuantizePlan,
+    out_dir: Path,
+    backend: str,
+    allow_nonfinite: bool,
+    progress: Progress,
+    devices: tuple[torch.device, ...] = (),
 ) -> tuple[list[ComponentResult], float]:
     """Write every component into ``out_dir`` (a temporary folder the caller renames into place)."""
     started = time.monotonic()
+    converters = make_converters(backend, devices, plan.scheme, allow_nonfinite)
     results = []
     root = plan.checkpoint.root
     for item in plan.checkpoint.pipeline_files:
         _copy_tree_item(item, out_dir / item.relative_to(root))
     for component in plan.components:
         target = out_dir / component.name if component.name else out_dir
-        results.append(_run_component(component, plan, target, backend, allow_nonfinite, progress))
+        results.append(_run_component(component, target, converters, progress))
         for item in component.source.other_files:
             _copy_tree_item(item, target / item.relative_to(component.source.root))
         if component.config is not None:

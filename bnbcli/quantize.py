@@ -10,6 +10,7 @@ from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import build_manifest, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
+from bnbcli.devices import cuda_devices
 from bnbcli.errors import UsageError
 from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
 from bnbcli.pipeline import Progress, run_quantize
@@ -26,6 +27,7 @@ class QuantizeRequest:
     components: tuple[str, ...] | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     backend: str = "auto"
+    devices: tuple[int, ...] = ()  # GPU indices for the cuda backend; () is the current GPU
     allow_nonfinite: bool = False
     overwrite: bool = False
     planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
@@ -61,9 +63,12 @@ def plan_request(request: QuantizeRequest) -> QuantizePlan:
 
 def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:
     backend = resolve_backend(request.backend)
+    if request.devices and backend != "cuda":
+        raise UsageError("--device/--devices choose GPUs for the cuda backend", hint="add --backend cuda")
+    devices = cuda_devices(request.devices) if backend == "cuda" else ()
     output = AtomicOutputDir(request.out, overwrite=request.overwrite)
     with output as tmp:
-        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress)
+        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress, devices)
         manifest = build_manifest(plan, results, source_label(plan.checkpoint), seconds)
         write_manifest(tmp, manifest)
         output.commit()  # only now does OUT appear, whole

@@ -1,5 +1,33 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 # tests/ helpers (golden.py) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _gpu_missing() -> str | None:
+    """Why GPU-marked tests cannot run here, or None when they can."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:
+        return f"CuPy cannot be imported: {type(exc).__name__}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _gpu_missing()
+    if reason:
+        skip = pytest.mark.skip(reason=f"gpu test: {reason}")
+        for item in gpu_items:
+            item.add_marker(skip)

@@ -241,9 +241,11 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, f
         )
 
 
-def read_tensor(info: TensorInfo) -> torch.Tensor:
-    """Read one tensor's bytes with pread into a tensor that owns its memory (no file mapping stays open)."""
-    raw = torch.empty(info.nbytes, dtype=torch.uint8)  # torch.empty does not zero-fill: half the cost of bytearray
+def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
+    """Read one tensor's bytes with pread into a tensor that owns its memory (no file mapping stays open);
+    into page-locked memory with ``pin_memory``, ready for an asynchronous copy to a GPU."""
+    # torch.empty does not zero-fill: half the cost of a bytearray
+    raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
     if info.nbytes:
         view = raw.numpy().data  # a writable memoryview of the tensor's own memory
         fd = os.open(info.path, os.O_RDONLY)

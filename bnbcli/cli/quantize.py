@@ -9,6 +9,7 @@ import typer
 
 from bnbcli import output
 from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.devices import parse_devices
 from bnbcli.output_plan import plan_summary
 from bnbcli.plan import PlannerName
 from bnbcli.quantize import QuantizeRequest, plan_request
@@ -54,7 +55,13 @@ def quantize(
         str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto, cpu or cuda.")] = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
+    ] = "auto",
+    device: Annotated[str | None, typer.Option("--device", help="cuda: the GPU to use, e.g. cuda:1.")] = None,
+    devices: Annotated[
+        str | None, typer.Option("--devices", help="cuda: spread tensors over these GPUs, e.g. 0,1.")
+    ] = None,
     planner: Annotated[
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
@@ -92,6 +99,7 @@ def quantize(
         revision=revision,
         components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
         backend=backend,
+        devices=parse_devices(device, devices),
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
         planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner

@@ -15,6 +15,7 @@ from bnbcli.codes import BLOCKWISE8_BLOCKSIZES, DYNAMIC_CODE
 from bnbcli.errors import UsageError
 from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks
 from bnbcli.formats.cuda_mean import cuda_mean_f32
+from bnbcli.formats.gpu_math import gpu_cast
 
 
 @lru_cache(maxsize=1)
@@ -112,4 +113,4 @@ def dequantize_blockwise8(q: Blockwise8Quantized) -> torch.Tensor:
         absmax = dequantize_codes(q.absmax, q.nested_absmax, q.blocksize, q.code)
         absmax = absmax + torch.tensor(q.nested_offset, dtype=torch.float32)
     values = dequantize_codes(q.q, absmax, q.blocksize, q.code)
-    return values.to(q.dtype).reshape(q.q.shape)
+    return gpu_cast(values, q.dtype).reshape(q.q.shape)

@@ -30,6 +30,7 @@ from bnbcli.errors import UsageError
 from bnbcli.formats import blockwise8
 from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.cuda_mean import cuda_mean_f32
+from bnbcli.formats.gpu_math import gpu_cast
 
 QUANT_TYPES = ("nf4", "fp4")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -216,4 +217,4 @@ def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
         packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
     _, lut = _tables(q.quant_type)
     values = lut[unpack_nibbles(packed, n).long()]
-    return expand_blocks(values, block_scales(q), q.blocksize).to(q.dtype).reshape(q.shape)
+    return gpu_cast(expand_blocks(values, block_scales(q), q.blocksize), q.dtype).reshape(q.shape)

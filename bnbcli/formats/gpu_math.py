@@ -61,3 +61,19 @@ _CUDA_NAN = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
 def gpu_nan(x: torch.Tensor) -> torch.Tensor:
     """float32 x with every NaN replaced by the GPU's canonical NaN bit pattern."""
     return torch.where(torch.isnan(x), _CUDA_NAN, x)
+
+
+# cvt.rn.f16.f32 and cvt.rn.bf16.f32 write every NaN as 0x7fff; torch's CPU casts do not (float32
+# 0x7fffffff becomes bfloat16 0xffff on x86, measured with torch 2.13).
+_CUDA_NAN_16 = torch.tensor(0x7FFF, dtype=torch.int16)
+
+
+def gpu_cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 x converted to ``dtype`` as a kernel's store converts it, NaN bit patterns included."""
+    if dtype == torch.float32:
+        return gpu_nan(x)
+    out = x.to(dtype)
+    nan = torch.isnan(x)
+    if bool(nan.any()):
+        out.view(torch.int16)[nan] = _CUDA_NAN_16
+    return out
