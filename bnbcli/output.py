@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 SCHEMA_VERSION = 1
 
-# Data goes to stdout; everything meant for a person watching goes to stderr.
-stdout = Console(highlight=False, soft_wrap=True)
+# Data goes to stdout; everything meant for a person watching goes to stderr. Piped into a file, tables
+# keep their natural width (Rich would assume 80 columns) unless COLUMNS says otherwise.
+PIPE_WIDTH = 200
+stdout = Console(
+    highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -30,6 +36,11 @@ def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
     for key, value in rows:
         table.add_row(key, value)
     stdout.print(table)
+
+
+def warning(message: str) -> None:
+    """`warning: …`, one line on stderr: something worth a look that does not stop the run."""
+    stderr.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
 def error(message: str, hint: str | None = None) -> None:

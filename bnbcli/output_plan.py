@@ -53,6 +53,7 @@ class ComponentPlan:
     skip_modules: tuple[str, ...]
     config: dict | None  # the output config.json
     weights_stem: str  # "model" or "diffusion_pytorch_model"
+    unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no module of this component
 
     @property
     def bytes_in(self) -> int:
@@ -191,6 +192,7 @@ def plan_component(
         skip_modules=decided.skip_modules,
         config=_output_config(source, scheme, decided.skip_modules, model_dtype),
         weights_stem=stem,
+        unmatched_skip=decided.unmatched_skip,
     )
 
 
@@ -263,8 +265,10 @@ def plan_summary(plan: QuantizePlan) -> dict:
                 "bytes_out": c.bytes_out,
             }
         )
+    unmatched = [p for p in plan.scheme.skip if all(p in c.unmatched_skip for c in plan.components)]
     return {
         "components": components,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
+        "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
     }

@@ -69,3 +69,16 @@ def test_console_script_is_installed() -> None:
     assert script.exists(), "`pip install -e .` should install the bnb console script"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and bnbcli.__version__ in result.stdout
+
+
+def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path) -> None:
+    missing = str(tmp_path / "missing")
+    plain = bnb("quantize", missing, str(tmp_path / "out"))
+    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    for args in (
+        ("--debug", "quantize", missing, str(tmp_path / "out")),
+        ("quantize", missing, str(tmp_path / "out"), "--debug"),
+    ):
+        result = bnb(*args)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" in result.stderr and "no such file or folder" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from bnbcli.formats.gpu_math import _rcp_correction, gpu_nan, mul_ftz, rcp_approx
@@ -56,3 +57,16 @@ def test_gpu_nan_bit_pattern() -> None:
     x = torch.tensor([0.0, 1.0], dtype=torch.float32) * torch.tensor([float("inf"), 1.0])
     assert gpu_nan(x).view(torch.int32)[0] == 0x7FFFFFFF
     assert gpu_nan(x)[1] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cast_writes_nan_as_cvt_rn_does(dtype: torch.dtype) -> None:
+    """cvt.rn.{f16,bf16}.f32 store every NaN as 0x7fff (bench/device_check_formats.py compares our
+    dequantized NaN blocks with bitsandbytes' on the GPU); other values convert as torch does."""
+    from bnbcli.formats.gpu_math import gpu_cast
+
+    nans = torch.tensor([0x7FFFFFFF, 0x7FC00000, 0xFFC00000 - (1 << 32), 0x7F800001], dtype=torch.int32)
+    x = torch.cat((nans.view(torch.float32), torch.tensor([1.0, -2.5, 1e-3, float("inf"), -0.0])))
+    out = gpu_cast(x, dtype)
+    assert out[:4].view(torch.int16).tolist() == [0x7FFF] * 4
+    assert torch.equal(out[4:].view(torch.int16), x[4:].to(dtype).view(torch.int16))

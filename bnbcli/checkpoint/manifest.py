@@ -27,7 +27,10 @@ def _dtype(d: Any) -> str:
 
 def scheme_settings(plan: QuantizePlan) -> dict[str, Any]:
     settings = asdict(plan.scheme)
-    return {k: (_dtype(v) if "dtype" in k or k == "quant_storage" else v) for k, v in settings.items()}
+    # None stays null ("the checkpoint's own dtype"), never the string "None".
+    return {
+        k: (_dtype(v) if v is not None and ("dtype" in k or k == "quant_storage") else v) for k, v in settings.items()
+    }
 
 
 def _tensor_entry(record: Any) -> dict[str, Any]:

@@ -67,9 +67,19 @@ def _error(message: str, hint: str | None = None) -> None:
     output.error(escape(message), escape(hint) if hint else hint)
 
 
+def _without_debug_flag(args: list[str]) -> list[str]:
+    """`--debug` is accepted anywhere (people add it after the command when a run fails): it is taken out
+    before Click parses, and turned into BNB_DEBUG. Arguments after `--` are left alone."""
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" not in args[:end]:
+        return args
+    os.environ["BNB_DEBUG"] = "1"
+    return [a for a in args[:end] if a != "--debug"] + args[end:]
+
+
 def main() -> None:
     try:
-        code = app(standalone_mode=False)
+        code = app(args=_without_debug_flag(sys.argv[1:]), standalone_mode=False)
     except BnbError as exc:
         if _debugging():
             raise

@@ -107,6 +107,8 @@ def quantize(
     )
     plan = plan_request(request)
     summary = plan_summary(plan)
+    for pattern in summary["unmatched_skip"]:
+        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
     if dry_run:
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})
@@ -129,8 +131,10 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
     for component in summary["components"]:
         title = f"plan{' for ' + component['name'] if component['name'] else ''} — planner: {component['planner']}"
         table = Table(title=title, title_justify="left", caption=component["planner_reason"], caption_justify="left")
-        for column in ("tensor", "shape", "dtype", "action", "in", "out"):
-            table.add_column(column, justify="right" if column in ("in", "out") else "left")
+        # Names fold onto a second line rather than lose the part (q_proj, bias) that tells rows apart.
+        table.add_column("tensor", overflow="fold")
+        for column in ("shape", "dtype", "action", "in", "out"):
+            table.add_column(column, justify="right" if column in ("in", "out") else "left", no_wrap=column != "action")
         for t in component["tensors"] if all_rows else []:
             table.add_row(
                 t["name"],
