@@ -1,7 +1,9 @@
 """Every golden kernel case (bitsandbytes 0.50.2 CUDA, H100): every recorded output, byte for byte.
 
-One test per case id of golden/kernels/cases.json. The golden folder is BNB_GOLDEN_DIR or
-../shared/golden; if it is missing, collection fails rather than skipping.
+One test per case id of golden/kernels/cases.json and backend: cpu everywhere, cuda (marked gpu,
+skipped without a GPU and CuPy) with the same body: the CPU input goes through bnbcli's API with
+backend="cuda", so the kernels run on the GPU and the results come back to the CPU. The golden folder
+is BNB_GOLDEN_DIR or ../shared/golden; if it is missing, collection fails rather than skipping.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import bnbcli
 CASES = kernel_cases()["cases"]
 
 
+BACKENDS = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
 def _check_dequant(case: dict, dequantized: torch.Tensor) -> None:
     assert str(dequantized.dtype) == case["dequant_dtype"]
     if "dequant" in case:
@@ -22,8 +27,8 @@ def _check_dequant(case: dict, dequantized: torch.Tensor) -> None:
     assert sha256_of(dequantized) == case["dequant_sha256"], "sha256 of the dequantized output"
 
 
-def _check_4bit(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    q = bnbcli.quantize_4bit(x, case["quant_type"], case["blocksize"], case["double_quant"])
+def _check_4bit(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor], backend: str) -> None:
+    q = bnbcli.quantize_4bit(x, case["quant_type"], case["blocksize"], case["double_quant"], backend=backend)
     assert_same_tensor(q.packed, out[case["packed"]], "packed")
     assert_same_tensor(q.absmax, out[case["absmax"]], "absmax")
     assert_same_tensor(q.quant_map, out[case["quant_map"]], "quant_map")
@@ -35,11 +40,11 @@ def _check_4bit(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor]) -> No
     else:
         assert q.nested_absmax is None and q.nested_offset is None
     assert q.quant_state_json() == case["quant_state_json"]
-    _check_dequant(case, bnbcli.dequantize_4bit(q))
+    _check_dequant(case, bnbcli.dequantize_4bit(q, backend=backend))
 
 
-def _check_blockwise8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    q = bnbcli.quantize_blockwise8(x, case["blocksize"], case["nested"])
+def _check_blockwise8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor], backend: str) -> None:
+    q = bnbcli.quantize_blockwise8(x, case["blocksize"], case["nested"], backend=backend)
     assert_same_tensor(q.q, out[case["q"]], "q")
     assert_same_tensor(q.absmax, out[case["absmax"]], "absmax")
     assert_same_tensor(q.code, out[case["code"]], "code")
@@ -47,11 +52,11 @@ def _check_blockwise8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor])
         assert_same_tensor(q.nested_absmax, out[case["nested_absmax"]], "nested_absmax")
         assert q.nested_offset == case["nested_offset"], "nested_offset"
         assert q.blocksize == case["nested_blocksize"]
-    _check_dequant(case, bnbcli.dequantize_blockwise8(q))
+    _check_dequant(case, bnbcli.dequantize_blockwise8(q, backend=backend))
 
 
-def _check_int8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-    q = bnbcli.quantize_int8_rowwise(x, case.get("threshold", 0.0))
+def _check_int8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor], backend: str) -> None:
+    q = bnbcli.quantize_int8_rowwise(x, case.get("threshold", 0.0), backend=backend)
     assert_same_tensor(q.CB, out[case["CB"]], "CB")
     assert_same_tensor(q.SCB, out[case["SCB"]], "SCB")
     if case["op"] == "Int8Params":
@@ -60,7 +65,7 @@ def _check_int8(case: dict, x: torch.Tensor, out: dict[str, torch.Tensor]) -> No
         assert q.outlier_cols is None
     else:
         assert q.outlier_cols is not None and q.outlier_cols.tolist() == case["outlier_cols"], "outlier_cols"
-    _check_dequant(case, bnbcli.dequantize_int8_rowwise(q.CB, q.SCB))
+    _check_dequant(case, bnbcli.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend))
 
 
 CHECKS = {
@@ -76,10 +81,11 @@ def test_every_op_is_known() -> None:
     assert not [c["id"] for c in CASES if "error" in c], "error cases need their own check"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_golden_case(case: dict) -> None:
+def test_golden_case(case: dict, backend: str) -> None:
     x = kernel_inputs()["in." + case["input"]]
-    CHECKS[case["op"]](case, x, kernel_outputs())
+    CHECKS[case["op"]](case, x, kernel_outputs(), backend)
 
 
 def test_code_tables_match_bitsandbytes() -> None:

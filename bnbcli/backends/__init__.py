@@ -1,28 +1,70 @@
 """The one place that chooses a backend.
 
-``cpu`` is the pure torch reference in ``bnbcli.formats`` (bit-exact with bitsandbytes' CUDA kernels).
-Asking for a backend this machine cannot run is an error with a hint, never a silent fallback.
+``cpu`` is the pure torch reference in ``bnbcli.formats`` (bit-exact with bitsandbytes' CUDA kernels);
+``cuda`` runs the kernels of cuda_kernels/ through CuPy (``bnbcli.backends.cuda``) and writes the same
+bytes. ``auto`` is cuda when CuPy, a CUDA build of torch and a GPU are all here, else cpu. Asking for
+``cuda`` where it cannot run is an error with a hint, never a silent fallback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from functools import cache
 
 from bnbcli.errors import BackendUnavailable, UsageError
 
 BACKENDS = ("auto", "cpu", "cuda")
 
 
+@cache
+def cuda_unavailable() -> tuple[str, str] | None:
+    """Why the cuda backend cannot run here (message, hint), or None when it can. Checked once."""
+    if importlib.util.find_spec("cupy") is None:
+        return (
+            "the cuda backend needs CuPy, which is not installed",
+            "pip install 'bnbcli[cuda]' (CuPy for CUDA 13), or use --backend cpu: it writes the same bytes",
+        )
+    import torch
+
+    if torch.version.cuda is None:
+        return (
+            f"the cuda backend needs a CUDA build of torch; this one is {torch.__version__}",
+            "install torch with CUDA support, or use --backend cpu: it writes the same bytes",
+        )
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return (
+            "the cuda backend found no GPU",
+            "check nvidia-smi and CUDA_VISIBLE_DEVICES, or use --backend cpu: it writes the same bytes",
+        )
+    from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
+
+    missing = [name for name in SOURCES if not (kernel_dir() / name).is_file()]
+    if missing:
+        return (
+            f"the cuda backend's kernel sources are missing from {kernel_dir()} ({', '.join(missing)})",
+            "run from a bnbcli source checkout or set BNB_CUDA_KERNELS to its cuda_kernels/; or use --backend cpu",
+        )
+    try:
+        import cupy  # noqa: F401  (the import alone can fail: a CuPy built for another CUDA)
+    except Exception as exc:
+        return (
+            f"the cuda backend cannot import CuPy: {type(exc).__name__}: {exc}".splitlines()[0],
+            "install the CuPy wheel for torch's CUDA (cupy-cuda13x), or use --backend cpu",
+        )
+    return None
+
+
 def resolve_backend(name: str) -> str:
-    """The concrete backend for ``name``: "cpu" today ("auto" picks it; "cuda" is not built yet)."""
+    """The concrete backend for ``name``: "cpu" or "cuda"."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}", hint=f"use one of {', '.join(BACKENDS)}")
-    if name == "cuda":
-        raise BackendUnavailable(
-            "the cuda backend is not available in this version",
-            hint="use --backend cpu; it writes the same bytes",
-        )
-    return "cpu"
+    if name == "cpu":
+        return "cpu"
+    problem = cuda_unavailable()
+    if name == "cuda" and problem is not None:
+        raise BackendUnavailable(*problem)
+    return "cpu" if problem is not None else "cuda"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,118 @@
+"""The CUDA backend on a GPU against the CPU formats: every byte, on fresh random and adversarial inputs.
+
+The golden cases run through both backends in tests/test_conformance.py; this file draws many more
+inputs (tests/cuda_cases.py: every dtype and blocksize, tails, NaN, ±inf, zero and NaN blocks,
+subnormals, exact thresholds, int8 .5 ties), keeps them on the GPU, and also checks the device
+contract of bnbcli's API, misaligned and strided inputs, and a non-default stream.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cuda_cases import assert_same, inputs
+
+import bnbcli
+from bnbcli.backends import resolve_backend
+from bnbcli.codes import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
+from bnbcli.formats import blockwise8, fourbit, int8
+
+pytestmark = pytest.mark.gpu
+
+CASES = list(inputs(seed=4, count=40, max_numel=300_000))
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    from bnbcli.backends import cuda
+
+    return cuda
+
+
+def _gpu(x: torch.Tensor) -> torch.Tensor:
+    return x.to("cuda")
+
+
+@pytest.mark.parametrize(("name", "x"), CASES, ids=[c[0] for c in CASES])
+def test_4bit(cuda, name: str, x: torch.Tensor) -> None:
+    rng = np.random.default_rng(sum(map(ord, name)))
+    xg = _gpu(x)
+    for quant_type in ("nf4", "fp4"):
+        for blocksize in FOUR_BIT_BLOCKSIZES:
+            double_quant = bool(rng.integers(0, 2))
+            what = f"{name} {quant_type} {blocksize} dq={double_quant}"
+            expected = fourbit.quantize_4bit(x, quant_type, blocksize, double_quant)
+            q = cuda.quantize_4bit(xg, quant_type, blocksize, double_quant)
+            assert q.packed.is_cuda and q.absmax.is_cuda
+            assert_same(q, expected, what)
+            assert_same(cuda.dequantize_4bit(q), fourbit.dequantize_4bit(expected), what + " dequant")
+
+
+@pytest.mark.parametrize(("name", "x"), CASES, ids=[c[0] for c in CASES])
+def test_blockwise8(cuda, name: str, x: torch.Tensor) -> None:
+    xg = _gpu(x)
+    for blocksize in BLOCKWISE8_BLOCKSIZES:
+        for nested in (False, True):
+            what = f"{name} {blocksize} nested={nested}"
+            expected = blockwise8.quantize_blockwise8(x, blocksize, nested)
+            q = cuda.quantize_blockwise8(xg, blocksize, nested)
+            assert_same(q, expected, what)
+            assert_same(cuda.dequantize_blockwise8(q), blockwise8.dequantize_blockwise8(expected), what + " dequant")
+
+
+@pytest.mark.parametrize(("name", "x"), CASES, ids=[c[0] for c in CASES])
+def test_int8(cuda, name: str, x: torch.Tensor) -> None:
+    xg = _gpu(x)
+    for threshold in (0.0, 0.5, 6.0):
+        expected = int8.reference_quantize_int8_rowwise(x, threshold)
+        q = cuda.quantize_int8_rowwise(xg, threshold)
+        assert_same(q, expected, f"{name} threshold={threshold}")
+        restored = cuda.dequantize_int8_rowwise(q.CB, q.SCB)
+        assert_same(restored, int8.dequantize_int8_rowwise(expected.CB, expected.SCB), f"{name} dequant")
+
+
+def test_large_tensor(cuda) -> None:
+    """A weight-sized tensor: many CTAs per SM, every tile of the grid-stride loop."""
+    x = torch.randn(4096, 4100, dtype=torch.bfloat16)
+    x[7, :3000] = 0.0
+    xg = _gpu(x)
+    assert_same(cuda.quantize_4bit(xg, "nf4", 64, True), fourbit.quantize_4bit(x, "nf4", 64, True), "nf4-dq")
+    assert_same(cuda.quantize_blockwise8(xg, 4096), blockwise8.quantize_blockwise8(x, 4096), "blockwise8")
+    assert_same(cuda.quantize_int8_rowwise(xg), int8.quantize_int8_rowwise(x), "int8")
+
+
+def test_api_keeps_results_on_the_inputs_device() -> None:
+    x = torch.randn(33, 70, dtype=torch.float16)
+    on_cpu = bnbcli.quantize_4bit(x, "fp4", 128, True, backend="cuda")
+    assert on_cpu.packed.device.type == "cpu" and on_cpu.nested_absmax is not None
+    assert not on_cpu.nested_absmax.is_cuda
+    on_gpu = bnbcli.quantize_4bit(x.cuda(), "fp4", 128, True, backend="cuda")
+    assert on_gpu.packed.is_cuda and on_gpu.quant_map.is_cuda
+    assert_same(on_gpu, on_cpu, "cpu vs gpu input")
+    assert bnbcli.dequantize_4bit(on_cpu, backend="cuda").device.type == "cpu"
+    assert bnbcli.dequantize_4bit(on_gpu, backend="cuda").is_cuda
+    q8 = bnbcli.quantize_int8_rowwise(x.cuda(), 2.0, backend="cuda")
+    assert q8.CB.is_cuda and q8.SCB.is_cuda and q8.outlier_cols is not None
+    assert bnbcli.dequantize_int8_rowwise(q8.CB, q8.SCB, backend="cuda").is_cuda
+    assert bnbcli.quantize_blockwise8(x, backend="cuda").q.device.type == "cpu"
+    assert resolve_backend("auto") == "cuda"
+
+
+def test_misaligned_strided_and_other_stream(cuda) -> None:
+    base = torch.randn(10_001, dtype=torch.float32, device="cuda")
+    misaligned = base[1:]  # 4 bytes past a 16-byte boundary
+    strided = torch.randn(300, 129, device="cuda", dtype=torch.bfloat16).t()
+    for x in (misaligned, strided):
+        expected = fourbit.quantize_4bit(x.cpu(), "nf4", 64, True)
+        assert_same(cuda.quantize_4bit(x, "nf4", 64, True), expected, "odd layout")
+        assert_same(cuda.quantize_int8_rowwise(x), int8.quantize_int8_rowwise(x.cpu()), "odd layout int8")
+    stream = torch.cuda.Stream()
+    x = torch.randn(1000, 1000, device="cuda", dtype=torch.float16)
+    with torch.cuda.stream(stream):
+        q = cuda.quantize_4bit(x, "nf4", 64, True)
+        y = cuda.dequantize_4bit(q)
+    stream.synchronize()
+    expected = fourbit.quantize_4bit(x.cpu(), "nf4", 64, True)
+    assert_same(q, expected, "side stream")
+    assert_same(y, fourbit.dequantize_4bit(expected), "side stream dequant")
