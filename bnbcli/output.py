@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -35,6 +36,32 @@ def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
     table.add_column()
     for key, value in rows:
         table.add_row(key, value)
+    stdout.print(table)
+
+
+def emit_tensor_table(
+    title: str,
+    caption: str | None,
+    tensors: list[dict[str, Any]],
+    action: Callable[[dict[str, Any]], str],
+    total: str,
+    bytes_in: int,
+    bytes_out: int,
+) -> None:
+    """A plan on stdout: a row per tensor (name, shape, dtype, ``action(tensor)``, bytes in and out, from the
+    tensor's keys name/shape/dtype/bytes_in/bytes_out), then a ``total`` row."""
+    from bnbcli.units import human_bytes
+
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    # Names fold onto a second line rather than lose the part (q_proj, bias) that tells rows apart.
+    table.add_column("tensor", overflow="fold")
+    for column in ("shape", "dtype", "action", "in", "out"):
+        table.add_column(column, justify="right" if column in ("in", "out") else "left", no_wrap=column != "action")
+    for t in tensors:
+        shape = "×".join(map(str, t["shape"])) or "scalar"
+        table.add_row(t["name"], shape, t["dtype"], action(t), human_bytes(t["bytes_in"]), human_bytes(t["bytes_out"]))
+    table.add_section()
+    table.add_row(total, "", "", "", human_bytes(bytes_in), human_bytes(bytes_out))
     stdout.print(table)
 
 

@@ -113,17 +113,13 @@ def _weights_stem(source: ModelSource) -> str:
     return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
 
 
-def _assign_shards(
-    jobs: list[tuple[TensorInfo, TensorDecision, torch.dtype, tuple[PlannedTensor, ...]]],
-    max_shard_size: int,
-    stem: str,
-) -> tuple[list[str], list[int]]:
-    """save_pretrained's rule: fill a shard in order until the next weight would overflow it; all pieces
-    of one weight stay in one shard (transformers v4 needs that to load them)."""
+def assign_shards(sizes: list[int], max_shard_size: int, stem: str) -> tuple[list[str], list[int]]:
+    """save_pretrained's rule over items of ``sizes`` bytes, in order: fill a shard until the next item
+    would overflow it (an item is never split: all pieces of one weight stay in one shard, which
+    transformers v4 needs to load them). Returns the shard names and each item's shard index."""
     groups: list[int] = []
     size = 0
-    for *_, entries in jobs:
-        nbytes = sum(e.nbytes for e in entries)
+    for nbytes in sizes:
         if not groups or (size + nbytes > max_shard_size and size > 0):
             groups.append(0)
             size = 0
@@ -140,14 +136,20 @@ def _assign_shards(
     return names, assignment
 
 
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record the dtype the weights now have: the keys the config already has (`dtype` in v5,
+    `torch_dtype` in v4), and `dtype` for transformers configs (diffusers configs have none)."""
+    for key in ("dtype", "torch_dtype"):
+        if key in config or (key == "dtype" and "_class_name" not in config):
+            config[key] = str(dtype).removeprefix("torch.")
+
+
 def _output_config(
     source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
 ) -> dict | None:
     config = dict(source.config) if source.config is not None else {}
     if scheme.dtype is not None:
-        for key in ("dtype", "torch_dtype"):
-            if key in config or (key == "dtype" and "_class_name" not in config):
-                config[key] = str(scheme.dtype).removeprefix("torch.")
+        set_config_dtype(config, scheme.dtype)
     config["quantization_config"] = quantization_config(scheme, skip_modules, model_dtype)
     return config
 
@@ -176,7 +178,7 @@ def plan_component(
         decision = decided.decisions[info.name]
         dtype = _target_dtype(info, scheme)
         rows.append((info, decision, dtype, _job_entries(info, decision, dtype, scheme)))
-    shards, assignment = _assign_shards(rows, max_shard_size, stem)
+    shards, assignment = assign_shards([sum(e.nbytes for e in row[3]) for row in rows], max_shard_size, stem)
     jobs = tuple(
         TensorJob(source=info, decision=decision, dtype=dtype, entries=entries, shard=shards[assignment[i]])
         for i, (info, decision, dtype, entries) in enumerate(rows)
@@ -211,12 +213,17 @@ def plan_quantize(
 
 
 def index_document(component: ComponentPlan, actual_sizes: dict[str, int]) -> str:
-    """model.safetensors.index.json as transformers writes it (sorted keys, indent 2, newline).
-    ``actual_sizes``: tensor bytes written per shard (total_size counts tensor data, not headers)."""
+    """model.safetensors.index.json of a component. ``actual_sizes``: tensor bytes written per shard."""
     weight_map = {e.key: j.shard for j in component.jobs for e in j.entries}
     total_parameters = sum(j.source.numel for j in component.jobs)
+    return index_json(weight_map, total_parameters, sum(actual_sizes.values()))
+
+
+def index_json(weight_map: dict[str, str], total_parameters: int, total_size: int) -> str:
+    """An index as transformers writes it (sorted keys, indent 2, newline); total_size counts tensor
+    data, not headers."""
     document = {
-        "metadata": {"total_parameters": total_parameters, "total_size": sum(actual_sizes.values())},
+        "metadata": {"total_parameters": total_parameters, "total_size": total_size},
         "weight_map": weight_map,
     }
     return json.dumps(document, indent=2, sort_keys=True) + "\n"

@@ -46,18 +46,19 @@ def source_label(checkpoint: Checkpoint) -> dict[str, Any]:
     return {"path": str(checkpoint.root), "kind": checkpoint.kind}
 
 
-def _check_paths(checkpoint: Checkpoint, out: Path) -> None:
+def check_paths(checkpoint: Checkpoint, out: Path) -> None:
+    """OUT must be neither the source, nor inside it, nor around it."""
     out = out.absolute().resolve()
     root = checkpoint.root.resolve()
     if out == root or root in out.parents or out in root.parents:
-        raise UsageError(f"OUT {out} overlaps the source {root}", hint="write the quantized checkpoint elsewhere")
+        raise UsageError(f"OUT {out} overlaps the source {root}", hint="write OUT elsewhere")
 
 
 def plan_request(request: QuantizeRequest) -> QuantizePlan:
     """Headers only: what --dry-run prints and what execution obeys."""
     resolve_backend(request.backend)
     checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
-    _check_paths(checkpoint, request.out)
+    check_paths(checkpoint, request.out)
     return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
 
 

@@ -72,11 +72,18 @@ def build_manifest(
                 "tensors": [_tensor_entry(r) for r in result.records],
             }
         )
+    return manifest_document(source_label, scheme_settings(plan), components, seconds)
+
+
+def manifest_document(
+    source_label: dict[str, Any], settings: dict[str, Any], components: list[dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """The manifest's frame, shared by every command that writes a checkpoint."""
     return {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "tool": {"name": "bnbcli", "version": __version__},
         "source": source_label,
-        "settings": scheme_settings(plan),
+        "settings": settings,
         "components": components,
         # Not deterministic: when and where this run happened.
         "run": {

@@ -8,11 +8,14 @@ overlaps. We check everything the safetensors library checks, before trusting an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import struct
 import sys
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,22 @@ DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.ite
 """torch dtype → safetensors dtype string, for writers."""
 
 
+# Where headers come from instead of the local file, while `headers_from` is active: a function that
+# returns the header of a path (fetched from the Hub by range requests), or None to read the file.
+_HEADER_SOURCE: ContextVar[Callable[[Path], SafetensorsFile | None] | None] = ContextVar("header_source", default=None)
+
+
+@contextlib.contextmanager
+def headers_from(source: Callable[[Path], SafetensorsFile | None]) -> Iterator[None]:
+    """Within this block ``SafetensorsFile.open`` asks ``source`` first: a folder of empty stand-ins
+    then opens like the checkpoint whose headers ``source`` knows, and no tensor data exists to read."""
+    token = _HEADER_SOURCE.set(source)
+    try:
+        yield
+    finally:
+        _HEADER_SOURCE.reset(token)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor lives: enough to read it with a single pread, and to plan without reading it."""
@@ -102,6 +121,9 @@ class SafetensorsFile:
     def open(cls, path: str | os.PathLike[str]) -> SafetensorsFile:
         """Read and validate the header of ``path``; never reads tensor data."""
         path = Path(path)
+        source = _HEADER_SOURCE.get()
+        if source is not None and (remote := source(path)) is not None:
+            return remote
         try:
             # stat before open: opening a folder fails obscurely, and opening a FIFO would block.
             if not stat.S_ISREG(os.stat(path).st_mode):
@@ -131,7 +153,13 @@ class SafetensorsFile:
             raise InputError(f"{path}: cannot read: {e.strerror or e}", "check the path and its permissions") from e
         if len(raw) != header_len:  # the file shrank under us
             raise InputError(f"{path}: header truncated while reading", "the file is changing; try again")
-        data_start = _HEADER_LENGTH.size + header_len
+        return cls.from_header(path, raw, file_size)
+
+    @classmethod
+    def from_header(cls, path: Path, raw: bytes, file_size: int) -> SafetensorsFile:
+        """Validate a header read elsewhere (a Hub range request): ``raw`` is the JSON, ``file_size`` the
+        whole file's length."""
+        data_start = _HEADER_LENGTH.size + len(raw)
         metadata, entries = _parse_header(path, raw)
         tensors = {name: _tensor_info(path, name, entry, data_start) for name, entry in entries.items()}
         _check_layout(path, tensors, data_start, file_size)

@@ -71,6 +71,42 @@ def _padded(length: int) -> int:
     return length + (-length) % 8
 
 
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a ShardWriter puts each tensor, decided from the planned tensors alone.
+
+    Fixed tensors get their offsets; variable ones follow them, in key order, once their lengths are
+    known. The header is reserved at its largest (every variable tensor at its largest size), so the
+    file holds ``8 + header_size + fixed_end`` bytes plus the variable tensors' actual bytes.
+    """
+
+    offsets: dict[str, tuple[int, int]]  # fixed tensors: [begin, end) in the data section
+    fixed_end: int
+    variable_keys: tuple[str, ...]
+    header_size: int
+
+    def file_size(self, variable_bytes: int) -> int:
+        return 8 + self.header_size + self.fixed_end + variable_bytes
+
+
+def shard_layout(tensors: list[PlannedTensor], metadata: dict[str, str]) -> ShardLayout:
+    fixed = sorted((t for t in tensors if not t.variable), key=lambda t: (-_itemsize(t.dtype), t.key))
+    variable = sorted((t for t in tensors if t.variable), key=lambda t: t.key)
+    offsets: dict[str, tuple[int, int]] = {}
+    position = 0
+    for t in fixed:
+        offsets[t.key] = (position, position + t.nbytes)
+        position += t.nbytes
+    fixed_end = position
+    # The largest header this shard can need: every variable tensor at its largest size.
+    worst = [(t.key, t.dtype, t.shape, *offsets[t.key]) for t in fixed]
+    for t in variable:
+        worst.append((t.key, t.dtype, t.shape, position, position + t.nbytes))
+        position += t.nbytes
+    header_size = _padded(len(_header_bytes(worst, metadata)))
+    return ShardLayout(offsets, fixed_end, tuple(t.key for t in variable), header_size)
+
+
 class ShardWriter:
     """Writes one safetensors file from a known list of tensors, in any order, one at a time."""
 
@@ -78,21 +114,11 @@ class ShardWriter:
         self.path = path
         self.metadata = metadata
         self.planned = {t.key: t for t in tensors}
-        fixed = sorted((t for t in tensors if not t.variable), key=lambda t: (-_itemsize(t.dtype), t.key))
-        self.variable_keys = sorted(t.key for t in tensors if t.variable)
-        self.offsets: dict[str, tuple[int, int]] = {}
-        position = 0
-        for t in fixed:
-            self.offsets[t.key] = (position, position + t.nbytes)
-            position += t.nbytes
-        self.fixed_end = position
-        # The largest header this shard can need: every variable tensor at its largest size.
-        worst = [(k, t.dtype, t.shape, *self.offsets[k]) for k, t in ((t.key, t) for t in fixed)]
-        for key in self.variable_keys:
-            t = self.planned[key]
-            worst.append((key, t.dtype, t.shape, position, position + t.nbytes))
-            position += t.nbytes
-        self.header_size = _padded(len(_header_bytes(worst, metadata)))
+        layout = shard_layout(tensors, metadata)
+        self.offsets = dict(layout.offsets)
+        self.fixed_end = layout.fixed_end
+        self.variable_keys = list(layout.variable_keys)
+        self.header_size = layout.header_size
         self.data_start = 8 + self.header_size
         self.pending: dict[str, bytes] = {}
         self.written: set[str] = set()
@@ -155,6 +181,6 @@ class ShardWriter:
 
 
 def shard_size(tensors: list[PlannedTensor], metadata: dict[str, str]) -> int:
-    """Bytes of the file a ShardWriter writes for these tensors (an upper bound with variable ones)."""
-    writer_header = _padded(len(_header_bytes([(t.key, t.dtype, t.shape, 0, 10**15) for t in tensors], metadata)))
-    return 8 + writer_header + sum(t.nbytes for t in tensors)
+    """Bytes of the file a ShardWriter writes for these tensors: exact, and with variable tensors the
+    largest it can be (each at its largest size)."""
+    return shard_layout(tensors, metadata).file_size(sum(t.nbytes for t in tensors if t.variable))

@@ -10,7 +10,9 @@ import typer
 from rich.markup import escape
 
 from bnbcli import __version__, output
+from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.env import env
+from bnbcli.cli.footprint import footprint_command
 from bnbcli.cli.quantize import quantize
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
 
@@ -49,6 +51,8 @@ def root(
 
 app.command(epilog=EPILOG)(quantize)
 app.command(epilog=EPILOG)(env)
+app.command(epilog=EPILOG)(dequantize)
+app.command("footprint", epilog=EPILOG)(footprint_command)
 
 
 def _debugging() -> bool:
@@ -79,7 +83,7 @@ def _without_debug_flag(args: list[str]) -> list[str]:
 
 def main() -> None:
     try:
-        code = app(args=_without_debug_flag(sys.argv[1:]), standalone_mode=False)
+        code = app(args=_without_debug_flag(sys.argv[1:]), prog_name="bnb", standalone_mode=False)
     except BnbError as exc:
         if _debugging():
             raise

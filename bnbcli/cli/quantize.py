@@ -126,34 +126,17 @@ def quantize(
 
 
 def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
-    from rich.table import Table
-
     for component in summary["components"]:
         title = f"plan{' for ' + component['name'] if component['name'] else ''} — planner: {component['planner']}"
-        table = Table(title=title, title_justify="left", caption=component["planner_reason"], caption_justify="left")
-        # Names fold onto a second line rather than lose the part (q_proj, bias) that tells rows apart.
-        table.add_column("tensor", overflow="fold")
-        for column in ("shape", "dtype", "action", "in", "out"):
-            table.add_column(column, justify="right" if column in ("in", "out") else "left", no_wrap=column != "action")
-        for t in component["tensors"] if all_rows else []:
-            table.add_row(
-                t["name"],
-                "×".join(map(str, t["shape"])) or "scalar",
-                t["dtype"],
-                t["description"],
-                human_bytes(t["bytes_in"]),
-                human_bytes(t["bytes_out"]),
-            )
-        table.add_section()
-        table.add_row(
+        output.emit_tensor_table(
+            title,
+            component["planner_reason"],
+            component["tensors"] if all_rows else [],
+            lambda t: t["description"],
             f"{component['quantized']} quantized, {component['kept']} kept",
-            "",
-            "",
-            "",
-            human_bytes(component["bytes_in"]),
-            human_bytes(component["bytes_out"]),
+            component["bytes_in"],
+            component["bytes_out"],
         )
-        output.stdout.print(table)
         if component["skip_modules"]:
             output.stdout.print(f"llm_int8_skip_modules: {', '.join(component['skip_modules'])}")
 

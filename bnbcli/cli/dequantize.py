@@ -1,0 +1,102 @@
+"""`bnb dequantize SRC OUT`: a bitsandbytes checkpoint back to a plain fp16/bf16/fp32 one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bnbcli import output
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.dequantize import DequantizeRequest, plan_request
+from bnbcli.dequantize import dequantize as run_dequantize
+from bnbcli.dequantize_plan import plan_summary
+from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
+from bnbcli.units import human_bytes, parse_size
+
+
+def dequantize(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A bitsandbytes checkpoint: a folder, a .safetensors file, an index.json, a diffusers pipeline "
+            "folder, or a Hub repo id."
+        ),
+    ],
+    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="float16, bfloat16 or float32 for every floating tensor (default: each 4-bit weight's quant_state "
+            "dtype, int8 weights in the model's dtype, other tensors as they are).",
+        ),
+    ] = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB (default: the source's shards)."),
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
+    ] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+    verbose: VerboseFlag = False,
+    no_progress: NoProgressFlag = False,
+) -> None:
+    """Write a plain checkpoint (no quantization_config) that from_pretrained(OUT) loads as an ordinary model."""
+    request = DequantizeRequest(
+        src=src,
+        out=out,
+        dtype=parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype is not None else None,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else None,
+        revision=revision,
+        backend=backend,
+        overwrite=overwrite,
+    )
+    plan = plan_request(request)
+    summary = plan_summary(plan)
+    if dry_run:
+        if json_output:
+            output.emit_json({"dry_run": True, "out": str(out), **summary})
+        else:
+            _render_plan(summary)
+        return
+    with output.ByteProgress(plan.bytes_in, "dequantizing", enabled=not (json_output or quiet or no_progress)) as bar:
+        outcome = run_dequantize(request, plan, bar.advance)
+    if json_output:
+        output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
+    elif not quiet:
+        if verbose:
+            _render_plan(summary)
+        restored = sum(c["dequantized_4bit"] + c["dequantized_int8"] for c in summary["components"])
+        kept = sum(c["kept"] for c in summary["components"])
+        output.stdout.print(
+            f"wrote {outcome.out}: {restored} weights dequantized, {kept} tensors kept; "
+            f"{human_bytes(summary['bytes_in'])} → {human_bytes(summary['bytes_out'])}"
+        )
+
+
+ACTIONS = {"4bit": "dequantize 4-bit", "int8": "dequantize int8", "copy": "keep"}
+
+
+def _render_plan(summary: dict[str, Any]) -> None:
+    for component in summary["components"]:
+        title = f"plan{' for ' + component['name'] if component['name'] else ''}"
+        if component["copied_as_is"]:
+            output.stdout.print(f"{title}: nothing quantized, copied as it is")
+            continue
+        transposed = set(component["transposed"])
+        output.emit_tensor_table(
+            title,
+            None,
+            component["tensors"],
+            lambda t: ACTIONS[t["kind"]] + (" (Conv1D, [in, out])" if t["name"] in transposed else ""),  # noqa: B023
+            f"{component['dequantized_4bit'] + component['dequantized_int8']} dequantized, {component['kept']} kept",
+            component["bytes_in"],
+            component["bytes_out"],
+        )

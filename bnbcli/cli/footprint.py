@@ -1,0 +1,165 @@
+"""`bnb footprint SRC`: memory per quantization scheme, from safetensors headers and config.json alone."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, cast
+
+import typer
+
+from bnbcli import output
+from bnbcli.cli.options import JsonFlag
+from bnbcli.footprint import DEFAULT_SCHEMES, FootprintRequest, footprint, make_schemes
+from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
+from bnbcli.plan import PlannerName
+from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+from bnbcli.units import human_bytes, parse_size
+
+
+def footprint_command(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id "
+            "(only headers and config.json are fetched)."
+        ),
+    ],
+    schemes: Annotated[
+        str,
+        typer.Option(
+            "--schemes",
+            help="Comma-separated: stored, fp8, int8, nf4, nf4-dq, fp4, fp4-dq (stored: as the files hold it).",
+        ),
+    ] = ",".join(DEFAULT_SCHEMES),
+    gpu_memory: Annotated[
+        str | None, typer.Option("--gpu-memory", help="A GPU's memory, e.g. 24GiB or 80GB: a verdict per scheme.")
+    ] = None,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence, for the KV cache (decoders).")] = 4096,
+    batch: Annotated[int, typer.Option("--batch", help="Sequences at once, for the KV cache (decoders).")] = 1,
+    dtype: Annotated[
+        str | None,
+        typer.Option("--dtype", help="The dtype from_pretrained loads with (default: the checkpoint's)."),
+    ] = None,
+    skip: Annotated[
+        list[str] | None, typer.Option("--skip", help="As in bnb quantize: keep matching modules in 16-bit.")
+    ] = None,
+    blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size, as in bnb quantize.")] = 64,
+    compute_dtype: Annotated[
+        str | None, typer.Option("--compute-dtype", help="4-bit bnb_4bit_compute_dtype (default: the model's).")
+    ] = None,
+    quant_storage: Annotated[
+        str, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as.")
+    ] = "uint8",
+    max_shard_size: Annotated[
+        str | None, typer.Option("--max-shard-size", help="As in bnb quantize (default 50GB).")
+    ] = None,
+    components: Annotated[
+        str | None, typer.Option("--components", help="diffusers: the components to count, comma-separated.")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    planner: Annotated[
+        str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
+    ] = "auto",
+    json_output: JsonFlag = False,
+) -> None:
+    """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
+    loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
+    load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
+    request = FootprintRequest(
+        src=src,
+        schemes=make_schemes(
+            tuple(s.strip() for s in schemes.split(",") if s.strip()),
+            dtype=load_dtype,
+            blocksize=blocksize,
+            compute_dtype=parse_dtype(compute_dtype, "--compute-dtype", FLOAT_DTYPES) if compute_dtype else None,
+            quant_storage=parse_dtype(quant_storage, "--quant-storage", STORAGE_DTYPES),
+            skip=tuple(skip or ()),
+        ),
+        revision=revision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        dtype=load_dtype,
+        max_shard_size=parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_SIZE,
+        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        seq_len=seq_len,
+        batch=batch,
+        gpu_memory=parse_size(gpu_memory) if gpu_memory else None,
+    )
+    report = footprint(request).as_dict()
+    if json_output:
+        output.emit_json(report)
+    else:
+        _render(report)
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _files(total: int | None, smallest: int | None) -> str:
+    if total is None:
+        return "—"
+    return f"≤ {human_bytes(total)}" if smallest != total else human_bytes(total)
+
+
+def _maybe(n: int | None) -> str:
+    return "—" if n is None else human_bytes(n)
+
+
+def _verdict(s: dict[str, Any]) -> str:
+    if s["fits"] is None:
+        return "—"
+    room = human_bytes(abs(s["headroom"]))
+    return f"fits, {room} free" if s["fits"] else f"does not fit, {room} short"
+
+
+def _cells(item: dict[str, Any]) -> list[str]:
+    """quantized, kept, files, get_memory_footprint, GPU at run time: for a scheme or one component."""
+    files = item.get("files")
+    total = item["file_bytes"] if files is None else (sum(f["bytes"] for f in files) if files else None)
+    smallest = item["file_bytes_min"] if files is None else (sum(f["bytes_min"] for f in files) if files else None)
+    return [
+        human_count(item["params_quantized"]),
+        human_count(item["params_kept"]),
+        _files(total, smallest),
+        _maybe(item["get_memory_footprint"]),
+        _maybe((item["runtime"] or {}).get("total")),
+    ]
+
+
+def _render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    settings = report["settings"]
+    verdicts = settings["gpu_memory"] is not None
+    source = report["source"].get("repo_id") or report["source"].get("path")
+    several = len(report["schemes"][0]["components"]) > 1
+    planners = ", ".join(sorted({c["planner"] for c in report["schemes"][0]["components"]}))
+    table = Table(
+        title=f"footprint of {source} — planner: {planners}; seq-len {settings['seq_len']}, batch {settings['batch']}",
+        title_justify="left",
+    )
+    headers = ["scheme", *(["component"] if several else []), "quantized", "kept", "files", "get_memory_footprint"]
+    headers += ["GPU at run time", *([f"on {human_bytes(settings['gpu_memory'])}"] if verdicts else [])]
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("scheme", "component") or h.startswith("on ") else "right")
+    notes: list[str] = []
+    for s in report["schemes"]:
+        if several:
+            for c in s["components"]:
+                table.add_row(s["label"], c["name"], *_cells(c), *([""] if verdicts else []))
+        table.add_row(s["label"], *(["total"] if several else []), *_cells(s), *([_verdict(s)] if verdicts else []))
+        if several:
+            table.add_section()
+        notes += [n for c in s["components"] for n in c["notes"] if n not in notes]
+    output.stdout.print(table)
+    output.stdout.print(
+        "get_memory_footprint: what transformers/diffusers report once loaded and after one forward pass "
+        "(4-bit biases then move to the compute dtype). GPU at run time adds the quant state, the largest layer "
+        "dequantized for a matmul, the KV cache and activations (decoders) and a 0.5 GiB CUDA context."
+    )
+    if any(s["file_bytes_min"] != s["file_bytes"] for s in report["schemes"]):
+        output.stdout.print("≤: double quant writes each weight's nested_offset in decimal, of varying length.")
+    for note in notes:
+        output.stdout.print(f"note: {note}")

@@ -1,0 +1,207 @@
+"""`bnb footprint` as a library call: memory per scheme from safetensors headers and config.json alone.
+
+For each scheme and each component (a model, or each component of a diffusers pipeline): the
+parameters quantized and kept, the bytes of the files `bnb quantize` would write (from its own plan),
+what ``get_memory_footprint()`` reports once transformers or diffusers has loaded them, and an estimate
+of GPU memory at run time with a verdict against ``gpu_memory``. Never reads tensor data: local files
+are opened for their headers, Hub repos are read with range requests (``bnbcli.footprint.hub``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnbcli.checkpoint import hub as checkpoint_hub
+from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
+from bnbcli.errors import InputError, UsageError
+from bnbcli.footprint.hub import remote_headers
+from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings, component_footprint
+from bnbcli.footprint.runtime import Runtime, combine
+from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
+from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
+from bnbcli.plan import PlannerName
+from bnbcli.quantize import source_label
+from bnbcli.scheme import dtype_name
+
+__all__ = [
+    "DEFAULT_SCHEMES",
+    "FootprintReport",
+    "FootprintRequest",
+    "FootprintScheme",
+    "SchemeFootprint",
+    "footprint",
+    "make_schemes",
+]
+
+
+@dataclass(frozen=True)
+class FootprintRequest:
+    src: str
+    schemes: tuple[FootprintScheme, ...] = make_schemes()
+    revision: str | None = None
+    components: tuple[str, ...] | None = None
+    dtype: torch.dtype | None = None  # the dtype from_pretrained loads with (default: the checkpoint's)
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    planner: PlannerName | None = None
+    seq_len: int = 4096
+    batch: int = 1
+    gpu_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class SchemeFootprint:
+    scheme: FootprintScheme
+    components: tuple[ComponentFootprint, ...]
+    runtime: Runtime | None  # the whole model or pipeline on one GPU
+    gpu_memory: int | None
+
+    def _sum(self, field: str) -> int | None:
+        values = [getattr(c, field) for c in self.components]
+        return None if any(v is None for v in values) else sum(values)
+
+    @property
+    def file_bytes(self) -> int | None:
+        """The largest the weight files can be (exact unless double quant: see ``file_bytes_min``)."""
+        files = [f for c in self.components for f in c.files]
+        return sum(f.bytes_max for f in files) if files else None
+
+    @property
+    def file_bytes_min(self) -> int | None:
+        files = [f for c in self.components for f in c.files]
+        return sum(f.bytes_min for f in files) if files else None
+
+    @property
+    def footprint(self) -> int | None:
+        return self._sum("footprint")
+
+    @property
+    def fits(self) -> bool | None:
+        if self.gpu_memory is None or self.runtime is None:
+            return None
+        return self.runtime.total <= self.gpu_memory
+
+    @property
+    def headroom(self) -> int | None:
+        if self.gpu_memory is None or self.runtime is None:
+            return None
+        return self.gpu_memory - self.runtime.total
+
+    @property
+    def label(self) -> str:
+        if self.scheme.kind == "stored" and self.components:
+            short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+            name = dtype_name(self.components[0].load_dtype)
+            return f"{short.get(name, name)} as stored"
+        return self.scheme.label
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.scheme.name,
+            "label": self.label,
+            "params_quantized": sum(c.params_quantized for c in self.components),
+            "params_kept": sum(c.params_kept for c in self.components),
+            "file_bytes": self.file_bytes,
+            "file_bytes_min": self.file_bytes_min,
+            "get_memory_footprint": self.footprint,
+            "get_memory_footprint_at_load": self._sum("footprint_at_load"),
+            "exact": all(c.exact for c in self.components),
+            "runtime": self.runtime.as_dict() if self.runtime else None,
+            "fits": self.fits,
+            "headroom": self.headroom,
+            "components": [_component_dict(c) for c in self.components],
+        }
+
+
+def _component_dict(c: ComponentFootprint) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "planner": c.planner,
+        "load_dtype": dtype_name(c.load_dtype),
+        "params_quantized": c.params_quantized,
+        "params_kept": c.params_kept,
+        "tensors_quantized": c.tensors_quantized,
+        "tensors_kept": c.tensors_kept,
+        "files": [{"file": f.name, "bytes": f.bytes_max, "bytes_min": f.bytes_min} for f in c.files],
+        "get_memory_footprint": c.footprint,
+        "get_memory_footprint_at_load": c.footprint_at_load,
+        "exact": c.exact,
+        "notes": list(c.notes),
+        "runtime": c.runtime.as_dict() if c.runtime else None,
+    }
+
+
+@dataclass(frozen=True)
+class FootprintReport:
+    source: dict[str, Any]
+    request: FootprintRequest
+    schemes: tuple[SchemeFootprint, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.request
+        return {
+            "source": self.source,
+            "settings": {
+                "dtype": dtype_name(r.dtype) if r.dtype else None,
+                "seq_len": r.seq_len,
+                "batch": r.batch,
+                "gpu_memory": r.gpu_memory,
+                "max_shard_size": r.max_shard_size,
+            },
+            "schemes": [s.as_dict() for s in self.schemes],
+        }
+
+
+@contextlib.contextmanager
+def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, dict[Path, int]]]:
+    """The checkpoint's headers (and each weight file's size), local or from the Hub."""
+    path = Path(request.src).expanduser()
+    if path.exists() or not checkpoint_hub.looks_like_repo_id(request.src):
+        checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
+        sizes = {p: p.stat().st_size for c in checkpoint.components.values() for p in c.weight_files}
+        yield checkpoint, sizes
+        return
+    with remote_headers(request.src, request.revision, api) as repo:
+        checkpoint = open_checkpoint(str(repo.folder), components=request.components)
+        yield (
+            Checkpoint(
+                kind=checkpoint.kind,
+                root=checkpoint.root,
+                components=checkpoint.components,
+                pipeline_files=(),
+                repo_id=request.src,
+                revision=repo.commit,
+            ),
+            repo.sizes,
+        )
+
+
+def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
+    """The report for ``request``; ``api`` replaces huggingface_hub's HfApi for a Hub repo id (tests)."""
+    if request.seq_len < 1 or request.batch < 1:
+        raise UsageError("--seq-len and --batch must be at least 1")
+    if not request.schemes:
+        raise UsageError("no scheme to estimate", hint="name at least one with --schemes")
+    with _opened(request, api) as (checkpoint, sizes):
+        if any((s.config or {}).get("quantization_config") for s in checkpoint.components.values()):
+            raise InputError(
+                f"{request.src} is already quantized (config.json has a quantization_config)",
+                hint="footprint predicts from the unquantized checkpoint; `bnb dequantize` makes one",
+            )
+        settings = Settings(request.dtype, request.max_shard_size, request.planner, request.seq_len, request.batch)
+        models = [ComponentModel(source) for _, source in sorted(checkpoint.components.items())]
+        results = []
+        for scheme in request.schemes:
+            parts = tuple(component_footprint(m, scheme, settings, sizes) for m in models)
+            runtimes = [p.runtime for p in parts]
+            runtime = combine([r for r in runtimes if r is not None]) if all(runtimes) else None
+            results.append(SchemeFootprint(scheme, parts, runtime, request.gpu_memory))
+        label = source_label(checkpoint)
+        if checkpoint.repo_id:
+            label = {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}
+    return FootprintReport(source=label, request=request, schemes=tuple(results))
