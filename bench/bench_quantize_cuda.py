@@ -12,7 +12,7 @@ process:
 * transformers: `from_pretrained(SRC, quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4,
   double quant, bf16 compute), device_map="cuda")` + `save_pretrained(OUT)`.
 
-For each: wall time, peak host RSS (the child's ru_maxrss) and peak GPU memory (NVML's per-process
+For each: wall time, peak host RSS (the child's VmHWM) and peak GPU memory (NVML's per-process
 figure, polled; it includes the CUDA context), then the ratios and whether every tensor of the two
 outputs is byte-identical. The page cache is warm for all of them (the checkpoint was just written or
 read); the floor is measured first and last, and the smaller is used.
@@ -54,9 +54,38 @@ def _poll():
         time.sleep(0.02)
 threading.Thread(target=_poll, daemon=True).start()
 _t0 = time.perf_counter()
+samples = {}
+_sampling = threading.Event()
+def _sample():
+    # A poor man's sampling profiler: every 20 ms, the innermost bnbcli/torch/safetensors frame of each
+    # thread (Python frames only: time inside C shows up at the Python line that called it).
+    import collections, traceback
+    counts = collections.Counter()
+    me = threading.get_ident()
+    while not _sampling.is_set():
+        for ident, frame in sys._current_frames().items():
+            if ident == me:
+                continue
+            stack = traceback.extract_stack(frame)
+            name = threading._active.get(ident)
+            where = next((f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in reversed(stack)
+                          if "bnbcli" in f.filename), f"{os.path.basename(stack[-1].filename)}:{stack[-1].name}")
+            counts[f"{name.name if name else ident} | {where}"] += 1
+        samples["top"] = counts.most_common(40)
+        time.sleep(0.02)
+_sampler = threading.Thread(target=_sample, daemon=True)
+if os.environ.get("BNB_BENCH_SAMPLE"):
+    _sampler.start()
+def _hwm():
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork + exec.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 def _report():
-    out = {"seconds": time.perf_counter() - _t0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "peak_gpu_nvml": peak_gpu[0]}
+    _sampling.set()  # a sampler still walking frames at interpreter exit can abort the process
+    if _sampler.is_alive():
+        _sampler.join()
+    out = {"seconds": time.perf_counter() - _t0, "peak_rss": _hwm(), "peak_gpu_nvml": peak_gpu[0],
+           "samples": samples.get("top", [])}
     try:
         import torch
         out["peak_gpu_torch_reserved"] = torch.cuda.max_memory_reserved()
@@ -250,6 +279,7 @@ def main() -> int:
     ours_out, theirs_out = work / "out-bnb", work / "out-transformers"
     common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme]}
     ours = measured(OURS, {**common, "OUT": str(ours_out)}, work / "report-ours.json")
+    ours["stage_seconds"] = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
     out_bytes = folder_bytes(ours_out)
     floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
     floor = measured(FLOOR, floor_values, work / "report-floor.json")
@@ -294,6 +324,7 @@ def main() -> int:
             f"{name:<14} {r['seconds']:8.2f} {r['wall']:8.2f} {r['peak_rss'] / 2**30:8.2f} GiB "
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
+    print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}")
     print(f"bnb vs I/O floor: {ours['seconds'] / results['io_floor']['seconds']:.2f}x the floor")
     if "transformers" in results:
         t = results["transformers"]

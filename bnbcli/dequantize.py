@@ -8,6 +8,7 @@ the values through ``bnbcli.api`` with the chosen backend (bit-exact with bitsan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -150,7 +151,7 @@ def _write_shard(
     writer = ShardWriter(target / shard, [PlannedTensor(t.name, t.dtype, t.shape) for t in tensors], SHARD_METADATA)
     try:
         for t in tensors:
-            sha256 = writer.write(t.name, restore(t, backend))
+            sha256 = hashlib.sha256(writer.write(t.name, restore(t, backend))).hexdigest()
             records.append(
                 {
                     "name": t.name,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from bnbcli import __version__
-from bnbcli.backends import cuda_status
+from bnbcli.backends import cuda_status, cuda_unavailable
 
 
 @dataclass(frozen=True)
@@ -54,5 +54,5 @@ def describe_environment() -> Environment:
         cuda_runtime=cuda.runtime_version,
         torch_cuda=torch.version.cuda,
         gpus=gpus,
-        backends=["cpu"],
+        backends=["cpu"] if cuda_unavailable() else ["cpu", "cuda"],
     )

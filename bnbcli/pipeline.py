@@ -9,12 +9,15 @@ nothing: every size, offset and action comes from the plan.
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, Tens
 
 Progress = Callable[[int], None]
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed
+OUTPUT_WORKERS = 3  # threads hashing outputs and syncing finished shards
 
 
 @dataclass
@@ -39,11 +43,37 @@ class TensorRecord:
 
 
 @dataclass
+class StageSeconds:
+    """Seconds each stage spent working rather than waiting for another: the largest one bounds the
+    run. ``results`` is the writer waiting for a GPU's results (kernels and device→host copies);
+    ``hashing`` is the wait at the end for the source sha256s that ran beside everything."""
+
+    read: float = 0.0
+    convert: float = 0.0
+    results: float = 0.0
+    write: float = 0.0
+    hashing: float = 0.0
+
+    @contextmanager
+    def timing(self, stage: str) -> Iterator[None]:
+        # Each stage's field is only ever written by its own thread.
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+@dataclass
 class ComponentResult:
     plan: ComponentPlan
     records: list[TensorRecord]
     shard_sizes: dict[str, int]
     source_sha256: dict[str, str]
+    stage_seconds: StageSeconds
 
 
 class _Stopped(Exception):
@@ -104,8 +134,17 @@ class _Stage(threading.Thread):
             self._stop_all.set()
 
 
+def _sha256(data: memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class _ShardWriters:
-    """Opens each output shard when its first tensor arrives and closes it after its last."""
+    """Opens each output shard when its first tensor arrives and finishes it after its last.
+
+    The writer thread only places bytes: the sha256 of each output and the final fsync of each shard
+    run on a small pool beside it (hashlib and fsync release the GIL), so hashing 2 GB/s per core and
+    waiting for the disk never hold up the next tensor. ``wait()`` collects both.
+    """
 
     def __init__(self, component: ComponentPlan, out_dir: Path) -> None:
         self.component = component
@@ -114,6 +153,9 @@ class _ShardWriters:
         self.open: dict[str, ShardWriter] = {}
         self.data_bytes: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
+        self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
+        self._hashes: list[tuple[TensorRecord, str, Future[str]]] = []
+        self._syncs: list[Future[None]] = []
 
     def write(self, converted: Converted, record: TensorRecord) -> None:
         shard = converted.job.shard
@@ -122,21 +164,33 @@ class _ShardWriters:
             self.open[shard] = ShardWriter(self.out_dir / shard, [e for j in jobs for e in j.entries], SHARD_METADATA)
         writer = self.open[shard]
         for key, value in converted.entries.items():
-            record.outputs[key] = writer.write(key, value)
+            data = writer.write(key, value)  # a view of ``value``'s memory, which it keeps alive
+            self._hashes.append((record, key, self._pool.submit(_sha256, data)))
         self.remaining[shard] -= 1
         if self.remaining[shard] == 0:
-            self.data_bytes[shard] = writer.close()
-            del self.open[shard]
-            self.sizes[shard] = (self.out_dir / shard).stat().st_size
+            self._finish(shard, self.open.pop(shard))
+
+    def _finish(self, shard: str, writer: ShardWriter) -> None:
+        self.data_bytes[shard] = writer.finish()
+        self.sizes[shard] = (self.out_dir / shard).stat().st_size
+        self._syncs.append(self._pool.submit(writer.sync))
 
     def close_empty(self) -> None:
         """A shard with no tensors (a model without weights) is still written, as save_pretrained does."""
         for shard, count in self.remaining.items():
             if count == 0 and shard not in self.sizes:
-                self.data_bytes[shard] = ShardWriter(self.out_dir / shard, [], SHARD_METADATA).close()
-                self.sizes[shard] = (self.out_dir / shard).stat().st_size
+                self._finish(shard, ShardWriter(self.out_dir / shard, [], SHARD_METADATA))
+
+    def wait(self) -> None:
+        """Every output hashed into its record and every shard on disk."""
+        for sync in self._syncs:
+            sync.result()
+        for record, key, digest in self._hashes:
+            record.outputs[key] = digest.result()
+        self._pool.shutdown()
 
     def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for writer in self.open.values():
             writer.abort()
 
@@ -151,48 +205,64 @@ def _run_component(
     records: list[TensorRecord] = []
     shards = _ShardWriters(component, out_dir)
     pin = converters[0].pin_memory
+    seconds = StageSeconds()
 
     def read() -> None:
         for job in component.jobs:
-            to_convert.put((job, read_tensor(job.source, pin_memory=pin and job.quantized)))
+            with seconds.timing("read"):
+                tensor = read_tensor(job.source, pin_memory=pin and job.quantized)
+            to_convert.put((job, tensor))
         to_convert.put(_END)
 
     def write() -> None:
         for converted in to_write.items():
             record = TensorRecord(converted.job)
-            record.error = converted.finish()
-            shards.write(converted, record)
+            with seconds.timing("results"):
+                record.error = converted.finish()
+            with seconds.timing("write"):
+                shards.write(converted, record)
             records.append(record)
             progress(converted.job.source.nbytes)
-        shards.close_empty()
+        with seconds.timing("write"):
+            shards.close_empty()
 
     stages = [_Stage("bnb-read", read, stop), _Stage("bnb-write", write, stop)]
     for stage in stages:
         stage.start()
+    finished = False
     try:
         for i, (job, tensor) in enumerate(to_convert.items()):
-            to_write.put(converters[i % len(converters)](job, tensor))
+            with seconds.timing("convert"):
+                converted = converters[i % len(converters)](job, tensor)
+            to_write.put(converted)
         to_write.put(_END)
         stages[1].join()
+        finished = True
     except _Stopped:
         pass
     finally:
         stop.set()  # after success a no-op; after a failure here (Ctrl-C included) it releases the stages
         for stage in stages:
             stage.join()
-        shards.abort()
+        if not finished or any(stage.error for stage in stages):
+            shards.abort()
+            hashes.cancel()
     for stage in stages:
         if stage.error is not None:
-            hashes.cancel()
             raise stage.error
+    with seconds.timing("write"):
+        shards.wait()
     if len(component.shards) > 1:
         index = out_dir / f"{component.weights_stem}.safetensors.index.json"
         index.write_text(index_document(component, shards.data_bytes))
+    with seconds.timing("hashing"):
+        source_sha256 = hashes.result()
     return ComponentResult(
         plan=component,
         records=records,
         shard_sizes=shards.sizes,
-        source_sha256=hashes.result(),
+        source_sha256=source_sha256,
+        stage_seconds=seconds,
     )
 
 

@@ -11,7 +11,7 @@ from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import build_manifest, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.devices import cuda_devices
-from bnbcli.errors import UsageError
+from bnbcli.errors import BnbError, UsageError
 from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
 from bnbcli.pipeline import Progress, run_quantize
 from bnbcli.plan import PlannerName
@@ -52,6 +52,21 @@ def check_paths(checkpoint: Checkpoint, out: Path) -> None:
     root = checkpoint.root.resolve()
     if out == root or root in out.parents or out in root.parents:
         raise UsageError(f"OUT {out} overlaps the source {root}", hint="write OUT elsewhere")
+
+
+def warm_up_backend(request: QuantizeRequest) -> None:
+    """Start compiling the GPU kernels now, when the cuda backend will run, so that the compile overlaps
+    planning; a no-op for the CPU. Errors are left for the real run to report."""
+    try:
+        if resolve_backend(request.backend) != "cuda":
+            return
+        devices = cuda_devices(request.devices)
+    except BnbError:
+        return
+    from bnbcli.backends.cuda_runtime import warm_up
+
+    for device in devices:
+        warm_up(device.index if device.index is not None else 0)
 
 
 def plan_request(request: QuantizeRequest) -> QuantizePlan:

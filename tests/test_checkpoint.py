@@ -106,6 +106,22 @@ def test_read_tensor_every_dtype_scalars_and_empty(tmp_path: Path) -> None:
         assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
 
 
+def test_large_tensors_are_read_in_parts_by_several_threads(tmp_path: Path, monkeypatch) -> None:
+    from bnbcli.checkpoint import safetensors_file
+
+    monkeypatch.setattr(safetensors_file, "READ_PART_BYTES", 1000)  # parts that split elements
+    tensors = {"a": torch.randn(37, 101), "b": torch.arange(3, dtype=torch.int16)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    sf = SafetensorsFile.open(tmp_path / "m.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(read_tensor(sf.tensors[name]), t)
+    # A file cut short after its header was read: every part waits, then one clear error.
+    with open(tmp_path / "m.safetensors", "r+b") as f:
+        f.truncate(sf.tensors["a"].start + 5000)
+    with pytest.raises(InputError, match="file ended .* bytes early"):
+        read_tensor(sf.tensors["a"])
+
+
 def test_read_tensor_owns_its_memory(tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
     save_file({"x": torch.ones(16)}, path)

@@ -82,3 +82,15 @@ def test_quantize_matches_golden(family: str, variant: str, tmp_path: Path) -> N
     assert config == theirs_config
     manifest = json.loads((out / "bnb_manifest.json").read_text())
     assert manifest["schema_version"] == 1
+
+
+def test_verbose_run_reports_busy_seconds_per_stage(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["quantize", str(golden_dir() / "models" / "llama" / "src"), str(out), "-v"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run = json.loads((out / "bnb_manifest.json").read_text())["run"]
+    stages = run["stage_seconds"]
+    assert set(stages) == {"read", "convert", "results", "write", "hashing"}
+    assert all(v >= 0 for v in stages.values()) and stages["convert"] > 0
+    assert stages["convert"] <= run["seconds"]
+    assert "busy per stage" in result.output and "convert" in result.output

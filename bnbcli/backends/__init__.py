@@ -43,7 +43,8 @@ def cuda_unavailable() -> tuple[str, str] | None:
     if missing:
         return (
             f"the cuda backend's kernel sources are missing from {kernel_dir()} ({', '.join(missing)})",
-            "run from a bnbcli source checkout or set BNB_CUDA_KERNELS to its cuda_kernels/; or use --backend cpu",
+            "reinstall bnbcli (the wheel ships them) or set BNB_CUDA_KERNELS to a cuda_kernels/ folder; "
+            "or use --backend cpu",
         )
     try:
         import cupy  # noqa: F401  (the import alone can fail: a CuPy built for another CUDA)

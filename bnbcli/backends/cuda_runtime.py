@@ -45,9 +45,15 @@ OPTIONS = ("-std=c++17", "--fmad=false")
 
 
 def kernel_dir() -> Path:
-    """cuda_kernels/ of this checkout, or $BNB_CUDA_KERNELS."""
+    """Where the kernel sources are: $BNB_CUDA_KERNELS, else cuda_kernels/ of this source checkout,
+    else the copy a wheel installs as the package bnbcli.cuda_kernels."""
     env = os.environ.get("BNB_CUDA_KERNELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "cuda_kernels"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2] / "cuda_kernels"
+    if checkout.is_dir():
+        return checkout
+    return Path(__file__).resolve().parents[1] / "cuda_kernels"
 
 
 @cache
@@ -80,7 +86,7 @@ def _compile(device_index: int, source: str) -> Any:
     if not path.is_file():
         raise BackendUnavailable(
             f"the cuda backend's kernel source {path} is missing",
-            hint="run from a bnbcli source checkout or set BNB_CUDA_KERNELS; or use --backend cpu",
+            hint="reinstall bnbcli (the wheel ships them) or set BNB_CUDA_KERNELS; or use --backend cpu",
         )
     options = (*OPTIONS, f"-I{kernel_dir()}", f"-DBNBCLI_KERNELS_DIGEST={_sources_digest()}")
     try:
@@ -106,6 +112,22 @@ def function(device_index: int, source: str, name: str) -> Any:
                 _modules[(device_index, source)] = _compile(device_index, source)
             kernel = _functions[key] = _modules[(device_index, source)].get_function(name)
     return kernel
+
+
+def warm_up(device_index: int) -> threading.Thread:
+    """Compile every module for a device on a thread of its own, started now: NVRTC takes seconds and
+    releases the GIL, so this overlaps work that needs no kernel yet (planning imports transformers).
+    A failure is left for the first launch to report. Not a daemon thread: it must not be in NVRTC
+    when the interpreter exits."""
+
+    def compile_all() -> None:
+        with contextlib.suppress(Exception):
+            for source, names in SOURCES.items():
+                function(device_index, source, names[0])
+
+    thread = threading.Thread(target=compile_all, name="bnb-cuda-warm-up")
+    thread.start()
+    return thread
 
 
 @cache

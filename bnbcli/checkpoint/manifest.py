@@ -15,7 +15,7 @@ from typing import Any
 
 from bnbcli import __version__
 from bnbcli.output_plan import QuantizePlan
-from bnbcli.pipeline import ComponentResult
+from bnbcli.pipeline import ComponentResult, StageSeconds
 
 MANIFEST_NAME = "bnb_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -72,11 +72,19 @@ def build_manifest(
                 "tensors": [_tensor_entry(r) for r in result.records],
             }
         )
-    return manifest_document(source_label, scheme_settings(plan), components, seconds)
+    stages = StageSeconds()
+    for result in results:
+        for name, value in asdict(result.stage_seconds).items():
+            setattr(stages, name, getattr(stages, name) + value)
+    return manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
 
 
 def manifest_document(
-    source_label: dict[str, Any], settings: dict[str, Any], components: list[dict[str, Any]], seconds: float
+    source_label: dict[str, Any],
+    settings: dict[str, Any],
+    components: list[dict[str, Any]],
+    seconds: float,
+    stage_seconds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The manifest's frame, shared by every command that writes a checkpoint."""
     return {
@@ -90,6 +98,7 @@ def manifest_document(
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "seconds": round(seconds, 3),
             "host": platform.node(),
+            **({"stage_seconds": stage_seconds} if stage_seconds is not None else {}),
         },
     }
 

@@ -12,7 +12,6 @@ header is reserved at its largest possible size and padded with spaces (as safet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +35,13 @@ SAFETENSORS_DTYPES = {
     torch.float8_e4m3fn: "F8_E4M3",
     torch.float8_e5m2: "F8_E5M2",
 }
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    if not tensor.numel():
+        return memoryview(b"")
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -124,8 +130,8 @@ class ShardWriter:
         self.written: set[str] = set()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
 
-    def write(self, key: str, tensor: torch.Tensor) -> str:
-        """Write one planned tensor; returns the sha256 of its bytes."""
+    def write(self, key: str, tensor: torch.Tensor) -> memoryview:
+        """Write one planned tensor; returns its bytes (a view of the tensor's memory, for hashing)."""
         planned = self.planned.get(key)
         if planned is None or key in self.written:
             raise BnbError(f"internal error: {key} is not planned for {self.path.name} or written twice")
@@ -135,9 +141,9 @@ class ShardWriter:
             raise BnbError(
                 f"internal error: {key} is {tensor.dtype} {list(shape)}, planned {planned.dtype} {list(planned.shape)}"
             )
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        data = tensor_bytes(tensor)
         if planned.variable:
-            self.pending[key] = data
+            self.pending[key] = bytes(data)
         else:
             begin, _ = self.offsets[key]
             view = memoryview(data)
@@ -146,10 +152,17 @@ class ShardWriter:
                 done = os.pwrite(self.fd, view, offset)
                 view, offset = view[done:], offset + done
         self.written.add(key)
-        return hashlib.sha256(data).hexdigest()
+        return data
 
     def close(self) -> int:
-        """Place the variable tensors, write the header, flush to disk; returns the tensor data bytes."""
+        """``finish`` and ``sync``: the shard complete and on disk; returns the tensor data bytes."""
+        data_bytes = self.finish()
+        self.sync()
+        return data_bytes
+
+    def finish(self) -> int:
+        """Place the variable tensors and write the header; returns the tensor data bytes. The file is
+        complete but maybe not on disk yet: ``sync`` does that (and may run on another thread)."""
         missing = set(self.planned) - self.written
         if missing:
             raise BnbError(f"internal error: {len(missing)} planned tensors never written to {self.path.name}")
@@ -169,10 +182,13 @@ class ShardWriter:
         os.pwrite(self.fd, tail, self.data_start + self.fixed_end)
         os.pwrite(self.fd, len(header).to_bytes(8, "little") + header, 0)
         os.ftruncate(self.fd, self.data_start + position)
+        return position
+
+    def sync(self) -> None:
+        """Flush the file to disk and close it."""
         os.fsync(self.fd)
         os.close(self.fd)
         self.fd = -1
-        return position
 
     def abort(self) -> None:
         if self.fd >= 0:

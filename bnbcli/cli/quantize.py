@@ -12,7 +12,7 @@ from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
 from bnbcli.devices import parse_devices
 from bnbcli.output_plan import plan_summary
 from bnbcli.plan import PlannerName
-from bnbcli.quantize import QuantizeRequest, plan_request
+from bnbcli.quantize import QuantizeRequest, plan_request, warm_up_backend
 from bnbcli.quantize import quantize as run_quantize
 from bnbcli.scheme import load_preset, resolve_scheme
 from bnbcli.units import human_bytes, parse_size
@@ -105,6 +105,8 @@ def quantize(
         planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
         **request_kwargs,
     )
+    if not dry_run:
+        warm_up_backend(request)
     plan = plan_request(request)
     summary = plan_summary(plan)
     for pattern in summary["unmatched_skip"]:
@@ -123,6 +125,8 @@ def quantize(
         if verbose:
             _render_plan(summary, all_rows=True)
         _render_result(summary, outcome.out)
+        if verbose:
+            _render_timing(outcome.manifest["run"])
 
 
 def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
@@ -139,6 +143,11 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
         )
         if component["skip_modules"]:
             output.stdout.print(f"llm_int8_skip_modules: {', '.join(component['skip_modules'])}")
+
+
+def _render_timing(run: dict[str, Any]) -> None:
+    stages = ", ".join(f"{name} {value:.1f} s" for name, value in run["stage_seconds"].items())
+    output.stdout.print(f"{run['seconds']:.1f} s; busy per stage (they overlap): {stages}")
 
 
 def _render_result(summary: dict[str, Any], out: Path) -> None:
