@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -97,7 +98,7 @@ def _report():
 
 OURS = """
 from bnbcli.cli.main import app
-code = app(["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q", "--overwrite"], standalone_mode=False)
+code = app(["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q"], standalone_mode=False)
 assert not code, code
 _report()
 """
@@ -278,6 +279,8 @@ def main() -> int:
 
     ours_out, theirs_out = work / "out-bnb", work / "out-transformers"
     common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme]}
+    for old in (ours_out, theirs_out, work / "out-floor"):  # removed outside the timings
+        shutil.rmtree(old, ignore_errors=True)
     ours = measured(OURS, {**common, "OUT": str(ours_out)}, work / "report-ours.json")
     ours["stage_seconds"] = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
     out_bytes = folder_bytes(ours_out)
