@@ -8,7 +8,8 @@ process:
 
 * the I/O floor: reading every input shard and writing as many bytes as our output holds, with plain
   buffered file I/O and an fsync (no conversion at all);
-* ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq`;
+* ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq`, and again with `--planner name-rules`
+  (no transformers import; its output is compared with the first);
 * transformers: `from_pretrained(SRC, quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4,
   double quant, bf16 compute), device_map="cuda")` + `save_pretrained(OUT)`.
 
@@ -98,7 +99,8 @@ def _report():
 
 OURS = """
 from bnbcli.cli.main import app
-code = app(["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q"], standalone_mode=False)
+args = ["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "--planner", PLANNER, "-q"]
+code = app(args, standalone_mode=False)
 assert not code, code
 _report()
 """
@@ -281,12 +283,18 @@ def main() -> int:
     common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme]}
     for old in (ours_out, theirs_out, work / "out-floor"):  # removed outside the timings
         shutil.rmtree(old, ignore_errors=True)
-    ours = measured(OURS, {**common, "OUT": str(ours_out)}, work / "report-ours.json")
+    ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
     ours["stage_seconds"] = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
+    # The same with the name-rules planner, which needs no transformers import: the start-up it saves.
+    rules_out = work / "out-bnb-name-rules"
+    shutil.rmtree(rules_out, ignore_errors=True)
+    ours_rules = measured(OURS, {**common, "OUT": str(rules_out), "PLANNER": "name-rules"}, work / "report-rules.json")
+    same_rules = compare_tensors(ours_out, rules_out)
     out_bytes = folder_bytes(ours_out)
     floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
     floor = measured(FLOOR, floor_values, work / "report-floor.json")
-    results = {"bnb": ours, "io_floor": floor}
+    results = {"bnb": ours, "io_floor": floor, "bnb_name_rules": ours_rules}
+    results["name_rules_identical_tensors"] = {"identical": same_rules[0], "total": same_rules[1]}
     if not args.skip_transformers:
         theirs = measured(TRANSFORMERS, {**common, "OUT": str(theirs_out)}, work / "report-transformers.json")
         results["transformers"] = theirs
@@ -319,6 +327,7 @@ def main() -> int:
     for name, r in (
         ("I/O floor", results["io_floor"]),
         ("bnb cuda", ours),
+        ("bnb name-rules", ours_rules),
         ("transformers", results.get("transformers")),
     ):
         if r is None:
@@ -328,6 +337,8 @@ def main() -> int:
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}")
+    rules = results["name_rules_identical_tensors"]
+    print(f"name-rules output vs transformers-planned output: {rules['identical']}/{rules['total']} tensors identical")
     print(f"bnb vs I/O floor: {ours['seconds'] / results['io_floor']['seconds']:.2f}x the floor")
     if "transformers" in results:
         t = results["transformers"]
