@@ -36,3 +36,9 @@ class InputError(BnbError):
     """The input (a checkpoint, a tensor) is malformed or unusable."""
 
     exit_code = EXIT_FAILED
+
+
+class OutputError(BnbError):
+    """OUT could not be written (disk full, file size limit, permissions, read-only filesystem)."""
+
+    exit_code = EXIT_FAILED

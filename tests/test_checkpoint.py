@@ -118,7 +118,7 @@ def test_large_tensors_are_read_in_parts_by_several_threads(tmp_path: Path, monk
     # A file cut short after its header was read: every part waits, then one clear error.
     with open(tmp_path / "m.safetensors", "r+b") as f:
         f.truncate(sf.tensors["a"].start + 5000)
-    with pytest.raises(InputError, match="file ended .* bytes early"):
+    with pytest.raises(InputError, match=r"file ended \d+ bytes early"):
         read_tensor(sf.tensors["a"])
 
 

@@ -12,14 +12,12 @@ together, a few at a time, by one fixture; each test then checks its own case.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,26 +27,22 @@ from typing import Any
 
 import pytest
 import torch
-from golden import golden_dir  # tests/ is on sys.path (conftest.py)
+from bnb_process import (  # tests/ is on sys.path (conftest.py)
+    COMMAND,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    assert_no_debris,
+    bnb_env,
+    long_checkpoint,
+    run_bnb,
+    tree_digest,
+)
+from golden import golden_dir
 from safetensors.torch import load_file, save_file
 
 LLAMA_SRC = golden_dir() / "models" / "llama" / "src"
-COMMAND = [sys.executable, "-c", "from bnbcli.cli.main import main; main()"]
-EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 PARALLEL = 3  # runs at once: each is mostly CPU-bound imports, and a run waits a little on its disk
-
-
-def bnb_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("BNB_DEBUG", None)  # a traceback would be wanted there; here it is a failure
-    env.update(HF_HUB_OFFLINE="1", NO_COLOR="1", TERM="dumb", COLUMNS="300")
-    return env
-
-
-def run_bnb(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*COMMAND, *args], capture_output=True, text=True, timeout=timeout, env=bnb_env(), stdin=subprocess.DEVNULL
-    )
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
@@ -101,19 +95,6 @@ def copy_llama(folder: Path) -> Path:
         path.chmod(0o644)
     folder.chmod(0o755)
     return folder
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Every entry under ``root`` (hidden ones too) → the sha256 of a file, or "dir"."""
-    out: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.file_digest(f, "sha256").hexdigest()
-    return out
 
 
 # ------------------------------------------------------------------------------------------- the cases
@@ -364,11 +345,6 @@ def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def assert_no_debris(root: Path, out: Path) -> None:
-    leftovers = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.bnb-"))
-    assert not leftovers, f"temporary folder or lock left beside OUT: {leftovers}"
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_quantize_error_contract(name: str, outcomes: dict[str, Future[Outcome]]) -> None:
     case = CASES[name]
@@ -378,7 +354,7 @@ def test_quantize_error_contract(name: str, outcomes: dict[str, Future[Outcome]]
     shown = f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert "Traceback" not in result.stderr, shown
     assert result.returncode == case.code, shown
-    assert_no_debris(root, out)
+    assert_no_debris(out)
 
     if case.code == 0:
         after = tree_digest(root)
@@ -416,16 +392,6 @@ def test_every_error_case_names_its_file_or_tensor() -> None:
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def _long_checkpoint(folder: Path, count: int = 40, size: int = 1024) -> None:
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    tensors = {
-        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(size, size, generator=g).to(torch.bfloat16)
-        for i in range(count)
-    }
-    save_file(tensors, folder / "model.safetensors")
-
-
 def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     """Ctrl-C in the middle of the tensors: exit 130, `error: interrupted`, no OUT, no temp folder, no lock.
 
@@ -433,7 +399,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     be inside the pipeline (never while it imports or plans), whatever the machine's speed.
     """
     src, out = tmp_path / "src", tmp_path / "out"
-    _long_checkpoint(src)
+    long_checkpoint(src)
     before = tree_digest(tmp_path)
     proc = subprocess.Popen(
         [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress"],
@@ -471,5 +437,5 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     assert "Traceback" not in stderr and stdout == "", shown
     assert stderr.splitlines() == ["error: interrupted"], shown
     assert not out.exists()
-    assert_no_debris(tmp_path, out)
+    assert_no_debris(out)
     assert tree_digest(tmp_path) == before

@@ -8,12 +8,13 @@ temporary folder is swept away by the next run.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
 from types import TracebackType
 
-from bnbcli.errors import InputError
+from bnbcli.errors import BnbError, InputError, OutputError
 
 TMP_MARK = ".bnb-tmp-"
 LOCK_MARK = ".bnb-lock"
@@ -127,3 +128,24 @@ class AtomicOutputDir:
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
         self._release_lock()
+        if isinstance(exc, OSError) and not isinstance(exc, BnbError):
+            # Reads raise InputError themselves, so an OSError here came from writing the output.
+            raise OutputError(
+                f"cannot write {self.out}: {_why(exc)}", hint=_WRITE_HINTS.get(exc.errno or 0, _HINT)
+            ) from exc
+
+
+_HINT = "check free space, file size limits (ulimit -f) and permissions where OUT goes"
+_WRITE_HINTS = {
+    errno.ENOSPC: "free some space where OUT goes, or write OUT on another disk",
+    errno.EDQUOT: "your disk quota is full: free some space, or write OUT elsewhere",
+    errno.EFBIG: "a file size limit stopped it (ulimit -f, or the filesystem's largest file): raise it, or "
+    "use a smaller --max-shard-size",
+    errno.EACCES: "you may not write where OUT goes: choose another OUT or fix the permissions",
+    errno.EPERM: "you may not write where OUT goes: choose another OUT or fix the permissions",
+    errno.EROFS: "OUT is on a read-only filesystem: choose another OUT",
+}
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__

@@ -1,0 +1,64 @@
+"""Running the real `bnb` command in a subprocess, and checking what it left on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+COMMAND = [sys.executable, "-c", "from bnbcli.cli.main import main; main()"]
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def bnb_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("BNB_DEBUG", None)  # a traceback would be wanted there; here it is a failure
+    env.update(HF_HUB_OFFLINE="1", NO_COLOR="1", TERM="dumb", COLUMNS="300")
+    return env
+
+
+def run_bnb(*args: str, timeout: float = 120, **popen: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=bnb_env(),
+        stdin=subprocess.DEVNULL,
+        **popen,  # type: ignore[arg-type]
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every entry under ``root`` (hidden ones too) → the sha256 of a file, or "dir"."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), root)] = "dir"
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return out
+
+
+def assert_no_debris(out: Path) -> None:
+    """No temporary folder and no lock left beside OUT."""
+    leftovers = sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.bnb-"))
+    assert not leftovers, f"temporary folder or lock left beside OUT: {leftovers}"
+
+
+def long_checkpoint(folder: Path, count: int = 40, size: int = 1024) -> None:
+    """``count`` bf16 [size, size] projection weights in one file: a run with many tensors to interrupt."""
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(size, size, generator=g).to(torch.bfloat16)
+        for i in range(count)
+    }
+    save_file(tensors, folder / "model.safetensors")
