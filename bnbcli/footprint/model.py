@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bnbcli.planning import hf_diffusers, hf_transformers
-from bnbcli.planning.hf_transformers import quiet
+from bnbcli.planning.hf_transformers import module_budget, quiet
 from bnbcli.scheme import QuantScheme
 
 
@@ -82,20 +82,21 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved)
 
 
-def build(config: Mapping[str, Any], load_dtype: torch.dtype) -> tuple[nn.Module, str] | None:
+def build(config: Mapping[str, Any], load_dtype: torch.dtype, tensor_count: int) -> tuple[nn.Module, str] | None:
     """The model of ``config`` on the meta device, built as from_pretrained builds it under ``load_dtype``;
-    None where neither library knows it (the name-rules planner's case)."""
+    None where neither library knows it (the name-rules planner's case), or where config.json describes a
+    model far larger than the checkpoint's ``tensor_count`` tensors."""
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         if "_class_name" in config:
             cls, _ = hf_diffusers._resolve_class(config)
             # diffusers' from_pretrained sets the default dtype, then calls from_config (`_set_default_torch_dtype`)
-            with quiet(), torch.device("meta"), _default_dtype(load_dtype):
+            with quiet(), torch.device("meta"), _default_dtype(load_dtype), module_budget(tensor_count):
                 return cls.from_config(config), "diffusers"  # type: ignore[attr-defined]
         cls, _ = hf_transformers._resolve_class(config)
         # `_from_config` builds under config.dtype, as from_pretrained does under the resolved dtype
         config["dtype"] = str(load_dtype).removeprefix("torch.")
-        return hf_transformers._build_meta_model(cls, config), "transformers"
+        return hf_transformers._build_meta_model(cls, config, tensor_count), "transformers"
     except Exception:  # NotKnown, or a config the class rejects: the planner falls back to name rules too
         return None
 

@@ -93,7 +93,8 @@ class ComponentModel:
 
     def _built(self, dtype: torch.dtype) -> tuple[nn.Module, LoadedModel] | None:
         if dtype not in self._cache:
-            built = build(self.source.config or {}, dtype) if self.source.config is not None else None
+            config = self.source.config
+            built = build(config, dtype, len(self.source.tensors)) if config is not None else None
             self._cache[dtype] = (built[0], summarize(*built, dtype)) if built is not None else None
         return self._cache[dtype]
 
@@ -182,7 +183,7 @@ def _fp8(model: ComponentModel, dtype: torch.dtype, settings: Settings) -> Compo
     if loaded is None:
         return result
     try:
-        built = build(model.source.config or {}, dtype)  # a fresh model: casting changes it
+        built = build(model.source.config or {}, dtype, len(model.source.tensors))  # fresh: casting changes it
         assert built is not None
         footprint, cast, largest = layerwise_cast(built[0], built[1], dtype)
     except ImportError:

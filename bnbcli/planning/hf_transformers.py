@@ -86,9 +86,38 @@ def _class_named(module: Any, name: str) -> Any:
         return None
 
 
-def _build_meta_model(cls: type, config: Mapping[str, Any]) -> nn.Module:
+class ConfigTooLarge(Exception):
+    """config.json describes a model far larger than the checkpoint holds."""
+
+
+@contextlib.contextmanager
+def module_budget(tensor_count: int) -> Iterator[None]:
+    """Stop building a model once it has far more modules than the checkpoint has tensors.
+
+    A config.json that says 2**31 layers (a typo, or a hostile file) would otherwise keep the meta build
+    busy for hours; a real model has about one module per tensor (plus activations, dropouts, norms).
+    """
+    limit = 64 * tensor_count + 4096
+    count = 0
+
+    def count_module(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+        nonlocal count
+        count += 1
+        if count > limit:
+            raise ConfigTooLarge(
+                f"config.json describes more than {limit} modules for a checkpoint of {tensor_count} tensors"
+            )
+
+    handle = nn.modules.module.register_module_module_registration_hook(count_module)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _build_meta_model(cls: type, config: Mapping[str, Any], tensor_count: int) -> nn.Module:
     """The model skeleton on the meta device: parameters have shapes but no storage (fast, no RAM)."""
-    with quiet():
+    with quiet(), module_budget(tensor_count):
         cfg = cls.config_class.from_dict(dict(config))  # type: ignore[attr-defined]
         with torch.device("meta"):
             return cls._from_config(cfg)  # type: ignore[attr-defined]
@@ -164,7 +193,7 @@ def _simple_rename(key: str, prefix: str | None, meta_sd: Mapping[str, Any]) -> 
 def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantScheme) -> PlannerResult:
     cls, reason = _resolve_class(config)
     try:
-        model = _build_meta_model(cls, config)
+        model = _build_meta_model(cls, config, len(tensors))
     except Exception as err:  # a config the class rejects: let the caller fall back, saying why
         why = f"transformers could not build {cls.__name__} from config.json ({type(err).__name__}: {err})"
         raise NotKnown(why) from None

@@ -1,0 +1,49 @@
+"""The long fuzz run: `make fuzz` (or python scripts/fuzz.py --cases 10000 --seed 1).
+
+Mutates small real checkpoints and runs every reading command on each; see tests/fuzz_harness.py for
+what counts as a crash. Prints progress, a summary, the first findings, and exits 1 if there are any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from fuzz_harness import Tally, fuzz
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    started = time.monotonic()
+
+    def progress(tally: Tally) -> None:
+        if tally.cases % 500 == 0:
+            print(
+                f"{tally.cases} cases, {tally.runs} runs, {len(tally.findings)} findings, "
+                f"{time.monotonic() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    with tempfile.TemporaryDirectory(prefix="bnb-fuzz-") as work:
+        tally = fuzz(args.cases, args.seed, Path(work), progress)
+    exits = ", ".join(f"exit {code}: {n}" for code, n in sorted(tally.exits.items()))
+    print(
+        f"{tally.cases} cases (seed {args.seed}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
+        f"{exits}; {len(tally.findings)} findings"
+    )
+    for finding in tally.findings[:10]:
+        print(f"--- case {finding.case}, {finding.verb}: {finding.kind}\n{finding.detail}")
+    return 1 if tally.findings else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Mutation fuzzing of every command that reads checkpoints (issue 7).
+
+Each case starts from a small real checkpoint (a few bf16 weights, config.json, and for some cases an
+index over two shards, or a bnb checkpoint made by `bnb quantize`), applies one or two seeded mutations
+— the header length field, bytes and structure of the header JSON, dtypes, shapes, offsets, index files,
+truncation, random bytes anywhere — and runs `bnb footprint`, `bnb quantize`, `bnb dequantize` and,
+when the command exists, `bnb inspect` on it, in this process (a subprocess per run would spend its
+time importing torch).
+
+A run is a **crash** when it ends in anything but a typed bnb error, a usage error or success: an
+unexpected exception (what the CLI would print as "internal error"), an exit code other than 0/1/2, a
+signal, a run longer than ``CASE_SECONDS`` (a hang), a read outside the file (every ``os.preadv`` and
+``os.pread`` is checked against the file's size), or peak memory growing by more than
+``MAX_GROWTH_BYTES`` (a hostile header must be refused before anything is allocated for it).
+
+    python scripts/fuzz.py --cases 10000      # or: make fuzz
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from safetensors.torch import save_file
+
+from bnbcli.cli.main import app
+from bnbcli.errors import BnbError
+
+CASE_SECONDS = 20
+MAX_GROWTH_BYTES = 512 << 20
+LLAMA_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 96,
+    "torch_dtype": "bfloat16",
+    "tie_word_embeddings": False,
+}
+
+
+class CaseTimeout(BaseException):
+    """Raised by SIGALRM in the middle of a run: a BaseException, so no handler of ours swallows it."""
+
+
+@dataclass
+class Finding:
+    case: int
+    verb: str
+    kind: str  # crash | hang | out-of-file read | memory
+    detail: str
+
+
+@dataclass
+class Tally:
+    cases: int = 0
+    runs: int = 0
+    exits: dict[int, int] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------ seeds
+
+
+def llama_tensors(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c = LLAMA_CONFIG
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.layers.0.input_layernorm.weight": (h,),
+        "model.layers.0.self_attn.q_proj.weight": (h, h),
+        "model.layers.0.self_attn.k_proj.weight": (h, h),
+        "model.layers.0.self_attn.v_proj.weight": (h, h),
+        "model.layers.0.self_attn.o_proj.weight": (h, h),
+        "model.layers.0.post_attention_layernorm.weight": (h,),
+        "model.layers.0.mlp.gate_proj.weight": (i, h),
+        "model.layers.0.mlp.up_proj.weight": (i, h),
+        "model.layers.0.mlp.down_proj.weight": (h, i),
+        "model.norm.weight": (h,),
+        "lm_head.weight": (v, h),
+    }
+    return {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+def make_seeds(root: Path) -> dict[str, Path]:
+    """The unmutated checkpoints: one file, two shards with an index, one with no config.json, and a
+    bnb nf4-dq checkpoint of the first."""
+    seeds = {}
+    single = root / "single"
+    single.mkdir(parents=True)
+    save_file(llama_tensors(0), single / "model.safetensors", metadata={"format": "pt"})
+    (single / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    seeds["single"] = single
+
+    sharded = root / "sharded"
+    sharded.mkdir()
+    tensors = llama_tensors(1)
+    names = list(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[:6], "model-00002-of-00002.safetensors": names[6:]}
+    for file, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, sharded / file, metadata={"format": "pt"})
+    weight_map = {k: f for f, keys in parts.items() for k in keys}
+    total = sum(t.numel() * 2 for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    (sharded / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    seeds["sharded"] = sharded
+
+    bare = root / "bare"
+    bare.mkdir()
+    save_file(llama_tensors(2), bare / "model.safetensors")
+    seeds["bare"] = bare
+
+    quantized = root / "bnb-nf4-dq"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        app(["quantize", str(single), str(quantized), "--config", "nf4-dq", "-q"], standalone_mode=False)
+    seeds["bnb"] = quantized
+    return seeds
+
+
+# ------------------------------------------------------------------------------------------ mutations
+
+
+def _header(path: Path) -> tuple[int, bytes, bytes]:
+    data = path.read_bytes()
+    if len(data) < 8:  # an earlier mutation cut it
+        return 0, b"", data
+    (n,) = struct.unpack("<Q", data[:8])
+    return n, data[8 : 8 + n], data[8 + n :]
+
+
+def _write(path: Path, header: bytes, rest: bytes, length: int | None = None) -> None:
+    value = len(header) if length is None else length % 2**64
+    path.write_bytes(struct.pack("<Q", value) + header + rest)
+
+
+def _weird_number(rng: random.Random) -> object:
+    return rng.choice(
+        [0, -1, 1, 2**31, 2**32 + 1, 2**48, 2**63, 2**64 + 5, 10**30, 7, 1.5, "3", None, [], {}, True, float("nan")]
+    )
+
+
+def _mutate_header_json(rng: random.Random, path: Path) -> str:
+    _, header, rest = _header(path)
+    try:
+        doc = json.loads(header)
+    except ValueError:
+        return "header already broken"
+    keys = [k for k in doc if k != "__metadata__"]
+    if not keys:
+        return "no tensors"
+    key = rng.choice(keys)
+    entry = doc[key]
+    kind = rng.choice(["dtype", "shape", "offsets", "entry", "metadata", "key", "drop", "duplicate-range"])
+    if kind == "dtype":
+        entry["dtype"] = rng.choice(["F64", "I64", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F4", "XYZ", "", 5, None])
+    elif kind == "shape":
+        shape = list(entry.get("shape", []))
+        choice = rng.random()
+        if choice < 0.3 and shape:
+            shape[rng.randrange(len(shape))] = _weird_number(rng)
+        elif choice < 0.5:
+            shape.append(rng.choice([0, 1, 2, 2**40]))
+        elif choice < 0.7:
+            shape = shape[:-1]
+        else:
+            shape = _weird_number(rng)  # type: ignore[assignment]
+        entry["shape"] = shape
+    elif kind == "offsets":
+        offsets = list(entry.get("data_offsets", [0, 0]))
+        offsets[rng.randrange(2)] = rng.choice([_weird_number(rng), offsets[0] + rng.randint(-9, 9), len(rest) + 1])
+        entry["data_offsets"] = offsets if rng.random() < 0.9 else offsets[:1]
+    elif kind == "entry":
+        doc[key] = _weird_number(rng)
+    elif kind == "metadata":
+        doc["__metadata__"] = rng.choice([{"format": 5}, [], "x", {"format": "pt", "a": {"b": 1}}, None])
+    elif kind == "key":
+        doc[rng.choice(["", "../x", "a" * 5000, "\x00", "model.layers.0.mlp.up_proj.weight.absmax"])] = entry
+    elif kind == "drop":
+        del doc[key]
+    else:
+        other = doc[rng.choice(keys)]
+        if isinstance(other, dict) and isinstance(entry, dict):
+            entry["data_offsets"] = other.get("data_offsets")
+    new = json.dumps(doc, allow_nan=True).encode()
+    _write(path, new, rest)
+    return f"header json {kind} of {key}"
+
+
+def _mutate_header_bytes(rng: random.Random, path: Path) -> str:
+    _, header, rest = _header(path)
+    b = bytearray(header)
+    for _ in range(rng.randint(1, 4)):
+        if b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    if rng.random() < 0.3:
+        b = b[: rng.randrange(len(b) + 1)]
+    _write(path, bytes(b), rest, length=len(header) if rng.random() < 0.5 else None)
+    return "header bytes"
+
+
+def _mutate_length(rng: random.Random, path: Path) -> str:
+    n, header, rest = _header(path)
+    size = 8 + n + len(rest)
+    value = rng.choice([0, 1, 7, n - 1, n + 1, n + 8, size, size + 1, 2**31, 2**63, 2**64 - 1, 100_000_001])
+    _write(path, header, rest, length=max(0, value))
+    return f"header length {value}"
+
+
+def _truncate(rng: random.Random, path: Path) -> str:
+    data = path.read_bytes()
+    cut = rng.randrange(len(data))
+    path.write_bytes(data[:cut])
+    return f"truncated at {cut}"
+
+
+def _random_bytes(rng: random.Random, path: Path) -> str:
+    data = bytearray(path.read_bytes())
+    start = rng.randrange(len(data))
+    for k in range(start, min(len(data), start + rng.randint(1, 64))):
+        data[k] = rng.randrange(256)
+    path.write_bytes(bytes(data))
+    return f"random bytes at {start}"
+
+
+def _json_or_none(path: Path) -> dict | None:
+    """The file's JSON object, or None when an earlier mutation already broke it."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and doc else None
+
+
+def _mutate_index(rng: random.Random, path: Path) -> str:
+    doc = _json_or_none(path)
+    if doc is None or not isinstance(doc.get("weight_map"), dict) or not doc["weight_map"]:
+        return "index already broken"
+    kind = rng.choice(["missing", "escape", "not-dict", "drop", "garbage", "total"])
+    weight_map = doc["weight_map"]
+    key = rng.choice(list(weight_map))
+    if kind == "missing":
+        weight_map[key] = "model-00009-of-00009.safetensors"
+    elif kind == "escape":
+        weight_map[key] = rng.choice(["../single/model.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+    elif kind == "not-dict":
+        doc["weight_map"] = _weird_number(rng)
+    elif kind == "drop":
+        del weight_map[key]
+    elif kind == "garbage":
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 40))))
+        return "index garbage"
+    else:
+        doc["metadata"] = {"total_size": _weird_number(rng)}
+    path.write_text(json.dumps(doc))
+    return f"index {kind}"
+
+
+def _mutate_config(rng: random.Random, path: Path) -> str:
+    doc = _json_or_none(path)
+    if doc is None:
+        return "config already broken"
+    key = rng.choice(list(doc))
+    doc[key] = _weird_number(rng)
+    if rng.random() < 0.2:
+        path.write_text("{" * rng.randint(0, 3))
+        return "config garbage"
+    path.write_text(json.dumps(doc))
+    return f"config {key}"
+
+
+SAFETENSORS_MUTATIONS: list[Callable[[random.Random, Path], str]] = [
+    _mutate_header_json,
+    _mutate_header_json,
+    _mutate_header_bytes,
+    _mutate_length,
+    _truncate,
+    _random_bytes,
+]
+
+
+def mutate(rng: random.Random, folder: Path) -> list[str]:
+    """One or two mutations of files in ``folder``; returns what was done."""
+    done = []
+    for _ in range(rng.choice([1, 1, 2])):
+        files = sorted(folder.glob("*.safetensors"))
+        others = [p for p in (folder / "model.safetensors.index.json", folder / "config.json") if p.exists()]
+        roll = rng.random()
+        if others and roll < 0.2:
+            target = rng.choice(others)
+            mutation = _mutate_index if target.name.endswith("index.json") else _mutate_config
+            done.append(mutation(rng, target))
+        elif files:
+            done.append(rng.choice(SAFETENSORS_MUTATIONS)(rng, rng.choice(files)))
+    return done
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _vm_hwm() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+@contextlib.contextmanager
+def _checked_reads(violations: list[str]) -> Iterator[None]:
+    """Every positional read must stay inside its file."""
+    real_preadv, real_pread = os.preadv, os.pread
+
+    def check(fd: int, length: int, offset: int) -> None:
+        size = os.fstat(fd).st_size
+        if offset < 0 or offset + length > size:
+            violations.append(f"read [{offset}, {offset + length}) of a {size}-byte file")
+
+    def preadv(fd: int, buffers, offset: int, *args):  # type: ignore[no-untyped-def]
+        check(fd, sum(len(memoryview(b)) for b in buffers), offset)
+        return real_preadv(fd, buffers, offset, *args)
+
+    def pread(fd: int, length: int, offset: int):  # type: ignore[no-untyped-def]
+        check(fd, length, offset)
+        return real_pread(fd, length, offset)
+
+    os.preadv, os.pread = preadv, pread  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        os.preadv, os.pread = real_preadv, real_pread  # type: ignore[assignment]
+
+
+def _on_alarm(signum: int, frame: object) -> None:
+    raise CaseTimeout
+
+
+def run_verb(args: list[str]) -> tuple[int | None, str | None]:
+    """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang."""
+    out = io.StringIO()
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.alarm(CASE_SECONDS)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = app(args, standalone_mode=False)
+        return (int(code) if isinstance(code, int) else 0), None
+    except BnbError as exc:
+        return exc.exit_code, None
+    except typer.Exit as exc:
+        return exc.exit_code, None
+    except CaseTimeout:
+        return None, f"hang: no answer within {CASE_SECONDS} s"
+    except Exception as exc:
+        if callable(getattr(exc, "show", None)) and getattr(exc, "exit_code", None) == 2:
+            return 2, None  # Click's usage errors
+        return None, "".join(traceback.format_exception(exc)[-6:])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def verbs(src: Path, out: Path) -> list[tuple[str, list[str]]]:
+    runs = [
+        ("footprint", ["footprint", str(src), "--json", "--planner", "name-rules"]),
+        ("quantize", ["quantize", str(src), str(out / "q"), "--config", "nf4-dq", "-q", "--planner", "name-rules"]),
+        ("dequantize", ["dequantize", str(src), str(out / "d"), "-q"]),
+    ]
+    if "inspect" in {c.name or c.callback.__name__ for c in app.registered_commands}:  # type: ignore[union-attr]
+        runs.append(("inspect", ["inspect", str(src), "--json", "--schemes", "nf4"]))
+    return runs
+
+
+def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | None = None) -> Tally:
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = make_seeds(work / "seeds")
+    tally = Tally()
+    baseline = _vm_hwm()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for case in range(cases):
+        rng = random.Random(seed * 1_000_003 + case)
+        name = rng.choice(sorted(seeds))
+        src = work / "case"
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.copytree(seeds[name], src)
+        what = f"{name}: " + "; ".join(mutate(rng, src))
+        out = work / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for verb, args in verbs(src, out):
+            violations: list[str] = []
+            with _checked_reads(violations):
+                code, problem = run_verb(args)
+            tally.runs += 1
+            if problem is not None:
+                kind = "hang" if problem.startswith("hang") else "crash"
+                tally.findings.append(Finding(case, verb, kind, f"{what}\n{problem}"))
+            else:
+                assert code is not None
+                tally.exits[code] = tally.exits.get(code, 0) + 1
+                if code not in (0, 1, 2):
+                    tally.findings.append(Finding(case, verb, "crash", f"{what}\nexit code {code}"))
+            if violations:
+                tally.findings.append(Finding(case, verb, "out-of-file read", f"{what}\n{violations[0]}"))
+            if _vm_hwm() - baseline > MAX_GROWTH_BYTES:
+                tally.findings.append(Finding(case, verb, "memory", f"{what}\npeak RSS grew past the cap"))
+                baseline = _vm_hwm()
+        tally.cases += 1
+        if progress:
+            progress(tally)
+    shutil.rmtree(work / "case", ignore_errors=True)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    return tally
