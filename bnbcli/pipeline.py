@@ -10,6 +10,7 @@ nothing: every size, offset and action comes from the plan.
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import shutil
 import threading
@@ -24,11 +25,13 @@ from typing import Any
 import torch
 
 from bnbcli.checkpoint.hashing import FileHashes
+from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.convert import Converted, Converter, make_converters
+from bnbcli.errors import InputError
 from bnbcli.metrics import RoundTripError
-from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document
+from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document, plan_summary
 
 Progress = Callable[[int], None]
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed
@@ -74,6 +77,7 @@ class ComponentResult:
     shard_sizes: dict[str, int]
     source_sha256: dict[str, str]
     stage_seconds: StageSeconds
+    resumed_shards: int = 0  # shards kept from an interrupted run (--resume)
 
 
 class _Stopped(Exception):
@@ -143,18 +147,22 @@ class _ShardWriters:
 
     The writer thread only places bytes: the sha256 of each output and the final fsync of each shard
     run on a small pool beside it (hashlib and fsync release the GIL), so hashing 2 GB/s per core and
-    waiting for the disk never hold up the next tensor. ``wait()`` collects both.
+    waiting for the disk never hold up the next tensor. Once a shard is on disk it goes into the
+    journal (what ``--resume`` keeps). Shards the journal already had are not written again.
+    ``wait()`` collects hashes and syncs.
     """
 
-    def __init__(self, component: ComponentPlan, out_dir: Path) -> None:
+    def __init__(self, component: ComponentPlan, out_dir: Path, journal: Journal, sources: Callable[[], dict]) -> None:
         self.component = component
         self.out_dir = out_dir
-        self.remaining = {s: len(component.shard_jobs(s)) for s in component.shards}
+        self.journal = journal
+        self.sources = sources
+        self.remaining = {s: 0 if s in journal.finished else len(component.shard_jobs(s)) for s in component.shards}
         self.open: dict[str, ShardWriter] = {}
-        self.data_bytes: dict[str, int] = {}
-        self.sizes: dict[str, int] = {}
+        self.data_bytes = {s: done.data_bytes for s, done in journal.finished.items()}
+        self.sizes = {s: done.size for s, done in journal.finished.items()}
         self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
-        self._hashes: list[tuple[TensorRecord, str, Future[str]]] = []
+        self._hashes: dict[str, list[tuple[TensorRecord, str, Future[str]]]] = {}
         self._syncs: list[Future[None]] = []
 
     def write(self, converted: Converted, record: TensorRecord) -> None:
@@ -165,7 +173,7 @@ class _ShardWriters:
         writer = self.open[shard]
         for key, value in converted.entries.items():
             data = writer.write(key, value)  # a view of ``value``'s memory, which it keeps alive
-            self._hashes.append((record, key, self._pool.submit(_sha256, data)))
+            self._hashes.setdefault(shard, []).append((record, key, self._pool.submit(_sha256, data)))
         self.remaining[shard] -= 1
         if self.remaining[shard] == 0:
             self._finish(shard, self.open.pop(shard))
@@ -173,7 +181,19 @@ class _ShardWriters:
     def _finish(self, shard: str, writer: ShardWriter) -> None:
         self.data_bytes[shard] = writer.finish()
         self.sizes[shard] = (self.out_dir / shard).stat().st_size
-        self._syncs.append(self._pool.submit(writer.sync))
+        self._syncs.append(self._pool.submit(self._sync_and_record, shard, writer))
+
+    def _sync_and_record(self, shard: str, writer: ShardWriter) -> None:
+        writer.sync()
+        # The shard's hashes were queued before this task on the same pool: they are done or running.
+        records: dict[str, dict[str, Any]] = {}
+        for record, key, digest in self._hashes.get(shard, []):
+            error = record.error.as_dict() if record.error else None
+            records.setdefault(record.job.source.name, {"outputs": {}, "error": error})["outputs"][key] = (
+                digest.result()
+            )
+        self.journal.record_shard(shard, self.data_bytes[shard], self.sizes[shard], records)
+        self.journal.record_sources(self.sources())
 
     def close_empty(self) -> None:
         """A shard with no tensors (a model without weights) is still written, as save_pretrained does."""
@@ -185,8 +205,9 @@ class _ShardWriters:
         """Every output hashed into its record and every shard on disk."""
         for sync in self._syncs:
             sync.result()
-        for record, key, digest in self._hashes:
-            record.outputs[key] = digest.result()
+        for entries in self._hashes.values():
+            for record, key, digest in entries:
+                record.outputs[key] = digest.result()
         self._pool.shutdown()
 
     def abort(self) -> None:
@@ -195,20 +216,37 @@ class _ShardWriters:
             writer.abort()
 
 
+def _resumed_record(job: TensorJob, shard: FinishedShard) -> TensorRecord:
+    saved = shard.records[job.source.name]
+    error = saved["error"]
+    if error is not None:  # JSON keeps an exact round trip's infinite SQNR as null
+        error = RoundTripError(**{k: math.inf if v is None else v for k, v in error.items()})
+    return TensorRecord(job, dict(saved["outputs"]), error)
+
+
 def _run_component(
-    component: ComponentPlan, out_dir: Path, converters: list[Converter], progress: Progress
+    component: ComponentPlan, out_dir: Path, converters: list[Converter], progress: Progress, journal: Journal
 ) -> ComponentResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(list(component.source.weight_files))
     stop = threading.Event()
     to_convert, to_write = _Handoff(stop), _Handoff(stop)
     records: list[TensorRecord] = []
-    shards = _ShardWriters(component, out_dir)
+    shards = _ShardWriters(component, out_dir, journal, hashes.finished)
     pin = converters[0].pin_memory
     seconds = StageSeconds()
+    resumed = {
+        j.source.name: _resumed_record(j, journal.finished[j.shard])
+        for j in component.jobs
+        if j.shard in journal.finished
+    }
+    for record in resumed.values():
+        progress(record.job.source.nbytes)
 
     def read() -> None:
         for job in component.jobs:
+            if job.source.name in resumed:
+                continue
             with seconds.timing("read"):
                 tensor = read_tensor(job.source, pin_memory=pin and job.quantized)
             to_convert.put((job, tensor))
@@ -257,9 +295,18 @@ def _run_component(
         index.write_text(index_document(component, shards.data_bytes))
     with seconds.timing("hashing"):
         source_sha256 = hashes.result()
+    changed = [p for p, h in journal.source_sha256.items() if source_sha256.get(p, h) != h]
+    if resumed and changed:
+        raise InputError(
+            f"{changed[0]} changed since the interrupted run (same size and time, other bytes)",
+            hint="run again without --resume",
+        )
+    journal.remove()
+    by_name = {r.job.source.name: r for r in records} | resumed
     return ComponentResult(
         plan=component,
-        records=records,
+        records=[by_name[job.source.name] for job in component.jobs],
+        resumed_shards=len(journal.finished),
         shard_sizes=shards.sizes,
         source_sha256=source_sha256,
         stage_seconds=seconds,
@@ -281,17 +328,24 @@ def run_quantize(
     allow_nonfinite: bool,
     progress: Progress,
     devices: tuple[torch.device, ...] = (),
+    resume: bool = False,
 ) -> tuple[list[ComponentResult], float]:
-    """Write every component into ``out_dir`` (a temporary folder the caller renames into place)."""
+    """Write every component into ``out_dir`` (a temporary folder the caller renames into place; with
+    ``resume``, one an interrupted run left, whose journaled shards are kept when they still match)."""
     started = time.monotonic()
     converters = make_converters(backend, devices, plan.scheme, allow_nonfinite)
+    summary, settings = plan_summary(plan), asdict(plan.scheme) | {"allow_nonfinite": allow_nonfinite}
     results = []
     root = plan.checkpoint.root
     for item in plan.checkpoint.pipeline_files:
         _copy_tree_item(item, out_dir / item.relative_to(root))
     for component in plan.components:
         target = out_dir / component.name if component.name else out_dir
-        results.append(_run_component(component, target, converters, progress))
+        target.mkdir(parents=True, exist_ok=True)
+        identity = fingerprint(summary, settings | {"component": component.name}, list(component.source.weight_files))
+        journal = Journal(target, identity, resume)
+        journal.require_sources(list(component.source.weight_files))
+        results.append(_run_component(component, target, converters, progress, journal))
         for item in component.source.other_files:
             _copy_tree_item(item, target / item.relative_to(component.source.root))
         if component.config is not None:

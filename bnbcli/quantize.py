@@ -30,6 +30,7 @@ class QuantizeRequest:
     devices: tuple[int, ...] = ()  # GPU indices for the cuda backend; () is the current GPU
     allow_nonfinite: bool = False
     overwrite: bool = False
+    resume: bool = False  # continue an interrupted run on OUT (checkpoint/journal.py)
     planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
 
 
@@ -82,9 +83,10 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
     if request.devices and backend != "cuda":
         raise UsageError("--device/--devices choose GPUs for the cuda backend", hint="add --backend cuda")
     devices = cuda_devices(request.devices) if backend == "cuda" else ()
-    output = AtomicOutputDir(request.out, overwrite=request.overwrite)
+    output = AtomicOutputDir(request.out, overwrite=request.overwrite, resume=request.resume)
     with output as tmp:
-        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress, devices)
+        resume = output.adopted is not None
+        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress, devices, resume)
         manifest = build_manifest(plan, results, source_label(plan.checkpoint), seconds)
         write_manifest(tmp, manifest)
         output.commit()  # only now does OUT appear, whole

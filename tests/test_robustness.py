@@ -199,3 +199,96 @@ def test_config_describing_a_huge_model_is_refused_quickly(tmp_path: Path) -> No
     component = json.loads(plan.stdout)["components"][0]
     assert component["planner"] == "name-rules" and "more than" in component["planner_reason"]
     assert footprint.exit_code == 0, footprint.output
+
+
+# ------------------------------------------------------------------------------------------- --resume
+
+RESUMABLE = (*QUANTIZE, "--max-shard-size", "2MB")  # ~7 output shards: a kill leaves some finished
+
+
+def _killed_after_shards(src: Path, out: Path, shards: int) -> None:
+    """Start a run and SIGKILL it once its journal records ``shards`` finished shards."""
+    proc = subprocess.Popen(
+        [*COMMAND, "quantize", str(src), str(out), *RESUMABLE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=bnb_env(),
+    )
+    journal = out.parent / f".{out.name}.bnb-tmp-{proc.pid}" / ".bnb-journal.json"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, "the run finished before it could be killed"
+            assert time.monotonic() < deadline, "no journal appeared"
+            try:
+                recorded = json.loads(journal.read_text())
+                if len(recorded["shards"]) >= shards and recorded["source_sha256"]:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def resumable_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("resume")
+    src, out = root / "src", root / "reference"
+    long_checkpoint(src, count=24, size=1024)
+    result = run_bnb("quantize", str(src), str(out), *RESUMABLE)
+    assert result.returncode == 0, result.stderr
+    assert len(shard_bytes(out)) >= 5
+    return src, out
+
+
+@pytest.mark.slow
+def test_resume_keeps_finished_shards_and_matches_an_uninterrupted_run(
+    resumable_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    src, ref_out = resumable_reference
+    out = tmp_path / "out"
+    _killed_after_shards(src, out, shards=2)
+    result = run_bnb("quantize", str(src), str(out), *RESUMABLE, "--resume")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "bnb_manifest.json").read_text())
+    assert manifest["run"]["resumed_shards"] >= 2
+    assert shard_bytes(out) == shard_bytes(ref_out)
+    assert manifest_without_run(out) == manifest_without_run(ref_out)
+    assert not (out / ".bnb-journal.json").exists()
+    assert_no_debris(out)
+
+
+@pytest.mark.slow
+def test_resume_refuses_what_changed(resumable_reference: tuple[Path, Path], tmp_path: Path) -> None:
+    """A source with a new mtime: the journal is set aside and everything is converted again. A source
+    whose bytes changed under the same size and mtime: the end-of-run sha256 check fails the run."""
+    ref_src, ref_out = resumable_reference
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes((ref_src / "model.safetensors").read_bytes())
+    out = tmp_path / "out"
+
+    _killed_after_shards(src, out, shards=2)
+    os.utime(src / "model.safetensors")  # touched: another source as far as the journal knows
+    result = run_bnb("quantize", str(src), str(out), *RESUMABLE, "--resume")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "bnb_manifest.json").read_text())["run"]["resumed_shards"] == 0
+    assert shard_bytes(out) == shard_bytes(ref_out)
+
+    out2 = tmp_path / "out2"
+    _killed_after_shards(src, out2, shards=2)
+    path = src / "model.safetensors"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last weight's last byte: same size
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    result = run_bnb("quantize", str(src), str(out2), *RESUMABLE, "--resume")
+    assert result.returncode == EXIT_FAILED, result.stderr
+    assert "changed since the interrupted run" in result.stderr
+    assert not out2.exists()
+    assert_no_debris(out2)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from types import TracebackType
 
+from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.errors import BnbError, InputError, OutputError
 
 TMP_MARK = ".bnb-tmp-"
@@ -42,9 +43,11 @@ def _fsync_dir(path: Path) -> None:
 class AtomicOutputDir:
     """``with AtomicOutputDir(out, overwrite) as tmp: …write into tmp…; commit()`` renames tmp to out."""
 
-    def __init__(self, out: Path, overwrite: bool = False) -> None:
+    def __init__(self, out: Path, overwrite: bool = False, resume: bool = False) -> None:
         self.out = out.absolute()
         self.overwrite = overwrite
+        self.resume = resume
+        self.adopted: Path | None = None  # the interrupted run's folder that this one continues
         self.parent = self.out.parent
         self.lock = self.parent / f".{self.out.name}{LOCK_MARK}"
         self.tmp = self.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
@@ -59,7 +62,10 @@ class AtomicOutputDir:
         self._take_lock()
         try:
             self._sweep_stale()
-            self.tmp.mkdir()
+            if self.adopted is not None:
+                os.rename(self.adopted, self.tmp)
+            else:
+                self.tmp.mkdir()
         except OSError as exc:
             self._release_lock()
             raise InputError(
@@ -97,11 +103,20 @@ class AtomicOutputDir:
             self.locked = False
 
     def _sweep_stale(self) -> None:
-        """Temporary folders of earlier runs on this OUT that died without cleaning up."""
-        for stale in self.parent.glob(f".{self.out.name}{TMP_MARK}*"):
-            pid = stale.name.rsplit("-", 1)[-1]
+        """Temporary folders of earlier runs on this OUT that died without cleaning up. With ``resume``
+        the newest one that kept a journal is adopted instead (see checkpoint/journal.py)."""
+        stale = []
+        for folder in self.parent.glob(f".{self.out.name}{TMP_MARK}*"):
+            pid = folder.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
-                shutil.rmtree(stale, ignore_errors=True)
+                stale.append(folder)
+        if self.resume:
+            resumable = [f for f in stale if "-old-" not in f.name and any(f.rglob(JOURNAL_NAME))]
+            if resumable:
+                self.adopted = max(resumable, key=lambda f: f.stat().st_mtime_ns)
+        for folder in stale:
+            if folder != self.adopted:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def commit(self) -> None:
         """Make the finished folder visible at OUT in one rename."""

@@ -46,5 +46,9 @@ class FileHashes:
         finally:
             self._pool.shutdown(wait=True)
 
+    def finished(self) -> dict[str, str]:
+        """The digests ready so far (never waits)."""
+        return {p: f.result() for p, f in self._futures.items() if f.done() and not f.cancelled() and not f.exception()}
+
     def cancel(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -76,7 +76,9 @@ def build_manifest(
     for result in results:
         for name, value in asdict(result.stage_seconds).items():
             setattr(stages, name, getattr(stages, name) + value)
-    return manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
+    document = manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
+    document["run"]["resumed_shards"] = sum(result.resumed_shards for result in results)
+    return document
 
 
 def manifest_document(

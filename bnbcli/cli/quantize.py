@@ -67,6 +67,14 @@ def quantize(
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a run on OUT that was interrupted: keep the shards it finished when the source and "
+            "settings are unchanged (checked), convert the rest. Without one to continue, a normal run.",
+        ),
+    ] = False,
     allow_nonfinite: Annotated[
         bool,
         typer.Option("--allow-nonfinite", help="Quantize NaN/Inf weights as bitsandbytes would instead of refusing."),
@@ -102,6 +110,7 @@ def quantize(
         devices=parse_devices(device, devices),
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
+        resume=resume,
         planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
         **request_kwargs,
     )
