@@ -292,3 +292,18 @@ def test_resume_refuses_what_changed(resumable_reference: tuple[Path, Path], tmp
     assert "changed since the interrupted run" in result.stderr
     assert not out2.exists()
     assert_no_debris(out2)
+
+
+@pytest.mark.parametrize(("key", "value"), [("model_type", ["llama"]), ("architectures", "Llama"), ("dtype", {})])
+@pytest.mark.parametrize("verb", ["quantize", "footprint"])
+def test_config_fields_of_the_wrong_type_are_bad_input(key: str, value: object, verb: str, tmp_path: Path) -> None:
+    """Found by the fuzzer: a list for model_type reached the planners (TypeError: unhashable type)."""
+    from fuzz_harness import LLAMA_CONFIG, llama_tensors
+    from safetensors.torch import save_file
+
+    save_file(llama_tensors(0), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, key: value}))
+    args = [verb, str(tmp_path)] + ([str(tmp_path.parent / "out")] if verb == "quantize" else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert f"{key!r} is" in result.exception.message  # type: ignore[union-attr]

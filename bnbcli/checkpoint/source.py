@@ -128,12 +128,42 @@ def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: P
     return ModelSource(
         root=folder,
         name=name,
-        config=_read_json_object(config_path),
+        config=_checked_config(config_path, _read_json_object(config_path)),
         weight_files=loaded.files,
         index=loaded.index,
         tensors=loaded.tensors,
         other_files=other,
     )
+
+
+# The config.json fields every planner branches on, and the JSON type each must have.
+_CONFIG_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model_type": (str,),
+    "_class_name": (str,),
+    "architectures": (list,),
+    "torch_dtype": (str,),
+    "dtype": (str,),
+    "quantization_config": (dict,),
+}
+
+
+def _checked_config(path: Path, config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Refuse a config.json whose identifying fields have the wrong JSON type (a list for model_type,
+    say): transformers would fail on it in surprising ways, and so would the planners."""
+    if config is None:
+        return None
+    for key, types in _CONFIG_FIELD_TYPES.items():
+        value = config.get(key)
+        wrong = value is not None and not isinstance(value, types)
+        if key == "architectures" and not wrong and value is not None:
+            wrong = not all(isinstance(a, str) for a in value)
+        if wrong:
+            expected = "a list of strings" if key == "architectures" else f"a JSON {types[0].__name__}"
+            raise InputError(
+                f"{path}: {key!r} is {json.dumps(value)[:60]}, not {expected}".replace(" str", " string"),
+                "fix config.json, or re-download it",
+            )
+    return config
 
 
 def _read_json_object(path: Path) -> dict[str, Any] | None:
