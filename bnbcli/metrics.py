@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 
@@ -25,8 +26,15 @@ CHUNK = 1 << 22  # elements per float64 pass: bounded extra memory whatever the 
 
 def roundtrip_sums(original: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
     """float64 [signal, noise, max_abs] on the tensors' device, chunk by chunk, without waiting for it:
-    on a GPU the sums stay queued with the kernels until the writer needs them."""
+    on a GPU the sums stay queued with the kernels until the writer needs them.
+
+    On the CPU the sums are numpy's pairwise sums, single-threaded: torch's dot splits a reduction by
+    thread count, so the manifest's errors would change in the last digits with the number of cores.
+    (A GPU sums in its own order: the errors of the two backends may differ in the last digits; the
+    quantized bytes never do.)"""
     flat_x, flat_y = original.reshape(-1), restored.reshape(-1)
+    if original.device.type == "cpu":
+        return _cpu_sums(flat_x, flat_y)
     sums = torch.zeros(3, dtype=torch.float64, device=original.device)
     for start in range(0, flat_x.numel(), CHUNK):
         x = flat_x[start : start + CHUNK].to(torch.float64)
@@ -35,6 +43,19 @@ def roundtrip_sums(original: torch.Tensor, restored: torch.Tensor) -> torch.Tens
         sums[1] += torch.dot(diff, diff)
         torch.maximum(sums[2], diff.abs().max(), out=sums[2])
     return sums
+
+
+def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
+    signal = noise = max_abs = 0.0
+    for start in range(0, flat_x.numel(), CHUNK):
+        x = flat_x[start : start + CHUNK].to(torch.float64).numpy()
+        diff = x - flat_y[start : start + CHUNK].to(torch.float64).numpy()
+        signal += float(np.square(x).sum())
+        noise += float(np.square(diff).sum())
+        if diff.size:
+            largest = float(np.abs(diff).max())
+            max_abs = largest if math.isnan(largest) or largest > max_abs else max_abs  # NaN sticks
+    return torch.tensor([signal, noise, max_abs], dtype=torch.float64)
 
 
 def error_from_sums(sums: torch.Tensor, numel: int) -> RoundTripError:

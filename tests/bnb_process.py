@@ -22,13 +22,15 @@ def bnb_env() -> dict[str, str]:
     return env
 
 
-def run_bnb(*args: str, timeout: float = 120, **popen: object) -> subprocess.CompletedProcess[str]:
+def run_bnb(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None, **popen: object
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*COMMAND, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=bnb_env(),
+        env=bnb_env() | (env or {}),
         stdin=subprocess.DEVNULL,
         **popen,  # type: ignore[arg-type]
     )

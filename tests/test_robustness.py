@@ -173,11 +173,14 @@ def test_disk_full_and_permission_errors(
     assert_no_debris(out)
 
 
-def test_same_input_same_bytes(reference: tuple[Path, Path, float], tmp_path: Path) -> None:
-    """Byte-identical shards and manifest (its `run` block aside) from a second run of the same input."""
+@pytest.mark.parametrize("threads", [None, "1"])
+def test_same_input_same_bytes(threads: str | None, reference: tuple[Path, Path, float], tmp_path: Path) -> None:
+    """Byte-identical shards and manifest (its `run` block aside) from a second run of the same input,
+    also with one thread instead of every core."""
     src, ref_out, _ = reference
     out = tmp_path / "again"
-    result = run_bnb("quantize", str(src), str(out), *QUANTIZE)
+    env = {"OMP_NUM_THREADS": threads} if threads else None
+    result = run_bnb("quantize", str(src), str(out), *QUANTIZE, env=env)
     assert result.returncode == 0, result.stderr
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert manifest_without_run(out) == manifest_without_run(ref_out)

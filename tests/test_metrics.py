@@ -1,0 +1,50 @@
+"""The round-trip error recorded in manifests: right, chunk-independent and thread-independent."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from bnbcli import metrics
+
+
+def test_roundtrip_error_matches_a_direct_float64_computation(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 37, generator=g).to(torch.bfloat16)
+    y = (x.float() + 0.01 * torch.randn(x.shape, generator=g)).to(torch.bfloat16)
+    dx, dd = x.double(), (x.double() - y.double())
+    expected = metrics.RoundTripError(
+        rmse=math.sqrt(float((dd * dd).mean())),
+        max_abs=float(dd.abs().max()),
+        rel_fro=math.sqrt(float((dd * dd).sum() / (dx * dx).sum())),
+        sqnr_db=10 * math.log10(float((dx * dx).sum() / (dd * dd).sum())),
+    )
+    whole = metrics.roundtrip_error(x, y)
+    monkeypatch.setattr(metrics, "CHUNK", 999)  # chunks that split rows
+    chunked = metrics.roundtrip_error(x, y)
+    for got in (whole, chunked):
+        for field in ("rmse", "max_abs", "rel_fro", "sqnr_db"):
+            assert math.isclose(getattr(got, field), getattr(expected, field), rel_tol=1e-12), field
+
+
+def test_cpu_sums_do_not_depend_on_the_thread_count() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3_000_000, generator=g)
+    y = x + 1e-3 * torch.randn(3_000_000, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = metrics.roundtrip_sums(x, y)
+        torch.set_num_threads(max(2, before))
+        many = metrics.roundtrip_sums(x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_nan_and_exact_round_trips() -> None:
+    x = torch.tensor([1.0, float("nan"), 2.0])
+    assert math.isnan(metrics.roundtrip_error(x, torch.tensor([1.0, 0.0, 2.0])).max_abs)
+    exact = metrics.roundtrip_error(torch.ones(4), torch.ones(4))
+    assert exact.rmse == 0 and exact.sqnr_db == math.inf and exact.as_dict()["sqnr_db"] is None
