@@ -170,8 +170,10 @@ def _write_shard(
         raise
 
 
-def restore(tensor: OutputTensor, backend: str) -> torch.Tensor:
-    """The plain tensor ``tensor`` plans: read its sources and rebuild the values on ``backend``."""
+def restore(tensor: OutputTensor, backend: str, cast: bool = True) -> torch.Tensor:
+    """The plain tensor ``tensor`` plans: read its sources and rebuild the values on ``backend``. Without
+    ``cast`` the values stay as the dequantization gives them (int8: float32, before transformers' cast
+    to the model dtype): `bnb inspect` measures those, as `bnb quantize`'s manifest does."""
     parts = [read_tensor(info) for info in tensor.sources]
     if tensor.kind == "copy":
         values = parts[0]
@@ -184,7 +186,7 @@ def restore(tensor: OutputTensor, backend: str) -> torch.Tensor:
         values = values.t().contiguous()  # Conv1D keeps its weight as [in, out]
     # The 4-bit values are already in the quant_state dtype; another --dtype is a second rounding, as
     # transformers' dequantize_bnb_weight does it (dequantize_4bit, then .to(dtype)).
-    return values if values.dtype == tensor.dtype else values.to(tensor.dtype)
+    return values if values.dtype == tensor.dtype or not cast else values.to(tensor.dtype)
 
 
 def _state(tensor: OutputTensor, parts: list[torch.Tensor]) -> QuantState4bit:

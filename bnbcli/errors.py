@@ -42,3 +42,9 @@ class OutputError(BnbError):
     """OUT could not be written (disk full, file size limit, permissions, read-only filesystem)."""
 
     exit_code = EXIT_FAILED
+
+
+class GateFailed(BnbError):
+    """A CI gate of `bnb inspect` was missed (--max-rel-error, …): the result failed."""
+
+    exit_code = EXIT_FAILED

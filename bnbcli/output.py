@@ -70,6 +70,11 @@ def warning(message: str) -> None:
     stderr.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
+def failure(message: str) -> None:
+    """`fail: …`, one line on stderr: one check that did not pass (the run then exits 1)."""
+    stderr.print(f"[bold red]fail:[/] {escape(message)}", markup=True, highlight=False)
+
+
 def error(message: str, hint: str | None = None) -> None:
     """`error: …` and `hint: …`, one line each, on stderr."""
     stderr.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)

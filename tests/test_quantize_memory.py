@@ -27,14 +27,10 @@ source tensors the reader stage reads ahead plus converted entries queued for th
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
+from peak_rss import peak_rss, weights, write_sharded
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hashing
@@ -51,46 +47,10 @@ K = 4
 # values) and the error's float64 chunks. Measured 13.3 for nf4 + double quant, 9.3 for int8.
 WORKING_SET = 20
 SCHEMES = {"nf4-dq": ["--scheme", "nf4", "--double-quant"], "int8": ["--scheme", "int8"]}
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see the module docstring
-
-# The child runs the CLI as `bnb` does and reports its own peak RSS however main() ends.
-_CHILD = """
-import os
-from bnbcli.cli.main import main
-try:
-    main()
-finally:
-    with open("/proc/self/status") as status:
-        hwm = next(line for line in status if line.startswith("VmHWM:"))
-    with open(os.environ["BNB_TEST_PEAK_FILE"], "w") as out:
-        out.write(hwm.split()[1])  # kB
-"""
-
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="peak RSS is read from Linux /proc"),
 ]
-
-
-def _weights(count: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        f"model.layers.{i}.mlp.up_proj.weight": torch.randn(SHAPE, generator=generator, dtype=torch.bfloat16)
-        for i in range(count)
-    }
-
-
-def _write_sharded(folder: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
-    names = list(weights)
-    weight_map = {}
-    for s in range(shards):
-        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[s::shards]
-        save_file({n: weights[n] for n in part}, folder / file)
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
 @pytest.fixture(scope="module")
@@ -100,25 +60,17 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {name: root / name for name in ("tiny", "single", "sharded")}
     for path in paths.values():
         path.mkdir()
-    save_file(_weights(1, seed=1), paths["tiny"] / "model.safetensors")
-    weights = _weights(LAYERS, seed=0)
-    save_file(weights, paths["single"] / "model.safetensors")
-    _write_sharded(paths["sharded"], weights, SHARDS)
+    save_file(weights(1, 1, SHAPE), paths["tiny"] / "model.safetensors")
+    model = weights(LAYERS, 0, SHAPE)
+    save_file(model, paths["single"] / "model.safetensors")
+    write_sharded(paths["sharded"], model, SHARDS)
     return paths
 
 
 def _peak_rss(src: Path, out: Path, *flags: str) -> tuple[int, dict]:
     """(peak RSS in bytes, the --json document) of one `bnb quantize` in a fresh process."""
     peak_file = out.parent / f"{out.name}.peak"
-    result = subprocess.run(
-        [sys.executable, "-c", _CHILD, "quantize", str(src), str(out), *flags, "--json", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **MALLOC_ENV, "BNB_TEST_PEAK_FILE": str(peak_file)},
-    )
-    assert result.returncode == 0, result.stderr
-    return int(peak_file.read_text()) * 1024, json.loads(result.stdout)
+    return peak_rss(peak_file, "quantize", str(src), str(out), *flags, "--json", "--no-progress")
 
 
 @pytest.mark.parametrize(("scheme", "layout"), [("nf4-dq", "single"), ("int8", "sharded")])

@@ -13,6 +13,7 @@ from bnbcli import __version__, output
 from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.env import env
 from bnbcli.cli.footprint import footprint_command
+from bnbcli.cli.inspect import inspect_command
 from bnbcli.cli.quantize import quantize
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
 
@@ -53,6 +54,7 @@ app.command(epilog=EPILOG)(quantize)
 app.command(epilog=EPILOG)(env)
 app.command(epilog=EPILOG)(dequantize)
 app.command("footprint", epilog=EPILOG)(footprint_command)
+app.command("inspect", epilog=EPILOG)(inspect_command)
 
 
 def _debugging() -> bool:

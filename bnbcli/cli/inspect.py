@@ -1,0 +1,160 @@
+"""`bnb inspect SRC`: statistics, outlier dimensions and round-trip error of every weight; CI gates."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, cast
+
+import typer
+
+from bnbcli import output
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag
+from bnbcli.errors import GateFailed, OutputError, UsageError
+from bnbcli.inspect.gates import Gates
+from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
+from bnbcli.inspect.report import InspectReport
+from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
+from bnbcli.inspect.run import InspectRequest, inspect, open_source, total_bytes
+from bnbcli.plan import PlannerName
+
+
+def inspect_command(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint (folder, .safetensors file, index.json, diffusers pipeline folder or Hub repo id), "
+            "unquantized or saved by bitsandbytes."
+        ),
+    ],
+    schemes: Annotated[
+        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(SCHEME_NAMES)}: the round trips.")
+    ] = ",".join(DEFAULT_SCHEMES),
+    blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size of the schemes.")] = 64,
+    against: Annotated[
+        str | None, typer.Option("--against", help="A bnb checkpoint's original: its weights' error against it.")
+    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
+    components: Annotated[
+        str | None, typer.Option("--components", help="diffusers: the components to inspect, comma-separated.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
+    ] = "auto",
+    planner: Annotated[
+        str, typer.Option("--planner", help="How weights are told apart: auto (as bnb quantize) or name-rules.")
+    ] = "auto",
+    outlier_factor: Annotated[
+        float,
+        typer.Option("--outlier-factor", help="A column/row is an outlier at this many times the median mean |w|."),
+    ] = DEFAULT_FACTOR,
+    value_sigma: Annotated[
+        float, typer.Option("--value-sigma", help="An isolated value is large at this many σ from the mean.")
+    ] = DEFAULT_VALUE_SIGMA,
+    min_layer_share: Annotated[
+        float, typer.Option("--min-layer-share", help="A dimension recurs when an outlier in this share of layers.")
+    ] = DEFAULT_MIN_LAYER_SHARE,
+    max_rel_error: Annotated[
+        float | None, typer.Option("--max-rel-error", help="Gate: fail a weight whose relative error is above X.")
+    ] = None,
+    min_sqnr: Annotated[
+        float | None, typer.Option("--min-sqnr", help="Gate: fail a weight whose SQNR is below DB dB.")
+    ] = None,
+    max_outlier_dims: Annotated[
+        int | None, typer.Option("--max-outlier-dims", help="Gate: fail a matrix with more outlier dimensions.")
+    ] = None,
+    max_nonfinite: Annotated[
+        int | None, typer.Option("--max-nonfinite", help="Gate: fail a tensor with more NaN/Inf values.")
+    ] = None,
+    gate_scheme: Annotated[
+        str | None, typer.Option("--gate-scheme", help="The scheme the error gates check (default: every scheme).")
+    ] = None,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+    ] = None,
+    top: Annotated[int, typer.Option("--top", help="Tensors in the terminal table, worst first (0: all).")] = 20,
+    activations: Annotated[
+        bool, typer.Option("--activations", help="Also run the model (transformers) and find activation outliers.")
+    ] = False,
+    text_file: Annotated[
+        Path | None, typer.Option("--text-file", help="--activations: one text per line (default: built-in texts).")
+    ] = None,
+    activation_threshold: Annotated[
+        float, typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude.")
+    ] = 6.0,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+    no_progress: NoProgressFlag = False,
+) -> None:
+    """Per tensor: dtype, shape, absmax, std, kurtosis, share beyond 6σ, zeros, NaN/Inf; per weight matrix: outlier
+    input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
+    dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
+    if text_file is not None and not activations:
+        raise UsageError("--text-file goes with --activations", hint="add --activations")
+    request = InspectRequest(
+        src=src,
+        schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
+        blocksize=blocksize,
+        against=against,
+        revision=revision,
+        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        backend=backend,
+        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
+        gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
+    )
+    texts = _texts(text_file) if text_file is not None else None
+    checkpoint = open_source(request)
+    enabled = not (json_output or quiet or no_progress)
+    with output.ByteProgress(total_bytes(checkpoint), "inspecting", enabled=enabled) as bar:
+        report = inspect(request, checkpoint, bar.advance)
+    if activations:
+        report = _with_activations(report, texts, activation_threshold)
+    if report_file is not None:
+        _write_html(report, report_file)
+    if json_output:
+        output.emit_json(report.as_dict())
+    elif not quiet:
+        from bnbcli.inspect.terminal import render
+
+        render(report, top)
+    for failure in report.failures:
+        output.failure(failure.line())
+    if report.failures:
+        tensors = len({f.tensor for f in report.failures})
+        raise GateFailed(f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates", hint=None)
+
+
+def _texts(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--text-file {path}: cannot read it: {e}") from None
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise UsageError(f"--text-file {path} holds no text", hint="one text per line")
+    return texts
+
+
+def _with_activations(report: InspectReport, texts: list[str] | None, threshold: float) -> InspectReport:
+    """Activation outliers through transformers: imported only here, when --activations asks for them."""
+    from bnbcli.inspect.activations import ActivationCriteria, find_activation_outliers
+
+    if report.root is None:
+        raise UsageError("--activations needs a model folder")
+    found = find_activation_outliers(
+        report.root,
+        texts,
+        ActivationCriteria(threshold=threshold),
+        device="cuda" if report.backend == "cuda" else "cpu",
+    )
+    return replace(report, activations=found.as_dict())
+
+
+def _write_html(report: InspectReport, path: Path) -> None:
+    from bnbcli.inspect.html import render_html
+
+    try:
+        path.write_text(render_html(report), encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"--report {path}: cannot write it: {e.strerror or e}") from None

@@ -1,0 +1,225 @@
+"""`bnb inspect` as a library call: open the checkpoint, decide which tensors are weights, stream every
+tensor once (read, measure, drop), and build one frozen report.
+
+An unquantized checkpoint's weights are the tensors `bnb quantize` would quantize (the same planners:
+transformers' or diffusers' own rules, else name rules); each is measured under every scheme. A
+bitsandbytes checkpoint is recognised from its keys and quant_state JSONs (``bnbcli.dequantize_plan``),
+every weight is restored with the bit-exact dequantization (``bnbcli.dequantize.restore``), and with
+``against`` it is compared with the original. Memory holds one tensor (and its float64 chunks).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from bnbcli.backends import resolve_backend
+from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
+from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
+from bnbcli.dequantize import restore
+from bnbcli.dequantize_plan import DequantComponent, OutputTensor, plan_component
+from bnbcli.errors import InputError, UsageError
+from bnbcli.inspect.gates import Gates, check
+from bnbcli.inspect.outliers import OutlierCriteria, Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
+from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
+from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, NamedScheme, parse_schemes, roundtrip_errors
+from bnbcli.inspect.stats import tensor_stats
+from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.plan import PlannerName, plan_quantization
+from bnbcli.quantize import source_label
+from bnbcli.scheme import QuantScheme, dtype_name
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    src: str
+    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    blocksize: int = 64
+    against: str | None = None
+    revision: str | None = None
+    components: tuple[str, ...] | None = None
+    backend: str = "auto"
+    planner: PlannerName | None = None
+    criteria: OutlierCriteria = field(default_factory=OutlierCriteria)
+    gates: Gates = field(default_factory=Gates)
+
+
+@dataclass
+class _Context:
+    backend: str
+    schemes: tuple[NamedScheme, ...]
+    criteria: OutlierCriteria
+    recurrence: Recurrence
+    progress: Progress
+
+
+def _check_criteria(criteria: OutlierCriteria) -> None:
+    if not criteria.factor > 1:
+        raise UsageError(f"--outlier-factor must be above 1, not {criteria.factor}", hint="5 is the default")
+    if not criteria.value_sigma > 0:
+        raise UsageError(f"--value-sigma must be positive, not {criteria.value_sigma}", hint="10 is the default")
+    if not 0 < criteria.min_layer_share <= 1:
+        raise UsageError(f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}")
+
+
+def total_bytes(checkpoint: Checkpoint) -> int:
+    return sum(info.nbytes for source in checkpoint.components.values() for info in source.tensors.values())
+
+
+def open_source(request: InspectRequest) -> Checkpoint:
+    """Headers only: checks the request and opens the checkpoint (the progress bar's total comes from it)."""
+    resolve_backend(request.backend)
+    parse_schemes(request.schemes, request.blocksize)
+    _check_criteria(request.criteria)
+    return open_checkpoint(request.src, revision=request.revision, components=request.components)
+
+
+def inspect(request: InspectRequest, checkpoint: Checkpoint, progress: Progress = lambda n: None) -> InspectReport:
+    backend = resolve_backend(request.backend)
+    schemes = parse_schemes(request.schemes, request.blocksize)
+    plans = {name: plan_component(source, None, None) for name, source in sorted(checkpoint.components.items())}
+    quantized = any(not p.copy_as_is for p in plans.values())
+    if request.against is not None and not quantized:
+        raise UsageError(
+            f"--against compares a bitsandbytes checkpoint with its original, and {request.src} is not quantized",
+            hint="leave out --against: an unquantized checkpoint is measured under --schemes",
+        )
+    error_keys = ((AGAINST,) if request.against else ()) if quantized else tuple(s.name for s in schemes)
+    request.gates.check_scheme(error_keys)
+    originals = open_checkpoint(request.against).components if request.against else {}
+    ctx = _Context(backend, schemes, request.criteria, Recurrence(request.criteria), progress)
+    rows: list[TensorReport] = []
+    planners: dict[str, str] = {}
+    for name, source in sorted(checkpoint.components.items()):
+        if plans[name].copy_as_is:
+            planners[name] = "" if quantized else _plain(source, request.planner, ctx, rows, measure=not quantized)
+        else:
+            planners[name] = "bitsandbytes checkpoint: quant_state and SCB keys"
+            # the weights are measured against the original, not re-quantized under --schemes
+            _bnb(plans[name], _original(originals, name, request.against), replace(ctx, schemes=()), rows)
+    tensors = tuple(rows)
+    return InspectReport(
+        source=source_label(checkpoint),
+        kind="bitsandbytes" if quantized else "unquantized",
+        schemes=error_keys,
+        backend=backend,
+        criteria=request.criteria,
+        planners={k: v for k, v in planners.items() if v},
+        against=request.against,
+        tensors=tensors,
+        recurring=ctx.recurrence.result(),
+        layers=tuple(ctx.recurrence.layers),
+        gates=request.gates.as_dict(),
+        failures=check(request.gates, tensors),
+        root=checkpoint.root,
+    )
+
+
+def _original(originals: dict[str, ModelSource], name: str, against: str | None) -> ModelSource | None:
+    if against is None:
+        return None
+    if name not in originals:
+        raise InputError(f"{against} has no component {name!r} to compare with", hint="give the original checkpoint")
+    return originals[name]
+
+
+def _plain(
+    source: ModelSource, planner: PlannerName | None, ctx: _Context, rows: list[TensorReport], measure: bool
+) -> str:
+    """Every tensor of an unquantized model (or of a component left unquantized in a bnb pipeline)."""
+    decisions = {}
+    reason = ""
+    if measure:
+        shapes = {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
+        plan = plan_quantization(source.config, shapes, QuantScheme(), planner)
+        decisions, reason = dict(plan.decisions), plan.reason
+    file_order = {path: i for i, path in enumerate(source.weight_files)}
+    for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
+        decision = decisions.get(info.name)
+        quantize = decision is not None and decision.action == "quantize"
+        transpose = decision is not None and decision.transpose
+        values = read_tensor(info)
+        rows.append(_measure(source.name, info.name, values, dtype_name(info.dtype), quantize, transpose, ctx))
+        del values
+        ctx.progress(info.nbytes)
+    return reason
+
+
+def _bnb(component: DequantComponent, original: ModelSource | None, ctx: _Context, rows: list[TensorReport]) -> None:
+    for t in component.tensors:
+        # in the plain layout (Conv1D weights back in [in, out]), before any cast to the model dtype
+        values = restore(t, ctx.backend, cast=False)
+        errors: dict[str, RoundTripError | None] = {}
+        if original is not None and t.kind != "copy":
+            errors[AGAINST] = _against(original, t, values)
+        row = _measure(component.name, t.name, values, dtype_name(t.dtype), t.kind != "copy", t.transpose, ctx)
+        rows.append(replace(row, format=_format(t), errors=errors))
+        del values
+        ctx.progress(t.bytes_in)
+
+
+def _against(original: ModelSource, t: OutputTensor, values: torch.Tensor) -> RoundTripError:
+    info: TensorInfo | None = original.tensors.get(t.name)
+    if info is None:
+        raise InputError(
+            f"the original has no tensor {t.name!r}", hint="--against must be the checkpoint it was made from"
+        )
+    if info.shape != tuple(values.shape):
+        raise InputError(
+            f"{t.name}: the original is {list(info.shape)}, the quantized weight restores to {list(values.shape)}",
+            hint="--against must be the checkpoint it was made from",
+        )
+    src = read_tensor(info)
+    return error_from_sums(roundtrip_sums(src, values), src.numel())
+
+
+def _format(t: OutputTensor) -> str:
+    if t.kind == "int8":
+        return "int8 rowwise"
+    if t.kind == "4bit":
+        assert t.state_json is not None
+        state = json.loads(t.state_json)
+        return f"{state['quant_type']} b{state['blocksize']}" + (" +dq" if "nested_offset" in state else "")
+    return dtype_name(t.dtype)
+
+
+def _measure(
+    component: str,
+    name: str,
+    values: torch.Tensor,
+    dtype: str,
+    weight: bool,
+    transpose: bool,
+    ctx: _Context,
+) -> TensorReport:
+    """Statistics of any tensor; for a weight also its outliers and round-trip errors; for a norm gain
+    the dimensions that stand out."""
+    numeric = values.dtype != torch.bool and not values.dtype.is_complex
+    stats = tensor_stats(values) if numeric else None
+    label = f"{component}/{name}" if component else name
+    shape = tuple(values.shape)
+    role: Role = "weight" if weight and len(shape) == 2 else ("norm" if is_norm_gain(name, shape) else "other")
+    row = TensorReport(name, component, dtype, shape, dtype, role, layer_of(name), stats)
+    if role == "norm" and values.dtype.is_floating_point:
+        dims = norm_outliers(values, ctx.criteria)
+        ctx.recurrence.add(label, "norm", dims)
+        return replace(row, norm_dims=dims)
+    if role != "weight":
+        return row
+    w = values.t() if transpose else values  # as the model holds it: [out, in]
+    found = matrix_outliers(w, ctx.criteria)
+    ctx.recurrence.add(label, "in", found.in_dims)
+    ctx.recurrence.add(label, "out", found.out_dims)
+    row = replace(row, outliers=found)
+    if stats is not None and stats.nonfinite:
+        note = f"{stats.nan} NaN and {stats.inf} Inf values: round trip not measured"
+        return replace(row, errors=dict.fromkeys((s.name for s in ctx.schemes), None), note=note)
+    return replace(row, errors=dict(roundtrip_errors(w.contiguous(), ctx.schemes, ctx.backend)))
+
+
+__all__ = ["InspectRequest", "inspect", "open_source", "total_bytes"]
