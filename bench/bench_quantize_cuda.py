@@ -9,7 +9,8 @@ process:
 * the I/O floor: reading every input shard and writing as many bytes as our output holds, with plain
   buffered file I/O and an fsync (no conversion at all);
 * ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq`, and again with `--planner name-rules`
-  (no transformers import; its output is compared with the first);
+  (no transformers import; its output is compared with the first), and on a machine with two or more
+  GPUs once more with `--devices 0,1,…` (every GPU; its output is compared with the one-GPU output);
 * transformers: `from_pretrained(SRC, quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4,
   double quant, bf16 compute), device_map="cuda")` + `save_pretrained(OUT)`.
 
@@ -100,6 +101,7 @@ def _report():
 OURS = """
 from bnbcli.cli.main import app
 args = ["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "--planner", PLANNER, "-q"]
+args += ["--devices", DEVICES] if DEVICES else []
 code = app(args, standalone_mode=False)
 assert not code, code
 _report()
@@ -280,7 +282,7 @@ def main() -> int:
     input_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
 
     ours_out, theirs_out = work / "out-bnb", work / "out-transformers"
-    common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme]}
+    common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme], "DEVICES": ""}
     for old in (ours_out, theirs_out, work / "out-floor"):  # removed outside the timings
         shutil.rmtree(old, ignore_errors=True)
     ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
@@ -295,6 +297,17 @@ def main() -> int:
     floor = measured(FLOOR, floor_values, work / "report-floor.json")
     results = {"bnb": ours, "io_floor": floor, "bnb_name_rules": ours_rules}
     results["name_rules_identical_tensors"] = {"identical": same_rules[0], "total": same_rules[1]}
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        multi_out = work / "out-bnb-multi-gpu"
+        shutil.rmtree(multi_out, ignore_errors=True)
+        every_gpu = ",".join(map(str, range(gpus)))
+        multi_values = {**common, "OUT": str(multi_out), "PLANNER": "auto", "DEVICES": every_gpu}
+        multi = measured(OURS, multi_values, work / "report-multi.json")
+        multi["stage_seconds"] = json.loads((multi_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
+        results[f"bnb_{gpus}_gpus"] = multi
+        same_multi = compare_tensors(ours_out, multi_out)
+        results["multi_gpu_identical_tensors"] = {"identical": same_multi[0], "total": same_multi[1]}
     if not args.skip_transformers:
         theirs = measured(TRANSFORMERS, {**common, "OUT": str(theirs_out)}, work / "report-transformers.json")
         results["transformers"] = theirs
@@ -328,6 +341,7 @@ def main() -> int:
         ("I/O floor", results["io_floor"]),
         ("bnb cuda", ours),
         ("bnb name-rules", ours_rules),
+        (f"bnb {torch.cuda.device_count()} GPUs", results.get(f"bnb_{torch.cuda.device_count()}_gpus")),
         ("transformers", results.get("transformers")),
     ):
         if r is None:
@@ -339,6 +353,14 @@ def main() -> int:
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}")
     rules = results["name_rules_identical_tensors"]
     print(f"name-rules output vs transformers-planned output: {rules['identical']}/{rules['total']} tensors identical")
+    if "multi_gpu_identical_tensors" in results:
+        multi = results[f"bnb_{torch.cuda.device_count()}_gpus"]
+        same = results["multi_gpu_identical_tensors"]
+        print(f"bnb {torch.cuda.device_count()} GPUs busy seconds per stage: {multi['stage_seconds']}")
+        print(
+            f"{torch.cuda.device_count()} GPUs vs 1: {ours['seconds'] / multi['seconds']:.2f}x the speed; "
+            f"{same['identical']}/{same['total']} tensors identical"
+        )
     print(f"bnb vs I/O floor: {ours['seconds'] / results['io_floor']['seconds']:.2f}x the floor")
     if "transformers" in results:
         t = results["transformers"]

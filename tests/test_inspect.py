@@ -194,3 +194,24 @@ def test_outlier_factor_is_tunable(tmp_path: Path) -> None:
         request = InspectRequest(str(tmp_path), backend="cpu", criteria=OutlierCriteria(factor=factor))
         (t,) = inspect(request, open_source(request)).weights()
         assert t.outliers is not None and [d.dim for d in t.outliers.in_dims] == dims
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cuda_backend_reports_what_the_cpu_reports(family: str) -> None:
+    """The bit-exact formats give the same restored values on both backends; only the float64 sums of
+    the errors run in another order on the GPU, so errors agree to rounding and the rest exactly."""
+    reports = {}
+    for backend in ("cpu", "cuda"):
+        request = InspectRequest(src=str(MODELS / family / "src"), schemes=("nf4", "fp4", "int8"), backend=backend)
+        reports[backend] = inspect(request, open_source(request)).as_dict()
+    cpu, cuda = reports["cpu"]["tensors"], reports["cuda"]["tensors"]
+    assert [t["name"] for t in cpu] == [t["name"] for t in cuda]
+    for a, b in zip(cpu, cuda, strict=True):
+        assert {k: v for k, v in a.items() if k != "errors"} == {k: v for k, v in b.items() if k != "errors"}
+        assert set(a["errors"]) == set(b["errors"])
+        for scheme, error in a["errors"].items():
+            other = b["errors"][scheme]
+            assert (error is None) == (other is None), f"{a['name']} {scheme}"
+            for key, value in (error or {}).items():
+                assert other[key] == pytest.approx(value, rel=1e-9, abs=1e-12), f"{a['name']} {scheme} {key}"
