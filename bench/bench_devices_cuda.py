@@ -21,6 +21,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,12 +31,39 @@ from bench_quantize_cuda import make_checkpoint
 SCHEMES = {"nf4": {"method": "nf4"}, "nf4-dq": {"method": "nf4", "double_quant": True}, "int8": {"method": "int8"}}
 
 
-def run_once(converters, work, hash_entries: bool) -> tuple[float, str]:
-    """Seconds for every weight through ``converters``; the sha256 over all entries when asked."""
+class CopyOnly:
+    """The transfer floor: only the host→device copy of each weight, on a copy stream, as the converter does."""
+
+    def __init__(self, device) -> None:
+        import torch
+
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def __call__(self, job, tensor):
+        import torch
+
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            on_device = tensor.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+
+        def finish() -> None:
+            done.synchronize()
+            kept.clear()  # the device copy is freed once the copy is done, as the converter's is
+
+        kept = [on_device]
+        return SimpleNamespace(entries={}, finish=finish)
+
+
+def run_once(converters, work, hash_entries: bool) -> tuple[float, float, str]:
+    """(seconds for every weight through ``converters``, seconds the calling thread spent inside the
+    converter calls, the sha256 over all entries when asked)."""
     import torch
 
     digest = hashlib.sha256()
     in_flight: deque = deque()
+    calling = 0.0
 
     def collect() -> None:
         converted = in_flight.popleft()
@@ -49,12 +77,14 @@ def run_once(converters, work, hash_entries: bool) -> tuple[float, str]:
         torch.cuda.synchronize(device)
     started = time.perf_counter()
     for i, (job, tensor) in enumerate(work):
+        called = time.perf_counter()
         in_flight.append(converters[i % len(converters)](job, tensor))
+        calling += time.perf_counter() - called
         if len(in_flight) > len(converters):
             collect()
     while in_flight:
         collect()
-    return time.perf_counter() - started, digest.hexdigest()
+    return time.perf_counter() - started, calling, digest.hexdigest()
 
 
 def main() -> int:
@@ -87,15 +117,23 @@ def main() -> int:
         digests = set()
         for count in range(1, gpus + 1):
             devices = tuple(torch.device("cuda", i) for i in range(count))
+            if name == "nf4":  # the transfer floor, once: the same for every scheme
+                copiers = [CopyOnly(d) for d in devices]
+                run_once(copiers, work, hash_entries=False)
+                floor = min(run_once(copiers, work, hash_entries=False)[0] for _ in range(args.repeats))
+                print(
+                    f"copy    {count} GPU{'s' if count > 1 else ' '}: host→device alone "
+                    f"{floor * 1e3:8.1f} ms = {gigabytes / floor:6.1f} GB/s"
+                )
             converters = make_converters("cuda", devices, scheme, allow_nonfinite=False)
-            _, digest = run_once(converters, work, hash_entries=True)
+            _, _, digest = run_once(converters, work, hash_entries=True)
             digests.add(digest)
-            best = min(run_once(converters, work, hash_entries=False)[0] for _ in range(args.repeats))
+            best, calling, _ = min(run_once(converters, work, hash_entries=False) for _ in range(args.repeats))
             baseline = baseline or best
             print(
                 f"{name:<7} {count} GPU{'s' if count > 1 else ' '}: {len(work)} weights, {gigabytes:.2f} GB in "
-                f"{best * 1e3:8.1f} ms = {gigabytes / best:6.1f} GB/s, {baseline / best:4.2f}× one GPU; "
-                f"sha256 {digest[:12]}"
+                f"{best * 1e3:8.1f} ms = {gigabytes / best:6.1f} GB/s, {baseline / best:4.2f}× one GPU, "
+                f"{calling * 1e3:6.1f} ms in the converter calls; sha256 {digest[:12]}"
             )
         print(f"{name:<7} same bytes on every set of GPUs: {'yes' if len(digests) == 1 else 'NO'}")
         del work
