@@ -240,6 +240,17 @@ def describe_action(plan: QuantizePlan, job: TensorJob) -> str:
     return f"quantize as {fmt}" + (" (Conv1D, transposed)" if job.decision.transpose else "")
 
 
+def weights_layout(component: ComponentPlan) -> list:
+    """What decides the bytes of a component's weight files, as plain data: each tensor's action, dtype,
+    orientation, shard and entries, in order. Not which planner decided, nor its reasons: two plans with
+    the same layout write the same files (--resume and the speculative start rely on it)."""
+    jobs = [
+        [j.source.name, j.decision.action, j.decision.transpose, str(j.dtype), j.shard, [repr(e) for e in j.entries]]
+        for j in component.jobs
+    ]
+    return [component.name, component.weights_stem, list(component.shards), jobs]
+
+
 def plan_summary(plan: QuantizePlan) -> dict:
     """The plan as plain data: what `--dry-run --json` prints and the dry-run table shows."""
     components = []

@@ -31,7 +31,7 @@ from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.convert import Converted, Converter, make_converters
 from bnbcli.errors import InputError
 from bnbcli.metrics import RoundTripError
-from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document, plan_summary
+from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document, weights_layout
 
 Progress = Callable[[int], None]
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed
@@ -82,6 +82,32 @@ class ComponentResult:
 
 class _Stopped(Exception):
     """Another stage failed; this one leaves quietly."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled the run (``Cancellation.cancel()``); what it wrote is to be discarded."""
+
+
+class Cancellation:
+    """Lets another thread stop a run: it stops the stages of the component being written, as a
+    failed stage would, and the run raises ``Cancelled``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requested = False
+        self._stops: list[threading.Event] = []
+
+    def watch(self, stop: threading.Event) -> None:
+        with self._lock:
+            self._stops.append(stop)
+            if self._requested:
+                stop.set()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._requested = True
+            for stop in self._stops:
+                stop.set()
 
 
 _END = object()
@@ -225,11 +251,17 @@ def _resumed_record(job: TensorJob, shard: FinishedShard) -> TensorRecord:
 
 
 def _run_component(
-    component: ComponentPlan, out_dir: Path, converters: list[Converter], progress: Progress, journal: Journal
+    component: ComponentPlan,
+    out_dir: Path,
+    converters: list[Converter],
+    progress: Progress,
+    journal: Journal,
+    cancellation: Cancellation,
 ) -> ComponentResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     hashes = FileHashes(list(component.source.weight_files))
     stop = threading.Event()
+    cancellation.watch(stop)
     to_convert, to_write = _Handoff(stop), _Handoff(stop)
     records: list[TensorRecord] = []
     shards = _ShardWriters(component, out_dir, journal, hashes.finished)
@@ -288,6 +320,8 @@ def _run_component(
     for stage in stages:
         if stage.error is not None:
             raise stage.error
+    if not finished:  # stopped from outside, not by a failed stage
+        raise Cancelled
     with seconds.timing("write"):
         shards.wait()
     if len(component.shards) > 1:
@@ -321,7 +355,7 @@ def _copy_tree_item(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)  # contents only: a read-only source should not make a read-only output
 
 
-def run_quantize(
+def write_weights(
     plan: QuantizePlan,
     out_dir: Path,
     backend: str,
@@ -329,28 +363,36 @@ def run_quantize(
     progress: Progress,
     devices: tuple[torch.device, ...] = (),
     resume: bool = False,
-) -> tuple[list[ComponentResult], float]:
-    """Write every component into ``out_dir`` (a temporary folder the caller renames into place; with
-    ``resume``, one an interrupted run left, whose journaled shards are kept when they still match)."""
-    started = time.monotonic()
+    cancellation: Cancellation | None = None,
+) -> list[ComponentResult]:
+    """Write every component's weight files into ``out_dir`` (a temporary folder the caller renames into
+    place; with ``resume``, one an interrupted run left, whose journaled shards are kept when they still
+    match). ``write_other_files`` completes the checkpoint."""
     converters = make_converters(backend, devices, plan.scheme, allow_nonfinite)
-    summary, settings = plan_summary(plan), asdict(plan.scheme) | {"allow_nonfinite": allow_nonfinite}
+    settings = asdict(plan.scheme) | {"allow_nonfinite": allow_nonfinite}
     results = []
+    for component in plan.components:
+        target = out_dir / component.name if component.name else out_dir
+        target.mkdir(parents=True, exist_ok=True)
+        sources = list(component.source.weight_files)
+        journal = Journal(target, fingerprint(weights_layout(component), settings, sources), resume)
+        journal.require_sources(sources)
+        results.append(_run_component(component, target, converters, progress, journal, cancellation or Cancellation()))
+    return results
+
+
+def write_other_files(plan: QuantizePlan, out_dir: Path) -> None:
+    """What completes the weight files: the pipeline's and each component's other files, copied, and
+    each component's config.json with its quantization_config."""
     root = plan.checkpoint.root
     for item in plan.checkpoint.pipeline_files:
         _copy_tree_item(item, out_dir / item.relative_to(root))
     for component in plan.components:
         target = out_dir / component.name if component.name else out_dir
-        target.mkdir(parents=True, exist_ok=True)
-        identity = fingerprint(summary, settings | {"component": component.name}, list(component.source.weight_files))
-        journal = Journal(target, identity, resume)
-        journal.require_sources(list(component.source.weight_files))
-        results.append(_run_component(component, target, converters, progress, journal))
         for item in component.source.other_files:
             _copy_tree_item(item, target / item.relative_to(component.source.root))
         if component.config is not None:
             (target / "config.json").write_text(json_dumps_config(component.config))
-    return results, time.monotonic() - started
 
 
 def json_dumps_config(config: dict) -> str:

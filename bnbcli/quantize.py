@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib.util
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.atomic import AtomicOutputDir
@@ -12,8 +19,8 @@ from bnbcli.checkpoint.manifest import build_manifest, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.devices import cuda_devices
 from bnbcli.errors import BnbError, UsageError
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.pipeline import Progress, run_quantize
+from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, ComponentPlan, QuantizePlan, plan_quantize, weights_layout
+from bnbcli.pipeline import Cancellation, ComponentResult, Progress, write_other_files, write_weights
 from bnbcli.plan import PlannerName
 from bnbcli.scheme import QuantScheme
 
@@ -70,24 +77,158 @@ def warm_up_backend(request: QuantizeRequest) -> None:
         warm_up(device.index if device.index is not None else 0)
 
 
-def plan_request(request: QuantizeRequest) -> QuantizePlan:
-    """Headers only: what --dry-run prints and what execution obeys."""
+def open_source(request: QuantizeRequest) -> Checkpoint:
     resolve_backend(request.backend)
     checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
     check_paths(checkpoint, request.out)
+    return checkpoint
+
+
+def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
+    """Headers only: what --dry-run prints and what execution obeys."""
+    checkpoint = checkpoint or open_source(request)
     return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
 
 
 def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:
-    backend = resolve_backend(request.backend)
-    if request.devices and backend != "cuda":
-        raise UsageError("--device/--devices choose GPUs for the cuda backend", hint="add --backend cuda")
-    devices = cuda_devices(request.devices) if backend == "cuda" else ()
+    """Execute ``plan``: OUT appears only once it is whole."""
+    backend, devices = _backend(request)
+    started = time.monotonic()
     output = AtomicOutputDir(request.out, overwrite=request.overwrite, resume=request.resume)
     with output as tmp:
         resume = output.adopted is not None
-        results, seconds = run_quantize(plan, tmp, backend, request.allow_nonfinite, progress, devices, resume)
-        manifest = build_manifest(plan, results, source_label(plan.checkpoint), seconds)
-        write_manifest(tmp, manifest)
-        output.commit()  # only now does OUT appear, whole
+        results = write_weights(plan, tmp, backend, request.allow_nonfinite, progress, devices, resume)
+        return _complete(plan, results, output, started)
+
+
+def can_start_before_planning(request: QuantizeRequest) -> bool:
+    """Whether ``quantize_while_planning`` pays: the default planner needs transformers (or diffusers),
+    whose import takes seconds to tens of seconds, and nothing asks for the plan first."""
+    wanted = request.planner is None and not request.resume
+    return wanted and any(importlib.util.find_spec(m) is not None for m in ("transformers", "diffusers"))
+
+
+def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, progress: Progress) -> QuantizeOutcome:
+    """Write the weights on a draft plan from the name rules (instant) while this thread makes the real
+    plan (importing transformers, building the model on the meta device); keep them when the two plans
+    lay out the same weight files — which decides every byte, see ``weights_layout`` — else discard them
+    and write again on the real plan. Either way the files are the real plan's; only the time differs."""
+    backend, devices = _backend(request)
+    started = time.monotonic()
+    try:
+        draft = plan_quantize(checkpoint, request.scheme, request.max_shard_size, "name-rules")
+    except BnbError:  # whether the input is at fault is the real planner's to say
+        return quantize(request, plan_request(request, checkpoint), progress)
+    output = AtomicOutputDir(request.out, overwrite=request.overwrite)
+    with output as tmp:
+        cancellation = Cancellation()
+        reported = _Counted(progress)
+        drafted = _Background(
+            lambda: write_weights(
+                draft, tmp, backend, request.allow_nonfinite, reported, devices, cancellation=cancellation
+            )
+        )
+        try:
+            plan = plan_request(request, checkpoint)
+            same = [weights_layout(c) for c in plan.components] == [weights_layout(c) for c in draft.components]
+            if same:
+                drafts = drafted.result()  # the draft's own error, if any, is the real plan's too
+                results = [_replanned(r, c) for r, c in zip(drafts, plan.components, strict=True)]
+        except BaseException:  # Ctrl-C included: the draft stops before the folder goes
+            cancellation.cancel()
+            drafted.wait()
+            raise
+        if not same:
+            cancellation.cancel()
+            drafted.wait()
+            _empty(tmp)
+            again = _Resumed(progress, reported.total)
+            results = write_weights(plan, tmp, backend, request.allow_nonfinite, again, devices)
+        return _complete(plan, results, output, started)
+
+
+def _backend(request: QuantizeRequest) -> tuple[str, tuple[torch.device, ...]]:
+    backend = resolve_backend(request.backend)
+    if request.devices and backend != "cuda":
+        raise UsageError("--device/--devices choose GPUs for the cuda backend", hint="add --backend cuda")
+    return backend, cuda_devices(request.devices) if backend == "cuda" else ()
+
+
+def _complete(
+    plan: QuantizePlan, results: list[ComponentResult], output: AtomicOutputDir, started: float
+) -> QuantizeOutcome:
+    write_other_files(plan, output.tmp)
+    manifest = build_manifest(plan, results, source_label(plan.checkpoint), time.monotonic() - started)
+    write_manifest(output.tmp, manifest)
+    output.commit()  # only now does OUT appear, whole
     return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)
+
+
+def _replanned(result: ComponentResult, component: ComponentPlan) -> ComponentResult:
+    """A component written on the draft plan, told by the real plan: the same files, the real planner's
+    name, reasons and skip list in the manifest."""
+    jobs = {job.source.name: job for job in component.jobs}
+    records = [replace(record, job=jobs[record.job.source.name]) for record in result.records]
+    return replace(result, plan=component, records=records)
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+class _Counted:
+    """Progress that also counts what it reported."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.total = 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.total += nbytes
+        self.progress(nbytes)
+
+
+class _Resumed:
+    """Progress for a run that starts again: it moves the bar only past where the first run left it."""
+
+    def __init__(self, progress: Progress, high: int) -> None:
+        self.progress = progress
+        self.done = 0
+        self.high = high  # bytes the first run reported
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.done > self.high:
+            self.progress(self.done - self.high)
+            self.high = self.done
+
+
+class _Background(threading.Thread):
+    """A call on another thread; ``result()`` returns its value or raises its exception."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        super().__init__(name="bnb-draft", daemon=True)
+        self._call = call
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:  # handed to the caller
+            self._error = exc
+
+    def wait(self) -> None:
+        """Join; an error of a cancelled run is of no interest."""
+        self.join()
+
+    def result(self) -> Any:
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value

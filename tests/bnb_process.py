@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-COMMAND = [sys.executable, "-c", "from bnbcli.cli.main import main; main()"]
+COMMAND = [sys.executable, "-c", "from bnbcli.entry import main; main()"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 

@@ -163,16 +163,20 @@ def _mutate_header_json(rng: random.Random, path: Path) -> str:
         doc = json.loads(header)
     except ValueError:
         return "header already broken"
+    if not isinstance(doc, dict):
+        return "header already not an object"
     keys = [k for k in doc if k != "__metadata__"]
     if not keys:
         return "no tensors"
     key = rng.choice(keys)
     entry = doc[key]
     kind = rng.choice(["dtype", "shape", "offsets", "entry", "metadata", "key", "drop", "duplicate-range"])
+    if kind in ("dtype", "shape", "offsets") and not isinstance(entry, dict):
+        return "entry already not an object"  # an earlier mutation of this case replaced it
     if kind == "dtype":
         entry["dtype"] = rng.choice(["F64", "I64", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2", "F4", "XYZ", "", 5, None])
     elif kind == "shape":
-        shape = list(entry.get("shape", []))
+        shape = list(entry["shape"]) if isinstance(entry.get("shape"), list) else []
         choice = rng.random()
         if choice < 0.3 and shape:
             shape[rng.randrange(len(shape))] = _weird_number(rng)
@@ -184,7 +188,9 @@ def _mutate_header_json(rng: random.Random, path: Path) -> str:
             shape = _weird_number(rng)  # type: ignore[assignment]
         entry["shape"] = shape
     elif kind == "offsets":
-        offsets = list(entry.get("data_offsets", [0, 0]))
+        offsets = entry.get("data_offsets")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            offsets = [0, 0]  # an earlier mutation of this case broke them
         offsets[rng.randrange(2)] = rng.choice([_weird_number(rng), offsets[0] + rng.randint(-9, 9), len(rest) + 1])
         entry["data_offsets"] = offsets if rng.random() < 0.9 else offsets[:1]
     elif kind == "entry":

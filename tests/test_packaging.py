@@ -27,3 +27,16 @@ def test_kernel_sources_match_the_packaged_patterns():
     for name in SOURCES:
         assert (kernel_dir() / name).is_file(), name
         assert name.endswith(".cu")
+
+
+def test_public_api_loads_on_first_use() -> None:
+    """`import bnbcli` stays light (the command's start does not wait for torch); every name in
+    __all__ is there when asked for."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, bnbcli; assert 'torch' not in sys.modules, 'torch imported'; "
+        "[getattr(bnbcli, n) for n in bnbcli.__all__]; assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -392,6 +392,32 @@ def test_every_error_case_names_its_file_or_tensor() -> None:
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
+def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None:
+    """Ctrl-C while Python imports torch, or while the planner imports transformers as the draft's weights
+    are being written: still one line, exit 130 and nothing left behind (an interrupted import must not
+    turn into a traceback, nor its half-made native threads into an abort at exit)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    long_checkpoint(src)
+    proc = subprocess.Popen(
+        [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=bnb_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    shown = f"exit {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    assert proc.returncode == EXIT_INTERRUPTED, shown
+    assert stderr.splitlines() == ["error: interrupted"], shown
+    assert not out.exists()
+    assert_no_debris(out)
+
+
 def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     """Ctrl-C in the middle of the tensors: exit 130, `error: interrupted`, no OUT, no temp folder, no lock.
 

@@ -28,7 +28,7 @@ JOURNAL_NAME = ".bnb-journal.json"
 JOURNAL_VERSION = 1
 
 
-def fingerprint(plan_summary: dict[str, Any], settings: dict[str, Any], sources: list[Path]) -> str:
+def fingerprint(layout: list[Any], settings: dict[str, Any], sources: list[Path]) -> str:
     """A digest of what decides one component's output bytes."""
 
     def identity(path: Path) -> list[Any]:
@@ -37,7 +37,7 @@ def fingerprint(plan_summary: dict[str, Any], settings: dict[str, Any], sources:
 
     document = {
         "tool": __version__,
-        "plan": plan_summary,
+        "plan": layout,
         "settings": settings,
         "sources": [identity(p) for p in sources],
     }

@@ -53,6 +53,11 @@ class Checkpoint:
     repo_id: str | None = None
     revision: str | None = None  # for a Hub repo: the commit its snapshot was resolved to
 
+    @property
+    def tensor_bytes(self) -> int:
+        """The bytes of every tensor: what a progress bar over the whole checkpoint counts."""
+        return sum(info.nbytes for source in self.components.values() for info in source.tensors.values())
+
 
 def open_checkpoint(src: str, *, revision: str | None = None, components: Sequence[str] | None = None) -> Checkpoint:
     """Open ``src``: a ``.safetensors`` file, a model folder, a diffusers folder, or a Hub repo id ``org/name``.

@@ -15,7 +15,7 @@ from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.inspect.report import InspectReport
 from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
-from bnbcli.inspect.run import InspectRequest, inspect, open_source, total_bytes
+from bnbcli.inspect.run import InspectRequest, inspect, open_source
 from bnbcli.plan import PlannerName
 
 
@@ -106,7 +106,7 @@ def inspect_command(
     texts = _texts(text_file) if text_file is not None else None
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
-    with output.ByteProgress(total_bytes(checkpoint), "inspecting", enabled=enabled) as bar:
+    with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
         report = inspect(request, checkpoint, bar.advance)
     if activations:
         report = _with_activations(report, texts, activation_threshold)

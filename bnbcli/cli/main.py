@@ -15,6 +15,7 @@ from bnbcli.cli.env import env
 from bnbcli.cli.footprint import footprint_command
 from bnbcli.cli.inspect import inspect_command
 from bnbcli.cli.quantize import quantize
+from bnbcli.entry import interrupted_exit
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
 
 EPILOG = (
@@ -93,7 +94,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         output.error("interrupted")
-        sys.exit(EXIT_INTERRUPTED)
+        interrupted_exit(printed=True)
     except BrokenPipeError:
         # The reader went away (`bnb … | head`): exit quietly, without a second error on flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -115,5 +116,6 @@ def main() -> None:
     # Ctrl-C into Exit(130) itself (older releases raised Abort, handled above).
     if code == EXIT_INTERRUPTED:
         output.error("interrupted")
+        interrupted_exit(printed=True)
     if isinstance(code, int) and code:
         sys.exit(code)

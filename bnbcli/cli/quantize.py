@@ -10,10 +10,17 @@ import typer
 from bnbcli import output
 from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
 from bnbcli.devices import parse_devices
-from bnbcli.output_plan import plan_summary
+from bnbcli.output_plan import QuantizePlan, plan_summary
 from bnbcli.plan import PlannerName
-from bnbcli.quantize import QuantizeRequest, plan_request, warm_up_backend
-from bnbcli.quantize import quantize as run_quantize
+from bnbcli.quantize import (
+    QuantizeRequest,
+    can_start_before_planning,
+    open_source,
+    plan_request,
+    quantize_while_planning,
+    warm_up_backend,
+)
+from bnbcli.quantize import quantize as quantize_on_plan
 from bnbcli.scheme import load_preset, resolve_scheme
 from bnbcli.units import human_bytes, parse_size
 
@@ -114,20 +121,22 @@ def quantize(
         planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
         **request_kwargs,
     )
-    if not dry_run:
-        warm_up_backend(request)
-    plan = plan_request(request)
-    summary = plan_summary(plan)
-    for pattern in summary["unmatched_skip"]:
-        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
     if dry_run:
+        summary = _summary(plan_request(request))
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})
         else:
             _render_plan(summary, all_rows=True)
         return
-    with output.ByteProgress(plan.bytes_in, "quantizing", enabled=not (json_output or quiet or no_progress)) as bar:
-        outcome = run_quantize(request, plan, bar.advance)
+    warm_up_backend(request)
+    checkpoint = open_source(request)
+    enabled = not (json_output or quiet or no_progress)
+    with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
+        if can_start_before_planning(request):
+            outcome = quantize_while_planning(request, checkpoint, bar.advance)
+        else:
+            outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
+    summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
     elif not quiet:
@@ -136,6 +145,14 @@ def quantize(
         _render_result(summary, outcome.out)
         if verbose:
             _render_timing(outcome.manifest["run"])
+
+
+def _summary(plan: QuantizePlan) -> dict[str, Any]:
+    """The plan as data, after warning of --skip patterns that matched nothing (likely typos)."""
+    summary = plan_summary(plan)
+    for pattern in summary["unmatched_skip"]:
+        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
+    return summary
 
 
 def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:

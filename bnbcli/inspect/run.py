@@ -67,10 +67,6 @@ def _check_criteria(criteria: OutlierCriteria) -> None:
         raise UsageError(f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}")
 
 
-def total_bytes(checkpoint: Checkpoint) -> int:
-    return sum(info.nbytes for source in checkpoint.components.values() for info in source.tensors.values())
-
-
 def open_source(request: InspectRequest) -> Checkpoint:
     """Headers only: checks the request and opens the checkpoint (the progress bar's total comes from it)."""
     resolve_backend(request.backend)
@@ -222,4 +218,4 @@ def _measure(
     return replace(row, errors=dict(roundtrip_errors(w.contiguous(), ctx.schemes, ctx.backend)))
 
 
-__all__ = ["InspectRequest", "inspect", "open_source", "total_bytes"]
+__all__ = ["InspectRequest", "inspect", "open_source"]

@@ -1,0 +1,46 @@
+"""The `bnb` console script. Importing the command line takes seconds (torch); a Ctrl-C meanwhile is an
+interruption like any other: one line and exit 130, not a traceback from inside an import."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from typing import NoReturn
+
+from bnbcli.errors import EXIT_INTERRUPTED
+
+_interrupted = False
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    # Python's own handler only raises KeyboardInterrupt, which native code running an import (torch's
+    # initialisation) can swallow: the run then carried on as if no Ctrl-C had come. Ours also keeps a
+    # note. A shell's background job, which ignores SIGINT, keeps ignoring it.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        from bnbcli.cli.main import main as run
+    except KeyboardInterrupt:
+        interrupted_exit()
+    if _interrupted:
+        interrupted_exit()
+    run()
+
+
+def interrupted_exit(printed: bool = False) -> NoReturn:
+    """Exit 130 at once, once the run has cleaned up after itself: an import that a Ctrl-C cut short can
+    leave native threads behind that abort a normal interpreter exit ("terminate called ...")."""
+    if not printed:
+        sys.stderr.write("error: interrupted\n")
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+            stream.flush()
+    os._exit(EXIT_INTERRUPTED)
