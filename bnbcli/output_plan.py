@@ -7,6 +7,7 @@ is re-decided during execution.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.errors import UsageError
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import PlannerName, TensorDecision, plan_model, quantization_config
+from bnbcli.plan import PlannerName, QuantPlan, TensorDecision, plan_model, quantization_config
 from bnbcli.scheme import QuantScheme
 
 SHARD_METADATA = {"format": "pt"}
@@ -165,11 +166,20 @@ def _model_dtype(source: ModelSource, scheme: QuantScheme) -> torch.dtype:
     return max(set(floats), key=floats.count) if floats else torch.float32
 
 
+def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What the planners see of a component's tensors: name → (shape, dtype)."""
+    return {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
+
+
 def plan_component(
-    source: ModelSource, scheme: QuantScheme, max_shard_size: int, planner: PlannerName | None = None
+    source: ModelSource,
+    scheme: QuantScheme,
+    max_shard_size: int,
+    planner: PlannerName | None = None,
+    decided: QuantPlan | None = None,
 ) -> ComponentPlan:
-    shapes = {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
-    decided = plan_model(source.config, shapes, scheme, planner=planner)
+    """The component's output plan; ``decided``: its tensors' decisions, when already made elsewhere."""
+    decided = decided or plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
     stem = _weights_stem(source)
     rows = []
     # Source order (file, then offset): shards stream sequentially and hash as they are read.
@@ -203,11 +213,14 @@ def plan_quantize(
     scheme: QuantScheme,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     planner: PlannerName | None = None,
+    decided: Mapping[str, QuantPlan] | None = None,
 ) -> QuantizePlan:
+    """``decided``: each component's decisions (by component name), when already made elsewhere."""
     if max_shard_size <= 0:
         raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
     components = tuple(
-        plan_component(source, scheme, max_shard_size, planner) for _, source in sorted(checkpoint.components.items())
+        plan_component(source, scheme, max_shard_size, planner, (decided or {}).get(name))
+        for name, source in sorted(checkpoint.components.items())
     )
     return QuantizePlan(checkpoint=checkpoint, scheme=scheme, components=components)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,17 @@ from bnbcli.checkpoint.manifest import build_manifest, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.devices import cuda_devices
 from bnbcli.errors import BnbError, UsageError
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, ComponentPlan, QuantizePlan, plan_quantize, weights_layout
+from bnbcli.output_plan import (
+    DEFAULT_MAX_SHARD_SIZE,
+    ComponentPlan,
+    QuantizePlan,
+    plan_quantize,
+    tensor_shapes,
+    weights_layout,
+)
 from bnbcli.pipeline import Cancellation, ComponentResult, Progress, write_other_files, write_weights
-from bnbcli.plan import PlannerName
+from bnbcli.plan import PlannerName, QuantPlan
+from bnbcli.planning.isolated import ChildFailed, plan_in_child
 from bnbcli.scheme import QuantScheme
 
 
@@ -101,24 +111,41 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
         return _complete(plan, results, output, started)
 
 
-def can_start_before_planning(request: QuantizeRequest) -> bool:
+# Below this many bytes of tensors the pipeline is done about as soon as the planner, and starting the
+# planner's child process (its own torch import) costs more than the overlap saves.
+SPECULATE_MIN_BYTES = 256 << 20
+
+
+def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) -> bool:
     """Whether ``quantize_while_planning`` pays: the default planner needs transformers (or diffusers),
-    whose import takes seconds to tens of seconds, and nothing asks for the plan first."""
-    wanted = request.planner is None and not request.resume
-    return wanted and any(importlib.util.find_spec(m) is not None for m in ("transformers", "diffusers"))
+    not imported yet (seconds to tens of seconds), the checkpoint is large enough for the overlap to
+    matter, and nothing asks for the plan first."""
+    modules = ("transformers", "diffusers")
+    return (
+        request.planner is None
+        and not request.resume
+        and checkpoint.tensor_bytes >= SPECULATE_MIN_BYTES
+        and not any(m in sys.modules for m in modules)
+        and any(importlib.util.find_spec(m) is not None for m in modules)
+    )
 
 
 def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, progress: Progress) -> QuantizeOutcome:
-    """Write the weights on a draft plan from the name rules (instant) while this thread makes the real
-    plan (importing transformers, building the model on the meta device); keep them when the two plans
-    lay out the same weight files — which decides every byte, see ``weights_layout`` — else discard them
-    and write again on the real plan. Either way the files are the real plan's; only the time differs."""
+    """Write the weights on a draft plan from the name rules (instant) while a child process makes the
+    real plan (importing transformers, building the model on the meta device); keep them when the two
+    plans lay out the same weight files — which decides every byte, see ``weights_layout`` — else
+    discard them and write again on the real plan. Either way the files are the real plan's; only the
+    time differs."""
     backend, devices = _backend(request)
     started = time.monotonic()
     try:
         draft = plan_quantize(checkpoint, request.scheme, request.max_shard_size, "name-rules")
     except BnbError:  # whether the input is at fault is the real planner's to say
         return quantize(request, plan_request(request, checkpoint), progress)
+    deciding = {
+        name: plan_in_child(source.config, tensor_shapes(source), request.scheme)
+        for name, source in checkpoint.components.items()
+    }
     output = AtomicOutputDir(request.out, overwrite=request.overwrite)
     with output as tmp:
         cancellation = Cancellation()
@@ -129,7 +156,7 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             )
         )
         try:
-            plan = plan_request(request, checkpoint)
+            plan = _real_plan(request, checkpoint, deciding)
             same = [weights_layout(c) for c in plan.components] == [weights_layout(c) for c in draft.components]
             if same:
                 drafts = drafted.result()  # the draft's own error, if any, is the real plan's too
@@ -145,6 +172,17 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             again = _Resumed(progress, reported.total)
             results = write_weights(plan, tmp, backend, request.allow_nonfinite, again, devices)
         return _complete(plan, results, output, started)
+
+
+def _real_plan(
+    request: QuantizeRequest, checkpoint: Checkpoint, deciding: dict[str, Future[QuantPlan]]
+) -> QuantizePlan:
+    """The plan from the child's decisions; planned here instead when the child could not run at all."""
+    try:
+        decided = {name: future.result() for name, future in deciding.items()}
+    except ChildFailed:  # it could not start, or died: the same planner, here
+        return plan_request(request, checkpoint)
+    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, None, decided)
 
 
 def _backend(request: QuantizeRequest) -> tuple[str, tuple[torch.device, ...]]:

@@ -5,8 +5,9 @@ thrown away, or the planning fails."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
-import time
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,10 +67,18 @@ def _spy_progress() -> tuple[list[int], object]:
     return seen, seen.append
 
 
-def test_it_applies_here() -> None:
-    assert can_start_before_planning(_request(Path("x")))  # transformers is installed for the tests
-    assert not can_start_before_planning(replace(_request(Path("x")), planner="name-rules"))
-    assert not can_start_before_planning(replace(_request(Path("x")), resume=True))
+def test_it_applies_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    import bnbcli.quantize as module
+
+    for name in ("transformers", "diffusers"):  # as in a fresh `bnb` process
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    request = _request(Path("x"))
+    checkpoint = open_source(request)
+    assert not can_start_before_planning(request, checkpoint)  # too small to gain anything
+    monkeypatch.setattr(module, "SPECULATE_MIN_BYTES", checkpoint.tensor_bytes)
+    assert can_start_before_planning(request, checkpoint)  # transformers is installed for the tests
+    assert not can_start_before_planning(replace(request, planner="name-rules"), checkpoint)
+    assert not can_start_before_planning(replace(request, resume=True), checkpoint)
 
 
 def test_kept_draft_gives_the_planned_files(reference: Path, tmp_path: Path) -> None:
@@ -109,22 +118,48 @@ def test_wrong_draft_is_thrown_away(reference: Path, tmp_path: Path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder or lock left
 
 
+def test_child_errors_come_back_whole() -> None:
+    """An input error found by the planner in the child is raised here, the same class, hint included."""
+    from bnbcli.planning.isolated import plan_in_child
+
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "quantization_config": {"x": 1}}
+    future = plan_in_child(config, {}, QuantScheme())
+    with pytest.raises(InputError, match="already quantized") as raised:
+        future.result(timeout=120)
+    assert raised.value.hint
+
+
+def test_child_plans_what_this_process_plans() -> None:
+    from bnbcli.checkpoint.source import open_checkpoint
+    from bnbcli.output_plan import tensor_shapes
+    from bnbcli.plan import plan_quantization
+    from bnbcli.planning.isolated import plan_in_child
+
+    source = open_checkpoint(str(SRC)).components[""]
+    scheme = QuantScheme(method="int8", skip=("mlp",))
+    there = plan_in_child(source.config, tensor_shapes(source), scheme).result(timeout=120)
+    here = plan_quantization(source.config, tensor_shapes(source), scheme, planner=None)
+    assert there.planner == "transformers"
+    assert there == here
+
+
 def test_failed_planning_stops_the_draft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real planner fails while the draft is being written: the error comes out, the draft's thread
     has stopped, and nothing is left beside OUT."""
-    real_plan_request = plan_request
 
-    def failing(request, checkpoint=None):
-        if request.planner is None:
-            time.sleep(0.2)  # the draft is under way
-            raise InputError("the real planner failed", hint="a test")
-        return real_plan_request(request, checkpoint)
+    def failing(config, tensors, scheme) -> Future:
+        future: Future = Future()
+        timer = threading.Timer(0.2, future.set_exception, [InputError("the real planner failed", hint="a test")])
+        timer.start()  # while the draft is under way
+        return future
 
     import bnbcli.quantize as module
 
-    monkeypatch.setattr(module, "plan_request", failing)
+    monkeypatch.setattr(module, "plan_in_child", failing)
     request = _request(tmp_path / "out")
-    with pytest.raises(InputError, match="real planner failed"):
+    with pytest.raises(InputError, match="real planner failed") as raised:
         quantize_while_planning(request, open_source(request), lambda n: None)
-    assert not [t for t in threading.enumerate() if t.name.startswith("bnb-")]
+    assert raised.value.hint == "a test"
+    run_threads = ("bnb-draft", "bnb-read", "bnb-write", "bnb-out")  # not the shared part-reading pool
+    assert not [t for t in threading.enumerate() if t.name.startswith(run_threads) and "part" not in t.name]
     assert list(tmp_path.iterdir()) == []

@@ -132,7 +132,7 @@ def quantize(
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
-        if can_start_before_planning(request):
+        if can_start_before_planning(request, checkpoint):
             outcome = quantize_while_planning(request, checkpoint, bar.advance)
         else:
             outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
