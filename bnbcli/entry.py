@@ -10,6 +10,7 @@ import sys
 from typing import NoReturn
 
 from bnbcli.errors import EXIT_INTERRUPTED
+from bnbcli.planning.isolated import start_early
 
 _interrupted = False
 
@@ -27,6 +28,7 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
     try:
+        start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
         from bnbcli.cli.main import main as run
     except KeyboardInterrupt:
         interrupted_exit()

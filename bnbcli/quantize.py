@@ -31,6 +31,7 @@ from bnbcli.output_plan import (
 )
 from bnbcli.pipeline import Cancellation, ComponentResult, Progress, write_other_files, write_weights
 from bnbcli.plan import PlannerName, QuantPlan
+from bnbcli.planning import isolated
 from bnbcli.planning.isolated import ChildFailed, plan_in_child
 from bnbcli.scheme import QuantScheme
 
@@ -111,20 +112,16 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
         return _complete(plan, results, output, started)
 
 
-# Below this many bytes of tensors the pipeline is done about as soon as the planner, and starting the
-# planner's child process (its own torch import) costs more than the overlap saves.
-SPECULATE_MIN_BYTES = 256 << 20
-
-
 def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) -> bool:
     """Whether ``quantize_while_planning`` pays: the default planner needs transformers (or diffusers),
-    not imported yet (seconds to tens of seconds), the checkpoint is large enough for the overlap to
-    matter, and nothing asks for the plan first."""
+    not imported yet (seconds to tens of seconds), and a config.json to build from; the checkpoint is
+    large enough for the overlap to matter; nothing asks for the plan first."""
     modules = ("transformers", "diffusers")
     return (
         request.planner is None
         and not request.resume
-        and checkpoint.tensor_bytes >= SPECULATE_MIN_BYTES
+        and checkpoint.tensor_bytes >= isolated.SPECULATE_MIN_BYTES
+        and any(source.config is not None for source in checkpoint.components.values())  # else name rules
         and not any(m in sys.modules for m in modules)
         and any(importlib.util.find_spec(m) is not None for m in modules)
     )

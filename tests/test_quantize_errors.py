@@ -398,7 +398,8 @@ def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None
     are being written: still one line, exit 130 and nothing left behind (an interrupted import must not
     turn into a traceback, nor its half-made native threads into an abort at exit)."""
     src, out = tmp_path / "src", tmp_path / "out"
-    long_checkpoint(src, count=130)  # 260 MiB: large enough for the draft to start before the plan
+    long_checkpoint(src, count=130)  # 260 MiB, and a config.json: the draft starts before the plan
+    (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # planned by name rules
     proc = subprocess.Popen(
         [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--no-progress"],
         stdout=subprocess.PIPE,

@@ -75,7 +75,7 @@ def test_it_applies_here(monkeypatch: pytest.MonkeyPatch) -> None:
     request = _request(Path("x"))
     checkpoint = open_source(request)
     assert not can_start_before_planning(request, checkpoint)  # too small to gain anything
-    monkeypatch.setattr(module, "SPECULATE_MIN_BYTES", checkpoint.tensor_bytes)
+    monkeypatch.setattr(module.isolated, "SPECULATE_MIN_BYTES", checkpoint.tensor_bytes)
     assert can_start_before_planning(request, checkpoint)  # transformers is installed for the tests
     assert not can_start_before_planning(replace(request, planner="name-rules"), checkpoint)
     assert not can_start_before_planning(replace(request, resume=True), checkpoint)
@@ -163,3 +163,32 @@ def test_failed_planning_stops_the_draft(tmp_path: Path, monkeypatch: pytest.Mon
     run_threads = ("bnb-draft", "bnb-read", "bnb-write", "bnb-out")  # not the shared part-reading pool
     assert not [t for t in threading.enumerate() if t.name.startswith(run_threads) and "part" not in t.name]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_starts_the_child_early_only_when_it_will_ask(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bnbcli.planning import isolated
+
+    started: list[bool] = []
+    monkeypatch.setattr(isolated, "_child", lambda: started.append(True))
+    monkeypatch.setattr(isolated, "SPECULATE_MIN_BYTES", 1000)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"x" * 1000)
+
+    def starts(*argv: str) -> bool:
+        started.clear()
+        isolated.start_early(list(argv))
+        return bool(started)
+
+    assert not starts("quantize", str(src), "out")  # no config.json: name rules
+    (src / "config.json").write_text("{}")
+    assert starts("quantize", str(src), "out", "--scheme", "nf4")
+    assert not starts("quantize", str(src), "out", "--dry-run")
+    assert not starts("quantize", str(src), "out", "--planner=name-rules")
+    assert not starts("quantize", str(src), "out", "--resume")
+    assert not starts("inspect", str(src), "out")
+    assert not starts("quantize", "--scheme", "nf4")
+    monkeypatch.setattr(isolated, "SPECULATE_MIN_BYTES", 1001)
+    assert not starts("quantize", str(src), "out")  # too small

@@ -7,13 +7,18 @@ to 12 s). A child process imports and plans on a core of its own and hands back 
 the same code gives in this process (``plan_quantization``), or its error.
 
 The child is this package run as a module (``python -m bnbcli.planning.isolated``), talking pickles
-over its stdin/stdout: length-prefixed requests, one at a time. It lives as long as this process, so a
-program that plans many times (the tests, the fuzzer) starts it once. It prints nothing, ignores Ctrl-C
-(the parent handles it) and exits when the parent is gone, however the parent ended.
+over its stdin/stdout: length-prefixed requests, one at a time. It imports transformers as soon as it
+starts, before any request, and the `bnb` command starts it before importing torch itself
+(``start_early``), so that both processes' imports run side by side. It lives as long as this process,
+so a program that plans many times (the tests, the fuzzer) starts it once. It prints nothing, ignores
+Ctrl-C (the parent handles it) and exits when the parent is gone, however the parent ended.
+
+This module imports nothing heavy at the top: ``start_early`` runs before torch is imported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
@@ -24,18 +29,46 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import replace
+from importlib.util import find_spec
+from pathlib import Path
 from types import MappingProxyType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from bnbcli.plan import QuantPlan, plan_quantization
-from bnbcli.planning.common import Tensors
-from bnbcli.scheme import QuantScheme
+if TYPE_CHECKING:
+    from bnbcli.plan import QuantPlan
+    from bnbcli.planning.common import Tensors
+    from bnbcli.scheme import QuantScheme
 
 _HEADER = struct.Struct("<Q")
+
+# Below this many bytes of tensors a run's pipeline is done about as soon as the planner, and the child
+# (its own torch import) costs more than the overlap saves: `bnb quantize` plans first, in-process.
+SPECULATE_MIN_BYTES = 256 << 20
+# Flags after which `bnb quantize` plans first (or not at all): no child to start early.
+_PLANS_FIRST = ("--dry-run", "--resume", "--planner", "--help", "-h")
 
 
 class ChildFailed(RuntimeError):
     """The child could not start, or died: the caller plans in its own process instead."""
+
+
+def start_early(argv: list[str]) -> None:
+    """Start the child now when ``bnb quantize SRC OUT …`` will likely ask it: SRC a local checkpoint
+    folder with a config.json and SPECULATE_MIN_BYTES or more of weights, no flag that makes it plan
+    first. A guess from the command line alone, before torch is imported: a wrong guess costs a child
+    that is never asked and exits with us."""
+    if len(argv) < 3 or argv[0] != "quantize" or any(a.split("=")[0] in _PLANS_FIRST for a in argv):
+        return
+    src = Path(argv[1])
+    if not any((src / name).is_file() for name in ("config.json", "model_index.json")):
+        return  # a lone file or a folder without config.json: name rules plan it, in no time
+    try:
+        files = [*src.glob("*.safetensors"), *src.glob("*/*.safetensors")]
+        size = sum(f.stat().st_size for f in files)
+    except OSError:
+        return
+    if size >= SPECULATE_MIN_BYTES and find_spec("transformers") is not None:
+        _child()
 
 
 def plan_in_child(config: dict[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> Future[QuantPlan]:
@@ -108,7 +141,16 @@ def _receive(stream: IO[bytes]) -> Any:
     return pickle.loads(data)  # our own child's answer, over our own pipe
 
 
+def _preload() -> None:
+    """What the transformers planner imports first, before it is asked (that is the slow part)."""
+    from bnbcli.planning.hf_transformers import preload
+
+    preload()
+
+
 def _serve(parent: int) -> None:
+    from bnbcli.plan import plan_quantization
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch() -> None:
@@ -119,6 +161,8 @@ def _serve(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
     requests, answers = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a library's print must not corrupt the answers
+    with contextlib.suppress(Exception):  # a request meets the same failure and reports it
+        _preload()
     while True:
         try:
             config, tensors, scheme = _receive(requests)
