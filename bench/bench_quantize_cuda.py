@@ -98,12 +98,14 @@ def _report():
         json.dump(out, f)
 """
 
+# The `bnb` console script's own entry point, so that what it does before importing torch is timed too.
 OURS = """
-from bnbcli.cli.main import app
-args = ["quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "--planner", PLANNER, "-q"]
-args += ["--devices", DEVICES] if DEVICES else []
-code = app(args, standalone_mode=False)
-assert not code, code
+import sys
+sys.argv = ["bnb", "quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q"]
+sys.argv += [] if PLANNER == "auto" else ["--planner", PLANNER]
+sys.argv += ["--devices", DEVICES] if DEVICES else []
+from bnbcli.entry import main
+main()
 _report()
 """
 
