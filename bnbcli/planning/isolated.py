@@ -45,7 +45,7 @@ _HEADER = struct.Struct("<Q")
 # (its own torch import) costs more than the overlap saves: `bnb quantize` plans first, in-process.
 SPECULATE_MIN_BYTES = 256 << 20
 # Flags after which `bnb quantize` plans first (or not at all): no child to start early.
-_PLANS_FIRST = ("--dry-run", "--resume", "--planner", "--help", "-h")
+_PLANS_FIRST = ("--dry-run", "--resume", "--help", "-h")
 
 
 class ChildFailed(RuntimeError):
@@ -57,7 +57,10 @@ def start_early(argv: list[str]) -> None:
     folder with a config.json and SPECULATE_MIN_BYTES or more of weights, no flag that makes it plan
     first. A guess from the command line alone, before torch is imported: a wrong guess costs a child
     that is never asked and exits with us."""
+    named = dict(zip(argv, [*argv[1:], ""], strict=True)) | dict(a.split("=", 1) for a in argv if "=" in a)
     if len(argv) < 3 or argv[0] != "quantize" or any(a.split("=")[0] in _PLANS_FIRST for a in argv):
+        return
+    if named.get("--planner", "auto") != "auto":
         return
     src = Path(argv[1])
     if not any((src / name).is_file() for name in ("config.json", "model_index.json")):
