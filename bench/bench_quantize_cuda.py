@@ -288,7 +288,8 @@ def main() -> int:
     for old in (ours_out, theirs_out, work / "out-floor"):  # removed outside the timings
         shutil.rmtree(old, ignore_errors=True)
     ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
-    ours["stage_seconds"] = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
+    run = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]
+    ours["stage_seconds"], ours["planning"] = run["stage_seconds"], run.get("planning")
     # The same with the name-rules planner, which needs no transformers import: the start-up it saves.
     rules_out = work / "out-bnb-name-rules"
     shutil.rmtree(rules_out, ignore_errors=True)
@@ -352,7 +353,7 @@ def main() -> int:
             f"{name:<14} {r['seconds']:8.2f} {r['wall']:8.2f} {r['peak_rss'] / 2**30:8.2f} GiB "
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
-    print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}")
+    print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}; planning: {ours['planning']}")
     rules = results["name_rules_identical_tensors"]
     print(f"name-rules output vs transformers-planned output: {rules['identical']}/{rules['total']} tensors identical")
     if "multi_gpu_identical_tensors" in results:

@@ -109,7 +109,7 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
     with output as tmp:
         resume = output.adopted is not None
         results = write_weights(plan, tmp, backend, request.allow_nonfinite, progress, devices, resume)
-        return _complete(plan, results, output, started)
+        return _complete(plan, results, output, started, {"draft": None})
 
 
 def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) -> bool:
@@ -153,7 +153,8 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             )
         )
         try:
-            plan = _real_plan(request, checkpoint, deciding)
+            plan, planned_in = _real_plan(request, checkpoint, deciding)
+            planning = {"draft": None, "planned_in": planned_in, "plan_seconds": round(time.monotonic() - started, 3)}
             same = [weights_layout(c) for c in plan.components] == [weights_layout(c) for c in draft.components]
             if same:
                 drafts = drafted.result()  # the draft's own error, if any, is the real plan's too
@@ -168,18 +169,19 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             _empty(tmp)
             again = _Resumed(progress, reported.total)
             results = write_weights(plan, tmp, backend, request.allow_nonfinite, again, devices)
-        return _complete(plan, results, output, started)
+        planning["draft"] = "kept" if same else "discarded"
+        return _complete(plan, results, output, started, planning)
 
 
 def _real_plan(
     request: QuantizeRequest, checkpoint: Checkpoint, deciding: dict[str, Future[QuantPlan]]
-) -> QuantizePlan:
-    """The plan from the child's decisions; planned here instead when the child could not run at all."""
+) -> tuple[QuantizePlan, str]:
+    """The plan from the child's decisions, and where it was made: here when the child could not run."""
     try:
         decided = {name: future.result() for name, future in deciding.items()}
     except ChildFailed:  # it could not start, or died: the same planner, here
-        return plan_request(request, checkpoint)
-    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, None, decided)
+        return plan_request(request, checkpoint), "this process (the child failed)"
+    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, None, decided), "a child process"
 
 
 def _backend(request: QuantizeRequest) -> tuple[str, tuple[torch.device, ...]]:
@@ -190,10 +192,13 @@ def _backend(request: QuantizeRequest) -> tuple[str, tuple[torch.device, ...]]:
 
 
 def _complete(
-    plan: QuantizePlan, results: list[ComponentResult], output: AtomicOutputDir, started: float
+    plan: QuantizePlan, results: list[ComponentResult], output: AtomicOutputDir, started: float, planning: dict
 ) -> QuantizeOutcome:
+    """``planning``: whether weights were written on a draft plan ("kept" or "discarded"; None when the
+    plan came first), where the real plan was made and when it was there (for ``-v``)."""
     write_other_files(plan, output.tmp)
     manifest = build_manifest(plan, results, source_label(plan.checkpoint), time.monotonic() - started)
+    manifest["run"]["planning"] = planning  # like the rest of "run": how this run went, not what it wrote
     write_manifest(output.tmp, manifest)
     output.commit()  # only now does OUT appear, whole
     return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)

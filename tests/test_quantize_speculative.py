@@ -87,6 +87,8 @@ def test_kept_draft_gives_the_planned_files(reference: Path, tmp_path: Path) -> 
     seen, progress = _spy_progress()
     outcome = quantize_while_planning(request, checkpoint, progress)
     assert outcome.plan.components[0].planner == "transformers"
+    assert outcome.manifest["run"]["planning"]["draft"] == "kept"
+    assert outcome.manifest["run"]["planning"]["planned_in"] == "a child process"
     _same_checkpoint(outcome.out, reference)
     assert sum(seen) == checkpoint.tensor_bytes
 
@@ -113,6 +115,7 @@ def test_wrong_draft_is_thrown_away(reference: Path, tmp_path: Path, monkeypatch
     seen, progress = _spy_progress()
     outcome = quantize_while_planning(request, checkpoint, progress)
     assert drafts, "the draft was planned"
+    assert outcome.manifest["run"]["planning"]["draft"] == "discarded"
     _same_checkpoint(outcome.out, reference)
     assert sum(seen) == checkpoint.tensor_bytes
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder or lock left

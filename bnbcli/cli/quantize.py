@@ -174,6 +174,12 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
 def _render_timing(run: dict[str, Any]) -> None:
     stages = ", ".join(f"{name} {value:.1f} s" for name, value in run["stage_seconds"].items())
     output.stdout.print(f"{run['seconds']:.1f} s; busy per stage (they overlap): {stages}")
+    planning = run.get("planning") or {}
+    if planning.get("draft"):
+        output.stdout.print(
+            f"weights started on the name-rules draft ({planning['draft']}); the real plan, made in "
+            f"{planning['planned_in']}, came after {planning['plan_seconds']:.1f} s"
+        )
 
 
 def _render_result(summary: dict[str, Any], out: Path) -> None:
