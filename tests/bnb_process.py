@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,18 @@ def long_checkpoint(folder: Path, count: int = 40, size: int = 1024) -> None:
         for i in range(count)
     }
     save_file(tensors, folder / "model.safetensors")
+
+
+def interruptible_bnb(*args: str) -> subprocess.Popen[str]:
+    """``bnb ARGS`` started as a terminal would start it, for a test to send it SIGINT: pipes for its
+    output, and SIGINT's default disposition (a shell's background job, pytest under one included,
+    inherits SIGINT ignored, and Python keeps an inherited SIG_IGN)."""
+    return subprocess.Popen(
+        [*COMMAND, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=bnb_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )

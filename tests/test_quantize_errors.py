@@ -28,12 +28,11 @@ from typing import Any
 import pytest
 import torch
 from bnb_process import (  # tests/ is on sys.path (conftest.py)
-    COMMAND,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
     assert_no_debris,
-    bnb_env,
+    interruptible_bnb,
     long_checkpoint,
     run_bnb,
     tree_digest,
@@ -400,15 +399,7 @@ def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None
     src, out = tmp_path / "src", tmp_path / "out"
     long_checkpoint(src, count=130)  # 260 MiB, and a config.json: the draft starts before the plan
     (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # planned by name rules
-    proc = subprocess.Popen(
-        [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=bnb_env(),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--no-progress")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -428,17 +419,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "out"
     long_checkpoint(src)
     before = tree_digest(tmp_path)
-    proc = subprocess.Popen(
-        [*COMMAND, "quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=bnb_env(),
-        # A shell's background job inherits SIGINT ignored, and Python keeps an inherited SIG_IGN:
-        # give the child the default disposition, as a terminal's Ctrl-C would find it.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress")
     try:
         deadline = time.monotonic() + 60
         tmp_dir = tmp_path / f".out.bnb-tmp-{proc.pid}"
