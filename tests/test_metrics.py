@@ -48,3 +48,20 @@ def test_nan_and_exact_round_trips() -> None:
     assert math.isnan(metrics.roundtrip_error(x, torch.tensor([1.0, 0.0, 2.0])).max_abs)
     exact = metrics.roundtrip_error(torch.ones(4), torch.ones(4))
     assert exact.rmse == 0 and exact.sqnr_db == math.inf and exact.as_dict()["sqnr_db"] is None
+
+
+def test_the_gpu_sums_give_the_cpu_figures(monkeypatch) -> None:
+    """The GPU's chunked sums (run here on CPU tensors: the same torch calls), against the CPU's numpy
+    sums: every figure to rounding, NaN kept, chunks that split the tensor unevenly, and an empty one."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(10_007, generator=g).to(torch.bfloat16)
+    y = (x.float() + 0.01 * torch.randn(x.shape, generator=g)).to(torch.bfloat16)
+    monkeypatch.setattr(metrics, "CHUNK", 1000)
+    for restored in (y, y.float()):  # int8's dequantized values come back as float32
+        got, want = metrics._device_sums(x, restored), metrics._cpu_sums(x, restored)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    x_nan = x.clone()
+    x_nan[5003] = float("nan")
+    assert math.isnan(float(metrics._device_sums(x_nan, y)[2]))
+    empty = metrics._device_sums(torch.empty(0), torch.empty(0))
+    assert empty.tolist() == [0.0, 0.0, 0.0]
