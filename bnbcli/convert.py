@@ -9,12 +9,13 @@ the previous one while the kernels run. Both go through ``bnbcli.api`` and give 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from bnbcli import api
 from bnbcli.errors import InputError
+from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.output_plan import TensorJob
 from bnbcli.scheme import QuantScheme
@@ -42,13 +43,24 @@ def _nonfinite_error(job: TensorJob, nan: int, inf: int) -> InputError:
 
 
 def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend: str):
-    """(entries, restored): the planned entries of ``weight`` and its dequantized values."""
+    """(entries, restored, pending): the planned entries of ``weight``, its dequantized values, and
+    None or, on the GPU with double quantization, (record, device offset): the offset not yet read,
+    so the quant_state entry is a placeholder until ``_with_offset`` rebuilds it."""
+    pending = None
     if scheme.method == "int8":
         q = api.quantize_int8_rowwise(weight, backend=backend)
         restored = api.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend)
         row = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
         values = [q.CB, q.SCB, row]
         entries = dict(zip((e.key for e in job.entries), values, strict=True))
+    elif backend == "cuda":
+        from bnbcli.backends import cuda
+
+        args = (scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage)
+        q4, offset = cuda.quantize_4bit_queued(weight, *args)  # no waiting for the double-quant offset
+        restored = cuda.dequantize_4bit(q4, offset)
+        entries = q4.state_dict(job.source.name)
+        pending = None if offset is None else (q4, offset)
     else:
         q4 = api.quantize_4bit(
             weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
@@ -58,7 +70,7 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
     planned = [e.key for e in job.entries]
     if list(entries) != planned:
         raise InputError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")
-    return entries, restored
+    return entries, restored, pending
 
 
 def _prepare(job: TensorJob, tensor: torch.Tensor) -> torch.Tensor:
@@ -87,7 +99,7 @@ class CpuConverter:
         if not self.allow_nonfinite and not bool(torch.isfinite(tensor).all()):
             nan, inf = _count_nonfinite(tensor).tolist()  # the error path only
             raise _nonfinite_error(job, nan, inf)
-        entries, restored = _quantize(job, tensor, self.scheme, "cpu")
+        entries, restored, _ = _quantize(job, tensor, self.scheme, "cpu")
         error = error_from_sums(roundtrip_sums(tensor, restored), tensor.numel())
         return Converted(job, entries, lambda: error)
 
@@ -118,22 +130,34 @@ class CudaConverter:
                 on_device.record_stream(self.stream)  # freed later by this stream, not the copy stream
                 weight = _prepare(job, on_device)
                 nonfinite = None if self.allow_nonfinite else _to_host(_count_nonfinite(weight))
-                entries, restored = _quantize(job, weight, self.scheme, "cuda")
+                entries, restored, pending = _quantize(job, weight, self.scheme, "cuda")
                 sums = _to_host(roundtrip_sums(weight, restored))
                 host = {key: _to_host(value) for key, value in entries.items()}
+                offset = None if pending is None else _to_host(pending[1])
                 done = torch.cuda.Event()
                 done.record(self.stream)
         numel = weight.numel()
-        del weight, on_device, entries, restored  # device memory goes back to the stream's pool now
+        # The quant_state JSON needs the offset; only its fields are kept, not the device record.
+        skeleton = None if pending is None else _host_skeleton(pending[0])
+        del weight, on_device, entries, restored, pending  # device memory goes back to the stream's pool now
 
         def finish() -> RoundTripError:
             done.synchronize()
             if nonfinite is not None and bool(nonfinite.any()):
                 nan, inf = nonfinite.tolist()
                 raise _nonfinite_error(job, nan, inf)
+            if skeleton is not None and offset is not None:
+                key, value = replace(skeleton, nested_offset=float(offset)).quant_state_entry(job.source.name)
+                host[key] = value  # the placeholder's key, so the plan's order stays
             return error_from_sums(sums, numel)
 
         return Converted(job, host, finish)
+
+
+def _host_skeleton(q: QuantState4bit) -> QuantState4bit:
+    """The record's fields without its device tensors (enough for its quant_state entry)."""
+    empty = torch.empty(0)
+    return replace(q, packed=empty, absmax=empty, quant_map=empty, nested_absmax=empty, nested_quant_map=empty)
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

@@ -68,15 +68,19 @@ struct Store8<F32> {
 
 // packed: (n+1)/2 bytes (two codes per byte, element 2j in the high nibble). lut: the 16 float32
 // values the CUDA dequantizer multiplies (FP4: code 8 is -0.0). Plain: absmax != null; double
-// quantization: absmax == null and qabsmax/nested_absmax/nested_code/nested_offset describe it.
+// quantization: absmax == null and qabsmax/nested_absmax/nested_code/nested_offset describe it, the
+// offset read from *nested_offset_at when that is given (a mean still on the device: the caller need
+// not wait for it).
 template <class Out>
 __global__ void __launch_bounds__(BNB_THREADS)
     kDequantize4bit(const u8* __restrict__ packed, i64 n, int log2_blocksize, const float* __restrict__ lut,
                     const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
                     const float* __restrict__ nested_absmax, const float* __restrict__ nested_code, int log2_nested,
-                    float nested_offset, typename Out::storage* __restrict__ out) {
+                    float nested_offset, const float* __restrict__ nested_offset_at,
+                    typename Out::storage* __restrict__ out) {
     __shared__ float s_lut[16];
     if (threadIdx.x < 16) s_lut[threadIdx.x] = lut[threadIdx.x];
+    if (nested_offset_at) nested_offset = *nested_offset_at;
     __syncthreads();
     const i64 tile = i64(blockIdx.x) * (DEQUANT4_CHUNKS * CHUNK_STRIDE);
     // Every load first (the chunks' packed words and block scales), then the arithmetic and stores.
@@ -120,9 +124,10 @@ __global__ void __launch_bounds__(BNB_THREADS)
     kDequantize8bit(const u8* __restrict__ codes, i64 n, int log2_blocksize, const float* __restrict__ code,
                     const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
                     const float* __restrict__ nested_absmax, int log2_nested, float nested_offset,
-                    typename Out::storage* __restrict__ out) {
+                    const float* __restrict__ nested_offset_at, typename Out::storage* __restrict__ out) {
     __shared__ float s_code[256];
     s_code[threadIdx.x] = code[threadIdx.x];  // BNB_THREADS == 256
+    if (nested_offset_at) nested_offset = *nested_offset_at;
     __syncthreads();
     const i64 tile = i64(blockIdx.x) * (DEQUANT8_CHUNKS * CHUNK_STRIDE);
     u32 w[DEQUANT8_CHUNKS][2];

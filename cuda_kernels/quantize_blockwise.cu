@@ -8,6 +8,7 @@
 // the current one is encoded. A quantization block is blocksize/16 consecutive threads (2 ... 256):
 // its absmax is a shuffle reduction, across warps through shared memory for blocksize >= 1024.
 #include "bnb_common.cuh"
+#include "torch_mean.cuh"
 
 #define TILE_ELEMENTS (BNB_THREADS * 16)
 
@@ -75,14 +76,22 @@ struct Fp4 {
 #define DYN8_NEGATIVE 0xB81u      // index of the negative buckets: positive ones at 0 ... 0xB80
 #define DYN8_TABLE_ENTRIES 0x1702  // 2 * 0xB81
 
-struct Dyn8 {
+// SHARED: the table is copied into shared memory once per CTA (large inputs: each CTA encodes many
+// tiles); otherwise read through L1 from global memory, which saves that copy's latency where a CTA
+// encodes one tile or two (the second level of double quantization: a million floats or fewer).
+template <bool SHARED>
+struct Dyn8Codes {
     enum { BITS = 8 };
     const i32* table;
     __device__ void init(const u32* global_table) {
-        __shared__ i32 shared_table[DYN8_TABLE_ENTRIES];
-        for (int i = threadIdx.x; i < DYN8_TABLE_ENTRIES; i += BNB_THREADS) shared_table[i] = i32(global_table[i]);
-        __syncthreads();
-        table = shared_table;
+        if (SHARED) {
+            __shared__ i32 shared_table[DYN8_TABLE_ENTRIES];
+            for (int i = threadIdx.x; i < DYN8_TABLE_ENTRIES; i += BNB_THREADS) shared_table[i] = i32(global_table[i]);
+            __syncthreads();
+            table = shared_table;
+        } else {
+            table = reinterpret_cast<const i32*>(global_table);
+        }
     }
     __device__ __forceinline__ u32 encode(float s) const {
         const float a = fminf(fmaxf(fabsf(s), 0x1p-23f), 1.0f);  // NaN becomes 2^-23 here, 0 below
@@ -90,10 +99,13 @@ struct Dyn8 {
         // v = bits ^ (bits >> 31) for bits = copysign(a, s): ascending order within a bucket, either sign.
         const u32 v = f2u(a) ^ (negative & 0x7fffffffu);
         const u32 index = (f2u(a) >> 16) - DYN8_LOW_BUCKET + (negative & DYN8_NEGATIVE);
-        const u32 code = ((u32(table[index]) + v) >> 16) & 0xffu;
+        const u32 entry = SHARED ? u32(table[index]) : ld_u32(table + index);
+        const u32 code = ((entry + v) >> 16) & 0xffu;
         return is_nan(s) ? 0u : code;  // dQuantize's binary search fails every test on NaN
     }
 };
+typedef Dyn8Codes<true> Dyn8;
+typedef Dyn8Codes<false> Dyn8L1;
 
 // ------------------------------------------------------------------------------------------------
 // Code stores: 16 codes of one thread. 4-bit: element 2j in the high nibble of byte j.
@@ -139,13 +151,13 @@ struct StoreCodes<8> {
 // ------------------------------------------------------------------------------------------------
 // The kernel
 
-// A thread's 16 values as float32: the input, minus the offset when there is one (padding past n
-// stays 0, as bitsandbytes pads the tail after subtracting).
+// A thread's 16 values as float32: the input, minus the offset when `centered` (padding past n stays
+// 0, as bitsandbytes pads the tail after subtracting).
 template <class In>
-__device__ __forceinline__ void values(const Load16<In>& raw, i64 i0, i64 n, const float* offset, float off,
+__device__ __forceinline__ void values(const Load16<In>& raw, i64 i0, i64 n, bool centered, float off,
                                        float v[16]) {
     raw.to_f32(v);
-    if (offset) {
+    if (centered) {
 #pragma unroll
         for (int j = 0; j < 16; j++) v[j] = (i0 + j < n) ? sub_rn(v[j], off) : 0.0f;
     }
@@ -154,19 +166,22 @@ __device__ __forceinline__ void values(const Load16<In>& raw, i64 i0, i64 n, con
 // max |v| of a thread's values with fmaxf semantics from -FLT_MAX, as kQuantizeBlockwise starts: a
 // block of NaNs only keeps -FLT_MAX, and fp32/bf16 subnormals count as 0.
 template <class In>
-__device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i64 n, const float* offset,
-                                                float off) {
+__device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i64 n, bool centered, float off) {
     float v[16];
-    values(raw, i0, n, offset, off, v);
+    values(raw, i0, n, centered, off, v);
     float m = -BNB_FLT_MAX;
 #pragma unroll
     for (int j = 0; j < 16; j++) m = max_ftz(m, fabsf(v[j]));
     return m;
 }
 
-// x: n elements of In. offset: null, or a device float subtracted from every element first (the
-// second level of double quantization quantizes absmax - mean). out: packed codes ((n+1)/2 bytes for
-// 4-bit, n for 8-bit). absmax: ceil(n / blocksize) floats.
+// x: n elements of In. mean_partials: null, or the per-CTA sums of kTorchMeanPartials over x (ctas,
+// width, factor as there): every element is then centered on x's torch mean first, since the second
+// level of double quantization quantizes absmax - mean, and CTA 0 stores that mean in *offset_out.
+// out: packed codes ((n+1)/2 bytes for
+// 4-bit, n for 8-bit). absmax: ceil(n / blocksize) floats. map_out: the record's own copy of its code
+// map (map_len <= 256 floats from map_src: the NF4/FP4 values or the dynamic map), written by CTA 0
+// so that no separate copy is launched for it.
 //
 // Pipelining: a thread's partial absmax of the next tile is taken at the end of the current one,
 // after its codes are stored, so the loads of tile i+1 have the whole encode of tile i to arrive and
@@ -176,20 +191,29 @@ __device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i
 template <class In, class Enc>
 __global__ void __launch_bounds__(BNB_THREADS, 4)
     kQuantizeBlockwise(const typename In::storage* __restrict__ x, i64 n, int log2_blocksize,
-                       const float* __restrict__ offset, const u32* __restrict__ enc_table, u8* __restrict__ out,
-                       float* __restrict__ absmax) {
+                       const float* __restrict__ mean_partials, int mean_ctas, int mean_width, float mean_factor,
+                       float* __restrict__ offset_out, const u32* __restrict__ enc_table,
+                       const float* __restrict__ map_src, int map_len, float* __restrict__ map_out,
+                       u8* __restrict__ out, float* __restrict__ absmax) {
     __shared__ float scratch[2][BNB_THREADS / 32];
+    if (blockIdx.x == 0 && int(threadIdx.x) < map_len) map_out[threadIdx.x] = map_src[threadIdx.x];
     const i64 tiles = (n + TILE_ELEMENTS - 1) / TILE_ELEMENTS;
     const i64 first = blockIdx.x;
     Load16<In> cur, next;
     if (first < tiles) cur.issue(x, first * TILE_ELEMENTS + threadIdx.x * 16, n);  // in flight during init
     Enc enc;
     enc.init(enc_table);
-    const float off = offset ? *offset : 0.0f;
+    const bool centered = mean_partials != nullptr;
+    float off = 0.0f;
+    if (centered) {  // every CTA folds the partial sums itself (a few hundred floats, from L2)
+        __shared__ float fold[BNB_THREADS];
+        off = torch_mean_total(mean_partials, mean_ctas, mean_width, mean_factor, fold);
+        if (blockIdx.x == 0 && threadIdx.x == 0) *offset_out = off;
+    }
     const int group = 1 << (log2_blocksize - 4);  // threads per quantization block (16 elements each)
     const i64 blocks = (n + (i64(1) << log2_blocksize) - 1) >> log2_blocksize;
 
-    float partial = first < tiles ? partial_absmax(cur, first * TILE_ELEMENTS + threadIdx.x * 16, n, offset, off) : 0.0f;
+    float partial = first < tiles ? partial_absmax(cur, first * TILE_ELEMENTS + threadIdx.x * 16, n, centered, off) : 0.0f;
     int parity = 0;
     for (i64 tile = first; tile < tiles; tile += gridDim.x, parity ^= 1) {
         const i64 i0 = tile * TILE_ELEMENTS + threadIdx.x * 16;
@@ -205,13 +229,13 @@ __global__ void __launch_bounds__(BNB_THREADS, 4)
         // which encodes as 0.
         const float r = rcp_approx_ftz(m);
         float v[16];
-        values(cur, i0, n, offset, off, v);
+        values(cur, i0, n, centered, off, v);
         StoreCodes<Enc::BITS> codes;
 #pragma unroll
         for (int j = 0; j < 16; j++) codes.put(j, enc.encode(mul_ftz(v[j], r)));
         codes.store(out, i0, n);
 
-        if (more) partial = partial_absmax(next, i0_next, n, offset, off);
+        if (more) partial = partial_absmax(next, i0_next, n, centered, off);
         cur = next;
     }
 }

@@ -11,6 +11,7 @@ Skipped where no C++20 g++ with _Float16 is at hand.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -126,8 +127,8 @@ def emulated(kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cuda, "_on_gpu", lambda x, what="": x.device)
     monkeypatch.setattr(cuda, "sm_count", lambda index: 1)
     monkeypatch.setattr(cuda, "resident_ctas", lambda index, source, name: 2)  # two CTAs stride the tiles
-    # The CPU twin of torch's CUDA mean (validated against it on an H100).
-    monkeypatch.setattr(cuda, "_device_mean", lambda a: torch.tensor(cuda_mean_f32(a.numpy())))
+    # The geometry the CPU twin of torch's CUDA mean assumes (an H100's).
+    monkeypatch.setattr(cuda, "reduce_geometry", lambda index: (132, 2048))
     return cuda
 
 
@@ -186,3 +187,32 @@ def test_quant_storage_and_long_rows(emulated) -> None:
             int8.reference_quantize_int8_rowwise(long_rows, threshold),
             f"long rows {threshold}",
         )
+
+
+# Lengths that walk torch's reduction geometries: one to a few lanes, the float4 switch at 128, tails
+# of 1-3 elements, one CTA up to 130560 values and several above.
+MEAN_LENGTHS = [1, 2, 3, 5, 31, 64, 100, 127, 128, 129, 131, 255, 513, 2050, 4099, 130559, 130560, 130561, 262147]
+
+
+@pytest.mark.parametrize("n", MEAN_LENGTHS)
+def test_nested_offset_is_torchs_cuda_mean(emulated, n: int) -> None:
+    """kTorchMeanPartials + the fold in kQuantizeBlockwise give the bits of the CPU twin of torch's
+    CUDA mean (values over eight decades, so the order of the sums shows in the last bits)."""
+    rng = np.random.default_rng(n)
+    values = (rng.lognormal(0.0, 4.0, n) * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+    codes, nested_absmax, offset = emulated._nested(torch.from_numpy(values), 256, None)
+    assert np.float32(offset).tobytes() == cuda_mean_f32(values).tobytes()
+    expected_codes, expected_absmax = blockwise8.quantize_codes(torch.from_numpy(values - np.float32(offset)), 256)
+    assert_same(codes, expected_codes, f"n={n} codes")
+    assert_same(nested_absmax, expected_absmax, f"n={n} absmax")
+
+
+def test_queued_double_quant_offset_stays_on_the_device(emulated) -> None:
+    """The pipeline's path: the offset is read by the dequantize kernel from device memory, and the
+    record takes it afterwards; both give the reference's bytes."""
+    x = torch.randn(37, 300, dtype=torch.bfloat16)
+    expected = fourbit.quantize_4bit(x, "nf4", 64, True)
+    q, offset = emulated.quantize_4bit_queued(x, "nf4", 64, True)
+    assert offset is not None and np.isnan(q.nested_offset)
+    assert_same(emulated.dequantize_4bit(q, offset), fourbit.dequantize_4bit(expected), "dequant, offset on device")
+    assert_same(dataclasses.replace(q, nested_offset=float(offset)), expected, "record with the offset")

@@ -82,6 +82,25 @@ def test_large_tensor(cuda) -> None:
     assert_same(cuda.quantize_int8_rowwise(xg), int8.quantize_int8_rowwise(x), "int8")
 
 
+# Every geometry of torch's reduction: one CTA, several, and past 4,325,376 values (132 SMs) where the
+# last CTA folds two rows of partial sums.
+TORCH_MEAN_LENGTHS = [1, 3, 127, 128, 131, 4099, 130560, 130561, 1048576, 1048579, 4325376, 4325377, 9_000_001]
+
+
+@pytest.mark.parametrize("n", TORCH_MEAN_LENGTHS)
+def test_nested_offset_is_torch_mean_here(cuda, n: int) -> None:
+    """The double-quant offset our kernels compute has the bits of torch.mean on this very GPU, and
+    the nested codes are the CPU twin's for that offset."""
+    rng = np.random.default_rng(n)
+    values = (rng.lognormal(0.0, 4.0, n) * rng.choice([-1.0, 1.0], n)).astype(np.float32)
+    x = torch.from_numpy(values).cuda()
+    codes, nested_absmax, offset = cuda._nested(x, 256, None)
+    assert np.float32(offset).tobytes() == x.mean().cpu().numpy().tobytes()
+    expected_codes, expected_absmax = blockwise8.quantize_codes(torch.from_numpy(values - np.float32(offset)), 256)
+    assert_same(codes, expected_codes, f"n={n} codes")
+    assert_same(nested_absmax, expected_absmax, f"n={n} absmax")
+
+
 def test_api_keeps_results_on_the_inputs_device() -> None:
     x = torch.randn(33, 70, dtype=torch.float16)
     on_cpu = bnbcli.quantize_4bit(x, "fp4", 128, True, backend="cuda")

@@ -33,8 +33,10 @@ THREADS = 256  # BNB_THREADS in bnb_common.cuh: every kernel runs 256-thread CTA
 # tests/test_cuda_sources.py instantiates when it compiles the files with nvcc).
 ELEMENT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 SOURCES: dict[str, tuple[str, ...]] = {
-    "quantize_blockwise.cu": tuple(
-        f"kQuantizeBlockwise<{t}, {e}>" for t in ELEMENT_TYPES.values() for e in ("Nf4", "Fp4", "Dyn8")
+    "quantize_blockwise.cu": (
+        *(f"kQuantizeBlockwise<{t}, {e}>" for t in ELEMENT_TYPES.values() for e in ("Nf4", "Fp4", "Dyn8")),
+        "kQuantizeBlockwise<F32, Dyn8L1>",  # the second level of double quantization
+        "kTorchMeanPartials",
     ),
     "dequantize_blockwise.cu": tuple(f"kDequantize{b}bit<{t}>" for b in (4, 8) for t in ELEMENT_TYPES.values()),
     "int8_rowwise.cu": (*(f"kInt8RowQuant<{t}>" for t in ELEMENT_TYPES.values()), "kInt8RowDequant"),
@@ -133,6 +135,13 @@ def warm_up(device_index: int) -> threading.Thread:
 @cache
 def sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+@cache
+def reduce_geometry(device_index: int) -> tuple[int, int]:
+    """(multiprocessors, threads per multiprocessor): what torch's reductions size their grids by."""
+    props = torch.cuda.get_device_properties(device_index)
+    return int(props.multi_processor_count), int(getattr(props, "max_threads_per_multi_processor", 2048))
 
 
 @cache

@@ -111,9 +111,14 @@ class QuantState4bit:
             assert self.nested_absmax is not None and self.nested_quant_map is not None
             entries[f"{prefix}.nested_absmax"] = self.nested_absmax
             entries[f"{prefix}.nested_quant_map"] = self.nested_quant_map
-        json_bytes = np.frombuffer(self.quant_state_json().encode("utf-8"), dtype=np.uint8)
-        entries[f"{prefix}.quant_state.bitsandbytes__{self.quant_type}"] = torch.from_numpy(json_bytes.copy())
+        key, value = self.quant_state_entry(prefix)
+        entries[key] = value
         return entries
+
+    def quant_state_entry(self, prefix: str) -> tuple[str, torch.Tensor]:
+        """The last state-dict entry: the packed quant_state JSON as uint8 bytes, under its key."""
+        json_bytes = np.frombuffer(self.quant_state_json().encode("utf-8"), dtype=np.uint8)
+        return f"{prefix}.quant_state.bitsandbytes__{self.quant_type}", torch.from_numpy(json_bytes.copy())
 
 
 def _check_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
