@@ -200,9 +200,10 @@ def test_nested_offset_is_torchs_cuda_mean(emulated, n: int) -> None:
     CUDA mean (values over eight decades, so the order of the sums shows in the last bits)."""
     rng = np.random.default_rng(n)
     values = (rng.lognormal(0.0, 4.0, n) * rng.choice([-1.0, 1.0], n)).astype(np.float32)
-    codes, nested_absmax, offset = emulated._nested(torch.from_numpy(values), 256, None)
-    assert np.float32(offset).tobytes() == cuda_mean_f32(values).tobytes()
-    expected_codes, expected_absmax = blockwise8.quantize_codes(torch.from_numpy(values - np.float32(offset)), 256)
+    codes, nested_absmax, on_device = emulated._nested(torch.from_numpy(values), 256, None)
+    offset = np.float32(on_device.item())  # _nested leaves the offset on the device
+    assert offset.tobytes() == cuda_mean_f32(values).tobytes()
+    expected_codes, expected_absmax = blockwise8.quantize_codes(torch.from_numpy(values - offset), 256)
     assert_same(codes, expected_codes, f"n={n} codes")
     assert_same(nested_absmax, expected_absmax, f"n={n} absmax")
 
