@@ -44,8 +44,9 @@ def _nonfinite_error(job: TensorJob, nan: int, inf: int) -> InputError:
 
 def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend: str):
     """(entries, restored, pending): the planned entries of ``weight``, its dequantized values, and
-    None or, on the GPU with double quantization, (record, device offset): the offset not yet read,
-    so the quant_state entry is a placeholder until ``_with_offset`` rebuilds it."""
+    None or, on the GPU with double quantization, (the record's fields without its tensors, the device
+    offset): the offset is not read yet, so the quant_state entry is a placeholder until the
+    converter's finish() rebuilds it from these two."""
     pending = None
     if scheme.method == "int8":
         q = api.quantize_int8_rowwise(weight, backend=backend)
@@ -60,7 +61,7 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
         q4, offset = cuda.quantize_4bit_queued(weight, *args)  # no waiting for the double-quant offset
         restored = cuda.dequantize_4bit(q4, offset)
         entries = q4.state_dict(job.source.name)
-        pending = None if offset is None else (q4, offset)
+        pending = None if offset is None else (_without_tensors(q4), offset)
     else:
         q4 = api.quantize_4bit(
             weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
@@ -133,12 +134,10 @@ class CudaConverter:
                 entries, restored, pending = _quantize(job, weight, self.scheme, "cuda")
                 sums = _to_host(roundtrip_sums(weight, restored))
                 host = {key: _to_host(value) for key, value in entries.items()}
-                offset = None if pending is None else _to_host(pending[1])
+                fields, offset = (None, None) if pending is None else (pending[0], _to_host(pending[1]))
                 done = torch.cuda.Event()
                 done.record(self.stream)
         numel = weight.numel()
-        # The quant_state JSON needs the offset; only its fields are kept, not the device record.
-        skeleton = None if pending is None else _host_skeleton(pending[0])
         del weight, on_device, entries, restored, pending  # device memory goes back to the stream's pool now
 
         def finish() -> RoundTripError:
@@ -146,16 +145,22 @@ class CudaConverter:
             if nonfinite is not None and bool(nonfinite.any()):
                 nan, inf = nonfinite.tolist()
                 raise _nonfinite_error(job, nan, inf)
-            if skeleton is not None and offset is not None:
-                key, value = replace(skeleton, nested_offset=float(offset)).quant_state_entry(job.source.name)
+            if fields is not None and offset is not None:
+                key, value = _quant_state_entry(fields, offset, job.source.name)
                 host[key] = value  # the placeholder's key, so the plan's order stays
             return error_from_sums(sums, numel)
 
         return Converted(job, host, finish)
 
 
-def _host_skeleton(q: QuantState4bit) -> QuantState4bit:
-    """The record's fields without its device tensors (enough for its quant_state entry)."""
+def _quant_state_entry(fields: QuantState4bit, offset: torch.Tensor, name: str) -> tuple[str, torch.Tensor]:
+    """The quant_state entry of a double-quantized weight whose offset has reached the host."""
+    return replace(fields, nested_offset=float(offset)).quant_state_entry(name)
+
+
+def _without_tensors(q: QuantState4bit) -> QuantState4bit:
+    """The record's fields without its device tensors (enough for its quant_state entry), so that
+    keeping it does not keep device memory."""
     empty = torch.empty(0)
     return replace(q, packed=empty, absmax=empty, quant_map=empty, nested_absmax=empty, nested_quant_map=empty)
 

@@ -16,12 +16,14 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from cuda_cases import assert_same, inputs
 
+from bnbcli import convert
 from bnbcli.backends import cuda, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
@@ -217,3 +219,24 @@ def test_queued_double_quant_offset_stays_on_the_device(emulated) -> None:
     assert offset is not None and np.isnan(q.nested_offset)
     assert_same(emulated.dequantize_4bit(q, offset), fourbit.dequantize_4bit(expected), "dequant, offset on device")
     assert_same(dataclasses.replace(q, nested_offset=float(offset)), expected, "record with the offset")
+
+
+def test_converter_entries_with_the_offset_left_on_the_device(emulated) -> None:
+    """What `bnb quantize --backend cuda` does per double-quantized weight, minus the streams: the
+    entries are made before the offset is read, then its quant_state entry is rebuilt; every entry and
+    the round trip equal the CPU reference's."""
+    x = torch.randn(64, 96, dtype=torch.bfloat16)
+    reference = fourbit.quantize_4bit(x, "nf4", 64, True)
+    expected = reference.state_dict("w")
+    job = SimpleNamespace(source=SimpleNamespace(name="w"), entries=[SimpleNamespace(key=k) for k in expected])
+    scheme = SimpleNamespace(method="nf4", blocksize=64, double_quant=True, quant_storage=torch.uint8)
+    entries, restored, pending = convert._quantize(job, x, scheme, "cuda")  # type: ignore[arg-type]
+    assert pending is not None
+    fields, offset = pending
+    assert fields.packed.numel() == 0  # nothing of the device record is kept
+    key, value = convert._quant_state_entry(fields, offset, "w")
+    entries[key] = value
+    assert list(entries) == list(expected)
+    for name, tensor in expected.items():
+        assert_same(entries[name], tensor, name)
+    assert_same(restored, fourbit.dequantize_4bit(reference), "round trip")
