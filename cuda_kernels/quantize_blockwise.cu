@@ -7,6 +7,9 @@
 // four 16-byte loads), a grid-stride loop over the tiles with the next tile's loads in flight while
 // the current one is encoded. A quantization block is blocksize/16 consecutive threads (2 ... 256):
 // its absmax is a shuffle reduction, across warps through shared memory for blocksize >= 1024.
+//
+// Double quantization's second level runs this kernel on the absmax with the Dyn8L1 encoder, centered
+// on torch's mean: kTorchMeanPartials (torch_mean.cuh, compiled into this module) launches first.
 #include "bnb_common.cuh"
 #include "torch_mean.cuh"
 
@@ -178,10 +181,9 @@ __device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i
 // x: n elements of In. mean_partials: null, or the per-CTA sums of kTorchMeanPartials over x (ctas,
 // width, factor as there): every element is then centered on x's torch mean first, since the second
 // level of double quantization quantizes absmax - mean, and CTA 0 stores that mean in *offset_out.
-// out: packed codes ((n+1)/2 bytes for
-// 4-bit, n for 8-bit). absmax: ceil(n / blocksize) floats. map_out: the record's own copy of its code
-// map (map_len <= 256 floats from map_src: the NF4/FP4 values or the dynamic map), written by CTA 0
-// so that no separate copy is launched for it.
+// out: packed codes ((n+1)/2 bytes for 4-bit, n for 8-bit). absmax: ceil(n / blocksize) floats.
+// map_out: the record's own copy of its code map (map_len <= 256 floats from map_src: the NF4/FP4
+// values or the dynamic map), written by CTA 0 so that no separate copy is launched for it.
 //
 // Pipelining: a thread's partial absmax of the next tile is taken at the end of the current one,
 // after its codes are stored, so the loads of tile i+1 have the whole encode of tile i to arrive and
