@@ -12,6 +12,11 @@ bandwidth measured here (a 1 GiB copy_, bytes read + written), bitsandbytes' tim
 quantization includes reading the offset back to the host (our record holds it as a Python float).
 A second table gives the device time per call from the profiler (every kernel and copy of one call,
 host overhead excluded), the same fraction of copy bandwidth and the ratio on that basis.
+
+Experiments: ``--breakdown`` prints each operation's device time kernel by kernel (ours and
+bitsandbytes'); ``--grid-waves N`` launches the shared-table 8-bit encoder with N waves of CTAs instead
+of the default; ``--nested-encoder Dyn8`` runs double quantization's second level with the
+shared-table encoder instead of Dyn8L1.
 """
 
 from __future__ import annotations
@@ -51,8 +56,8 @@ def time_call(fn: Callable[[], object], samples: int, batch: int, warmup: int = 
     return statistics.median(times)
 
 
-def device_time(fn: Callable[[], object], calls: int = 10) -> float:
-    """Seconds of device work per call: every kernel and copy the profiler (CUPTI) records."""
+def device_events(fn: Callable[[], object], calls: int = 10) -> dict[str, float]:
+    """Microseconds of device work per call, by kernel or copy name, as the profiler (CUPTI) records them."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -61,8 +66,23 @@ def device_time(fn: Callable[[], object], calls: int = 10) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    busy = sum(e.time_range.elapsed_us() for e in prof.events() if str(e.device_type).endswith("CUDA"))
-    return busy / calls / 1e6
+    per_name: dict[str, float] = {}
+    for e in prof.events():
+        if str(e.device_type).endswith("CUDA"):
+            per_name[e.name] = per_name.get(e.name, 0.0) + e.time_range.elapsed_us() / calls
+    return per_name
+
+
+def device_time(fn: Callable[[], object], calls: int = 10) -> float:
+    """Seconds of device work per call: every kernel and copy the profiler records."""
+    return sum(device_events(fn, calls).values()) / 1e6
+
+
+def print_breakdown(label: str, fn: Callable[[], object]) -> None:
+    events = device_events(fn, 20)
+    print(f"{label}: {sum(events.values()):.1f} µs of device time per call")
+    for name, us in sorted(events.items(), key=lambda item: -item[1]):
+        print(f"    {us:8.2f} µs  {name[:110]}")
 
 
 def copy_bandwidth(samples: int) -> float:
@@ -160,7 +180,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=25)
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--breakdown", action="store_true", help="device time kernel by kernel, per operation")
+    parser.add_argument("--grid-waves", type=int, help="waves of CTAs for the shared-table 8-bit encoder")
+    parser.add_argument("--nested-encoder", choices=("Dyn8", "Dyn8L1"), help="double quant's second-level encoder")
     args = parser.parse_args()
+    if args.grid_waves is not None:
+        cuda.GRID_WAVES["Dyn8"] = args.grid_waves
+    if args.nested_encoder is not None:
+        cuda.NESTED_ENCODER = args.nested_encoder
 
     torch.manual_seed(0)
     x = torch.randn(args.rows, args.cols, device="cuda", dtype=torch.bfloat16)
@@ -168,6 +195,10 @@ def main() -> None:
     copy = copy_bandwidth(args.samples)
     rows = []
     for name, nbytes, ours, theirs in operations(x, x16):
+        if args.breakdown:
+            print_breakdown(f"ours, {name}", ours)
+            if theirs is not None:
+                print_breakdown(f"bitsandbytes, {name}", theirs)
         t_ours = time_call(ours, args.samples, args.batch)
         row = {"op": name, "bytes": nbytes, "ours_s": t_ours, "ours_GBps": nbytes / t_ours / 1e9}
         row["fraction_of_copy"] = nbytes / t_ours / copy
