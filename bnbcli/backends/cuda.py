@@ -126,7 +126,7 @@ def _torch_mean(x: torch.Tensor) -> _TorchMean:
 
 # CTAs per resident slot. One (a persistent grid) suits the 4-bit encoders; the shared-table 8-bit
 # encoder ran faster with four waves of CTAs on an H100 (8192x8192 bf16, blocksize 4096: 92.4 us with
-# one, 90.2 with 1.5, 89.7 with two, 89.0 with four), the tail of the grid-stride loop shorter.
+# one, 89.7 with two, 89.0 with four; `bench/bench_kernels_cuda.py --grid-waves N` repeats it).
 GRID_WAVES = {"Dyn8": 4}
 
 # The code map each encoder's records carry (kQuantizeBlockwise writes the record's copy of it).
