@@ -159,6 +159,30 @@ __device__ __forceinline__ void st_v2(void* p, U32x2 v) {
     asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y) : "memory");
 }
 
+// Data another CTA of the same kernel wrote: read at L2, the point of coherence (never through the
+// non-coherent path or a stale L1 line).
+__device__ __forceinline__ U32x4 ld_cg_v4(const void* p) {
+    U32x4 r;
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p)
+                 : "memory");
+    return r;
+}
+__device__ __forceinline__ float ld_cg_f32(const float* p) {
+    float r;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
+    return r;
+}
+// Cross-CTA hand-off: each writer fences its stores, then one thread counts them with an atomic; the
+// thread that completes the count fences again before its CTA reads what the others wrote.
+__device__ __forceinline__ void fence_gpu() { asm volatile("membar.gl;" ::: "memory"); }
+__device__ __forceinline__ u32 atomic_add_u32(u32* p, u32 v) {
+    u32 old;
+    asm volatile("atom.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+
 #endif  // BNB_HOST_EMULATION
 
 __device__ __forceinline__ bool is_nan(float f) { return f != f; }

@@ -4,12 +4,13 @@
 // fourbit.py / blockwise8.py.
 //
 // Launch: 256-thread CTAs over tiles of 4096 elements, each thread 16 consecutive elements (two or
-// four 16-byte loads), a grid-stride loop over the tiles with the next tile's loads in flight while
+// four 16-byte loads), one run of consecutive tiles per CTA with the next tile's loads in flight while
 // the current one is encoded. A quantization block is blocksize/16 consecutive threads (2 ... 256):
 // its absmax is a shuffle reduction, across warps through shared memory for blocksize >= 1024.
 //
-// Double quantization's second level runs this kernel on the absmax with the Dyn8L1 encoder, centered
-// on torch's mean: kTorchMeanPartials (torch_mean.cuh, compiled into this module) launches first.
+// Double quantization: the first level also leaves the partial sums of torch's mean of its absmax
+// (MeanSink, torch_mean.cuh); the second level runs this kernel on that absmax with the Dyn8L1
+// encoder, centered on the mean it folds from those sums.
 #include "bnb_common.cuh"
 #include "torch_mean.cuh"
 
@@ -178,49 +179,55 @@ __device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i
     return m;
 }
 
-// x: n elements of In. mean_partials: null, or the per-CTA sums of kTorchMeanPartials over x (ctas,
-// width, factor as there): every element is then centered on x's torch mean first, since the second
-// level of double quantization quantizes absmax - mean, and CTA 0 stores that mean in *offset_out.
-// out: packed codes ((n+1)/2 bytes for 4-bit, n for 8-bit). absmax: ceil(n / blocksize) floats.
-// map_out: the record's own copy of its code map (map_len <= 256 floats from map_src: the NF4/FP4
-// values or the dynamic map), written by CTA 0 so that no separate copy is launched for it.
+// x: n elements of In. mean_partials: null, or the per-CTA sums of torch's mean of x (ctas, width,
+// factor as in torch_mean_total): every element is then centered on that mean first, since the second
+// level of double quantization quantizes absmax - mean, and CTA 0 stores the mean in *offset_out.
+// sink_partials: null, or where the first level of double quantization leaves the partial sums of
+// torch's mean of the absmax it writes (MeanSink; sink_counts, sink_ctas, sink_width, sink_vectorized
+// as there). out: packed codes ((n+1)/2 bytes for 4-bit, n for 8-bit). absmax: ceil(n / blocksize)
+// floats. map_out: the record's own copy of its code map (map_len <= 256 floats from map_src: the
+// NF4/FP4 values or the dynamic map), written by CTA 0 so that no separate copy is launched for it.
 //
-// Pipelining: a thread's partial absmax of the next tile is taken at the end of the current one,
-// after its codes are stored, so the loads of tile i+1 have the whole encode of tile i to arrive and
-// the reduction of tile i+1 (one barrier for blocksize >= 1024) never waits on memory. (Measured on
+// CTA b encodes tiles [b, b + 1) * tiles_per_cta (the grid covers them all): one run, so its absmax is
+// one run too, which MeanSink counts at the end in a few additions (one per chunk it touches).
+// Pipelining: a thread's partial absmax of the next tile is taken at the end of the current one, after
+// its codes are stored, so the loads of tile i+1 have the whole encode of tile i to arrive and the reduction of tile i+1 (one barrier for blocksize >= 1024) never waits on memory. (Measured on
 // an H100: blockwise 8-bit at blocksize 4096 98 -> 92 us; a variant that pipelines only the barrier
 // case ran that case at 103 us and nothing else faster.)
 template <class In, class Enc>
 __global__ void __launch_bounds__(BNB_THREADS, 4)
-    kQuantizeBlockwise(const typename In::storage* __restrict__ x, i64 n, int log2_blocksize,
+    kQuantizeBlockwise(const typename In::storage* __restrict__ x, i64 n, i64 tiles_per_cta, int log2_blocksize,
                        const float* __restrict__ mean_partials, int mean_ctas, int mean_width, float mean_factor,
-                       float* __restrict__ offset_out, const u32* __restrict__ enc_table,
+                       float* __restrict__ offset_out, float* __restrict__ sink_partials, u32* __restrict__ sink_counts,
+                       int sink_ctas, int sink_width, int sink_vectorized, const u32* __restrict__ enc_table,
                        const float* __restrict__ map_src, int map_len, float* __restrict__ map_out,
                        u8* __restrict__ out, float* __restrict__ absmax) {
     __shared__ float scratch[2][BNB_THREADS / 32];
+    __shared__ float sums[BNB_THREADS];  // the mean's block reductions
     if (blockIdx.x == 0 && int(threadIdx.x) < map_len) map_out[threadIdx.x] = map_src[threadIdx.x];
     const i64 tiles = (n + TILE_ELEMENTS - 1) / TILE_ELEMENTS;
-    const i64 first = blockIdx.x;
+    const i64 first = blockIdx.x * tiles_per_cta;
+    const i64 end = min(tiles, first + tiles_per_cta);
     Load16<In> cur, next;
-    if (first < tiles) cur.issue(x, first * TILE_ELEMENTS + threadIdx.x * 16, n);  // in flight during init
+    if (first < end) cur.issue(x, first * TILE_ELEMENTS + threadIdx.x * 16, n);  // in flight during init
     Enc enc;
     enc.init(enc_table);
     const bool centered = mean_partials != nullptr;
     float off = 0.0f;
     if (centered) {  // every CTA folds the partial sums itself (a few hundred floats, from L2)
-        __shared__ float fold[BNB_THREADS];
-        off = torch_mean_total(mean_partials, mean_ctas, mean_width, mean_factor, fold);
+        off = torch_mean_total(mean_partials, mean_ctas, mean_width, mean_factor, sums);
         if (blockIdx.x == 0 && threadIdx.x == 0) *offset_out = off;
     }
     const int group = 1 << (log2_blocksize - 4);  // threads per quantization block (16 elements each)
     const i64 blocks = (n + (i64(1) << log2_blocksize) - 1) >> log2_blocksize;
+    const i64 tile_blocks = TILE_ELEMENTS >> log2_blocksize;  // blocksize <= 4096: whole blocks per tile
 
-    float partial = first < tiles ? partial_absmax(cur, first * TILE_ELEMENTS + threadIdx.x * 16, n, centered, off) : 0.0f;
+    float partial = first < end ? partial_absmax(cur, first * TILE_ELEMENTS + threadIdx.x * 16, n, centered, off) : 0.0f;
     int parity = 0;
-    for (i64 tile = first; tile < tiles; tile += gridDim.x, parity ^= 1) {
+    for (i64 tile = first; tile < end; tile++, parity ^= 1) {
         const i64 i0 = tile * TILE_ELEMENTS + threadIdx.x * 16;
-        const i64 i0_next = (tile + gridDim.x) * TILE_ELEMENTS + threadIdx.x * 16;
-        const bool more = tile + gridDim.x < tiles;
+        const i64 i0_next = i0 + TILE_ELEMENTS;
+        const bool more = tile + 1 < end;
         if (more) next.issue(x, i0_next, n);
 
         const float m = cta_group_max(partial, group, scratch[parity]);
@@ -239,5 +246,9 @@ __global__ void __launch_bounds__(BNB_THREADS, 4)
 
         if (more) partial = partial_absmax(next, i0_next, n, centered, off);
         cur = next;
+    }
+    if (sink_partials) {
+        const MeanSink sink = {absmax, sink_partials, sink_counts, u32(blocks), sink_ctas, sink_width, sink_vectorized};
+        sink.stored(u32(min(blocks, first * tile_blocks)), u32(min(blocks, end * tile_blocks)), sums);
     }
 }

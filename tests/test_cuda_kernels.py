@@ -102,6 +102,23 @@ def test_nested_offset_is_torch_mean_here(cuda, n: int) -> None:
     assert_same(nested_absmax, expected_absmax, f"n={n} absmax")
 
 
+@pytest.mark.parametrize("blocks", TORCH_MEAN_LENGTHS)
+def test_double_quant_offset_from_the_first_levels_sink_is_torch_mean_here(cuda, blocks: int) -> None:
+    """Double quantization's offset, summed by the first-level kernel's MeanSink over the absmax it
+    writes (one chosen value per block of 32), has the bits of torch.mean of that absmax on this GPU."""
+    rng = np.random.default_rng(blocks)
+    values = (rng.lognormal(0.0, 4.0, blocks) * rng.choice([-1.0, 1.0], blocks)).astype(np.float32)
+    x = torch.zeros((blocks, 32), dtype=torch.float32, device="cuda")
+    x[:, 5] = torch.from_numpy(values).cuda()
+    absmax = x[:, 5].abs()
+    q = cuda.quantize_4bit(x.reshape(-1), "nf4", 32, True)
+    expected = absmax.mean()
+    assert np.float32(q.nested_offset).tobytes() == expected.cpu().numpy().tobytes()
+    expected_codes, expected_absmax = blockwise8.quantize_codes((absmax - expected).cpu(), 256)
+    assert_same(q.absmax, expected_codes, f"{blocks} blocks: codes")
+    assert_same(q.nested_absmax, expected_absmax, f"{blocks} blocks: nested absmax")
+
+
 def test_api_keeps_results_on_the_inputs_device() -> None:
     x = torch.randn(33, 70, dtype=torch.float16)
     on_cpu = bnbcli.quantize_4bit(x, "fp4", 128, True, backend="cuda")
