@@ -4,8 +4,8 @@
 // fourbit.py / blockwise8.py.
 //
 // Launch: 256-thread CTAs over tiles of 4096 elements, each thread 16 consecutive elements (two or
-// four 16-byte loads), one run of consecutive tiles per CTA with the next tile's loads in flight while
-// the current one is encoded. A quantization block is blocksize/16 consecutive threads (2 ... 256):
+// four 16-byte vectors), one run of consecutive tiles per CTA, staged ahead in a ring of shared memory
+// by asynchronous copies (Ring: up to 4 tiles in flight while one is encoded). A quantization block is blocksize/16 consecutive threads (2 ... 256):
 // its absmax is a shuffle reduction, across warps through shared memory for blocksize >= 1024.
 //
 // Double quantization: the first level also leaves the partial sums of torch's mean of its absmax
@@ -49,7 +49,7 @@ struct LaneLut {
 };
 
 struct Nf4 {
-    enum { BITS = 4 };
+    enum { BITS = 4, SHARED_TABLE = 0 };
     LaneLut lut;
     __device__ void init(const u32* table) { lut.init(table); }
     // Buckets over s in [-1, 1]: bias 15 maps s = -1 to 0 and s = 1 to 30.
@@ -57,7 +57,7 @@ struct Nf4 {
 };
 
 struct Fp4 {
-    enum { BITS = 4 };
+    enum { BITS = 4, SHARED_TABLE = 0 };
     LaneLut lut;
     __device__ void init(const u32* table) { lut.init(table); }
     // dQuantizeFP4: sign bit from s < 0 (so -0.0, and a product flushed to -0.0, keep sign 0), then the
@@ -85,7 +85,7 @@ struct Fp4 {
 // encodes one tile or two (the second level of double quantization: a million floats or fewer).
 template <bool SHARED>
 struct Dyn8Codes {
-    enum { BITS = 8 };
+    enum { BITS = 8, SHARED_TABLE = SHARED ? 1 : 0 };
     const i32* table;
     __device__ void init(const u32* global_table) {
         if (SHARED) {
@@ -190,10 +190,17 @@ __device__ __forceinline__ float partial_absmax(const Load16<In>& raw, i64 i0, i
 //
 // CTA b encodes tiles [b, b + 1) * tiles_per_cta (the grid covers them all): one run, so its absmax is
 // one run too, which MeanSink counts at the end in a few additions (one per chunk it touches).
-// Pipelining: a thread's partial absmax of the next tile is taken at the end of the current one, after
-// its codes are stored, so the loads of tile i+1 have the whole encode of tile i to arrive and the reduction of tile i+1 (one barrier for blocksize >= 1024) never waits on memory. (Measured on
-// an H100: blockwise 8-bit at blocksize 4096 98 -> 92 us; a variant that pipelines only the barrier
-// case ran that case at 103 us and nothing else faster.)
+// Pipelining: each thread copies its own 16 elements of the next STAGES tiles into its own ring slots
+// (cp.async, no registers held, no barrier needed: no thread reads another's slot), so the memory
+// system always has STAGES tiles per CTA to fetch. (The registers of the previous design held one
+// tile ahead: 32 KB in flight per SM, too little to cover the latency on an H200.)
+// Tiles each CTA stages ahead in shared memory: a 32 KB ring (16 KB where the Dyn8 table takes 23.5
+// KB), inside the 48 KB of static shared memory a CTA may have.
+template <class In, class Enc>
+struct Ring {
+    enum { STAGES = (sizeof(typename In::storage) == 2 ? 4 : 2) >> Enc::SHARED_TABLE };
+};
+
 template <class In, class Enc>
 __global__ void __launch_bounds__(BNB_THREADS, 4)
     kQuantizeBlockwise(const typename In::storage* __restrict__ x, i64 n, i64 tiles_per_cta, int log2_blocksize,
@@ -202,14 +209,20 @@ __global__ void __launch_bounds__(BNB_THREADS, 4)
                        int sink_ctas, int sink_width, int sink_vectorized, const u32* __restrict__ enc_table,
                        const float* __restrict__ map_src, int map_len, float* __restrict__ map_out,
                        u8* __restrict__ out, float* __restrict__ absmax) {
+    enum { STAGES = Ring<In, Enc>::STAGES, VECTORS = Load16<In>::VECTORS };
+    __shared__ U32x4 ring[STAGES][VECTORS * BNB_THREADS];
     __shared__ float scratch[2][BNB_THREADS / 32];
     __shared__ float sums[BNB_THREADS];  // the mean's block reductions
-    if (blockIdx.x == 0 && int(threadIdx.x) < map_len) map_out[threadIdx.x] = map_src[threadIdx.x];
     const i64 tiles = (n + TILE_ELEMENTS - 1) / TILE_ELEMENTS;
     const i64 first = blockIdx.x * tiles_per_cta;
     const i64 end = min(tiles, first + tiles_per_cta);
-    Load16<In> cur, next;
-    if (first < end) cur.issue(x, first * TILE_ELEMENTS + threadIdx.x * 16, n);  // in flight during init
+    const i64 lane0 = threadIdx.x * 16;  // this thread's first element in a tile
+#pragma unroll
+    for (int k = 0; k < STAGES; k++) {  // the first tiles' copies, in flight during init
+        if (first + k < end) Load16<In>::stage(ring[k], x, (first + k) * TILE_ELEMENTS + lane0, n);
+        cp_async_commit();  // one group per tile, empty past the end, so the waits count tiles
+    }
+    if (blockIdx.x == 0 && int(threadIdx.x) < map_len) map_out[threadIdx.x] = map_src[threadIdx.x];
     Enc enc;
     enc.init(enc_table);
     const bool centered = mean_partials != nullptr;
@@ -222,13 +235,17 @@ __global__ void __launch_bounds__(BNB_THREADS, 4)
     const i64 blocks = (n + (i64(1) << log2_blocksize) - 1) >> log2_blocksize;
     const i64 tile_blocks = TILE_ELEMENTS >> log2_blocksize;  // blocksize <= 4096: whole blocks per tile
 
-    float partial = first < end ? partial_absmax(cur, first * TILE_ELEMENTS + threadIdx.x * 16, n, centered, off) : 0.0f;
-    int parity = 0;
+    int slot = 0, parity = 0;
     for (i64 tile = first; tile < end; tile++, parity ^= 1) {
-        const i64 i0 = tile * TILE_ELEMENTS + threadIdx.x * 16;
-        const i64 i0_next = i0 + TILE_ELEMENTS;
-        const bool more = tile + 1 < end;
-        if (more) next.issue(x, i0_next, n);
+        const i64 i0 = tile * TILE_ELEMENTS + lane0;
+        cp_async_wait<STAGES - 1>();  // this tile's group; the STAGES - 1 after it may still be in flight
+        Load16<In> cur;
+        cur.read(ring[slot]);
+        const float partial = partial_absmax(cur, i0, n, centered, off);
+        // The slot's values are in registers now (the max above used them all): refill it.
+        if (tile + STAGES < end) Load16<In>::stage(ring[slot], x, i0 + STAGES * TILE_ELEMENTS, n);
+        cp_async_commit();
+        slot = slot + 1 == STAGES ? 0 : slot + 1;
 
         const float m = cta_group_max(partial, group, scratch[parity]);
         const i64 block = i0 >> log2_blocksize;
@@ -243,9 +260,6 @@ __global__ void __launch_bounds__(BNB_THREADS, 4)
 #pragma unroll
         for (int j = 0; j < 16; j++) codes.put(j, enc.encode(mul_ftz(v[j], r)));
         codes.store(out, i0, n);
-
-        if (more) partial = partial_absmax(next, i0_next, n, centered, off);
-        cur = next;
     }
     if (sink_partials) {
         const MeanSink sink = {absmax, sink_partials, sink_counts, u32(blocks), sink_ctas, sink_width, sink_vectorized};

@@ -166,6 +166,16 @@ inline V load_vector(const void* p) {
 #define ld_v4(p) load_vector<U32x4>(p)
 #define ld_u32(p) load_vector<unsigned int>(p)
 #define ld_v2(p) load_vector<U32x2>(p)
+// The copies complete at once: each thread reads back only what it staged itself.
+inline void cp_async16(void* shared_dst, const void* src, int src_bytes) {
+    if (reinterpret_cast<uintptr_t>(shared_dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) std::abort();
+    if (src_bytes < 0 || src_bytes > 16) std::abort();
+    std::memcpy(shared_dst, src, size_t(src_bytes));
+    std::memset(static_cast<char*>(shared_dst) + src_bytes, 0, size_t(16 - src_bytes));
+}
+inline void cp_async_commit() {}
+template <int PENDING>
+inline void cp_async_wait() {}
 #define ld_cg_v4(p) load_vector<U32x4>(p)
 inline float ld_cg_f32(const float* p) { return *p; }
 // CTAs run one after another, so only the threads of one CTA ever race.

@@ -55,6 +55,28 @@ def test_cuda_backend_refuses_loudly_without_its_requirements() -> None:
         bnbcli.quantize_4bit(torch.randn(64), backend="cuda")
 
 
+def test_gpus_older_than_ampere_are_refused_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A T4 (compute capability 7.5) has CuPy and a CUDA torch but not the kernels' instructions:
+    `auto` takes the CPU, `cuda` says why."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "cupy" else find_spec(name))
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Tesla T4")
+    cuda_unavailable.cache_clear()
+    try:
+        assert resolve_backend("auto") == "cpu"
+        with pytest.raises(BackendUnavailable, match=r"8\.0 or newer.*GPU 0 \(Tesla T4\) is 7\.5") as info:
+            resolve_backend("cuda")
+        assert info.value.hint and "--backend cpu" in info.value.hint
+    finally:
+        cuda_unavailable.cache_clear()
+
+
 def test_cuda_module_imports_without_cupy() -> None:
     """DESIGN rule 7: CuPy is imported inside the backend's functions only."""
     code = "import sys, bnbcli.backends.cuda; assert 'cupy' not in sys.modules"

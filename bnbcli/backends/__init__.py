@@ -2,7 +2,8 @@
 
 ``cpu`` is the pure torch reference in ``bnbcli.formats`` (bit-exact with bitsandbytes' CUDA kernels);
 ``cuda`` runs the kernels of cuda_kernels/ through CuPy (``bnbcli.backends.cuda``) and writes the same
-bytes. ``auto`` is cuda when CuPy, a CUDA build of torch and a GPU are all here, else cpu. Asking for
+bytes. ``auto`` is cuda when CuPy, a CUDA build of torch and GPUs of compute capability 8.0 or newer
+are all here, else cpu. Asking for
 ``cuda`` where it cannot run is an error with a hint, never a silent fallback.
 """
 
@@ -15,6 +16,7 @@ from functools import cache
 from bnbcli.errors import BackendUnavailable, UsageError
 
 BACKENDS = ("auto", "cpu", "cuda")
+MIN_CAPABILITY = (8, 0)  # Ampere: the kernels use bf16 conversions and cp.async
 
 
 @cache
@@ -36,6 +38,15 @@ def cuda_unavailable() -> tuple[str, str] | None:
         return (
             "the cuda backend found no GPU",
             "check nvidia-smi and CUDA_VISIBLE_DEVICES, or use --backend cpu: it writes the same bytes",
+        )
+    old = [i for i in range(torch.cuda.device_count()) if torch.cuda.get_device_capability(i) < MIN_CAPABILITY]
+    if old:
+        major, minor = torch.cuda.get_device_capability(old[0])
+        return (
+            f"the cuda backend's kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(bf16 and asynchronous-copy instructions); GPU {old[0]} ({torch.cuda.get_device_name(old[0])}) "
+            f"is {major}.{minor}",
+            "use --backend cpu: it writes the same bytes (or hide that GPU with CUDA_VISIBLE_DEVICES)",
         )
     from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 
