@@ -305,7 +305,11 @@ def main() -> int:
     shutil.rmtree(ours_out)
     ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
     run = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]
-    ours["stage_seconds"], ours["planning"] = run["stage_seconds"], run.get("planning")
+    ours["stage_seconds"], ours["planning"], ours["timeline"] = (
+        run["stage_seconds"],
+        run.get("planning"),
+        run.get("timeline"),
+    )
     # The same with the name-rules planner, which needs no transformers import: the start-up it saves.
     rules_out = work / "out-bnb-name-rules"
     shutil.rmtree(rules_out, ignore_errors=True)
@@ -370,6 +374,7 @@ def main() -> int:
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}; planning: {ours['planning']}")
+    print(f"bnb timeline (s since `bnb` started; its interpreter and imports before that): {ours['timeline']}")
     rules = results["name_rules_identical_tensors"]
     print(f"name-rules output vs transformers-planned output: {rules['identical']}/{rules['total']} tensors identical")
     if "multi_gpu_identical_tensors" in results:

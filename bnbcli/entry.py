@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import NoReturn
 
+from bnbcli import timeline  # first: its clock starts at its import
 from bnbcli.errors import EXIT_INTERRUPTED
 from bnbcli.planning.isolated import start_early
 
@@ -33,6 +34,8 @@ def main() -> None:
     try:
         start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
         from bnbcli.cli.main import main as run
+
+        timeline.mark("imported")
     except KeyboardInterrupt:
         interrupted_exit()
     if _interrupted:

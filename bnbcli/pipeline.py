@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from bnbcli import timeline
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.safetensors_file import read_tensor
@@ -281,6 +282,8 @@ def _run_component(
                 continue
             with seconds.timing("read"):
                 tensor = read_tensor(job.source, pin_memory=pin and job.quantized)
+            timeline.mark("first tensor read")
+            timeline.mark_again("last tensor read")
             to_convert.put((job, tensor))
         to_convert.put(_END)
 
@@ -289,8 +292,11 @@ def _run_component(
             record = TensorRecord(converted.job)
             with seconds.timing("results"):
                 record.error = converted.finish()
+            timeline.mark("first results on the host")
             with seconds.timing("write"):
                 shards.write(converted, record)
+            timeline.mark("first tensor written")
+            timeline.mark_again("last tensor written")
             records.append(record)
             progress(converted.job.source.nbytes)
         with seconds.timing("write"):
@@ -304,6 +310,7 @@ def _run_component(
         for i, (job, tensor) in enumerate(to_convert.items()):
             with seconds.timing("convert"):
                 converted = converters[i % len(converters)](job, tensor)
+            timeline.mark("first tensor queued")
             to_write.put(converted)
         to_write.put(_END)
         stages[1].join()
@@ -324,11 +331,13 @@ def _run_component(
         raise Cancelled
     with seconds.timing("write"):
         shards.wait()
+    timeline.mark_again("outputs on disk")
     if len(component.shards) > 1:
         index = out_dir / f"{component.weights_stem}.safetensors.index.json"
         index.write_text(index_document(component, shards.data_bytes))
     with seconds.timing("hashing"):
         source_sha256 = hashes.result()
+    timeline.mark_again("sources hashed")
     changed = [p for p, h in journal.source_sha256.items() if source_sha256.get(p, h) != h]
     if resumed and changed:
         raise InputError(
@@ -369,6 +378,7 @@ def write_weights(
     place; with ``resume``, one an interrupted run left, whose journaled shards are kept when they still
     match). ``write_other_files`` completes the checkpoint."""
     converters = make_converters(backend, devices, plan.scheme, allow_nonfinite)
+    timeline.mark("converters ready")
     settings = asdict(plan.scheme) | {"allow_nonfinite": allow_nonfinite}
     results = []
     for component in plan.components:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from bnbcli import timeline
 from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import build_manifest, write_manifest
@@ -89,9 +90,11 @@ def warm_up_backend(request: QuantizeRequest) -> None:
 
 
 def open_source(request: QuantizeRequest) -> Checkpoint:
+    timeline.new_run()
     resolve_backend(request.backend)
     checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
     check_paths(checkpoint, request.out)
+    timeline.mark("source opened")
     return checkpoint
 
 
@@ -105,6 +108,7 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
     """Execute ``plan``: OUT appears only once it is whole."""
     backend, devices = _backend(request)
     started = time.monotonic()
+    timeline.mark("planned")
     output = AtomicOutputDir(request.out, overwrite=request.overwrite, resume=request.resume)
     with output as tmp:
         resume = output.adopted is not None
@@ -137,6 +141,7 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
     started = time.monotonic()
     try:
         draft = plan_quantize(checkpoint, request.scheme, request.max_shard_size, "name-rules")
+        timeline.mark("draft planned")
     except BnbError:  # whether the input is at fault is the real planner's to say
         return quantize(request, plan_request(request, checkpoint), progress)
     deciding = {
@@ -154,6 +159,7 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
         )
         try:
             plan, planned_in = _real_plan(request, checkpoint, deciding)
+            timeline.mark("planned")
             planning = {"draft": None, "planned_in": planned_in, "plan_seconds": round(time.monotonic() - started, 3)}
             same = [weights_layout(c) for c in plan.components] == [weights_layout(c) for c in draft.components]
             if same:
@@ -199,6 +205,8 @@ def _complete(
     write_other_files(plan, output.tmp)
     manifest = build_manifest(plan, results, source_label(plan.checkpoint), time.monotonic() - started)
     manifest["run"]["planning"] = planning  # like the rest of "run": how this run went, not what it wrote
+    timeline.mark("manifest")
+    manifest["run"]["timeline"] = timeline.marks()
     write_manifest(output.tmp, manifest)
     output.commit()  # only now does OUT appear, whole
     return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)

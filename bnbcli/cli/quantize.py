@@ -174,6 +174,9 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
 def _render_timing(run: dict[str, Any]) -> None:
     stages = ", ".join(f"{name} {value:.1f} s" for name, value in run["stage_seconds"].items())
     output.stdout.print(f"{run['seconds']:.1f} s; busy per stage (they overlap): {stages}")
+    if run.get("timeline"):
+        marks = ", ".join(f"{name} {value:.1f}" for name, value in run["timeline"].items())
+        output.stdout.print(f"timeline (s since start): {marks}")
     planning = run.get("planning") or {}
     if planning.get("draft"):
         output.stdout.print(
