@@ -94,3 +94,16 @@ def test_verbose_run_reports_busy_seconds_per_stage(tmp_path: Path) -> None:
     assert all(v >= 0 for v in stages.values()) and stages["convert"] > 0
     assert stages["convert"] <= run["seconds"]
     assert "busy per stage" in result.output and "convert" in result.output
+    marks = run["timeline"]  # in order of time, each once
+    for earlier, later in [
+        ("source opened", "first tensor read"),
+        ("first tensor read", "first tensor queued"),
+        ("first tensor queued", "first tensor written"),
+        ("first tensor written", "last tensor written"),
+        ("last tensor read", "last tensor written"),
+        ("last tensor written", "outputs on disk"),
+        ("outputs on disk", "manifest"),
+    ]:
+        assert marks[earlier] <= marks[later], (earlier, later, marks)
+    assert list(marks.values()) == sorted(marks.values())
+    assert "timeline (s since start)" in result.output
