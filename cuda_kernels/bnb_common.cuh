@@ -159,45 +159,6 @@ __device__ __forceinline__ void st_v2(void* p, U32x2 v) {
     asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y) : "memory");
 }
 
-// Asynchronous global -> shared copy of 16 bytes, of which the first `src_bytes` (0 ... 16) are read
-// and the rest zero-filled; both addresses 16-byte aligned (sm_80, as the bf16 conversions above).
-__device__ __forceinline__ void cp_async16(void* shared_dst, const void* src, int src_bytes) {
-    u32 dst;
-    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(shared_dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-// Closes this thread's batch of cp_async16 copies (a "group", possibly empty).
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most PENDING of this thread's most recent groups are still in flight.
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory");
-}
-
-// Data another CTA of the same kernel wrote: read at L2, the point of coherence (never through the
-// non-coherent path or a stale L1 line).
-__device__ __forceinline__ U32x4 ld_cg_v4(const void* p) {
-    U32x4 r;
-    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(p)
-                 : "memory");
-    return r;
-}
-__device__ __forceinline__ float ld_cg_f32(const float* p) {
-    float r;
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
-    return r;
-}
-// Cross-CTA hand-off: each writer fences its stores, then one thread counts them with an atomic; the
-// thread that completes the count fences again before its CTA reads what the others wrote.
-__device__ __forceinline__ void fence_gpu() { asm volatile("membar.gl;" ::: "memory"); }
-__device__ __forceinline__ u32 atomic_add_u32(u32* p, u32 v) {
-    u32 old;
-    asm volatile("atom.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-    return old;
-}
-
 #endif  // BNB_HOST_EMULATION
 
 __device__ __forceinline__ bool is_nan(float f) { return f != f; }
@@ -222,42 +183,76 @@ struct F32 {
     __device__ static float from_f32(float f) { return f; }
 };
 
-// Sixteen consecutive input elements: staged in shared memory by asynchronous 16-byte copies (the
-// ring of kQuantizeBlockwise), then read into registers and widened to float32. Elements at or past
-// `n` read as 0.0f (the copies zero-fill): bitsandbytes' kernels load the tail block's padding as
-// zeros, which then take part in its absmax.
+// Sixteen consecutive input elements as float32, the 16-byte loads issued first. Elements at or past
+// `n` read as 0.0f: bitsandbytes' kernels load the tail block's padding as zeros, which then take
+// part in its absmax.
 template <class In>
-struct Load16 {
-    typedef typename In::storage T;
-    enum { VECTORS = int(sizeof(T)), PER_VECTOR = 16 / int(sizeof(T)) };  // 16-byte vectors of 16 elements
-    U32x4 raw[VECTORS];
+struct Load16;
 
-    // Thread t's vector k lives at slot[k * BNB_THREADS + t], so a warp's accesses are contiguous.
-    __device__ static void stage(U32x4* slot, const T* x, i64 i0, i64 n) {
+template <class Half>
+struct Load16Half {
+    U32x4 raw[2];
+    __device__ void issue(const u16* x, i64 i0, i64 n) {
+        if (i0 + 16 <= n) {
+            raw[0] = ld_v4(x + i0);
+            raw[1] = ld_v4(x + i0 + 8);
+        } else {  // the one partial vector of the tensor: element by element
+            u16 h[16];
 #pragma unroll
-        for (int k = 0; k < VECTORS; k++) {
-            const i64 e = i0 + k * PER_VECTOR;
-            const int bytes = e + PER_VECTOR <= n ? 16 : e < n ? int(n - e) * int(sizeof(T)) : 0;
-            cp_async16(slot + k * BNB_THREADS + threadIdx.x, bytes ? x + e : x, bytes);
+            for (int j = 0; j < 16; j++) h[j] = (i0 + j < n) ? x[i0 + j] : u16(0);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {
+                raw[k].x = h[8 * k + 0] | (u32(h[8 * k + 1]) << 16);
+                raw[k].y = h[8 * k + 2] | (u32(h[8 * k + 3]) << 16);
+                raw[k].z = h[8 * k + 4] | (u32(h[8 * k + 5]) << 16);
+                raw[k].w = h[8 * k + 6] | (u32(h[8 * k + 7]) << 16);
+            }
         }
-    }
-    __device__ void read(const U32x4* slot) {
-#pragma unroll
-        for (int k = 0; k < VECTORS; k++) raw[k] = slot[k * BNB_THREADS + threadIdx.x];
     }
     __device__ void to_f32(float v[16]) const {  // little-endian: the lower element is the low half
 #pragma unroll
-        for (int k = 0; k < VECTORS; k++) {
+        for (int k = 0; k < 2; k++) {
             const u32 w[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                if constexpr (sizeof(T) == 2) {
-                    v[8 * k + 2 * j] = In::to_f32(u16(w[j] & 0xffffu));
-                    v[8 * k + 2 * j + 1] = In::to_f32(u16(w[j] >> 16));
-                } else {
-                    v[4 * k + j] = u2f(w[j]);
-                }
+                v[8 * k + 2 * j] = Half::to_f32(u16(w[j] & 0xffffu));
+                v[8 * k + 2 * j + 1] = Half::to_f32(u16(w[j] >> 16));
             }
+        }
+    }
+};
+template <>
+struct Load16<F16> : Load16Half<F16> {};
+template <>
+struct Load16<BF16> : Load16Half<BF16> {};
+
+template <>
+struct Load16<F32> {
+    U32x4 raw[4];
+    __device__ void issue(const float* x, i64 i0, i64 n) {
+        if (i0 + 16 <= n) {
+#pragma unroll
+            for (int k = 0; k < 4; k++) raw[k] = ld_v4(x + i0 + 4 * k);
+        } else {
+            float f[16];
+#pragma unroll
+            for (int j = 0; j < 16; j++) f[j] = (i0 + j < n) ? x[i0 + j] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                raw[k].x = f2u(f[4 * k + 0]);
+                raw[k].y = f2u(f[4 * k + 1]);
+                raw[k].z = f2u(f[4 * k + 2]);
+                raw[k].w = f2u(f[4 * k + 3]);
+            }
+        }
+    }
+    __device__ void to_f32(float v[16]) const {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[4 * k + 0] = u2f(raw[k].x);
+            v[4 * k + 1] = u2f(raw[k].y);
+            v[4 * k + 2] = u2f(raw[k].z);
+            v[4 * k + 3] = u2f(raw[k].w);
         }
     }
 };

@@ -74,14 +74,10 @@ inline int __reduce_max_sync(unsigned, int v) {
     return m;
 }
 
-// Runs `body` as `grid` CTAs of 256 threads, one CTA at a time: in index order, or in reverse order
-// after set_reverse_ctas(1) (kernels that hand work between CTAs must not depend on the order).
-inline int reverse_ctas = 0;
-extern "C" void set_reverse_ctas(int reverse) { reverse_ctas = reverse; }
+// Runs `body` as `grid` CTAs of 256 threads, one CTA at a time.
 inline void emulate_launch(int grid, const std::function<void()>& body) {
     gridDim.x = unsigned(grid);
-    for (int i = 0; i < grid; i++) {
-        const int b = reverse_ctas ? grid - 1 - i : i;
+    for (int b = 0; b < grid; b++) {
         std::vector<std::thread> threads;
         threads.reserve(256);
         for (int t = 0; t < 256; t++)
@@ -107,7 +103,6 @@ inline float u2f(u32_ u) {
     std::memcpy(&f, &u, 4);
     return f;
 }
-inline int __clz(unsigned x) { return x ? __builtin_clz(x) : 32; }
 inline float ftz(float x) { return std::fabs(x) < 1.17549435e-38f ? std::copysign(0.0f, x) : x; }
 // GPU float arithmetic writes every NaN result as 0x7fffffff (x86 writes 0xffc00000).
 inline float canon(float x) { return std::isnan(x) ? u2f(0x7fffffffu) : x; }
@@ -166,21 +161,6 @@ inline V load_vector(const void* p) {
 #define ld_v4(p) load_vector<U32x4>(p)
 #define ld_u32(p) load_vector<unsigned int>(p)
 #define ld_v2(p) load_vector<U32x2>(p)
-// The copies complete at once: each thread reads back only what it staged itself.
-inline void cp_async16(void* shared_dst, const void* src, int src_bytes) {
-    if (reinterpret_cast<uintptr_t>(shared_dst) % 16 || reinterpret_cast<uintptr_t>(src) % 16) std::abort();
-    if (src_bytes < 0 || src_bytes > 16) std::abort();
-    std::memcpy(shared_dst, src, size_t(src_bytes));
-    std::memset(static_cast<char*>(shared_dst) + src_bytes, 0, size_t(16 - src_bytes));
-}
-inline void cp_async_commit() {}
-template <int PENDING>
-inline void cp_async_wait() {}
-#define ld_cg_v4(p) load_vector<U32x4>(p)
-inline float ld_cg_f32(const float* p) { return *p; }
-// CTAs run one after another, so only the threads of one CTA ever race.
-inline void fence_gpu() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-inline unsigned atomic_add_u32(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 template <class V>
 inline void st_v4(void* p, V v) {
     if (reinterpret_cast<uintptr_t>(p) % 16) std::abort();

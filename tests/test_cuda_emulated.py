@@ -131,8 +131,6 @@ def emulated(kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cuda, "resident_ctas", lambda index, source, name: 2)  # two CTAs stride the tiles
     # The geometry the CPU twin of torch's CUDA mean assumes (an H100's).
     monkeypatch.setattr(cuda, "reduce_geometry", lambda index: (132, 2048))
-    monkeypatch.setattr(cuda, "current_stream_handle", lambda index: 0)
-    monkeypatch.setattr(cuda, "_sink_counts", {})
     return cuda
 
 
@@ -210,37 +208,6 @@ def test_nested_offset_is_torchs_cuda_mean(emulated, n: int) -> None:
     expected_codes, expected_absmax = blockwise8.quantize_codes(torch.from_numpy(values - offset), 256)
     assert_same(codes, expected_codes, f"n={n} codes")
     assert_same(nested_absmax, expected_absmax, f"n={n} absmax")
-
-
-# Absmax lengths for the first level's MeanSink: one unit (torch CTA) with and without float4 loads,
-# tails of 1-3 floats, 16 units of 4 chunks each with a partial last chunk, 33 units sharing 128 chunks
-# unevenly. The emulator's two CTAs each cover many chunks, so a CTA completes several units.
-SINK_LENGTHS = [1, 5, 127, 128, 131, 4099, 130561, 262147]
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["ctas-in-order", "ctas-reversed"])
-@pytest.mark.parametrize("blocks", SINK_LENGTHS)
-def test_double_quant_mean_from_the_first_levels_sink(emulated, kernels, blocks: int, reverse: bool) -> None:
-    """The first-level kernel's MeanSink gives the partial sums of torch's CUDA mean of its absmax:
-    every block's absmax is set (one value per block of 32), so the mean sees values over eight
-    decades, and the whole record equals the CPU reference's, offset included. The CTAs run in
-    either order: whichever CTA completes a unit must sum it."""
-    kernels.set_reverse_ctas(int(reverse))
-    try:
-        _check_sink(emulated, blocks)
-    finally:
-        kernels.set_reverse_ctas(0)
-
-
-def _check_sink(emulated, blocks: int) -> None:
-    rng = np.random.default_rng(blocks)
-    x = np.zeros((blocks, 32), dtype=np.float32)
-    x[:, 5] = rng.lognormal(0.0, 4.0, blocks) * rng.choice([-1.0, 1.0], blocks)
-    x = torch.from_numpy(x.reshape(-1))
-    expected = fourbit.quantize_4bit(x, "nf4", 32, True)
-    assert np.float32(expected.nested_offset).tobytes() == cuda_mean_f32(np.abs(x.numpy()[5::32])).tobytes()
-    assert_same(emulated.quantize_4bit(x, "nf4", 32, True), expected, f"{blocks} blocks")
-    assert not emulated._sink_counts[(None, 0)].any(), "MeanSink leaves its counts zeroed"
 
 
 def test_queued_double_quant_offset_stays_on_the_device(emulated) -> None:

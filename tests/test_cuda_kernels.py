@@ -103,9 +103,10 @@ def test_nested_offset_is_torch_mean_here(cuda, n: int) -> None:
 
 
 @pytest.mark.parametrize("blocks", TORCH_MEAN_LENGTHS)
-def test_double_quant_offset_from_the_first_levels_sink_is_torch_mean_here(cuda, blocks: int) -> None:
-    """Double quantization's offset, summed by the first-level kernel's MeanSink over the absmax it
-    writes (one chosen value per block of 32), has the bits of torch.mean of that absmax on this GPU."""
+def test_double_quant_offset_through_quantize_4bit_is_torch_mean_here(cuda, blocks: int) -> None:
+    """The whole double-quantization path (first-level absmax, then the mean and the nested codes):
+    one chosen value per block of 32 sets every absmax, and the offset has the bits of torch.mean of
+    that absmax on this GPU."""
     rng = np.random.default_rng(blocks)
     values = (rng.lognormal(0.0, 4.0, blocks) * rng.choice([-1.0, 1.0], blocks)).astype(np.float32)
     x = torch.zeros((blocks, 32), dtype=torch.float32, device="cuda")

@@ -16,7 +16,7 @@ from functools import cache
 from bnbcli.errors import BackendUnavailable, UsageError
 
 BACKENDS = ("auto", "cpu", "cuda")
-MIN_CAPABILITY = (8, 0)  # Ampere: the kernels use bf16 conversions and cp.async
+MIN_CAPABILITY = (8, 0)  # Ampere: the kernels use its bf16 conversion instructions
 
 
 @cache
@@ -44,7 +44,7 @@ def cuda_unavailable() -> tuple[str, str] | None:
         major, minor = torch.cuda.get_device_capability(old[0])
         return (
             f"the cuda backend's kernels need compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
-            f"(bf16 and asynchronous-copy instructions); GPU {old[0]} ({torch.cuda.get_device_name(old[0])}) "
+            f"(bf16 conversion instructions); GPU {old[0]} ({torch.cuda.get_device_name(old[0])}) "
             f"is {major}.{minor}",
             "use --backend cpu: it writes the same bytes (or hide that GPU with CUDA_VISIBLE_DEVICES)",
         )

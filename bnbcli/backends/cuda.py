@@ -26,7 +26,6 @@ from bnbcli.backends.cuda_runtime import (
     ELEMENT_TYPES,
     NULL,
     THREADS,
-    current_stream_handle,
     launch,
     reduce_geometry,
     resident_ctas,
@@ -108,63 +107,21 @@ class _TorchMean:
         return (self.partials, np.int32(self.partials.numel()), np.int32(self.width), self.factor, self.out)
 
 
-def _mean_geometry(device: torch.device, n: int) -> dict:
-    """torch's launch geometry for the mean of n floats on this GPU (the order of its sums)."""
-    if not 0 < n < 2**31:
-        raise UsageError(f"torch's mean on the GPU: needs 1 ... 2**31-1 floats, not {n}")
-    return reduce_config(n, *reduce_geometry(device.index))
-
-
 def _torch_mean(x: torch.Tensor) -> _TorchMean:
     """kTorchMeanPartials over x: the first stage of ``x.mean()`` exactly as torch computes it on this
     GPU (bitsandbytes' nested offset; see torch_mean.cuh)."""
     device = _on_gpu(x)
     _check(x, "mean input", torch.float32, device)
     n = x.numel()
-    if x.data_ptr() % 16:
-        raise UsageError("kTorchMeanPartials: needs a 16-byte aligned tensor")
-    config = _mean_geometry(device, n)
+    if not 0 < n < 2**31 or x.data_ptr() % 16 or not x.is_contiguous():
+        raise UsageError(f"kTorchMeanPartials: needs a contiguous, aligned tensor of 1 ... 2**31-1 floats, not {n}")
+    config = reduce_config(n, *reduce_geometry(device.index))
     partials = torch.empty(config["ctas"], dtype=torch.float32, device=device)
     width, vectorized = np.int32(config["block_width"]), np.int32(config["vectorize_input"])
     args = (x, np.int64(n), width, vectorized, partials)
     launch(device, "quantize_blockwise.cu", "kTorchMeanPartials", config["ctas"], args)
     out = torch.empty(1, dtype=torch.float32, device=device)
     return _TorchMean(partials, int(width), np.float32(1.0) / np.float32(n), out)
-
-
-@dataclass(frozen=True)
-class _MeanSink:
-    """Where kQuantizeBlockwise leaves the partial sums of torch's mean of the absmax it writes
-    (MeanSink in torch_mean.cuh): ``mean`` is that mean under way, for the kernel that consumes it."""
-
-    mean: _TorchMean
-    counts: torch.Tensor
-    ctas: int
-    vectorized: bool
-
-    def kernel_args(self) -> tuple:
-        width = np.int32(self.mean.width)
-        return (self.mean.partials, self.counts, np.int32(self.ctas), width, np.int32(self.vectorized))
-
-
-# One zeroed count buffer per (device, stream): MeanSink leaves it zeroed again at the end of each
-# launch, and launches on one stream never overlap, so it is allocated (and zeroed) only when it grows.
-_sink_counts: dict[tuple[int, int], torch.Tensor] = {}
-
-
-def _mean_sink(device: torch.device, n: int) -> _MeanSink:
-    """A sink for torch's mean of the n absmax floats the next kQuantizeBlockwise launch writes."""
-    config = _mean_geometry(device, n)
-    ctas = config["ctas"]
-    assert ctas == 1 or config["vectorize_input"], "torch splits only vectorized reductions across CTAs"
-    key = (device.index, current_stream_handle(device.index))
-    counts = _sink_counts.get(key)
-    if counts is None or counts.numel() < ctas:
-        counts = _sink_counts[key] = torch.zeros(max(ctas, 1024), dtype=torch.int32, device=device)
-    partials = torch.empty(ctas, dtype=torch.float32, device=device)
-    out = torch.empty(1, dtype=torch.float32, device=device)
-    mean = _TorchMean(partials, config["block_width"], np.float32(1.0) / np.float32(n), out)
-    return _MeanSink(mean, counts, ctas, bool(config["vectorize_input"]))
 
 
 # CTAs per resident slot. One (a persistent grid) suits the 4-bit encoders; the shared-table 8-bit
@@ -184,11 +141,9 @@ def _quantize_blockwise(
     out: torch.Tensor,
     absmax: torch.Tensor,
     code_map: torch.Tensor | None,
-    sink: _MeanSink | None = None,
 ) -> None:
     """kQuantizeBlockwise<In, Nf4|Fp4|Dyn8|Dyn8L1>: codes of x (minus its mean, when given) into out, block
-    absmax into absmax, the encoder's code map into code_map when given (the record's own copy), and
-    the partial sums of torch's mean of absmax into the sink when given."""
+    absmax into absmax, and the encoder's code map into code_map when given (the record's own copy)."""
     device = _on_gpu(x)
     if x.dtype not in ELEMENT_TYPES or x.data_ptr() % 16 or not x.is_contiguous():
         raise UsageError("kQuantizeBlockwise takes a contiguous, 16-byte aligned fp16/bf16/fp32 tensor")
@@ -202,13 +157,6 @@ def _quantize_blockwise(
         _check(mean.out, "mean", torch.float32, device, 1)
         _check(mean.partials, "mean partials", torch.float32, device)
         mean_args = mean.kernel_args()
-    sink_args: tuple = (NULL, NULL, np.int32(1), np.int32(1), np.int32(0))
-    if sink is not None:
-        _check(sink.mean.partials, "mean partials", torch.float32, device, sink.ctas)
-        _check(sink.counts, "mean counts", torch.int32, device)
-        if sink.counts.numel() < sink.ctas or absmax.numel() >= 2**31:
-            raise UsageError("kQuantizeBlockwise: the mean sink does not fit this absmax")
-        sink_args = sink.kernel_args()
     tables = _device_tables(device)
     map_src = tables[ENCODER_MAPS[encoder]]
     map_args: tuple = (NULL, np.int32(0), NULL)
@@ -218,11 +166,9 @@ def _quantize_blockwise(
     name = f"kQuantizeBlockwise<{ELEMENT_TYPES[x.dtype]}, {encoder}>"
     source = "quantize_blockwise.cu"
     tiles = -(-n // TILE_ELEMENTS)
-    slots = sm_count(device.index) * resident_ctas(device.index, source, name) * GRID_WAVES.get(encoder, 1)
-    tiles_per_cta = -(-tiles // slots)  # each CTA encodes a run of consecutive tiles
-    grid = -(-tiles // tiles_per_cta)
-    args = (x, np.int64(n), np.int64(tiles_per_cta), np.int32(blocksize.bit_length() - 1), *mean_args, *sink_args)
-    launch(device, source, name, grid, (*args, tables[encoder], *map_args, out, absmax))
+    grid = min(tiles, sm_count(device.index) * resident_ctas(device.index, source, name) * GRID_WAVES.get(encoder, 1))
+    args = (x, np.int64(n), np.int32(blocksize.bit_length() - 1), *mean_args, tables[encoder])
+    launch(device, source, name, grid, (*args, *map_args, out, absmax))
 
 
 def _dequantize_blockwise(
@@ -316,15 +262,13 @@ NESTED_ENCODER = "Dyn8L1"  # absmax is short: each CTA encodes a tile or two, to
 
 
 def _nested(
-    absmax: torch.Tensor, blocksize: int, code_map: torch.Tensor | None, mean: _TorchMean | None = None
+    absmax: torch.Tensor, blocksize: int, code_map: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Second level of double quantization: offset = torch's CUDA mean of absmax (bit for bit, by our
-    kernels; ``mean``: its partial sums already under way, from the first level's sink), then the
-    dynamic 8-bit codes of absmax - offset (centering fused into the kernel), and the dynamic map into
-    code_map when given. Returns (codes, nested_absmax, offset), the offset a one-float device tensor
-    (nothing waits for the GPU here)."""
-    if mean is None:
-        mean = _torch_mean(absmax)
+    kernels), then the dynamic 8-bit codes of absmax - offset (centering fused into the kernel), and
+    the dynamic map into code_map when given. Returns (codes, nested_absmax, offset), the offset a
+    one-float device tensor (nothing waits for the GPU here)."""
+    mean = _torch_mean(absmax)
     device = absmax.device
     codes = torch.empty(absmax.numel(), dtype=torch.uint8, device=device)
     nested_absmax = torch.empty(num_blocks(absmax.numel(), blocksize), dtype=torch.float32, device=device)
@@ -371,8 +315,7 @@ def quantize_4bit_queued(
     absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32, device=device)
     encoder = "Nf4" if quant_type == "nf4" else "Fp4"
     quant_map = _code_map(device, encoder)
-    sink = _mean_sink(device, absmax.numel()) if double_quant else None
-    _quantize_blockwise(x, encoder, blocksize, None, packed, absmax, quant_map, sink)
+    _quantize_blockwise(x, encoder, blocksize, None, packed, absmax, quant_map)
     common = dict(
         packed=packed.view(-1, 1) if quant_storage == torch.uint8 else fourbit._as_storage(packed, quant_storage),
         quant_map=quant_map,
@@ -384,7 +327,7 @@ def quantize_4bit_queued(
     if not double_quant:
         return QuantState4bit(absmax=absmax, **common), None  # type: ignore[arg-type]
     nested_quant_map = _code_map(device, "Dyn8")
-    codes, nested_absmax, offset = _nested(absmax, NESTED_BLOCKSIZE, nested_quant_map, sink.mean if sink else None)
+    codes, nested_absmax, offset = _nested(absmax, NESTED_BLOCKSIZE, nested_quant_map)
     record = QuantState4bit(
         absmax=codes,
         nested_absmax=nested_absmax,
@@ -429,12 +372,11 @@ def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = F
     codes = torch.empty(x.numel(), dtype=torch.uint8, device=device)
     absmax = torch.empty(num_blocks(x.numel(), blocksize), dtype=torch.float32, device=device)
     code = _code_map(device, "Dyn8")
-    sink = _mean_sink(device, absmax.numel()) if nested else None
-    _quantize_blockwise(x, "Dyn8", blocksize, None, codes, absmax, code, sink)
+    _quantize_blockwise(x, "Dyn8", blocksize, None, codes, absmax, code)
     common = dict(q=codes.reshape(x.shape), code=code, blocksize=blocksize, dtype=x.dtype)
     if not nested:
         return Blockwise8Quantized(absmax=absmax, **common)  # type: ignore[arg-type]
-    nested_codes, nested_absmax, offset = _nested(absmax, blocksize, None, sink.mean if sink else None)  # map: `code`
+    nested_codes, nested_absmax, offset = _nested(absmax, blocksize, None)  # its map is `code` again
     return Blockwise8Quantized(
         absmax=nested_codes,
         nested_absmax=nested_absmax,
