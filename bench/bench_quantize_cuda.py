@@ -314,6 +314,8 @@ def main() -> int:
     rules_out = work / "out-bnb-name-rules"
     shutil.rmtree(rules_out, ignore_errors=True)
     ours_rules = measured(OURS, {**common, "OUT": str(rules_out), "PLANNER": "name-rules"}, work / "report-rules.json")
+    rules_run = json.loads((rules_out / "bnb_manifest.json").read_text())["run"]
+    ours_rules["stage_seconds"], ours_rules["timeline"] = rules_run["stage_seconds"], rules_run.get("timeline")
     same_rules = compare_tensors(ours_out, rules_out)
     out_bytes = folder_bytes(ours_out)
     floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
@@ -375,6 +377,7 @@ def main() -> int:
         )
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}; planning: {ours['planning']}")
     print(f"bnb timeline (s since `bnb` started; its interpreter and imports before that): {ours['timeline']}")
+    print(f"bnb name-rules busy seconds per stage: {ours_rules['stage_seconds']}; timeline: {ours_rules['timeline']}")
     rules = results["name_rules_identical_tensors"]
     print(f"name-rules output vs transformers-planned output: {rules['identical']}/{rules['total']} tensors identical")
     if "multi_gpu_identical_tensors" in results:

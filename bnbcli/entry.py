@@ -9,17 +9,22 @@ import signal
 import sys
 from typing import NoReturn
 
-from bnbcli import timeline  # first: its clock starts at its import
+from bnbcli import interrupts, timeline  # timeline first: its clock starts at its import
+from bnbcli.checkpoint.hashing import hash_sources_early
 from bnbcli.errors import EXIT_INTERRUPTED
 from bnbcli.planning.isolated import start_early
 
-_interrupted = False
-
 
 def _on_sigint(signum: int, frame: object) -> None:
-    global _interrupted
-    _interrupted = True
+    interrupts.note()
     raise KeyboardInterrupt
+
+
+def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """A KeyboardInterrupt that Python could not raise (see bnbcli.interrupts) is honored later through
+    the note; its "Exception ignored" report would only be noise."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def main() -> None:
@@ -31,14 +36,22 @@ def main() -> None:
     # note. A shell's background job, which ignores SIGINT, keeps ignoring it.
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable
     try:
         start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
+        hash_sources_early(sys.argv[1:])  # and the source shards' sha256 run meanwhile too
         from bnbcli.cli.main import main as run
 
         timeline.mark("imported")
     except KeyboardInterrupt:
         interrupted_exit()
-    if _interrupted:
+    except BaseException:
+        # A Ctrl-C that cut an extension module's import short (its KeyboardInterrupt lost, see
+        # bnbcli.interrupts) leaves that module half-made, and the next import of it fails instead.
+        if interrupts.requested():
+            interrupted_exit()
+        raise
+    if interrupts.requested():
         interrupted_exit()
     try:
         run()

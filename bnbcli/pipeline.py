@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bnbcli import timeline
+from bnbcli import interrupts, timeline
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.safetensors_file import read_tensor
@@ -308,6 +308,7 @@ def _run_component(
     finished = False
     try:
         for i, (job, tensor) in enumerate(to_convert.items()):
+            interrupts.check()  # a Ctrl-C whose KeyboardInterrupt got lost stops the run here
             with seconds.timing("convert"):
                 converted = converters[i % len(converters)](job, tensor)
             timeline.mark("first tensor queued")

@@ -158,6 +158,7 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             )
         )
         try:
+            drafted.start()  # inside the try: a Ctrl-C right after it still stops the draft before tmp goes
             plan, planned_in = _real_plan(request, checkpoint, deciding)
             timeline.mark("planned")
             planning = {"draft": None, "planned_in": planned_in, "plan_seconds": round(time.monotonic() - started, 3)}
@@ -263,7 +264,6 @@ class _Background(threading.Thread):
         self._call = call
         self._value: Any = None
         self._error: BaseException | None = None
-        self.start()
 
     def run(self) -> None:
         try:
@@ -272,8 +272,9 @@ class _Background(threading.Thread):
             self._error = exc
 
     def wait(self) -> None:
-        """Join; an error of a cancelled run is of no interest."""
-        self.join()
+        """Join, if it was started; an error of a cancelled run is of no interest."""
+        if self.ident is not None:
+            self.join()
 
     def result(self) -> Any:
         self.join()

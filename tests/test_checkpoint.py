@@ -6,6 +6,7 @@ Checkpoints are made in tmp_path with safetensors' own writer, or byte by byte t
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 import struct
@@ -652,3 +653,40 @@ def test_tensorinfo_is_frozen(tmp_path: Path) -> None:
     assert isinstance(info, TensorInfo)
     with pytest.raises(AttributeError):
         info.start = 0  # type: ignore[misc]
+
+
+def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`bnb quantize` starts hashing SRC's shards before it imports torch; the pipeline's FileHashes
+    takes those digests instead of reading the files again, unless a file changed since."""
+    from bnbcli.checkpoint import hashing
+
+    src = tmp_path / "src"
+    (src / "unet").mkdir(parents=True)
+    kept, changed = src / "model.safetensors", src / "unet" / "diffusion.safetensors"
+    kept.write_bytes(b"a" * 100_000)
+    changed.write_bytes(b"b" * 50_000)
+    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out"), "--backend", "cpu"])
+    for _, future in list(hashing._early.values()):
+        future.result(timeout=30)
+    changed.write_bytes(b"c" * 50_001)  # other bytes and size after the early digest
+
+    read_again = []
+    real = hashing.file_sha256
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: read_again.append(Path(p).name) or real(p))
+    digests = hashing.FileHashes([kept, changed]).result()
+    assert digests == {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in (kept, changed)}
+    assert read_again == ["diffusion.safetensors"]  # the unchanged file's early digest was used
+    assert hashing.FileHashes([kept]).result() == {str(kept): hashlib.sha256(kept.read_bytes()).hexdigest()}
+    assert read_again == ["diffusion.safetensors", "model.safetensors"]  # taken once: a second run reads
+
+
+def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
+    from bnbcli.checkpoint import hashing
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    before = dict(hashing._early)
+    hashing.hash_sources_early(["quantize", str(tmp_path), str(tmp_path / "out"), "--dry-run"])
+    hashing.hash_sources_early(["footprint", str(tmp_path), "x"])
+    assert hashing._early == before

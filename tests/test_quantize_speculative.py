@@ -5,6 +5,7 @@ thrown away, or the planning fails."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import threading
 from concurrent.futures import Future
@@ -198,3 +199,16 @@ def test_the_command_starts_the_child_early_only_when_it_will_ask(
     assert not starts("quantize", "--scheme", "nf4")
     monkeypatch.setattr(isolated, "SPECULATE_MIN_BYTES", 1001)
     assert not starts("quantize", str(src), "out")  # too small
+
+
+def test_the_planner_child_imports_transformers_without_scikit_learn() -> None:
+    """The child hides packages planning never uses (scikit-learn: seconds of transformers' import when
+    it is installed), and still has transformers ready to plan."""
+    code = (
+        "import importlib.util, sys\n"
+        "from bnbcli.planning import isolated\n"
+        "isolated._preload()\n"
+        "assert importlib.util.find_spec('sklearn') is None and 'sklearn' in sys.modules\n"
+        "assert 'transformers.modeling_utils' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -310,3 +310,42 @@ def test_config_fields_of_the_wrong_type_are_bad_input(key: str, value: object, 
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_FAILED, result.output
     assert f"{key!r} is" in result.exception.message  # type: ignore[union-attr]
+
+
+def test_a_ctrl_c_whose_keyboardinterrupt_was_lost_still_stops_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python drops a KeyboardInterrupt raised inside some callbacks (importlib's module-lock cleanup);
+    the SIGINT handler's note still keeps OUT from appearing, and the temporary folder goes."""
+    from bnbcli import interrupts
+    from bnbcli.checkpoint.atomic import AtomicOutputDir
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(interrupts, "_requested", True)
+    output = AtomicOutputDir(out)
+    with pytest.raises(KeyboardInterrupt), output as tmp:
+        (tmp / "model.safetensors").write_bytes(b"whole")
+        output.commit()
+    assert not out.exists()
+    assert_no_debris(out)
+
+
+def test_only_lost_keyboardinterrupts_are_kept_quiet(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    from types import SimpleNamespace
+
+    from bnbcli.entry import _unraisable
+
+    passed_on: list[BaseException] = []
+    monkeypatch.setattr(sys, "__unraisablehook__", lambda args: passed_on.append(args.exc_value))
+
+    def report(exc: BaseException) -> SimpleNamespace:
+        return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None, err_msg=None, object=None)
+
+    lost, real = KeyboardInterrupt(), ValueError("a real problem")
+    _unraisable(report(lost))  # type: ignore[arg-type]
+    _unraisable(report(real))  # type: ignore[arg-type]
+    assert passed_on == [real]  # Python's own report for everything but a lost Ctrl-C
+    assert sys.unraisablehook is not _unraisable  # installed by the `bnb` command only

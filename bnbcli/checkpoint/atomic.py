@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from types import TracebackType
 
+from bnbcli import interrupts
 from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.errors import BnbError, InputError, OutputError
 
@@ -119,7 +120,9 @@ class AtomicOutputDir:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def commit(self) -> None:
-        """Make the finished folder visible at OUT in one rename."""
+        """Make the finished folder visible at OUT in one rename, unless a Ctrl-C came (even one whose
+        KeyboardInterrupt Python dropped): then the caller's cleanup runs instead."""
+        interrupts.check()
         for root, _, files in os.walk(self.tmp):
             for name in files:
                 fd = os.open(os.path.join(root, name), os.O_RDONLY)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,13 +34,80 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _workers(files: int) -> int:
+    return max(1, min(files, (os.cpu_count() or 2) // 2))
+
+
+# Hashes started at start-up by hash_sources_early, by real path, with the file's size and mtime then;
+# each is taken by the first FileHashes that wants that file, if the file still looks the same.
+_early: dict[str, tuple[tuple[int, int], Future[str]]] = {}
+_early_lock = threading.Lock()
+
+
+def _stamp(path: str | Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+def hash_sources_early(argv: list[str]) -> None:
+    """Start hashing the shards of ``bnb quantize SRC OUT ...`` now, when SRC is a local folder: the
+    `bnb` command calls this before it imports torch (seconds), and the digests are often ready before
+    the last tensor is written. A guess from the command line alone: the pipeline takes the digests
+    of the files it reads and ignores the others. Daemon threads, so a run that ends early (an error,
+    --help) never waits for them."""
+    if len(argv) < 3 or argv[0] != "quantize" or any(a in ("--dry-run", "--help", "-h") for a in argv):
+        return
+    src = Path(argv[1])
+    try:
+        files = sorted({os.path.realpath(f) for f in [*src.glob("*.safetensors"), *src.glob("*/*.safetensors")]})
+    except OSError:
+        return
+    if not files:
+        return
+    jobs: queue.SimpleQueue[tuple[str, Future[str]]] = queue.SimpleQueue()
+    with _early_lock:
+        for path in files:
+            future: Future[str] = Future()
+            try:
+                _early[path] = (_stamp(path), future)
+            except OSError:
+                continue
+            jobs.put((path, future))
+
+    def work() -> None:
+        while True:
+            try:
+                path, future = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(file_sha256(Path(path)))
+                except BaseException as exc:  # the pipeline reports it, for the files it needs
+                    future.set_exception(exc)
+
+    for _ in range(_workers(len(files))):
+        threading.Thread(target=work, name="bnb-hash-early", daemon=True).start()
+
+
+def _take_early(path: Path) -> Future[str] | None:
+    with _early_lock:
+        stamp, future = _early.pop(os.path.realpath(path), (None, None))
+    try:
+        return future if stamp is not None and stamp == _stamp(path) else None
+    except OSError:
+        return None
+
+
 class FileHashes:
-    """Starts hashing ``paths`` at once; ``result()`` waits and returns {str(path): sha256}."""
+    """Starts hashing ``paths`` at once (or takes the hashes started early); ``result()`` waits and
+    returns {str(path): sha256}."""
 
     def __init__(self, paths: list[Path], workers: int | None = None) -> None:
-        count = workers or max(1, min(len(paths), (os.cpu_count() or 2) // 2))
-        self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="bnb-hash")
-        self._futures: dict[str, Future[str]] = {str(p): self._pool.submit(file_sha256, p) for p in paths}
+        self._pool = ThreadPoolExecutor(max_workers=workers or _workers(len(paths)), thread_name_prefix="bnb-hash")
+        self._futures: dict[str, Future[str]] = {
+            str(p): _take_early(p) or self._pool.submit(file_sha256, p) for p in paths
+        }
 
     def result(self) -> dict[str, str]:
         try:
