@@ -240,6 +240,13 @@ def measured(body: str, values: dict, report: Path) -> dict:
     return result
 
 
+def removed(folder: Path) -> None:
+    """Delete an earlier output and let the filesystem finish with it (freeing gigabytes of extents
+    goes on in the background and slowed the next timed run's writes), outside every timing."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.sync()
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
@@ -296,13 +303,13 @@ def main() -> int:
     ours_out, theirs_out = work / "out-bnb", work / "out-transformers"
     common = {"SRC": str(src), "SCHEME": args.scheme, "BNB_CONFIG": SCHEMES[args.scheme], "DEVICES": ""}
     for old in (ours_out, theirs_out, work / "out-floor"):  # removed outside the timings
-        shutil.rmtree(old, ignore_errors=True)
+        removed(old)
     # Untimed: one run of each side first, so that every timed run finds Python's bytecode caches
     # written and CuPy's kernel cache filled (a fresh machine's first import of transformers compiles
     # its modules: 12.7 s instead of 8 s on the H200), whichever side ran first.
     measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-warm.json")
     measured(WARM_TRANSFORMERS, common, work / "report-warm.json")
-    shutil.rmtree(ours_out)
+    removed(ours_out)
     ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
     run = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]
     ours["stage_seconds"], ours["planning"], ours["timeline"] = (
@@ -312,7 +319,7 @@ def main() -> int:
     )
     # The same with the name-rules planner, which needs no transformers import: the start-up it saves.
     rules_out = work / "out-bnb-name-rules"
-    shutil.rmtree(rules_out, ignore_errors=True)
+    removed(rules_out)
     ours_rules = measured(OURS, {**common, "OUT": str(rules_out), "PLANNER": "name-rules"}, work / "report-rules.json")
     rules_run = json.loads((rules_out / "bnb_manifest.json").read_text())["run"]
     ours_rules["stage_seconds"], ours_rules["timeline"] = rules_run["stage_seconds"], rules_run.get("timeline")
@@ -325,7 +332,7 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     if gpus > 1:
         multi_out = work / "out-bnb-multi-gpu"
-        shutil.rmtree(multi_out, ignore_errors=True)
+        removed(multi_out)
         every_gpu = ",".join(map(str, range(gpus)))
         multi_values = {**common, "OUT": str(multi_out), "PLANNER": "auto", "DEVICES": every_gpu}
         multi = measured(OURS, multi_values, work / "report-multi.json")
