@@ -8,9 +8,11 @@ process:
 
 * the I/O floor: reading every input shard and writing as many bytes as our output holds, with plain
   buffered file I/O and an fsync (no conversion at all);
-* ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq`, and again with `--planner name-rules`
-  (no transformers import; its output is compared with the first), and on a machine with two or more
-  GPUs once more with `--devices 0,1,…` (every GPU; its output is compared with the one-GPU output);
+* ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq` twice: with an empty plan cache (a model
+  seen for the first time: the default planner's child imports transformers) and with the plan that run
+  cached (the same model again); then with `--planner name-rules` (no transformers import; its output is
+  compared with the first), and on a machine with two or more GPUs once more with `--devices 0,1,…`
+  (every GPU; its output is compared with the one-GPU output);
 * transformers: `from_pretrained(SRC, quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4,
   double quant, bf16 compute), device_map="cuda")` + `save_pretrained(OUT)`.
 
@@ -229,10 +231,11 @@ def make_checkpoint(folder: Path, layers: int) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def measured(body: str, values: dict, report: Path) -> dict:
-    """Run PRELUDE + body in a fresh Python with ``values`` bound as globals; return its report."""
+def measured(body: str, values: dict, report: Path, env: dict | None = None) -> dict:
+    """Run PRELUDE + body in a fresh Python with ``values`` bound as globals (and ``env`` added to its
+    environment); return its report."""
     assignments = "".join(f"{k} = {v!r}\n" for k, v in values.items())
-    env = dict(os.environ, BNB_BENCH_REPORT=str(report))
+    env = dict(os.environ, **(env or {}), BNB_BENCH_REPORT=str(report))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-c", PRELUDE + assignments + body], check=True, env=env)
     result = json.loads(report.read_text())
@@ -245,6 +248,11 @@ def removed(folder: Path) -> None:
     goes on in the background and slowed the next timed run's writes), outside every timing."""
     shutil.rmtree(folder, ignore_errors=True)
     os.sync()
+
+
+def _run_facts(out: Path, *keys: str) -> tuple:
+    run = json.loads((out / "bnb_manifest.json").read_text())["run"]
+    return tuple(run.get(key) for key in keys)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -307,27 +315,31 @@ def main() -> int:
     # Untimed: one run of each side first, so that every timed run finds Python's bytecode caches
     # written and CuPy's kernel cache filled (a fresh machine's first import of transformers compiles
     # its modules: 12.7 s instead of 8 s on the H200), whichever side ran first.
-    measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-warm.json")
+    # Our runs keep their plan cache under WORK (an empty one for the first-run case), not in ~/.cache.
+    cached = {"BNB_CACHE_DIR": str(work / "plan-cache")}
+    empty = {"BNB_CACHE_DIR": str(work / "plan-cache-empty")}
+    removed(work / "plan-cache")
+    measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-warm.json", cached)
     measured(WARM_TRANSFORMERS, common, work / "report-warm.json")
     removed(ours_out)
-    ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json")
-    run = json.loads((ours_out / "bnb_manifest.json").read_text())["run"]
-    ours["stage_seconds"], ours["planning"], ours["timeline"] = (
-        run["stage_seconds"],
-        run.get("planning"),
-        run.get("timeline"),
+    removed(work / "plan-cache-empty")
+    ours_new = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-new.json", empty)
+    ours_new["planning"], ours_new["timeline"] = _run_facts(ours_out, "planning", "timeline")
+    removed(ours_out)
+    ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json", cached)
+    ours["stage_seconds"], ours["planning"], ours["timeline"] = _run_facts(
+        ours_out, "stage_seconds", "planning", "timeline"
     )
     # The same with the name-rules planner, which needs no transformers import: the start-up it saves.
     rules_out = work / "out-bnb-name-rules"
     removed(rules_out)
     ours_rules = measured(OURS, {**common, "OUT": str(rules_out), "PLANNER": "name-rules"}, work / "report-rules.json")
-    rules_run = json.loads((rules_out / "bnb_manifest.json").read_text())["run"]
-    ours_rules["stage_seconds"], ours_rules["timeline"] = rules_run["stage_seconds"], rules_run.get("timeline")
+    ours_rules["stage_seconds"], ours_rules["timeline"] = _run_facts(rules_out, "stage_seconds", "timeline")
     same_rules = compare_tensors(ours_out, rules_out)
     out_bytes = folder_bytes(ours_out)
     floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
     floor = measured(FLOOR, floor_values, work / "report-floor.json")
-    results = {"bnb": ours, "io_floor": floor, "bnb_name_rules": ours_rules}
+    results = {"bnb": ours, "bnb_new_plan": ours_new, "io_floor": floor, "bnb_name_rules": ours_rules}
     results["name_rules_identical_tensors"] = {"identical": same_rules[0], "total": same_rules[1]}
     gpus = torch.cuda.device_count()
     if gpus > 1:
@@ -335,7 +347,7 @@ def main() -> int:
         removed(multi_out)
         every_gpu = ",".join(map(str, range(gpus)))
         multi_values = {**common, "OUT": str(multi_out), "PLANNER": "auto", "DEVICES": every_gpu}
-        multi = measured(OURS, multi_values, work / "report-multi.json")
+        multi = measured(OURS, multi_values, work / "report-multi.json", cached)
         multi["stage_seconds"] = json.loads((multi_out / "bnb_manifest.json").read_text())["run"]["stage_seconds"]
         results[f"bnb_{gpus}_gpus"] = multi
         same_multi = compare_tensors(ours_out, multi_out)
@@ -368,9 +380,11 @@ def main() -> int:
         f"{info['device']}, torch {info['torch']}, {args.layers}-layer Llama-8B-shaped bf16 "
         f"({input_bytes / 1e9:.2f} GB in, {out_bytes / 1e9:.2f} GB out), {args.scheme}, warm page cache"
     )
+    print("bnb cuda = the plan cached by an earlier run; bnb, new plan = an empty plan cache")
     print(f"{'':<14} {'seconds':>8} {'(wall)':>8} {'peak RSS':>10} {'peak GPU':>10}")
     for name, r in (
         ("I/O floor", results["io_floor"]),
+        ("bnb, new plan", ours_new),
         ("bnb cuda", ours),
         ("bnb name-rules", ours_rules),
         (f"bnb {torch.cuda.device_count()} GPUs", results.get(f"bnb_{torch.cuda.device_count()}_gpus")),
@@ -383,6 +397,7 @@ def main() -> int:
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}; planning: {ours['planning']}")
+    print(f"bnb, new plan: planning {ours_new['planning']}; timeline: {ours_new['timeline']}")
     print(f"bnb timeline (s since `bnb` started; its interpreter and imports before that): {ours['timeline']}")
     print(f"bnb name-rules busy seconds per stage: {ours_rules['stage_seconds']}; timeline: {ours_rules['timeline']}")
     rules = results["name_rules_identical_tensors"]
@@ -395,10 +410,16 @@ def main() -> int:
             f"{torch.cuda.device_count()} GPUs vs 1: {ours['seconds'] / multi['seconds']:.2f}x the speed; "
             f"{same['identical']}/{same['total']} tensors identical"
         )
-    print(f"bnb vs I/O floor: {ours['seconds'] / results['io_floor']['seconds']:.2f}x the floor")
+    floor_s = results["io_floor"]["seconds"]
+    print(
+        f"bnb vs I/O floor: {ours['seconds'] / floor_s:.2f}x the floor (new plan: {ours_new['seconds'] / floor_s:.2f}x)"
+    )
     if "transformers" in results:
         t = results["transformers"]
-        print(f"transformers / bnb: {t['seconds'] / ours['seconds']:.1f}x the time")
+        print(
+            f"transformers / bnb: {t['seconds'] / ours['seconds']:.1f}x the time "
+            f"(new plan: {t['seconds'] / ours_new['seconds']:.1f}x)"
+        )
         same = results["identical_tensors"]
         print(
             f"tensors byte-identical: {same['identical']}/{same['total']}"

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from bnbcli.errors import InputError, UsageError
+from bnbcli.planning import cache as plan_cache
 from bnbcli.planning import hf_diffusers, hf_transformers, name_rules
 from bnbcli.planning.common import PlannerResult, TensorDecision, Tensors, assemble, pattern_matches
 from bnbcli.planning.hf_transformers import NotKnown
@@ -129,16 +130,28 @@ def _run_planner(
         if planner != "auto":
             raise UsageError(f"the {planner} planner needs the model's config.json", hint="use --planner name-rules")
         return name_rules.plan_modules(config, tensors, scheme, "there is no config.json")
-    library = planner if planner != "auto" else ("diffusers" if "_class_name" in config else "transformers")
+    library = _library(config, planner)
     module = hf_diffusers if library == "diffusers" else hf_transformers
     try:
-        return module.plan_modules(config, tensors, scheme)
+        return plan_cache.planned(
+            library, config, tensors, scheme, lambda: module.plan_modules(config, tensors, scheme)
+        )
     except NotKnown as why:
         if planner != "auto":
             raise UsageError(
                 f"the {planner} planner cannot plan this model: {why}", hint="use --planner name-rules"
             ) from None
         return name_rules.plan_modules(config, tensors, scheme, str(why))
+
+
+def _library(config: Mapping[str, Any], planner: PlannerName) -> str:
+    return planner if planner != "auto" else ("diffusers" if "_class_name" in config else "transformers")
+
+
+def plan_is_cached(config: Mapping[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> bool:
+    """Whether the default planner answers at once for this component: from the plan cache, or by name
+    rules when there is no config.json. Then nothing needs importing transformers or diffusers."""
+    return config is None or plan_cache.lookup(_library(config, "auto"), config, tensors, scheme)
 
 
 def model_dtype(config: Mapping[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> torch.dtype:

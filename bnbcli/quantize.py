@@ -31,7 +31,7 @@ from bnbcli.output_plan import (
     weights_layout,
 )
 from bnbcli.pipeline import Cancellation, ComponentResult, Progress, write_other_files, write_weights
-from bnbcli.plan import PlannerName, QuantPlan
+from bnbcli.plan import PlannerName, QuantPlan, plan_is_cached
 from bnbcli.planning import isolated
 from bnbcli.planning.isolated import ChildFailed, plan_in_child
 from bnbcli.scheme import QuantScheme
@@ -119,9 +119,10 @@ def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -
 def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) -> bool:
     """Whether ``quantize_while_planning`` pays: the default planner needs transformers (or diffusers),
     not imported yet (seconds to tens of seconds), and a config.json to build from; the checkpoint is
-    large enough for the overlap to matter; nothing asks for the plan first."""
+    large enough for the overlap to matter; nothing asks for the plan first; the plan cache does not
+    hold the answer already."""
     modules = ("transformers", "diffusers")
-    return (
+    speculate = (
         request.planner is None
         and not request.resume
         and checkpoint.tensor_bytes >= isolated.SPECULATE_MIN_BYTES
@@ -129,6 +130,13 @@ def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) 
         and not any(m in sys.modules for m in modules)
         and any(importlib.util.find_spec(m) is not None for m in modules)
     )
+    if speculate and all(
+        plan_is_cached(source.config, tensor_shapes(source), request.scheme)
+        for source in checkpoint.components.values()
+    ):
+        isolated.stop()  # the plan cache answers: the child started at start-up has nothing to do
+        return False
+    return speculate
 
 
 def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, progress: Progress) -> QuantizeOutcome:

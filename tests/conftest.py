@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -5,6 +6,10 @@ import pytest
 
 # tests/ helpers (golden.py) import as top-level modules.
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Every test plans afresh (and writes nothing under ~/.cache), in this process and in the `bnb` processes
+# it starts; tests/test_plan_cache.py turns the plan cache on where it is the subject.
+os.environ["BNB_PLAN_CACHE"] = "off"
 
 
 def _gpu_missing() -> str | None:

@@ -682,6 +682,51 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
     assert read_again == ["diffusion.safetensors", "model.safetensors"]  # taken once: a second run reads
 
 
+def _early_digests(hashing: Any, src: Path, tmp_path: Path) -> dict[str, Any]:
+    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out")])
+    outcomes: dict[str, Any] = {}
+    for path in sorted(src.glob("*.safetensors")):
+        _, future = hashing._early.pop(os.path.realpath(path))
+        try:
+            outcomes[path.name] = future.result(timeout=60)
+        except Exception as exc:
+            outcomes[path.name] = exc
+    return outcomes
+
+
+def test_early_source_hashes_come_from_a_child_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashing in this process competed with torch's import for the GIL: the early digests are made by
+    sha256_worker in a process of its own, and an unreadable entry is reported as the pipeline would."""
+    from bnbcli.checkpoint import hashing
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"model-{i}.safetensors").write_bytes(bytes([i]) * (100_000 + i))
+    (src / "odd\tname\n.safetensors").write_bytes(b"z" * 10)  # not a line or column of the protocol
+    (src / "dir.safetensors").mkdir()  # unreadable as a file
+    monkeypatch.setattr(hashing, "sha256_of", lambda p: pytest.fail("hashed in this process"))
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read")))
+    outcomes = _early_digests(hashing, src, tmp_path)
+    for path in src.glob("*.safetensors"):
+        if path.is_file():
+            assert outcomes[path.name] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert isinstance(outcomes["dir.safetensors"], InputError)
+
+
+def test_early_source_hashes_without_a_child_are_made_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bnbcli.checkpoint import hashing
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"model-{i}.safetensors").write_bytes(bytes([i]) * 70_000)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-python"))
+    assert _early_digests(hashing, src, tmp_path) == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")
+    }
+
+
 def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
     from bnbcli.checkpoint import hashing
 
@@ -690,3 +735,35 @@ def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
     hashing.hash_sources_early(["quantize", str(tmp_path), str(tmp_path / "out"), "--dry-run"])
     hashing.hash_sources_early(["footprint", str(tmp_path), "x"])
     assert hashing._early == before
+
+
+def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(tmp_path: Path, monkeypatch) -> None:
+    """sync_file_range can block on a busy disk: the writer hands the requests to a thread of its own,
+    and the file's fsync and close come only after the last request was made."""
+    from bnbcli.checkpoint import writer
+
+    if writer._sync_file_range() is None:
+        pytest.skip("no sync_file_range on this platform: nothing is requested")
+    made: list[tuple[int, int, int]] = []
+    closed: list[int] = []
+
+    def slow_writeback(fd: int, offset: int, length: int) -> None:
+        time.sleep(0.2)  # a disk whose queue is full
+        made.append((fd, offset, length))
+
+    real_fsync = os.fsync
+    monkeypatch.setattr(writer, "start_writeback", slow_writeback)
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (closed.append(len(made)), real_fsync(fd)))
+    planned = [writer.PlannedTensor(f"t{i}", torch.float32, (1000,)) for i in range(5)]
+    shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
+    started = time.monotonic()
+    for i in range(5):
+        shard.write(f"t{i}", torch.full((1000,), float(i)))
+    assert time.monotonic() - started < 0.5  # five requests of 0.2 s each did not wait on the writer
+    shard.close()
+    assert closed == [5]  # every request was made before the fsync
+    assert sorted(offset for _, offset, _ in made) == sorted(shard.data_start + b for b, _ in shard.offsets.values())
+    from safetensors.torch import load_file
+
+    loaded = load_file(tmp_path / "out.safetensors")
+    assert [loaded[f"t{i}"][0].item() for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]

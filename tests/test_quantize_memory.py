@@ -33,7 +33,7 @@ import pytest
 from peak_rss import peak_rss, weights, write_sharded
 from safetensors.torch import save_file
 
-from bnbcli.checkpoint import hashing
+from bnbcli.checkpoint import sha256_worker
 
 SHAPE = (4096, 4096)  # 32 MiB in bf16: fixed-size buffers (hashing, float64 error chunks) stay small beside it
 LAYERS = 10  # the model is LAYERS times its largest tensor
@@ -83,7 +83,7 @@ def test_peak_rss_is_bounded_by_the_largest_tensor(
     assert model_bytes >= 8 * TENSOR_BYTES, "the model must dwarf its largest tensor"
     # Each source file may get its own sha256 worker, each with one read buffer: a cost of the number
     # of files (up to half the cores), not of the tensors; the one-tensor baseline has one.
-    bound = K * TENSOR_BYTES + (len(files) - 1) * hashing.CHUNK
+    bound = K * TENSOR_BYTES + (len(files) - 1) * sha256_worker.CHUNK
     # The one-tensor run holds one tensor already; a pipeline that held the model would add the rest.
     assert bound < model_bytes - TENSOR_BYTES, "holding the model must break the bound"
 

@@ -5,33 +5,29 @@ which has to see every byte in file order. One stream runs at ~2 GB/s on a core,
 GPU conversion reads its input, so each file is hashed by its own worker, in parallel with the
 pipeline and with the other files; hashlib releases the GIL on large updates. The workers read the
 same files the pipeline reads, so with a warm page cache the second read costs memory bandwidth only.
+`bnb quantize` starts them before it imports torch, in a child interpreter (``hash_sources_early``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
+import subprocess
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from bnbcli.checkpoint import sha256_worker
+from bnbcli.checkpoint.sha256_worker import sha256_of
 from bnbcli.errors import InputError
-
-CHUNK = 16 << 20  # bytes per read: large enough that hashlib drops the GIL, small enough to stay in cache
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     try:
-        with path.open("rb", buffering=0) as f:
-            while n := f.readinto(buffer):
-                digest.update(view[:n])
+        return sha256_of(path)
     except OSError as e:
         raise InputError(f"{path}: cannot read: {e.strerror or e}", hint="check the file and its permissions") from e
-    return digest.hexdigest()
 
 
 def _workers(files: int) -> int:
@@ -52,9 +48,10 @@ def _stamp(path: str | Path) -> tuple[int, int]:
 def hash_sources_early(argv: list[str]) -> None:
     """Start hashing the shards of ``bnb quantize SRC OUT ...`` now, when SRC is a local folder: the
     `bnb` command calls this before it imports torch (seconds), and the digests are often ready before
-    the last tensor is written. A guess from the command line alone: the pipeline takes the digests
-    of the files it reads and ignores the others. Daemon threads, so a run that ends early (an error,
-    --help) never waits for them."""
+    the last tensor is written. The hashing runs in a child interpreter (``sha256_worker``), which
+    shares no lock with that import; if the child cannot run, threads of this process take over. A
+    guess from the command line alone: the pipeline takes the digests of the files it reads and
+    ignores the others. Nothing here is waited for when a run ends early (an error, --help)."""
     if len(argv) < 3 or argv[0] != "quantize" or any(a in ("--dry-run", "--help", "-h") for a in argv):
         return
     src = Path(argv[1])
@@ -62,9 +59,7 @@ def hash_sources_early(argv: list[str]) -> None:
         files = sorted({os.path.realpath(f) for f in [*src.glob("*.safetensors"), *src.glob("*/*.safetensors")]})
     except OSError:
         return
-    if not files:
-        return
-    jobs: queue.SimpleQueue[tuple[str, Future[str]]] = queue.SimpleQueue()
+    pending: dict[str, Future[str]] = {}
     with _early_lock:
         for path in files:
             future: Future[str] = Future()
@@ -72,22 +67,53 @@ def hash_sources_early(argv: list[str]) -> None:
                 _early[path] = (_stamp(path), future)
             except OSError:
                 continue
-            jobs.put((path, future))
+            pending[path] = future
+    if pending:
+        threading.Thread(target=_collect_early, args=(pending,), name="bnb-hash-early", daemon=True).start()
+
+
+def _collect_early(pending: dict[str, Future[str]]) -> None:
+    """Start the child, settle each future from its answers, then hash what it left in this process."""
+    paths = list(pending)
+    try:
+        command = [sys.executable, "-I", sha256_worker.__file__, str(os.getpid()), str(_workers(len(paths))), *paths]
+        child = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+    except (OSError, ValueError):  # no interpreter to run (an embedded Python): hash here
+        child = None
+    if child is not None and child.stdout is not None:
+        with child.stdout:
+            for line in child.stdout:
+                index, _, digest = line.rstrip("\n").partition("\t")
+                future = pending.pop(paths[int(index)])
+                if digest != "!" and future.set_running_or_notify_cancel():
+                    future.set_result(digest)
+                else:  # unreadable there: hashing it here reports the error the pipeline shows
+                    _settle(future, paths[int(index)])
+        child.wait()
+    leftovers: queue.SimpleQueue[tuple[str, Future[str]]] = queue.SimpleQueue()
+    for item in pending.items():
+        leftovers.put(item)
 
     def work() -> None:
         while True:
             try:
-                path, future = jobs.get_nowait()
+                path, future = leftovers.get_nowait()
             except queue.Empty:
                 return
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(file_sha256(Path(path)))
-                except BaseException as exc:  # the pipeline reports it, for the files it needs
-                    future.set_exception(exc)
+            _settle(future, path)
 
-    for _ in range(_workers(len(files))):
+    for _ in range(_workers(len(pending)) if pending else 0):
         threading.Thread(target=work, name="bnb-hash-early", daemon=True).start()
+
+
+def _settle(future: Future[str], path: str) -> None:
+    if future.set_running_or_notify_cancel():
+        try:
+            future.set_result(file_sha256(Path(path)))
+        except BaseException as exc:  # the pipeline reports it, for the files it needs
+            future.set_exception(exc)
 
 
 def _take_early(path: Path) -> Future[str] | None:

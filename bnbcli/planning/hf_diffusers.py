@@ -24,7 +24,7 @@ from bnbcli.planning.common import (
     settle_skip_list,
     user_skip_rules,
 )
-from bnbcli.planning.hf_transformers import NotKnown, quiet
+from bnbcli.planning.hf_transformers import NotImportable, NotKnown, quiet
 from bnbcli.scheme import QuantScheme
 
 
@@ -40,7 +40,7 @@ def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
         with quiet():
             import diffusers
     except ImportError as err:
-        raise NotKnown(f"diffusers is not importable ({err})") from None
+        raise NotImportable(f"diffusers is not importable ({err})") from None
     name = config.get("_class_name")
     with quiet():  # resolving a class imports its module, and bitsandbytes with it (noisy on CPU)
         cls = getattr(diffusers, name, None) if isinstance(name, str) else None

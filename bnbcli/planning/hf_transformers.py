@@ -34,6 +34,10 @@ class NotKnown(Exception):
     """transformers is missing or does not know this model; the message says which (for plan.reason)."""
 
 
+class NotImportable(NotKnown):
+    """The library itself cannot be imported (not an answer about the model: never cached)."""
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the libraries' config warnings and bitsandbytes' import-time notices: output.py alone
@@ -68,7 +72,7 @@ def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
             from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
     except ImportError as err:
-        raise NotKnown(f"transformers is not importable ({err})") from None
+        raise NotImportable(f"transformers is not importable ({err})") from None
     version = transformers.__version__
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else None

@@ -127,6 +127,17 @@ def _child() -> _Child:
         return _running
 
 
+def stop() -> None:
+    """End the child, if one runs: nothing will ask it (the plan cache answered)."""
+    global _running
+    with _started:
+        if _running is not None:
+            with contextlib.suppress(OSError):
+                _running.proc.kill()
+            _running.proc.wait()
+            _running = None
+
+
 def _send(stream: IO[bytes], value: Any) -> None:
     data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     stream.write(_HEADER.pack(len(data)) + data)

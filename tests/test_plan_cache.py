@@ -1,0 +1,162 @@
+"""The plan cache (bnbcli/planning/cache.py): a second run with the same inputs gets the library planner's
+answer without asking the library; any change of input asks again; a broken entry is made again."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from golden import golden_dir
+from test_plan import source
+
+from bnbcli.plan import plan_is_cached, plan_quantization
+from bnbcli.planning import cache, hf_diffusers, hf_transformers
+from bnbcli.scheme import QuantScheme
+
+SCHEME = QuantScheme(method="nf4", double_quant=True)
+
+
+@pytest.fixture
+def asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
+    """The plan cache on, in a folder of its own; the list of library planner calls made."""
+    monkeypatch.setenv("BNB_PLAN_CACHE", "on")
+    monkeypatch.setenv("BNB_CACHE_DIR", str(tmp_path / "cache"))
+    calls: list[str] = []
+    for module in (hf_transformers, hf_diffusers):
+        real = module.plan_modules
+
+        def counted(*args: Any, _real: Any = real, _name: str = module.__name__) -> Any:
+            calls.append(_name.rsplit(".", 1)[-1])
+            return _real(*args)
+
+        monkeypatch.setattr(module, "plan_modules", counted)
+    return calls
+
+
+def _same(a: Any, b: Any) -> None:
+    assert a.to_json_dict() == b.to_json_dict()
+    assert (a.skip_modules, a.model_dtype, a.unmatched_skip) == (b.skip_modules, b.model_dtype, b.unmatched_skip)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "flux_tiny"])
+def test_second_plan_comes_from_the_cache_and_is_the_same(family: str, asked: list[str]) -> None:
+    config, tensors = source(family)
+    library = "hf_diffusers" if family == "flux_tiny" else "hf_transformers"
+    assert not plan_is_cached(config, tensors, SCHEME)
+    first = plan_quantization(config, tensors, SCHEME)
+    assert asked == [library] and plan_is_cached(config, tensors, SCHEME)
+    again = plan_quantization(config, tensors, SCHEME)
+    assert asked == [library]  # not asked a second time
+    _same(first, again)
+    # the cached answer is the library's, not a fallback's
+    assert again.planner == ("diffusers" if family == "flux_tiny" else "transformers")
+
+
+def _variants(config: dict, tensors: dict) -> list[tuple[str, dict, dict, QuantScheme]]:
+    name = next(n for n in tensors if n.endswith("q_proj.weight"))
+    shape, _ = tensors[name]
+    return [
+        ("a config value", {**config, "rms_norm_eps": 1.234e-5}, tensors, SCHEME),
+        ("one more tensor", config, {**tensors, "extra.weight": ((4, 4), torch.float32)}, SCHEME),
+        ("a tensor's dtype", config, {**tensors, name: (shape, torch.float16)}, SCHEME),
+        ("the scheme's skip list", config, tensors, replace(SCHEME, skip=("q_proj",))),
+        ("the method", config, tensors, QuantScheme(method="int8")),
+    ]
+
+
+def test_any_other_input_asks_the_library_again(asked: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    config, tensors = source("llama")
+    plan_quantization(config, tensors, SCHEME)
+    for what, other_config, other_tensors, scheme in _variants(config, tensors):
+        before = len(asked)
+        assert not plan_is_cached(other_config, other_tensors, scheme), what
+        plan_quantization(other_config, other_tensors, scheme)
+        assert len(asked) == before + 1, what
+    monkeypatch.setattr(cache, "_library_version", lambda library: "999.0")  # another transformers
+    assert not plan_is_cached(config, tensors, SCHEME)
+    plan_quantization(config, tensors, SCHEME)
+    assert asked[-1] == "hf_transformers" and len(asked) == len(_variants(config, tensors)) + 2
+
+
+def test_a_broken_entry_is_made_again(asked: list[str], tmp_path: Path) -> None:
+    config, tensors = source("llama")
+    first = plan_quantization(config, tensors, SCHEME)
+    (entry,) = (tmp_path / "cache" / "plans").glob("*.json")
+    for damage in ("", "{", json.dumps({"result": {"planner": "transformers"}}), json.dumps({"not_known": 3})):
+        entry.write_text(damage)
+        assert not plan_is_cached(config, tensors, SCHEME)
+        _same(plan_quantization(config, tensors, SCHEME), first)
+    assert len(asked) == 5
+    assert plan_is_cached(config, tensors, SCHEME)  # written whole again
+
+
+def test_an_unknown_model_is_an_answer_too_but_a_broken_library_is_not(
+    asked: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, tensors = source("llama")
+    unknown = {**config, "architectures": ["NoSuchModelForCausalLM"], "model_type": "no-such-model"}
+    first = plan_quantization(unknown, tensors, SCHEME)
+    assert first.planner == "name-rules" and "does not know" in first.reason
+    again = plan_quantization(unknown, tensors, SCHEME)
+    assert asked == ["hf_transformers"]
+    _same(first, again)
+
+    def not_importable(*args: Any) -> Any:
+        raise hf_transformers.NotImportable("transformers is not importable (broken)")
+
+    monkeypatch.setattr(hf_transformers, "plan_modules", not_importable)
+    other = {**config, "rms_norm_eps": 1e-3}
+    assert plan_quantization(other, tensors, SCHEME).planner == "name-rules"
+    assert not plan_is_cached(other, tensors, SCHEME)
+
+
+def test_off_and_unwritable(asked: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config, tensors = source("gpt2")
+    monkeypatch.setenv("BNB_PLAN_CACHE", "off")
+    plan_quantization(config, tensors, SCHEME)
+    plan_quantization(config, tensors, SCHEME)
+    assert len(asked) == 2 and not (tmp_path / "cache").exists()
+    monkeypatch.setenv("BNB_PLAN_CACHE", "on")
+    (tmp_path / "cache").write_text("a file where the folder would go")
+    plan_quantization(config, tensors, SCHEME)  # plans anyway
+    assert len(asked) == 3 and not plan_is_cached(config, tensors, SCHEME)
+
+
+def test_bnb_quantize_with_a_cached_plan_starts_no_planner(tmp_path: Path) -> None:
+    """Two `bnb quantize` runs of one model: the second plans from the cache, in its own process, and
+    writes the same files (its manifest says where the plan came from)."""
+    src = golden_dir() / "models" / "llama" / "src"
+    env = {"BNB_PLAN_CACHE": "on", "BNB_CACHE_DIR": str(tmp_path / "cache")}
+    script = (
+        "import sys, bnbcli.quantize as q, bnbcli.planning.isolated as iso\n"
+        "iso.SPECULATE_MIN_BYTES = 0\n"  # this small model speculates like a large one would
+        "asked = []\n"
+        "real = iso.plan_in_child\n"
+        "q.plan_in_child = lambda *a: asked.append(1) or real(*a)\n"
+        "sys.argv = ['bnb', 'quantize', sys.argv[1], sys.argv[2], '--backend', 'cpu', '--config', 'nf4-dq', '-q']\n"
+        "from bnbcli.cli.main import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('asked the child' if asked else 'no child')\n"
+    )
+    runs = []
+    for out in ("first", "second"):
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(src), str(tmp_path / out)],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        runs.append(done.stdout.strip().splitlines()[-1])
+    assert runs == ["asked the child", "no child"]
+    for path in (tmp_path / "first").rglob("*"):
+        if path.is_file() and path.name != "bnb_manifest.json":
+            assert path.read_bytes() == (tmp_path / "second" / path.relative_to(tmp_path / "first")).read_bytes()
