@@ -5,8 +5,8 @@ The model-aware planners import transformers (or diffusers) and build the model 
 depends only on what goes into the key below, so a second run on the same model (a CI job, the next
 fine-tune of the same base, `bnb footprint` then `bnb quantize`) takes it from here in milliseconds.
 
-The key is the sha256 of: the library and its installed version, the digest of bnbcli's planning code,
-config.json, every tensor's name, shape and dtype, and the scheme. A different transformers, a changed
+The key is the sha256 of: the library and its installed version (and torch's and accelerate's), the
+digest of bnbcli's planning code, config.json, every tensor's name, shape and dtype, and the scheme. A different transformers, a changed
 config or one more tensor is another key; nothing is ever reused across them. An entry that cannot be
 read back (truncated, edited, from another layout) is ignored and made again.
 
@@ -75,6 +75,7 @@ def key(library: str, config: Mapping[str, Any], tensors: Tensors, scheme: Quant
     inputs = {
         "format": FORMAT,
         "library": [library, version],
+        "beside": [torch.__version__, _library_version("accelerate")],  # what the model build runs on
         "planning_code": _code_digest(),
         "config": config,
         "tensors": sorted([name, list(shape), dtype_name(dtype)] for name, (shape, dtype) in tensors.items()),
