@@ -6,8 +6,9 @@ depends only on what goes into the key below, so a second run on the same model 
 fine-tune of the same base, `bnb footprint` then `bnb quantize`) takes it from here in milliseconds.
 
 The key is the sha256 of: the library and its installed version (and torch's and accelerate's), the
-digest of bnbcli's planning code, config.json, every tensor's name, shape and dtype, and the scheme. A different transformers, a changed
-config or one more tensor is another key; nothing is ever reused across them. An entry that cannot be
+digest of bnbcli's planning code, config.json, every tensor's name, shape and dtype, and the scheme. A
+different transformers, a changed config or one more tensor is another key; nothing is ever reused
+across them. An entry that cannot be
 read back (truncated, edited, from another layout) is ignored and made again.
 
 Where: ``$BNB_CACHE_DIR/plans``, else ``$XDG_CACHE_HOME/bnbcli/plans``, else ``~/.cache/bnbcli/plans``.
