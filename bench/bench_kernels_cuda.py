@@ -18,7 +18,10 @@ host overhead excluded), the same fraction of copy bandwidth and the ratio on th
 Experiments: ``--breakdown`` prints each operation's device time kernel by kernel (ours and
 bitsandbytes'); ``--grid-waves N`` launches the shared-table 8-bit encoder with N waves of CTAs instead
 of the default; ``--nested-encoder Dyn8`` runs double quantization's second level with the
-shared-table encoder instead of Dyn8L1.
+shared-table encoder instead of Dyn8L1; ``--hints`` builds the kernels with each set of PTX cache
+qualifiers in HINTS (bnb_common.cuh's BNB_LD_HINT / BNB_ST_HINT), takes turns between them for
+``--rounds`` rounds and prints each operation's median device time per build, checking every output
+against the shipped build's bytes.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from bnbcli.backends import cuda
+from bnbcli.backends import cuda, cuda_runtime
 
 try:
     import bitsandbytes
@@ -175,6 +178,45 @@ def operations(x: torch.Tensor, x16: torch.Tensor) -> list[tuple[str, int, Calla
     ]
 
 
+# Builds compared by --hints: name -> extra NVRTC options ("shipped": bnb_common.cuh's defaults, loads
+# without a hint and stores with ".cs").
+HINTS = {
+    "shipped": (),
+    "st plain": ('-DBNB_ST_HINT=""',),
+    "ld .L2::256B": ('-DBNB_LD_HINT=".L2::256B"',),
+    "ld .L1::no_allocate": ('-DBNB_LD_HINT=".L1::no_allocate"',),
+}
+
+
+def use_build(defines: tuple[str, ...], base: tuple[str, ...]) -> None:
+    """Compile the kernels again with ``defines`` added (the next launch compiles; CuPy caches builds)."""
+    cuda_runtime.OPTIONS = (*base, *defines)
+    cuda_runtime._modules.clear()
+    cuda_runtime._functions.clear()
+    cuda_runtime.resident_ctas.cache_clear()
+
+
+def compare_hints(x: torch.Tensor, x16: torch.Tensor, rounds: int) -> None:
+    base = cuda_runtime.OPTIONS
+    times: dict[str, dict[str, list[float]]] = {}
+    reference: dict[str, list[bytes]] = {}
+    same: dict[str, bool] = {}
+    for _ in range(rounds):
+        for build, defines in HINTS.items():
+            use_build(defines, base)
+            for name, _, ours, _ in operations(x, x16):
+                out = raw(ours())
+                reference.setdefault(name, out)
+                same[build] = same.get(build, True) and out == reference[name]
+                times.setdefault(name, {}).setdefault(build, []).append(device_time(ours, 20))
+    use_build((), base)
+    print(f"{torch.cuda.get_device_name()}: device µs per call, median of {rounds} rounds taking turns")
+    print(f"{'operation':<22}" + "".join(f"{b[:22]:>24}" for b in HINTS))
+    for name, per_build in times.items():
+        print(f"{name:<22}" + "".join(f"{statistics.median(per_build[b]) * 1e6:>24.1f}" for b in HINTS))
+    print(f"{'same bytes as shipped':<22}" + "".join(f"{'yes' if same[b] else 'NO':>24}" for b in HINTS))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=8192)
@@ -185,6 +227,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true", help="device time kernel by kernel, per operation")
     parser.add_argument("--grid-waves", type=int, help="waves of CTAs for the shared-table 8-bit encoder")
     parser.add_argument("--nested-encoder", choices=("Dyn8", "Dyn8L1"), help="double quant's second-level encoder")
+    parser.add_argument("--hints", action="store_true", help="compare builds with PTX cache qualifiers (HINTS)")
+    parser.add_argument("--rounds", type=int, default=5, help="with --hints: rounds of taking turns")
     args = parser.parse_args()
     if args.grid_waves is not None:
         cuda.GRID_WAVES["Dyn8"] = args.grid_waves
@@ -194,6 +238,9 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.rows, args.cols, device="cuda", dtype=torch.bfloat16)
     x16 = x.to(torch.float16)
+    if args.hints:
+        compare_hints(x, x16, args.rounds)
+        return
     copy = copy_bandwidth(args.samples)
     rows = []
     for name, nbytes, ours, theirs in operations(x, x16):
