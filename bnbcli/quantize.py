@@ -99,7 +99,10 @@ def open_source(request: QuantizeRequest) -> Checkpoint:
 
 
 def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
-    """Headers only: what --dry-run prints and what execution obeys."""
+    """Headers only: what --dry-run prints and what execution obeys. Planned in this process, so a
+    planner child started early (``isolated.start_early``) and not yet asked has nothing to do: it is
+    stopped."""
+    isolated.stop_unused()
     checkpoint = checkpoint or open_source(request)
     return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
 
@@ -130,13 +133,10 @@ def can_start_before_planning(request: QuantizeRequest, checkpoint: Checkpoint) 
         and not any(m in sys.modules for m in modules)
         and any(importlib.util.find_spec(m) is not None for m in modules)
     )
-    if speculate and all(
+    return speculate and not all(  # the plan cache answers at once
         plan_is_cached(source.config, tensor_shapes(source), request.scheme)
         for source in checkpoint.components.values()
-    ):
-        isolated.stop()  # the plan cache answers: the child started at start-up has nothing to do
-        return False
-    return speculate
+    )
 
 
 def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, progress: Progress) -> QuantizeOutcome:

@@ -147,6 +147,23 @@ def test_child_plans_what_this_process_plans() -> None:
     assert there == here
 
 
+def test_planning_here_stops_a_child_that_was_never_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child started early (for a speculative run) that the run then does not ask — the plan cache
+    answered, or the run plans first — is ended at once instead of importing transformers on a core for
+    nothing; a child that has answered is kept for the next request (the tests and the fuzzer plan often)."""
+    from bnbcli.planning import isolated
+
+    asked = isolated._child()
+    asked.asked = True  # as after a request
+    plan_request(_request(Path("x")))
+    assert isolated._running is asked and asked.proc.poll() is None
+
+    monkeypatch.setattr(isolated, "_running", None)  # undone after the test: the answered child comes back
+    unasked = isolated._child()
+    plan_request(_request(Path("x")))
+    assert isolated._running is None and unasked.proc.wait(timeout=10) is not None
+
+
 def test_failed_planning_stops_the_draft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real planner fails while the draft is being written: the error comes out, the draft's thread
     has stopped, and nothing is left beside OUT."""

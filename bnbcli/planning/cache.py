@@ -97,8 +97,8 @@ def planned(
     name = key(library, config, tensors, scheme) if enabled() else None
     if name is None:
         return plan()
-    entry = _load(name)
-    if entry is None:
+    cached = _load(name)
+    if cached is None:
         try:
             result = plan()
         except NotImportable:  # a broken install says nothing about the model: ask again next time
@@ -108,9 +108,9 @@ def planned(
             raise
         _store(name, {"result": dataclasses.asdict(result)})
         return result
-    if "not_known" in entry:
-        raise NotKnown(entry["not_known"])
-    return _result(entry["result"])
+    if isinstance(cached, str):
+        raise NotKnown(cached)
+    return cached
 
 
 def lookup(library: str, config: Mapping[str, Any], tensors: Tensors, scheme: QuantScheme) -> bool:
@@ -119,13 +119,14 @@ def lookup(library: str, config: Mapping[str, Any], tensors: Tensors, scheme: Qu
     return name is not None and _load(name) is not None
 
 
-def _load(name: str) -> dict[str, Any] | None:
+def _load(name: str) -> PlannerResult | str | None:
+    """The cached result, or the reason the library did not know the model; None for a miss (no entry,
+    or one that does not read back whole)."""
     try:
         entry = json.loads((folder() / f"{name}.json").read_text(encoding="utf-8"))
         if "not_known" in entry:
-            return entry if isinstance(entry["not_known"], str) else None
-        _result(entry["result"])  # readable whole, or a miss
-        return entry
+            return entry["not_known"] if isinstance(entry["not_known"], str) else None
+        return _result(entry["result"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

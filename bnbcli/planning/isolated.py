@@ -104,9 +104,11 @@ class _Child:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
+        self.asked = False
 
     def ask(self, request: Any) -> Any:
         assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.asked = True
         with self.lock:  # one request at a time over the one pipe
             try:
                 _send(self.proc.stdin, request)
@@ -127,11 +129,12 @@ def _child() -> _Child:
         return _running
 
 
-def stop() -> None:
-    """End the child, if one runs: nothing will ask it (the plan cache answered)."""
+def stop_unused() -> None:
+    """End the child if it was started (early) but never asked: this run plans elsewhere, and its
+    imports would only take a core. A child that has answered stays, for the next request."""
     global _running
     with _started:
-        if _running is not None:
+        if _running is not None and not _running.asked:
             with contextlib.suppress(OSError):
                 _running.proc.kill()
             _running.proc.wait()
