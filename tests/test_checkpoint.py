@@ -727,6 +727,25 @@ def test_early_source_hashes_without_a_child_are_made_here(tmp_path: Path, monke
     }
 
 
+def test_early_source_hashes_survive_a_child_that_talks_nonsense_and_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from bnbcli.checkpoint import hashing
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"model-{i}.safetensors").write_bytes(bytes([i + 1]) * 50_000)
+    liar = tmp_path / "liar.py"
+    liar.write_text("print('x\\tnonsense')\nprint('7\\t' + 'a' * 64)\nprint('0\\tshort')\nraise SystemExit(3)\n")
+    monkeypatch.setattr(hashing, "sha256_worker", SimpleNamespace(__file__=str(liar)))
+    assert _early_digests(hashing, src, tmp_path) == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")
+    }
+
+
 def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
     from bnbcli.checkpoint import hashing
 

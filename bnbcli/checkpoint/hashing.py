@@ -73,39 +73,50 @@ def hash_sources_early(argv: list[str]) -> None:
 
 
 def _collect_early(pending: dict[str, Future[str]]) -> None:
-    """Start the child, settle each future from its answers, then hash what it left in this process."""
-    paths = list(pending)
+    """Settle each future from the child's answers, then hash in this process whatever it left (it
+    could not start, died, or said something else): no future is left waiting."""
     try:
-        command = [sys.executable, "-I", sha256_worker.__file__, str(os.getpid()), str(_workers(len(paths))), *paths]
+        _answers_from_child(pending)
+    finally:
+        leftovers: queue.SimpleQueue[tuple[str, Future[str]]] = queue.SimpleQueue()
+        for item in pending.items():
+            leftovers.put(item)
+
+        def work() -> None:
+            while True:
+                try:
+                    path, future = leftovers.get_nowait()
+                except queue.Empty:
+                    return
+                _settle(future, path)
+
+        for _ in range(_workers(len(pending)) if pending else 0):
+            threading.Thread(target=work, name="bnb-hash-early", daemon=True).start()
+
+
+def _answers_from_child(pending: dict[str, Future[str]]) -> None:
+    """Run sha256_worker on the files; each answer settles (and leaves) ``pending``."""
+    paths = list(pending)
+    command = [sys.executable, "-I", sha256_worker.__file__, str(os.getpid()), str(_workers(len(paths))), *paths]
+    try:
         child = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
         )
-    except (OSError, ValueError):  # no interpreter to run (an embedded Python): hash here
-        child = None
-    if child is not None and child.stdout is not None:
-        with child.stdout:
-            for line in child.stdout:
-                index, _, digest = line.rstrip("\n").partition("\t")
-                future = pending.pop(paths[int(index)])
-                if digest != "!" and future.set_running_or_notify_cancel():
-                    future.set_result(digest)
-                else:  # unreadable there: hashing it here reports the error the pipeline shows
-                    _settle(future, paths[int(index)])
-        child.wait()
-    leftovers: queue.SimpleQueue[tuple[str, Future[str]]] = queue.SimpleQueue()
-    for item in pending.items():
-        leftovers.put(item)
-
-    def work() -> None:
-        while True:
-            try:
-                path, future = leftovers.get_nowait()
-            except queue.Empty:
-                return
-            _settle(future, path)
-
-    for _ in range(_workers(len(pending)) if pending else 0):
-        threading.Thread(target=work, name="bnb-hash-early", daemon=True).start()
+    except (OSError, ValueError):  # no interpreter to run (an embedded Python): all hashed here
+        return
+    assert child.stdout is not None
+    with child.stdout:
+        for line in child.stdout:
+            index, _, digest = line.rstrip("\n").partition("\t")
+            path = paths[int(index)] if index.isdigit() and int(index) < len(paths) else ""
+            future = pending.pop(path, None)
+            if future is None:
+                continue
+            if len(digest) == 64 and future.set_running_or_notify_cancel():
+                future.set_result(digest)
+            else:  # "!": unreadable there; hashing it here reports the error the pipeline shows
+                _settle(future, path)
+    child.wait()
 
 
 def _settle(future: Future[str], path: str) -> None:
