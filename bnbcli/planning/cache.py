@@ -54,8 +54,11 @@ def folder() -> Path:
 def _code_digest() -> str:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in _PLANNING_CODE:
-        digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    try:
+        for name in _PLANNING_CODE:
+            digest.update(name.encode() + b"\0" + (here / name).read_bytes())
+    except OSError:  # sources not readable as files (a zipped install): bnbcli's version stands for them
+        return "bnbcli " + str(_library_version("bnbcli"))
     return digest.hexdigest()
 
 
