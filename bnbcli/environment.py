@@ -11,6 +11,7 @@ import torch
 
 from bnbcli import __version__
 from bnbcli.backends import cuda_status, cuda_unavailable
+from bnbcli.planning import cache as plan_cache
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class Environment:
     torch_cuda: str | None
     gpus: list[str] = field(default_factory=list)
     backends: list[str] = field(default_factory=list)
+    planners: dict[str, str | None] = field(default_factory=dict)  # the model-aware planners' libraries
+    plan_cache: dict[str, object] = field(default_factory=dict)  # planning/cache.py: folder, enabled, plans
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -55,4 +58,6 @@ def describe_environment() -> Environment:
         torch_cuda=torch.version.cuda,
         gpus=gpus,
         backends=["cpu"] if cuda_unavailable() else ["cpu", "cuda"],
+        planners={library: _installed(library) for library in ("transformers", "diffusers")},
+        plan_cache=plan_cache.status(),
     )

@@ -160,3 +160,20 @@ def test_bnb_quantize_with_a_cached_plan_starts_no_planner(tmp_path: Path) -> No
     for path in (tmp_path / "first").rglob("*"):
         if path.is_file() and path.name != "bnb_manifest.json":
             assert path.read_bytes() == (tmp_path / "second" / path.relative_to(tmp_path / "first")).read_bytes()
+
+
+def test_bnb_env_shows_the_planners_and_the_cache(tmp_path: Path) -> None:
+    from bnb_process import run_bnb
+
+    plans = tmp_path / "cache" / "plans"
+    plans.mkdir(parents=True)
+    for name in ("a", "b"):
+        (plans / f"{name}.json").write_text("{}")
+    on = {"BNB_CACHE_DIR": str(tmp_path / "cache"), "BNB_PLAN_CACHE": "on"}
+    document = json.loads(run_bnb("env", "--json", env=on).stdout)
+    assert document["plan_cache"] == {"folder": str(plans), "enabled": True, "plans": 2}
+    assert document["planners"]["transformers"]  # installed for the tests
+    table = " ".join(run_bnb("env", env=on).stdout.split())
+    assert f"plan cache │ {plans} (2 plans)" in table
+    off = json.loads(run_bnb("env", "--json", env={**on, "BNB_PLAN_CACHE": "off"}).stdout)
+    assert off["plan_cache"]["enabled"] is False

@@ -1,4 +1,4 @@
-"""`bnb env`: versions of bnbcli, torch, CuPy and CUDA, and the GPUs seen."""
+"""`bnb env`: versions of bnbcli, torch, CuPy and CUDA, the GPUs seen, the planners and their cache."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def env(json_output: JsonFlag = False) -> None:
         output.emit_json(found.as_dict())
         return
     none = "-"
+    planners = ", ".join(f"{library} {version}" for library, version in found.planners.items() if version)
+    cache = found.plan_cache
+    plans = f"{cache['folder']} ({cache['plans']} plans)" if cache["enabled"] else "off (BNB_PLAN_CACHE)"
     output.emit_table(
         "bnb environment",
         [
@@ -26,5 +29,7 @@ def env(json_output: JsonFlag = False) -> None:
             ("CUDA runtime", found.cuda_runtime or none),
             ("GPUs", ", ".join(found.gpus) or "none"),
             ("backends", ", ".join(found.backends)),
+            ("planners", planners or "name rules only (neither transformers nor diffusers is installed)"),
+            ("plan cache", plans),
         ],
     )

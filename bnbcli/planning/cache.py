@@ -62,6 +62,15 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
+def status() -> dict[str, Any]:
+    """Where the cache is, whether it is on, and how many answers it holds (for `bnb env`)."""
+    try:
+        plans = sum(1 for _ in folder().glob("*.json"))
+    except OSError:
+        plans = 0
+    return {"folder": str(folder()), "enabled": enabled(), "plans": plans}
+
+
 def _library_version(library: str) -> str | None:
     try:
         return metadata.version(library)
