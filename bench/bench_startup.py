@@ -1,0 +1,85 @@
+"""Where the start of `bnb quantize --backend cuda` goes on this machine, each case in a fresh interpreter.
+
+    python bench/bench_startup.py SRC [--runs 2]      # SRC: a local checkpoint folder (for the hashing cases)
+
+Prints one JSON line of seconds per case and run: importing torch; then CUDA's context, CuPy's import,
+our kernels (from CuPy's cache once compiled), pinned host memory; the CUDA driver's context made on a
+thread while torch imports (and what CUDA's initialisation costs afterwards); importing the `bnb`
+command alone, with the early source hashing of SRC running (a child process since 2026-12-06; threads
+of this process before, which slowed the import by 0.4-1.4 s on an H100 machine), and with the
+planner's child started too. BENCHMARKS.md has the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+CASES = {
+    "import torch": """
+t = time.perf_counter(); import torch; r['import_torch'] = time.perf_counter() - t
+""",
+    "torch, CUDA context, CuPy, kernels, pinned memory": """
+t = time.perf_counter(); import torch; r['import_torch'] = time.perf_counter() - t
+t = time.perf_counter(); torch.cuda.init(); torch.empty(1, device='cuda'); torch.cuda.synchronize()
+r['cuda_init'] = time.perf_counter() - t
+t = time.perf_counter(); import cupy; r['import_cupy'] = time.perf_counter() - t
+from bnbcli.backends.cuda_runtime import warm_up
+t = time.perf_counter(); warm_up(0).join(); r['kernels_loaded'] = time.perf_counter() - t
+t = time.perf_counter(); p = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
+r['pinned_256MB'] = time.perf_counter() - t
+""",
+    "driver context on a thread while torch imports": """
+import ctypes, threading
+def context():
+    t = time.perf_counter()
+    cuda = ctypes.CDLL('libcuda.so.1')
+    device, handle = ctypes.c_int(), ctypes.c_void_p()
+    assert cuda.cuInit(0) == 0 and cuda.cuDeviceGet(ctypes.byref(device), 0) == 0
+    assert cuda.cuDevicePrimaryCtxRetain(ctypes.byref(handle), device) == 0
+    r['context_thread'] = time.perf_counter() - t
+thread = threading.Thread(target=context); thread.start()
+t = time.perf_counter(); import torch; r['import_torch'] = time.perf_counter() - t
+thread.join()
+t = time.perf_counter(); torch.cuda.init(); torch.empty(1, device='cuda'); torch.cuda.synchronize()
+r['cuda_init'] = time.perf_counter() - t
+""",
+    "bnb command import alone": """
+t = time.perf_counter(); from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+""",
+    "bnb command import, early hashing of SRC": """
+t = time.perf_counter()
+from bnbcli.checkpoint.hashing import hash_sources_early
+hash_sources_early(['quantize', SRC, '/tmp/unused-out'])
+from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+""",
+    "bnb command import, early hashing and planner child": """
+t = time.perf_counter()
+from bnbcli.checkpoint.hashing import hash_sources_early
+from bnbcli.planning.isolated import start_early
+start_early(['quantize', SRC, '/tmp/unused-out'])
+hash_sources_early(['quantize', SRC, '/tmp/unused-out'])
+from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+""",
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="a local checkpoint folder")
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+    for name, body in CASES.items():
+        for _ in range(args.runs):
+            code = (
+                f"import json, time\nr = {{}}\nSRC = {args.src!r}\n{body}\n"
+                "print(json.dumps({k: round(v, 3) for k, v in r.items()}))"
+            )
+            done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            lines = done.stdout.strip().splitlines() or done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            print(f"{name:<55} {lines[-1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
