@@ -12,7 +12,7 @@ import os
 import struct
 import subprocess
 import sys
-import time
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -624,24 +624,21 @@ def llama70b_header() -> tuple[dict[str, Any], int]:
     return header, offset
 
 
-def test_huge_sparse_checkpoint_opens_fast_without_reading_data(tmp_path: Path) -> None:
+def test_huge_sparse_checkpoint_opens_without_reading_data(tmp_path: Path) -> None:
     header, data_len = llama70b_header()
     path = raw_file(tmp_path / "model.safetensors", header)
     os.truncate(path, path.stat().st_size + data_len)  # ~141 GB, sparse: no block is written
     assert data_len > 140e9
 
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         ckpt = open_checkpoint(str(tmp_path))
-        elapsed = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     tensors = ckpt.components[""].tensors
     assert len(tensors) == 80 * 9 + 3
     assert sum(t.numel for t in tensors.values()) > 70e9
-    assert elapsed < 2.0, elapsed
     assert peak < 20_000_000, peak  # the header and its records, nothing sized by the data
     norm = read_tensor(tensors["model.norm.weight"])  # one small tensor from the middle of 141 GB
     assert norm.shape == (8192,) and not norm.any()
@@ -765,9 +762,10 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
         pytest.skip("no sync_file_range on this platform: nothing is requested")
     made: list[tuple[int, int, int]] = []
     closed: list[int] = []
+    disk_free = threading.Event()
 
     def slow_writeback(fd: int, offset: int, length: int) -> None:
-        time.sleep(0.2)  # a disk whose queue is full
+        disk_free.wait(timeout=120)  # a disk whose queue stays full until the test frees it
         made.append((fd, offset, length))
 
     real_fsync = os.fsync
@@ -775,10 +773,10 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
     monkeypatch.setattr(writer.os, "fsync", lambda fd: (closed.append(len(made)), real_fsync(fd)))
     planned = [writer.PlannedTensor(f"t{i}", torch.float32, (1000,)) for i in range(5)]
     shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
-    started = time.monotonic()
     for i in range(5):
         shard.write(f"t{i}", torch.full((1000,), float(i)))
-    assert time.monotonic() - started < 0.5  # five requests of 0.2 s each did not wait on the writer
+    assert made == []  # all five tensors were written while every writeback request was still blocked
+    disk_free.set()
     shard.close()
     assert closed == [5]  # every request was made before the fsync
     assert sorted(offset for _, offset, _ in made) == sorted(shard.data_start + b for b, _ in shard.offsets.values())

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir
+from golden import VARIANT_FLAGS, golden_dir, golden_variants
 from safetensors.torch import load_file
-from test_quantize_golden import VARIANT_FLAGS, golden_variants, run_quantize
+from test_quantize_golden import run_quantize
 
 from bnbcli.footprint import FootprintRequest, footprint, make_schemes
 from bnbcli.footprint.schemes import FootprintScheme
