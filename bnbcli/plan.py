@@ -2,6 +2,8 @@
 
 Three planners, tried in this order (`plan_quantization(planner="auto")`):
 
+0. transformers' decisions from bnb's planner table, for the architectures it lists, when the checkpoint is
+   exactly the model it describes (`bnbcli/planning/table.py`): no import of transformers;
 1. transformers (config.json has `architectures`/`model_type` it knows): builds the model on the meta
    device and applies transformers v5's own rules (`bnbcli/planning/hf_transformers.py`);
 2. diffusers (config.json has a `_class_name` it knows): the same with diffusers' rules
@@ -24,7 +26,7 @@ import torch
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.planning import cache as plan_cache
-from bnbcli.planning import hf_diffusers, hf_transformers, name_rules
+from bnbcli.planning import hf_diffusers, hf_transformers, name_rules, table
 from bnbcli.planning.common import PlannerResult, TensorDecision, Tensors, assemble, pattern_matches
 from bnbcli.planning.hf_transformers import NotKnown
 from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
@@ -132,6 +134,11 @@ def _run_planner(
         return name_rules.plan_modules(config, tensors, scheme, "there is no config.json")
     library = _library(config, planner)
     module = hf_diffusers if library == "diffusers" else hf_transformers
+    if planner == "auto" and library == "transformers":
+        try:
+            return table.plan_modules(config, tensors, scheme)
+        except table.NotInTable:
+            pass  # the real planner sees the model itself
     try:
         return plan_cache.planned(
             library, config, tensors, scheme, lambda: module.plan_modules(config, tensors, scheme)

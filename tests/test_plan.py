@@ -138,7 +138,12 @@ def test_reasons_and_skip_modules() -> None:
     pytest.importorskip("transformers")
     llama = plan("llama", "nf4-dq")
     version = __import__("transformers").__version__
-    assert llama.reason == f"transformers {version} built LlamaForCausalLM on the meta device"
+    assert llama.planner == "transformers"
+    assert llama.reason.startswith("transformers' rules for LlamaForCausalLM, from bnb's planner table")
+    config, tensors = source("llama")
+    real = plan_quantization(config, tensors, VARIANTS["nf4-dq"], planner="transformers")
+    assert real.reason == f"transformers {version} built LlamaForCausalLM on the meta device"
+    assert dict(real.decisions) == dict(llama.decisions) and real.skip_modules == llama.skip_modules
     assert llama.skip_modules == ("lm_head",)
     assert list(llama.decisions) == list(source("llama")[1])  # every tensor, in checkpoint order
     assert llama.decision("model.norm.weight").reason == "norm"
