@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterable
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 

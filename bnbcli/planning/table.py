@@ -39,6 +39,7 @@ from bnbcli.scheme import QuantScheme
 
 LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a layer number between dots: "model.layers.12.mlp"
 
+
 class NotInTable(Exception):
     """The table cannot answer for this checkpoint; the message says why (for the plan's reason)."""
 
@@ -73,7 +74,7 @@ def entry_for(config: Mapping[str, Any], data: dict[str, Any]) -> tuple[str, dic
     archs = config.get("architectures") or []
     arch = archs[0] if archs and isinstance(archs[0], str) else None
     entries = data["architectures"]
-    if arch not in entries:
+    if arch is None or arch not in entries:
         raise NotInTable(f"the planner table has no {arch!r}" if arch else "config.json names no architecture")
     entry = entries[arch]
     if config.get("model_type", entry["model_type"]) != entry["model_type"]:
@@ -125,12 +126,13 @@ def _check_shape(key: str, shape: tuple[int, ...], dims: list[Any], config: Mapp
     """The checkpoint's shape against config.json, dimension by dimension where the table knows the rule (a
     product of config.json values and constant factors). A mismatch goes to the real planner, which either
     names the contradiction or knows a rule the table missed (say a key the table's model left unset)."""
-    for n, factors in zip(shape, dims):
-        values = [f if isinstance(f, int) else config.get(f) for f in factors or [None]]
-        if all(type(v) is int for v in values) and math.prod(values) != n:
-            raise NotInTable(f"{key} has shape {list(shape)}; the table expects {dims}")
     if len(shape) != len(dims):
         raise NotInTable(f"{key} has {len(shape)} dimensions; the table expects {len(dims)}")
+    for n, factors in zip(shape, dims, strict=True):
+        values = [f if isinstance(f, int) else config.get(f) for f in factors or [None]]
+        known = [v for v in values if type(v) is int]
+        if len(known) == len(values) and math.prod(known) != n:
+            raise NotInTable(f"{key} has shape {list(shape)}; the table expects {dims}")
 
 
 def _tie(config: Mapping[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
