@@ -2,8 +2,8 @@
 
 Three planners, tried in this order (`plan_quantization(planner="auto")`):
 
-0. transformers' decisions from bnb's planner table, for the architectures it lists, when the checkpoint is
-   exactly the model it describes (`bnbcli/planning/table.py`): no import of transformers;
+0. transformers' or diffusers' decisions from bnb's planner table, for the models it lists, when the
+   checkpoint is exactly the model it describes (`bnbcli/planning/table.py`): neither library is imported;
 1. transformers (config.json has `architectures`/`model_type` it knows): builds the model on the meta
    device and applies transformers v5's own rules (`bnbcli/planning/hf_transformers.py`);
 2. diffusers (config.json has a `_class_name` it knows): the same with diffusers' rules
@@ -134,7 +134,7 @@ def _run_planner(
         return name_rules.plan_modules(config, tensors, scheme, "there is no config.json")
     library = _library(config, planner)
     module = hf_diffusers if library == "diffusers" else hf_transformers
-    if planner == "auto" and library == "transformers":
+    if planner == "auto":
         try:
             return table.plan_modules(config, tensors, scheme)
         except table.NotInTable:

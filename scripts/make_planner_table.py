@@ -1,20 +1,26 @@
-"""Make bnbcli/data/planner_table.json from the installed transformers: `python scripts/make_planner_table.py`.
+"""Make bnbcli/data/planner_table.json from the installed transformers and diffusers:
+`python scripts/make_planner_table.py` (or `--check-only [--record]` to check the table against the installed
+releases, and add them to `checked_with` when every entry agrees).
 
-For each architecture below, transformers builds the model on the meta device from its config class's
-defaults (with a few layers), twice for tied and untied embeddings; the table keeps what its bitsandbytes
-quantizer decides from (bnbcli/planning/table.py). Each entry is then checked: the table planner must give
-exactly transformers' own plan (hf_transformers.plan_modules) for that model's checkpoint under several
-schemes, or the architecture is left out with the reason printed. Run it again with another transformers
-release to extend `checked_with` (`--check-only` checks the existing table against this one).
+For each model class below, the library builds the model on the meta device from its config's defaults with
+a few layers (3 and 5; transformers' also with tied and untied embeddings); the table keeps what the
+library's bitsandbytes quantizer decides from (bnbcli/planning/table.py): every module (layer numbers as
+`#`), its class and whether the quantizer replaces it, the state_dict keys and their shapes as config.json
+expressions, which config.json key counts each `#`, and transformers' default skips. Each entry is then
+checked: the table planner must give exactly the library's own plan (hf_transformers / hf_diffusers
+plan_modules) for that model's checkpoint under several schemes, or the class is left out, with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
+import re
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +30,16 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import re  # noqa: E402
-
-from bnbcli.planning import hf_transformers, table  # noqa: E402
+from bnbcli.planning import hf_diffusers, hf_transformers, table  # noqa: E402
 from bnbcli.planning.common import PlannerResult  # noqa: E402
 from bnbcli.scheme import QuantScheme  # noqa: E402
 
 OUT = REPO / "bnbcli" / "data" / "planner_table.json"
 LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # "model.layers.12.mlp" → "model.layers.#.mlp"
 # Left out because the table cannot describe them: ModernBertModel (layer 0 has no attention norm),
-# T5ForConditionalGeneration (the decoder's layer count is a second key). The real planner serves them.
-ARCHITECTURES = (
+# T5ForConditionalGeneration (the decoder's layer count is a second key), UNet2DConditionModel (its blocks
+# come from lists in the config), SD3Transformer2DModel (its last block differs). The real planners serve them.
+TRANSFORMERS_MODELS = (
     # decoder-only language models
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -73,30 +78,100 @@ ARCHITECTURES = (
     "CLIPTextModel",
     "CLIPTextModelWithProjection",
 )
-LAYERS = (3, 5)  # two builds: a count that follows num_hidden_layers is counted by it
+DIFFUSERS_MODELS = ("FluxTransformer2DModel", "SanaTransformer2DModel")
+LAYERS = (3, 5)  # two builds: a count that follows the layer count is counted by its key
 SCHEMES = (
     QuantScheme(method="nf4"),
     QuantScheme(method="int8"),
-    QuantScheme(method="nf4", skip=("down_proj", "fc2", "c_proj", "layers.1", "dense")),
+    QuantScheme(method="nf4", skip=("down_proj", "fc2", "c_proj", "layers.1", "dense", "proj_out")),
 )
+FACTORS = (2, 3, 4)  # constant factors a dimension may have (GPT-2's c_attn is 3 * n_embd)
 
 
 class Unsupported(Exception):
     pass
 
 
-def build(cls: type, config: Any) -> nn.Module:
-    with hf_transformers.quiet(), torch.device("meta"):
-        return cls._from_config(config)  # type: ignore[attr-defined]
+# --- the two libraries ------------------------------------------------------------------------------------
 
 
-def config_for(cls: type, layers: int, tied: bool) -> Any:
+@dataclass(frozen=True)
+class Library:
+    name: str
+    models: tuple[str, ...]
+    model_class: Callable[[str], type]
+    defaults: Callable[[type], dict[str, Any]]  # the config class's defaults, as config.json has them
+    layers_key: Callable[[type], str]
+    config: Callable[[type, str, int, bool], dict[str, Any]]  # a config.json with N layers, tied or not
+    build: Callable[[type, dict[str, Any]], nn.Module]
+    plan: Callable[[dict[str, Any], Any, QuantScheme], PlannerResult]  # the library's own planner
+    ties: bool  # transformers' default skips depend on tied embeddings
+
+
+def _transformers_class(name: str) -> type:
+    import transformers
+
+    return getattr(transformers, name)
+
+
+def _transformers_config(cls: type, name: str, layers: int, tied: bool) -> dict[str, Any]:
     config = cls.config_class()  # type: ignore[attr-defined]
     config.num_hidden_layers = layers
     if isinstance(getattr(config, "layer_types", None), list):  # one entry per layer, checked on build
         config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
     config.tie_word_embeddings = tied
-    return config
+    return config.to_dict() | {"architectures": [name]}
+
+
+def _transformers_build(cls: type, config: dict[str, Any]) -> nn.Module:
+    return hf_transformers._build_meta_model(cls, config, 10**6)
+
+
+def _diffusers_class(name: str) -> type:
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def _diffusers_defaults(cls: type) -> dict[str, Any]:
+    parameters = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def _diffusers_config(cls: type, name: str, layers: int, tied: bool) -> dict[str, Any]:
+    return _diffusers_defaults(cls) | {"_class_name": name, "num_layers": layers}
+
+
+def _diffusers_build(cls: type, config: dict[str, Any]) -> nn.Module:
+    with hf_transformers.quiet(), torch.device("meta"):
+        return cls.from_config(dict(config))  # type: ignore[attr-defined]
+
+
+TRANSFORMERS = Library(
+    name="transformers",
+    models=TRANSFORMERS_MODELS,
+    model_class=_transformers_class,
+    defaults=lambda cls: cls.config_class().to_dict(),  # type: ignore[attr-defined]
+    layers_key=lambda cls: cls.config_class.attribute_map.get("num_hidden_layers", "num_hidden_layers"),  # type: ignore[attr-defined]
+    config=_transformers_config,
+    build=_transformers_build,
+    plan=hf_transformers.plan_modules,
+    ties=True,
+)
+DIFFUSERS = Library(
+    name="diffusers",
+    models=DIFFUSERS_MODELS,
+    model_class=_diffusers_class,
+    defaults=_diffusers_defaults,
+    layers_key=lambda cls: "num_layers",
+    config=_diffusers_config,
+    build=_diffusers_build,
+    plan=hf_diffusers.plan_modules,
+    ties=False,
+)
+
+
+# --- what a model is made of --------------------------------------------------------------------------------
 
 
 def pattern(name: str, generalize: int) -> str:
@@ -190,28 +265,25 @@ def count_keys(
     return keys
 
 
-FACTORS = (2, 3, 4)  # constant factors a dimension may have (GPT-2's c_attn is 3 * n_embd)
-
-
-def dims_of(cls: type, model: nn.Module, state: list[str]) -> dict[str, list[Any]]:
+def dims_of(lib: Library, cls: type, name: str, model: nn.Module, state: list[str]) -> dict[str, list[Any]]:
     """Each state_dict pattern's shape as config.json expressions: a dimension is [key], [key, key] or
     [key, factor] (a product) when exactly one such expression follows every change of an int key
     (each built doubled, alone); else null, and the planner does not check that dimension."""
-    base = config_for(cls, LAYERS[0], True).to_dict()
-    keys = [k for k, v in base.items() if type(v) is int and v > 1]
+    base = lib.config(cls, name, LAYERS[0], True)
     doubled: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key in keys:
-        config = config_for(cls, LAYERS[0], True)
-        setattr(config, key, base[key] * 2)
+    for key, value in base.items():
+        if type(value) is not int or value <= 1:
+            continue
         try:
-            doubled[key] = {n: tuple(t.shape) for n, t in build(cls, config).state_dict().items()}
+            built = lib.build(cls, base | {key: value * 2})
         except Exception:  # the config class refuses the change: that key cannot be checked
             continue
+        doubled[key] = {n: tuple(t.shape) for n, t in built.state_dict().items()}
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     dims: dict[str, list[Any]] = {}
     for pat in state:
-        name = pat.replace("#", "0")
-        dims[pat] = [_dimension(name, d, v, base, doubled) for d, v in enumerate(shapes[name])]
+        instance = pat.replace("#", "0")
+        dims[pat] = [_dimension(instance, d, v, base, doubled) for d, v in enumerate(shapes[instance])]
     return dims
 
 
@@ -237,8 +309,8 @@ def _dimension(name: str, d: int, value: int, base: dict[str, Any], doubled: dic
 
 
 def tie_entry(model: nn.Module) -> dict[str, Any]:
-    """The default skips that depend on tied embeddings. The last parameter, when in numbered layers, is
-    in the last of each (the planner puts count - 1 for each `#`)."""
+    """transformers' default skips that depend on tied embeddings. The last parameter, when in numbered
+    layers, is in the last of each (the planner puts count - 1 for each `#`)."""
     tied = {k: v for k, v in (getattr(model, "all_tied_weights_keys", None) or {}).items()}
     if any(LAYER_INDEX.search(k) for pair in tied.items() for k in pair):
         raise Unsupported("tied weights inside numbered layers")
@@ -251,57 +323,62 @@ def tie_entry(model: nn.Module) -> dict[str, Any]:
     return {"tied": dict(sorted(tied.items())), "output_embedding": output, "last_param": last}
 
 
-def entry(arch: str) -> dict[str, Any]:
-    import transformers
+def keep_in_fp32(cls: type, model: nn.Module) -> list[str]:
+    keep = getattr(model, "_keep_in_fp32_modules", None) or getattr(cls, "_keep_in_fp32_modules", None) or []
+    return sorted([keep] if isinstance(keep, str) else keep)
 
-    cls = getattr(transformers, arch)
-    defaults = cls.config_class().to_dict()  # type: ignore[attr-defined]
-    probe = config_for(cls, LAYERS[0], True)
-    layers_key = getattr(probe, "attribute_map", {}).get("num_hidden_layers", "num_hidden_layers")
-    models = {n: build(cls, config_for(cls, n, True)) for n in LAYERS}
-    untied = build(cls, config_for(cls, LAYERS[0], False))
-    quantizer = hf_transformers._bnb_quantizer(SCHEMES[0])
-    if hasattr(quantizer, "_convert_model_for_quantization"):
-        before = structure(untied)[0]
-        quantizer._convert_model_for_quantization(untied)
-        if structure(untied)[0] != before:
-            raise Unsupported("transformers' quantizer swaps modules before quantizing")
+
+def entry(lib: Library, name: str) -> dict[str, Any]:
+    cls = lib.model_class(name)
+    models = {n: lib.build(cls, lib.config(cls, name, n, True)) for n in LAYERS}
+    untied = lib.build(cls, lib.config(cls, name, LAYERS[0], False))
+    if lib.ties:
+        quantizer = hf_transformers._bnb_quantizer(SCHEMES[0])
+        if hasattr(quantizer, "_convert_model_for_quantization"):
+            before = structure(untied)[0]
+            quantizer._convert_model_for_quantization(untied)
+            if structure(untied)[0] != before:
+                raise Unsupported("transformers' quantizer swaps modules before quantizing")
     found = {n: structure(m) for n, m in models.items()}
     modules, state, _ = found[LAYERS[0]]
     for other in (*found.values(), structure(untied)):
         if other[:2] != (modules, state):
             raise Unsupported("the structure differs with the layer count or the tied embeddings")
-    tied, plain = tie_entry(models[LAYERS[0]]), tie_entry(untied)
-    lasts = [p for p in (tied["last_param"], plain["last_param"]) if p]
+    ties = {"tied": tie_entry(models[LAYERS[0]]), "untied": tie_entry(untied)} if lib.ties else {}
+    lasts = [t["last_param"] for t in ties.values() if t["last_param"]]
     used = {key for p in (*modules, *state, *lasts) for key in numbered_positions(p)}
-    counts = count_keys({n: f[2] for n, f in found.items()}, used, probe.to_dict(), layers_key)
-    keep = getattr(untied, "_keep_in_fp32_modules", None) or []
-    dims = dims_of(cls, models[LAYERS[0]], state)
-    return {
-        "model_type": probe.model_type,
+    base = lib.config(cls, name, LAYERS[0], True)
+    counts = count_keys({n: f[2] for n, f in found.items()}, used, base, lib.layers_key(cls))
+    defaults = lib.defaults(cls)
+    described = {
+        "library": lib.name,
         "counts": counts,
         "defaults": {k: defaults[k] for k in (*counts.values(), "tie_word_embeddings") if k in defaults},
-        "keep_fp32": sorted(keep),
-        "tied": tied,
-        "untied": plain,
+        "keep_fp32": keep_in_fp32(cls, untied),
         "modules": modules,
         "state": state,
-        "dims": dims,
+        "dims": dims_of(lib, cls, name, models[LAYERS[0]], state),
+        **ties,
     }
+    if lib.ties:
+        described["model_type"] = base["model_type"]
+    return described
 
 
-def compare(arch: str, data: dict[str, Any]) -> None:
-    """The table planner against transformers' own on the table's models: the same plan, or Unsupported."""
-    import transformers
+# --- checking ------------------------------------------------------------------------------------------------
 
-    cls = getattr(transformers, arch)
-    for tied in (True, False):
-        config = config_for(cls, LAYERS[1], tied).to_dict() | {"architectures": [arch]}
-        model = build(cls, config_for(cls, LAYERS[1], tied))
+
+def compare(name: str, data: dict[str, Any]) -> None:
+    """The table planner against the library's own on the table's models: the same plan, or Unsupported."""
+    lib = TRANSFORMERS if data["models"][name]["library"] == "transformers" else DIFFUSERS
+    cls = lib.model_class(name)
+    for tied in (True, False) if lib.ties else (True,):
+        config = lib.config(cls, name, LAYERS[1], tied)
+        model = lib.build(cls, config)
         tied_keys = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
         tensors = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in tied_keys}
         for scheme in SCHEMES:
-            theirs = hf_transformers.plan_modules(config, tensors, scheme)
+            theirs = lib.plan(config, tensors, scheme)
             ours = table.plan_modules(config, tensors, scheme, data)
             difference = differences(ours, theirs)
             if difference:
@@ -326,41 +403,52 @@ def differences(ours: PlannerResult, theirs: PlannerResult) -> str | None:
     return None
 
 
+def installed() -> dict[str, str]:
+    return {lib: version for lib in ("transformers", "diffusers") if (version := table.installed(lib))}
+
+
+def check(record: bool) -> int:
+    data = json.loads(OUT.read_text())
+    failed = 0
+    for name in data["models"]:
+        try:
+            compare(name, data)
+        except Exception as err:
+            failed += 1
+            print(f"{name}: {type(err).__name__}: {err}")
+    versions = installed()
+    print(f"{len(data['models']) - failed}/{len(data['models'])} agree with {versions}")
+    if record and not failed:
+        for lib, version in versions.items():
+            data["checked_with"][lib] = sorted({*data["checked_with"][lib], version}, key=table._minor)
+        OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        print(f"checked_with: {data['checked_with']}")
+    return 1 if failed else 0
+
+
+def make() -> int:
+    data: dict[str, Any] = {"checked_with": {lib: [v] for lib, v in installed().items()}, "models": {}}
+    for lib in (TRANSFORMERS, DIFFUSERS):
+        for name in lib.models:
+            try:
+                data["models"][name] = entry(lib, name)
+                compare(name, data)
+                print(f"{name}: ok")
+            except Exception as err:
+                data["models"].pop(name, None)
+                print(f"{name}: left out ({type(err).__name__}: {err})")
+    OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    print(f"{len(data['models'])} models -> {OUT.relative_to(REPO)} ({installed()})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-only", action="store_true", help="check the existing table; write nothing")
+    parser.add_argument("--record", action="store_true", help="with --check-only: add these releases if all agree")
     args = parser.parse_args()
-    import transformers
-
     warnings.simplefilter("ignore")
-    version = transformers.__version__
-    if args.check_only:
-        data = json.loads(OUT.read_text())
-        failed = 0
-        for arch in data["architectures"]:
-            try:
-                compare(arch, data)
-            except Exception as err:
-                failed += 1
-                print(f"{arch}: {type(err).__name__}: {err}")
-        print(f"{len(data['architectures']) - failed}/{len(data['architectures'])} agree with transformers {version}")
-        return 1 if failed else 0
-    data: dict[str, Any] = {"checked_with": [version], "architectures": {}}
-    for arch in ARCHITECTURES:
-        try:
-            data["architectures"][arch] = entry(arch)
-            compare(arch, data)
-            print(f"{arch}: ok")
-        except Exception as err:
-            data["architectures"].pop(arch, None)
-            print(f"{arch}: left out ({type(err).__name__}: {err})")
-    if OUT.is_file():  # keep the other versions it was checked with, when this one agrees on every entry
-        old = json.loads(OUT.read_text())
-        if old["architectures"] == data["architectures"]:
-            data["checked_with"] = sorted({*old["checked_with"], version}, key=table._minor)
-    OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"{len(data['architectures'])} architectures -> {OUT.relative_to(REPO)} (transformers {version})")
-    return 0
+    return check(args.record) if args.check_only else make()
 
 
 if __name__ == "__main__":

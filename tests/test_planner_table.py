@@ -24,28 +24,30 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_planner_table as maker
 
-FAMILIES = ("llama", "qwen2_tied", "gpt2", "opt")
+FAMILIES = ("llama", "qwen2_tied", "gpt2", "opt", "flux_tiny")
 
 
 def test_the_installed_transformers_is_one_the_table_was_checked_against() -> None:
     """The suite's transformers is in the table's range: otherwise every test here would test nothing."""
-    version = table.installed_transformers()
-    assert version is not None
-    low, high = table.checked_range()
-    assert table._minor(low) <= table._minor(version) <= table._minor(high), (version, low, high)
+    for library in ("transformers", "diffusers"):
+        version = table.installed(library)
+        assert version is not None
+        low, high = table.checked_range(library)
+        assert table._minor(low) <= table._minor(version) <= table._minor(high), (library, version, low, high)
 
 
-@pytest.mark.parametrize("arch", sorted(table.table()["architectures"]))
-def test_every_listed_architecture_plans_as_transformers_does(arch: str) -> None:
-    maker.compare(arch, table.table())
+@pytest.mark.parametrize("name", sorted(table.table()["models"]))
+def test_every_listed_model_plans_as_its_library_does(name: str) -> None:
+    maker.compare(name, table.table())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_golden_families_plan_as_transformers_does(family: str, variant: str) -> None:
+def test_golden_families_plan_as_their_library_does(family: str, variant: str) -> None:
     config, tensors = source(family)
+    library = "diffusers" if family == "flux_tiny" else "transformers"
     ours = plan_quantization(config, tensors, VARIANTS[variant])
-    theirs = plan_quantization(config, tensors, VARIANTS[variant], planner="transformers")
+    theirs = plan_quantization(config, tensors, VARIANTS[variant], planner=library)
     assert "planner table" in ours.reason and "built" in theirs.reason
     assert dict(ours.decisions) == dict(theirs.decisions)
     assert ours.skip_modules == theirs.skip_modules
@@ -89,12 +91,12 @@ def test_what_the_table_does_not_describe_goes_to_the_real_planner(monkeypatch) 
     assert "built" in _plan({**config, "model_type": "mistral"}, tensors)
     assert "does not know" in _plan({**config, "architectures": ["NoSuchForCausalLM"], "model_type": "x"}, tensors)
     # a transformers release outside the checked range
-    monkeypatch.setattr(table, "installed_transformers", lambda: "5.99.0")
+    monkeypatch.setattr(table, "installed", lambda library: "5.99.0")
     assert "built" in _plan(config, tensors)
 
 
 def test_without_transformers_the_table_still_answers(monkeypatch) -> None:
-    monkeypatch.setattr(table, "installed_transformers", lambda: None)
+    monkeypatch.setattr(table, "installed", lambda library: None)
     config, tensors = source("llama")
     assert "planner table" in _plan(config, tensors)
 
