@@ -77,7 +77,7 @@ def entry_for(config: Mapping[str, Any], data: dict[str, Any]) -> tuple[str, dic
     library = "diffusers" if "_class_name" in config else "transformers"
     named = config.get("_class_name") if library == "diffusers" else (config.get("architectures") or [None])[0]
     entry = data["models"].get(named) if isinstance(named, str) else None
-    if entry is None or entry["library"] != library:
+    if not isinstance(named, str) or entry is None or entry["library"] != library:
         raise NotInTable(f"the planner table has no {named!r}")
     if library == "transformers" and config.get("model_type", entry["model_type"]) != entry["model_type"]:
         raise NotInTable(f"model_type {config.get('model_type')!r} is not {named}'s {entry['model_type']!r}")
