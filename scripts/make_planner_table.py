@@ -227,12 +227,15 @@ def generalized(named: dict[str, Any], counts: dict[str, set[int]]) -> dict[str,
     return {pat: kind for pat, (_, kind) in sorted(found.items(), key=lambda item: item[1][0])}
 
 
-def structure(model: nn.Module) -> tuple[dict[str, Any], list[str], dict[str, set[int]]]:
-    """(modules {pattern: [class, role]}, state_dict key patterns, the numbers seen at each position)."""
+def structure(model: nn.Module) -> tuple[dict[str, Any], list[str], list[str], dict[str, set[int]]]:
+    """(modules {pattern: [class, role]}, state_dict key patterns, buffers left out of the state_dict (older
+    checkpoints hold some: BERT's position_ids), the numbers seen at each position)."""
     modules = {name: [type(m).__name__, role(m)] for name, m in model.named_modules()}
     state = list(model.state_dict())
-    counts = index_sets([*modules, *state])
-    return generalized(modules, counts), list(generalized(dict.fromkeys(state), counts)), counts
+    buffers = [name for name, _ in model.named_buffers() if name not in state]
+    counts = index_sets([*modules, *state, *buffers])
+    patterns = [list(generalized(dict.fromkeys(names), counts)) for names in (state, buffers)]
+    return generalized(modules, counts), patterns[0], patterns[1], counts
 
 
 def numbered_positions(pat: str) -> set[str]:
@@ -340,15 +343,15 @@ def entry(lib: Library, name: str) -> dict[str, Any]:
             if structure(untied)[0] != before:
                 raise Unsupported("transformers' quantizer swaps modules before quantizing")
     found = {n: structure(m) for n, m in models.items()}
-    modules, state, _ = found[LAYERS[0]]
+    modules, state, buffers, _ = found[LAYERS[0]]
     for other in (*found.values(), structure(untied)):
-        if other[:2] != (modules, state):
+        if other[:3] != (modules, state, buffers):
             raise Unsupported("the structure differs with the layer count or the tied embeddings")
     ties = {"tied": tie_entry(models[LAYERS[0]]), "untied": tie_entry(untied)} if lib.ties else {}
     lasts = [t["last_param"] for t in ties.values() if t["last_param"]]
-    used = {key for p in (*modules, *state, *lasts) for key in numbered_positions(p)}
+    used = {key for p in (*modules, *state, *buffers, *lasts) for key in numbered_positions(p)}
     base = lib.config(cls, name, LAYERS[0], True)
-    counts = count_keys({n: f[2] for n, f in found.items()}, used, base, lib.layers_key(cls))
+    counts = count_keys({n: f[3] for n, f in found.items()}, used, base, lib.layers_key(cls))
     defaults = lib.defaults(cls)
     described = {
         "library": lib.name,
@@ -357,6 +360,7 @@ def entry(lib: Library, name: str) -> dict[str, Any]:
         "keep_fp32": keep_in_fp32(cls, untied),
         "modules": modules,
         "state": state,
+        "buffers": buffers,
         "dims": dims_of(lib, cls, name, models[LAYERS[0]], state),
         **ties,
     }
@@ -377,6 +381,7 @@ def compare(name: str, data: dict[str, Any]) -> None:
         model = lib.build(cls, config)
         tied_keys = set((getattr(model, "all_tied_weights_keys", None) or {}).keys())
         tensors = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items() if k not in tied_keys}
+        tensors |= {k: (tuple(v.shape), v.dtype) for k, v in model.named_buffers() if k not in tensors}
         for scheme in SCHEMES:
             theirs = lib.plan(config, tensors, scheme)
             ours = table.plan_modules(config, tensors, scheme, data)

@@ -137,21 +137,26 @@ def _check_shape(key: str, shape: tuple[int, ...], dims: list[Any], config: Mapp
             raise NotInTable(f"{key} has shape {list(shape)}; the table expects {dims}")
 
 
-def _model(config: Mapping[str, Any], tensors: Tensors, named: str, entry: dict[str, Any]) -> Modules:
-    """The model's modules, once the checkpoint is known to be exactly its state_dict."""
+def _model(
+    config: Mapping[str, Any], tensors: Tensors, named: str, entry: dict[str, Any]
+) -> tuple[Modules, dict[str, str]]:
+    """The model's modules and state_dict keys, once the checkpoint is known to be exactly its state_dict (and
+    buffers the model keeps out of it, which transformers calls "not a parameter")."""
     modules = {n: (kind[0], kind[1]) for p, kind in entry["modules"].items() for n in expand(p, config, entry)}
     state = {name: pattern for pattern in entry["state"] for name in expand(pattern, config, entry)}
-    stray = next((key for key in tensors if key not in state), None)
+    buffers = {name for pattern in entry["buffers"] for name in expand(pattern, config, entry)}
+    stray = next((key for key in tensors if key not in state and key not in buffers), None)
     if stray is not None:
         raise NotInTable(f"{stray} is not a state_dict key of {named} as the table has it")
     for key, (shape, _) in tensors.items():
-        _check_shape(key, shape, entry["dims"][state[key]], config)
+        if key in state:
+            _check_shape(key, shape, entry["dims"][state[key]], config)
     tied = set(_tie(config, entry)["tied"]) if "tied" in entry else set()  # tied copies may be absent
     weights = (f"{name}.weight" for name, (_, role) in modules.items() if role is not None)
     missing = next((w for w in weights if w not in tensors and w not in tied), None)
     if missing is not None:
         raise NotInTable(f"the checkpoint has no {missing}")
-    return modules
+    return modules, state
 
 
 def _tie(config: Mapping[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
@@ -166,7 +171,7 @@ def plan_modules(
     plan_modules), or NotInTable. ``data`` is the table (the packaged one by default)."""
     data = data or table()
     named, entry = entry_for(config, data)
-    modules = _model(config, tensors, named, entry)
+    modules, state = _model(config, tensors, named, entry)
     library = entry["library"]
     verdicts, reload_converts = (_transformers if library == "transformers" else _diffusers)(
         modules, config, entry, scheme
@@ -177,7 +182,7 @@ def plan_modules(
         planner=library,
         reason=f"{library}' rules for {named}, from bnb's planner table (checked against {library} {versions})",
         verdicts=verdicts,
-        params={key: key for key in tensors},
+        params={key: key for key in tensors if key in state},
         kinds={name: cls for name, (cls, _) in modules.items()},
         model_label=named,
     )
