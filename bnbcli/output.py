@@ -23,10 +23,19 @@ stdout = Console(
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_emitted = False  # whether this run printed its JSON document (an error after it must not print a second)
+
+
 def emit_json(document: dict[str, Any]) -> None:
     """Print exactly one JSON document with a schema_version, no color, raw numbers."""
+    global _emitted
+    _emitted = True
     sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **document}, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def json_emitted() -> bool:
+    return _emitted
 
 
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:

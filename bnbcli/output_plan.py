@@ -15,10 +15,10 @@ import torch
 from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
-from bnbcli.errors import UsageError
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
 from bnbcli.plan import PlannerName, QuantPlan, TensorDecision, plan_model, quantization_config
 from bnbcli.scheme import QuantScheme
+from bnbcli.units import positive_size
 
 SHARD_METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # transformers v5's save_pretrained default, "50GB"
@@ -216,8 +216,7 @@ def plan_quantize(
     decided: Mapping[str, QuantPlan] | None = None,
 ) -> QuantizePlan:
     """``decided``: each component's decisions (by component name), when already made elsewhere."""
-    if max_shard_size <= 0:
-        raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
+    positive_size(max_shard_size, "--max-shard-size")
     components = tuple(
         plan_component(source, scheme, max_shard_size, planner, (decided or {}).get(name))
         for name, source in sorted(checkpoint.components.items())

@@ -184,7 +184,9 @@ def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, d
 def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
     """The report for ``request``; ``api`` replaces huggingface_hub's HfApi for a Hub repo id (tests)."""
     if request.seq_len < 1 or request.batch < 1:
-        raise UsageError("--seq-len and --batch must be at least 1")
+        raise UsageError(
+            "--seq-len and --batch must be at least 1", hint="for example --seq-len 4096 --batch 1 (the defaults)"
+        )
     if not request.schemes:
         raise UsageError("no scheme to estimate", hint="name at least one with --schemes")
     with _opened(request, api) as (checkpoint, sizes):

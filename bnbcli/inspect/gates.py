@@ -30,9 +30,11 @@ class Gates:
             ("--max-nonfinite", self.max_nonfinite),
         ):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UsageError(f"{option} must be a number >= 0, not {value}")
+                raise UsageError(f"{option} must be a number >= 0, not {value}", hint=f"for example {option} 0")
         if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
-            raise UsageError(f"--min-sqnr must be a finite number of dB, not {self.min_sqnr}")
+            raise UsageError(
+                f"--min-sqnr must be a finite number of dB, not {self.min_sqnr}", hint="for example --min-sqnr 20"
+            )
 
     def check_scheme(self, schemes: tuple[str, ...]) -> None:
         if self.scheme is not None and self.scheme not in schemes:

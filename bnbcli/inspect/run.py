@@ -64,7 +64,9 @@ def _check_criteria(criteria: OutlierCriteria) -> None:
     if not criteria.value_sigma > 0:
         raise UsageError(f"--value-sigma must be positive, not {criteria.value_sigma}", hint="10 is the default")
     if not 0 < criteria.min_layer_share <= 1:
-        raise UsageError(f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}")
+        raise UsageError(
+            f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}", hint="0.25 is the default"
+        )
 
 
 def open_source(request: InspectRequest) -> Checkpoint:
