@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -109,27 +110,20 @@ def _open_local(path: Path, components: Sequence[str] | None, trusted_root: Path
         source = _model_source(path.parent, "", WeightChoice(index=path), trusted_root)
         return Checkpoint(kind="model", root=path.parent, components={"": source}, pipeline_files=())
     if name.endswith(SAFETENSORS_SUFFIX):
-        # A bare file: no config and nothing beside it to copy (its folder may be any folder, ~/Downloads).
-        shard = SafetensorsFile.open(path)
-        source = ModelSource(
-            root=path.parent,
-            name="",
-            config=None,
-            weight_files=(path,),
-            index=None,
-            tensors=dict(shard.tensors),
-            other_files=(),
-        )
+        source = _file_source(path, trusted_root)
         return Checkpoint(kind="file", root=path.parent, components={"": source}, pipeline_files=())
     if is_pickle_file(name):
         raise pickle_error(path)
     raise InputError(f"{path}: not a .safetensors file", "give a .safetensors file, a model folder or a Hub repo id")
 
 
-def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: Path) -> ModelSource:
+def _model_source(
+    folder: Path, name: str, choice: WeightChoice, trusted_root: Path, other: tuple[Path, ...] | None = None
+) -> ModelSource:
+    """``other``: the files to copy beside the weights; by default every file of the folder."""
     loaded = load_weights(choice, trusted_root)
     config_path = folder / CONFIG_NAME
-    other = tuple(p for p in copy_files(folder) if p != config_path)
+    other = tuple(p for p in (copy_files(folder) if other is None else other) if p != config_path)
     return ModelSource(
         root=folder,
         name=name,
@@ -139,6 +133,20 @@ def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: P
         tensors=loaded.tensors,
         other_files=other,
     )
+
+
+def _file_source(path: Path, trusted_root: Path) -> ModelSource:
+    """A single weight file. With a config.json beside it, it is the weights of the model in that folder:
+    the config is used, and the small files a loader reads beside the weights (tokenizer, generation
+    config, chat template: what the Hub download fetches besides weights) are copied. Without one, the
+    folder may be any folder (~/Downloads): nothing else is taken."""
+    folder = path.parent
+    if not (folder / CONFIG_NAME).is_file():
+        return ModelSource(folder, "", None, (path,), None, dict(SafetensorsFile.open(path).tensors), ())
+    beside = tuple(
+        p for p in copy_files(folder, recursive=False) if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
+    )
+    return _model_source(folder, "", WeightChoice(single=path), trusted_root, beside)
 
 
 # The config.json fields every planner branches on, and the JSON type each must have.
