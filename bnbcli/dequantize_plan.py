@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -24,13 +23,13 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.output_plan import assign_shards, set_config_dtype
 from bnbcli.planning.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.scheme import FLOAT_DTYPES, dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
-QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
 FOUR_BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 # `QuantState.from_dict` accepts exactly these JSON keys (spec §5).
 STATE_KEYS = frozenset(
@@ -170,7 +169,7 @@ def _four_bit_groups(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, ...
     """weight key → every key of that 4-bit weight (weight first, quant_state last)."""
     groups: dict[str, tuple[str, ...]] = {}
     for key in tensors:
-        match = QUANT_STATE.match(key)
+        match = QUANT_STATE_KEY.match(key)
         if match is None:
             continue
         weight = match["weight"]
@@ -187,9 +186,9 @@ def _int8_groups(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, ...]]:
     """weight key → (weight, SCB[, weight_format]) of each LLM.int8 weight."""
     groups: dict[str, tuple[str, ...]] = {}
     for key in tensors:
-        if not key.endswith(".SCB"):
+        if not key.endswith(SCB_SUFFIX):
             continue
-        module = key.removesuffix(".SCB")
+        module = key.removesuffix(SCB_SUFFIX)
         weight = f"{module}.weight"
         if weight not in tensors or tensors[weight].dtype != torch.int8:
             raise InputError(f"{key} has no int8 weight {weight!r} beside it", hint="the checkpoint is inconsistent")
@@ -365,4 +364,5 @@ def plan_summary(plan: DequantizePlan) -> dict[str, Any]:
         "components": components,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
+        "warnings": plan.checkpoint.warnings,  # also printed on stderr
     }

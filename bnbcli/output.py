@@ -79,6 +79,11 @@ def warning(message: str) -> None:
     stderr.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
+def warnings(messages: list[str]) -> None:
+    for message in messages:
+        warning(message)
+
+
 def failure(message: str) -> None:
     """`fail: …`, one line on stderr: one check that did not pass (the run then exits 1)."""
     stderr.print(f"[bold red]fail:[/] {escape(message)}", markup=True, highlight=False)

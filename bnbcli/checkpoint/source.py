@@ -7,8 +7,8 @@ so that a bad checkpoint fails before any output is written. Pickle weights are 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ class ModelSource:
     index: dict[str, Any] | None  # the parsed *.safetensors.index.json
     tensors: dict[str, TensorInfo]  # over all shards; each tensor in exactly one shard
     other_files: tuple[Path, ...]  # files under root to copy as-is (tokenizer, generation_config.json, …)
+    unlisted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard → tensors the index leaves out
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,19 @@ class Checkpoint:
     pipeline_files: tuple[Path, ...]  # diffusers: files outside the selected components, to copy as-is
     repo_id: str | None = None
     revision: str | None = None  # for a Hub repo: the commit its snapshot was resolved to
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know that does not stop a run: shards their index leaves out."""
+        found = []
+        for name, source in sorted(self.components.items()):
+            for file, tensors in source.unlisted.items():
+                shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+                found.append(
+                    f"{name + '/' if name else ''}{file} is not in the index, so its tensors are left out "
+                    f"(transformers leaves them out too): {shown or 'it cannot be read'}"
+                )
+        return found
 
     @property
     def tensor_bytes(self) -> int:
@@ -132,6 +146,7 @@ def _model_source(
         index=loaded.index,
         tensors=loaded.tensors,
         other_files=other,
+        unlisted=loaded.unlisted,
     )
 
 

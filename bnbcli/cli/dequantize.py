@@ -59,6 +59,7 @@ def dequantize(
     )
     plan = plan_request(request)
     summary = plan_summary(plan)
+    output.warnings(summary["warnings"])
     if dry_run:
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})

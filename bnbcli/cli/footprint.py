@@ -82,6 +82,7 @@ def footprint_command(
         gpu_memory=gpu_memory,
     )
     report = footprint(request).as_dict()
+    output.warnings(report["warnings"])
     if json_output:
         output.emit_json(report)
     else:

@@ -114,6 +114,7 @@ def inspect_command(
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
         report = inspect(request, checkpoint, bar.advance)
+    output.warnings(list(report.warnings))
     if activations:
         report = _with_activations(report, texts, activation_criteria)
     if report_file is not None:

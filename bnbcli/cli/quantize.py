@@ -156,10 +156,9 @@ def quantize(
 
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
-    """The plan as data, after warning of --skip patterns that matched nothing (likely typos)."""
+    """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
     summary = plan_summary(plan)
-    for pattern in summary["unmatched_skip"]:
-        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
+    output.warnings(summary["warnings"])
     return summary
 
 
