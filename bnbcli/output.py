@@ -38,6 +38,12 @@ def json_emitted() -> bool:
     return _emitted
 
 
+def new_run() -> None:
+    """Nothing printed yet: main() may run more than once in one process (tests do)."""
+    global _emitted
+    _emitted = False
+
+
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
     """A two-column human table on stdout."""
     table = Table(title=title, show_header=False, title_justify="left")

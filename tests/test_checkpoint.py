@@ -372,7 +372,8 @@ def test_hub_errors_become_input_errors(monkeypatch: pytest.MonkeyPatch) -> None
         (hf_error(RevisionNotFoundError), "revision 'v9' not found", "branch, tag or commit"),
         (LocalEntryNotFoundError("no"), "Hugging Face cache", "hf download org/name"),
         (hf_error(HfHubHTTPError, "500 Server Error\nmore"), "Hub request failed: 500 Server Error", "network"),
-        (ConnectionError("refused"), "cannot fetch", "network"),
+        (ConnectionError("refused"), "the Hub cannot be reached", "HF_HUB_OFFLINE=1"),
+        (OSError("something else"), "cannot fetch", "network"),
     ]
     for error, words, hint in cases:
 
@@ -706,7 +707,7 @@ def test_early_source_hashes_come_from_a_child_interpreter(tmp_path: Path, monke
     (src / "odd\tname\n.safetensors").write_bytes(b"z" * 10)  # not a line or column of the protocol
     (src / "dir.safetensors").mkdir()  # unreadable as a file
     monkeypatch.setattr(hashing, "sha256_of", lambda p: pytest.fail("hashed in this process"))
-    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read")))
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read", "x")))
     outcomes = _early_digests(hashing, src, tmp_path)
     for path in src.glob("*.safetensors"):
         if path.is_file():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
@@ -12,13 +12,15 @@ from bnbcli import output
 from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.files import check_writable, write_text_file
-from bnbcli.inspect.activations import ActivationCriteria
 from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.inspect.report import InspectReport
 from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
 from bnbcli.inspect.run import InspectRequest, inspect, open_source
 from bnbcli.plan import PlannerName
+
+if TYPE_CHECKING:
+    from bnbcli.inspect.activations import ActivationCriteria
 
 
 def inspect_command(
@@ -82,8 +84,9 @@ def inspect_command(
         Path | None, typer.Option("--text-file", help="--activations: one text per line (default: built-in texts).")
     ] = None,
     activation_threshold: Annotated[
-        float, typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude.")
-    ] = 6.0,
+        float | None,
+        typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude (6.0)."),
+    ] = None,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     no_progress: NoProgressFlag = False,
@@ -92,9 +95,10 @@ def inspect_command(
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
-    if text_file is not None and not activations:
-        raise UsageError("--text-file goes with --activations", hint="add --activations")
-    activation_criteria = ActivationCriteria(threshold=activation_threshold)
+    for option, value in (("--text-file", text_file), ("--activation-threshold", activation_threshold)):
+        if value is not None and not activations:
+            raise UsageError(f"{option} goes with --activations", hint="add --activations")
+    criteria = _activation_criteria(activation_threshold) if activations else None
     if report_file is not None:
         check_writable(report_file, "--report")
     request = InspectRequest(
@@ -115,8 +119,8 @@ def inspect_command(
     with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
         report = inspect(request, checkpoint, bar.advance)
     output.warnings(list(report.warnings))
-    if activations:
-        report = _with_activations(report, texts, activation_criteria)
+    if criteria is not None:
+        report = _with_activations(report, texts, criteria)
     if report_file is not None:
         from bnbcli.inspect.html import render_html
 
@@ -148,6 +152,13 @@ def _texts(path: Path) -> list[str]:
     if not texts:
         raise UsageError(f"--text-file {path} holds no text", hint="one text per line")
     return texts
+
+
+def _activation_criteria(threshold: float | None) -> ActivationCriteria:
+    """Checked when the command starts; the module is imported only when --activations asks for it."""
+    from bnbcli.inspect.activations import ActivationCriteria
+
+    return ActivationCriteria() if threshold is None else ActivationCriteria(threshold=threshold)
 
 
 def _with_activations(report: InspectReport, texts: list[str] | None, criteria: ActivationCriteria) -> InspectReport:

@@ -106,6 +106,7 @@ def _without_debug_flag(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    output.new_run()
     try:
         code = app(args=_without_debug_flag(sys.argv[1:]), prog_name="bnb", standalone_mode=False)
     except BnbError as exc:
