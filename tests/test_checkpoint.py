@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
@@ -268,21 +269,6 @@ def test_diffusers_ambiguous_component(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the Hub cache
-
-
-def make_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:
-    """The HF cache layout: refs/main → commit, snapshots/<commit>/<file> → ../../blobs/<id> links."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs/main").write_text(commit)
-    (repo / "blobs").mkdir()
-    for i, (name, data) in enumerate(files.items()):
-        blob = repo / "blobs" / f"blob{i}"
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return repo / "snapshots" / commit
 
 
 @pytest.fixture

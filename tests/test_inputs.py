@@ -19,8 +19,8 @@ from bnb_inprocess import Ran, bnb_here
 from bnb_process import run_bnb
 from fuzz_harness import LLAMA_CONFIG, llama_tensors
 from golden import golden_dir
+from hub_cache import make_hub_cache
 from safetensors.torch import load_file, save_file
-from test_checkpoint import make_hub_cache
 from test_hints import UP_PROJ, write_llama
 
 LLAMA_SRC = golden_dir() / "models" / "llama" / "src"
