@@ -157,7 +157,8 @@ def _file_source(path: Path, trusted_root: Path) -> ModelSource:
     folder may be any folder (~/Downloads): nothing else is taken."""
     folder = path.parent
     if not (folder / CONFIG_NAME).is_file():
-        return ModelSource(folder, "", None, (path,), None, dict(SafetensorsFile.open(path).tensors), ())
+        tensors = dict(SafetensorsFile.open(path).tensors)
+        return ModelSource(folder, "", config=None, weight_files=(path,), index=None, tensors=tensors, other_files=())
     beside = tuple(
         p for p in copy_files(folder, recursive=False) if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
     )
