@@ -198,6 +198,17 @@ def _toml(text: str, *more: str) -> Callable[[Path, Path], list[str]]:
     return build
 
 
+def _odd_weight(*flags: str) -> Callable[[Path, Path], list[str]]:
+    """A 3×3 weight: 5 packed bytes, which a 4-byte quant_storage cannot hold."""
+
+    def build(root: Path, model: Path) -> list[str]:
+        (root / "src").mkdir()
+        save_file({"layer.fc.weight": torch.ones(3, 3, dtype=torch.bfloat16)}, root / "src" / "model.safetensors")
+        return [str(root / "src"), str(root / "out"), *flags]
+
+    return build
+
+
 def _no_config(root: Path, model: Path) -> list[str]:
     write_llama(root / "src")
     (root / "src" / "config.json").unlink()
@@ -242,6 +253,7 @@ CATALOG: dict[str, HintCase] = {
     "missing-argument": HintCase("quantize", lambda root, model: [str(model)]),
     "not-an-integer": HintCase("quantize", _out("--blocksize", "abc")),
     "planner-needs-config": HintCase("quantize", _no_config),
+    "quant-storage-too-wide": HintCase("quantize", _odd_weight("--quant-storage", "float32")),
     "revision-on-a-path": HintCase("quantize", _out("--revision", "v1")),
 }
 

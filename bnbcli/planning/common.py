@@ -221,5 +221,5 @@ def _check_quantizable(key: str, module: str, shape: tuple[int, ...], dtype: tor
             raise UsageError(
                 f"{key} packs into {packed_bytes} bytes, not a multiple of {itemsize}: "
                 f"{dtype_name(scheme.quant_storage)} storage cannot hold its last values",
-                hint="use quant_storage uint8 (the default)",
+                hint="use --quant-storage uint8 (the default)",
             )
