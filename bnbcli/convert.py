@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bnbcli import api
-from bnbcli.errors import InputError
+from bnbcli.errors import InputError, InternalError
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.output_plan import TensorJob
@@ -70,7 +70,7 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
         entries = q4.state_dict(job.source.name)
     planned = [e.key for e in job.entries]
     if list(entries) != planned:
-        raise InputError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")
+        raise InternalError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")
     return entries, restored, pending
 
 

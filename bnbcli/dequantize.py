@@ -33,6 +33,7 @@ from bnbcli.output_plan import SHARD_METADATA, index_json
 from bnbcli.pipeline import _copy_tree_item, json_dumps_config
 from bnbcli.quantize import check_paths, source_label
 from bnbcli.scheme import FLOAT_DTYPES, dtype_name
+from bnbcli.units import positive_size
 
 Progress = Callable[[int], None]
 
@@ -62,8 +63,8 @@ def plan_request(request: DequantizeRequest) -> DequantizePlan:
         raise UsageError(
             f"--dtype {dtype_name(request.dtype)} is not supported", hint="use float16, bfloat16 or float32"
         )
-    if request.max_shard_size is not None and request.max_shard_size <= 0:
-        raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
+    if request.max_shard_size is not None:
+        positive_size(request.max_shard_size, "--max-shard-size")
     checkpoint = open_checkpoint(request.src, revision=request.revision)
     check_paths(checkpoint, request.out)
     components = tuple(

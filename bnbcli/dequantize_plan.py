@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -24,13 +23,13 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.output_plan import assign_shards, set_config_dtype
 from bnbcli.planning.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.scheme import FLOAT_DTYPES, dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
-QUANT_STATE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
 FOUR_BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 # `QuantState.from_dict` accepts exactly these JSON keys (spec §5).
 STATE_KEYS = frozenset(
@@ -40,6 +39,8 @@ STATE_KEYS = frozenset(
 COMPONENT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
 WEIGHT_FORMAT_ROW = 0  # bitsandbytes/utils.py: row=0 is the only layout transformers writes and loads
 BNB_CONFIG_KEYS = ("quant_method", "load_in_4bit", "load_in_8bit")
+# A quantized weight whose parts disagree: nothing bnb can do but say so.
+BROKEN_HINT = "the checkpoint is inconsistent; download or save it again"
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _four_bit_groups(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, ...
     """weight key → every key of that 4-bit weight (weight first, quant_state last)."""
     groups: dict[str, tuple[str, ...]] = {}
     for key in tensors:
-        match = QUANT_STATE.match(key)
+        match = QUANT_STATE_KEY.match(key)
         if match is None:
             continue
         weight = match["weight"]
@@ -185,9 +186,9 @@ def _int8_groups(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, ...]]:
     """weight key → (weight, SCB[, weight_format]) of each LLM.int8 weight."""
     groups: dict[str, tuple[str, ...]] = {}
     for key in tensors:
-        if not key.endswith(".SCB"):
+        if not key.endswith(SCB_SUFFIX):
             continue
-        module = key.removesuffix(".SCB")
+        module = key.removesuffix(SCB_SUFFIX)
         weight = f"{module}.weight"
         if weight not in tensors or tensors[weight].dtype != torch.int8:
             raise InputError(f"{key} has no int8 weight {weight!r} beside it", hint="the checkpoint is inconsistent")
@@ -222,14 +223,18 @@ def _four_bit_tensor(
         expected[f"{weight}.nested_quant_map"] = (torch.float32, (256,))
     if set(keys[:-1]) != set(expected):
         missing = sorted(set(expected) - set(keys[:-1])) or sorted(set(keys[:-1]) - set(expected))
-        raise InputError(f"{weight}: its 4-bit parts do not match its quant_state ({missing[0]})")
+        raise InputError(f"{weight}: its 4-bit parts do not match its quant_state ({missing[0]})", hint=BROKEN_HINT)
     for key, want in expected.items():
         if want is not None and (tensors[key].dtype, tensors[key].shape) != want:
             got = f"{dtype_name(tensors[key].dtype)} {list(tensors[key].shape)}"
-            raise InputError(f"{key} is {got}, but its quant_state needs {dtype_name(want[0])} {list(want[1])}")
+            raise InputError(
+                f"{key} is {got}, but its quant_state needs {dtype_name(want[0])} {list(want[1])}", hint=BROKEN_HINT
+            )
     # bitsandbytes stores (n+1)//2 bytes as quant_storage elements, dropping a last partial element.
     if not 0 <= (n + 1) // 2 - packed.nbytes < packed.dtype.itemsize:
-        raise InputError(f"{weight} holds {packed.nbytes} bytes, not the packed size of shape {list(shape)}")
+        raise InputError(
+            f"{weight} holds {packed.nbytes} bytes, not the packed size of shape {list(shape)}", hint=BROKEN_HINT
+        )
     out_shape = tuple(reversed(shape)) if transpose else shape
     state_dtype = getattr(torch, state["dtype"])
     sources = tuple(tensors[k] for k in expected)
@@ -241,7 +246,7 @@ def _four_bit_tensor(
 def _read_state(info: TensorInfo) -> dict[str, Any]:
     """The quant_state JSON, checked the way ``QuantState.from_dict`` would use it."""
     if info.dtype != torch.uint8 or len(info.shape) != 1 or info.nbytes > 4096:
-        raise InputError(f"{info.name} is not a packed quant_state (1-D uint8 JSON)")
+        raise InputError(f"{info.name} is not a packed quant_state (1-D uint8 JSON)", hint=BROKEN_HINT)
     try:
         state = json.loads(read_tensor(info).numpy().tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -257,7 +262,7 @@ def _read_state(info: TensorInfo) -> dict[str, Any]:
         or state.get("nested_blocksize", NESTED_BLOCKSIZE) != NESTED_BLOCKSIZE
     )
     if bad or state["quant_type"] != info.name.rsplit("__", 1)[-1]:
-        raise InputError(f"{info.name}: unsupported quant_state {json.dumps(state)[:200]}")
+        raise InputError(f"{info.name}: unsupported quant_state {json.dumps(state)[:200]}", hint=BROKEN_HINT)
     return state
 
 
@@ -268,7 +273,9 @@ def _int8_tensor(source: ModelSource, keys: tuple[str, ...], dtype: torch.dtype,
     for d in cb.shape[:-1]:
         rows *= d
     if len(cb.shape) < 1 or scb.dtype != torch.float32 or scb.numel != rows:
-        raise InputError(f"{scb.name} is {dtype_name(scb.dtype)} {list(scb.shape)}, not float32 [{rows}]")
+        raise InputError(
+            f"{scb.name} is {dtype_name(scb.dtype)} {list(scb.shape)}, not float32 [{rows}]", hint=BROKEN_HINT
+        )
     if len(keys) == 3:
         fmt = tensors[keys[2]]
         if fmt.numel != 1 or int(read_tensor(fmt).reshape(-1)[0]) != WEIGHT_FORMAT_ROW:
@@ -357,4 +364,5 @@ def plan_summary(plan: DequantizePlan) -> dict[str, Any]:
         "components": components,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
+        "warnings": plan.checkpoint.warnings,  # also printed on stderr
     }

@@ -23,10 +23,25 @@ stdout = Console(
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_emitted = False  # whether this run printed its JSON document (an error after it must not print a second)
+
+
 def emit_json(document: dict[str, Any]) -> None:
     """Print exactly one JSON document with a schema_version, no color, raw numbers."""
+    global _emitted
+    _emitted = True
     sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **document}, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def json_emitted() -> bool:
+    return _emitted
+
+
+def new_run() -> None:
+    """Nothing printed yet: main() may run more than once in one process (tests do)."""
+    global _emitted
+    _emitted = False
 
 
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -68,6 +83,11 @@ def emit_tensor_table(
 def warning(message: str) -> None:
     """`warning: …`, one line on stderr: something worth a look that does not stop the run."""
     stderr.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def warnings(messages: list[str]) -> None:
+    for message in messages:
+        warning(message)
 
 
 def failure(message: str) -> None:

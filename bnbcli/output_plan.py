@@ -15,10 +15,10 @@ import torch
 from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
-from bnbcli.errors import UsageError
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import PlannerName, QuantPlan, TensorDecision, plan_model, quantization_config
+from bnbcli.plan import PlannerName, QuantPlan, TensorDecision, fallback_warning, plan_model, quantization_config
 from bnbcli.scheme import QuantScheme
+from bnbcli.units import positive_size
 
 SHARD_METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # transformers v5's save_pretrained default, "50GB"
@@ -55,6 +55,7 @@ class ComponentPlan:
     config: dict | None  # the output config.json
     weights_stem: str  # "model" or "diffusion_pytorch_model"
     unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no module of this component
+    planner_fallback: str | None = None  # why config.json's library could not plan it (QuantPlan.fallback)
 
     @property
     def bytes_in(self) -> int:
@@ -205,6 +206,7 @@ def plan_component(
         config=_output_config(source, scheme, decided.skip_modules, model_dtype),
         weights_stem=stem,
         unmatched_skip=decided.unmatched_skip,
+        planner_fallback=decided.fallback,
     )
 
 
@@ -216,8 +218,7 @@ def plan_quantize(
     decided: Mapping[str, QuantPlan] | None = None,
 ) -> QuantizePlan:
     """``decided``: each component's decisions (by component name), when already made elsewhere."""
-    if max_shard_size <= 0:
-        raise UsageError("--max-shard-size must be positive", hint="for example 5GB or 500MB")
+    positive_size(max_shard_size, "--max-shard-size")
     components = tuple(
         plan_component(source, scheme, max_shard_size, planner, (decided or {}).get(name))
         for name, source in sorted(checkpoint.components.items())
@@ -297,9 +298,15 @@ def plan_summary(plan: QuantizePlan) -> dict:
             }
         )
     unmatched = [p for p in plan.scheme.skip if all(p in c.unmatched_skip for c in plan.components)]
+    warnings = [
+        *plan.checkpoint.warnings,
+        *(fallback_warning(c.name, c.planner_fallback) for c in plan.components if c.planner_fallback),
+        *(f"--skip {pattern!r} matches no module; it changes nothing" for pattern in unmatched),
+    ]
     return {
         "components": components,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
         "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
+        "warnings": warnings,  # also printed on stderr
     }

@@ -17,7 +17,7 @@ config.json as `llm_int8_skip_modules`, so reloading never depends on a library'
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
@@ -25,9 +25,17 @@ from typing import Any, Literal
 import torch
 
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.layout import quantized_keys
 from bnbcli.planning import cache as plan_cache
 from bnbcli.planning import hf_diffusers, hf_transformers, name_rules, table
-from bnbcli.planning.common import PlannerResult, TensorDecision, Tensors, assemble, pattern_matches
+from bnbcli.planning.common import (
+    PlannerResult,
+    TensorDecision,
+    Tensors,
+    assemble,
+    check_quantizable,
+    pattern_matches,
+)
 from bnbcli.planning.hf_transformers import NotKnown
 from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
 
@@ -56,6 +64,7 @@ class QuantPlan:
     skip_modules: tuple[str, ...]  # Linear-like modules left unquantized → llm_int8_skip_modules
     model_dtype: torch.dtype  # the dtype the model loads in (config.json `dtype`, else the weights')
     unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no Linear-like module (likely typos)
+    fallback: str | None = None  # why config.json's library could not plan it (name rules stood in)
 
     @property
     def quantized(self) -> tuple[str, ...]:
@@ -94,19 +103,20 @@ def plan_quantization(
     tensors: Tensors,
     scheme: QuantScheme,
     planner: PlannerName | None = "auto",
+    strict: bool = True,
 ) -> QuantPlan:
     """Decide every tensor from config.json and the safetensors headers (name → (shape, dtype)).
 
     ``planner`` forces one planner (None means "auto"); a forced transformers/diffusers planner that cannot build the
-    model is a UsageError, while "auto" falls back to the next planner and says why in ``reason``.
+    model is a UsageError, while "auto" falls back to the next planner and says why in ``reason`` and ``fallback``.
+    ``strict=False`` (`bnb inspect`, which measures rather than writes) plans weights that bitsandbytes cannot
+    quantize (an int64 or empty weight) instead of refusing them.
     """
-    if config is not None and config.get("quantization_config"):
-        raise InputError(
-            "the checkpoint is already quantized (config.json has a quantization_config)",
-            hint="start from the unquantized checkpoint",
-        )
+    refuse_quantized(config, tensors)
     result = _run_planner(config, tensors, scheme, planner or "auto")
     decisions = assemble(result, tensors, scheme)
+    if strict:
+        check_quantizable(decisions, tensors, scheme)
     return QuantPlan(
         planner=result.planner,
         reason=result.reason,
@@ -115,6 +125,31 @@ def plan_quantization(
         skip_modules=result.skip_modules,
         model_dtype=model_dtype(config, tensors, scheme),
         unmatched_skip=tuple(p for p in scheme.skip if not any(pattern_matches(m, p) for m in result.verdicts)),
+        fallback=result.fallback,
+    )
+
+
+def refuse_quantized(config: Mapping[str, Any] | None, names: Iterable[str]) -> None:
+    """A bitsandbytes checkpoint is not quantized again: known by config.json's quantization_config or,
+    without one, by its keys (quant_state, SCB), as `bnb inspect` and `bnb dequantize` know it."""
+    if config is not None and config.get("quantization_config"):
+        why = "config.json has a quantization_config"
+    elif marks := quantized_keys(names):
+        why = f"it holds bitsandbytes keys such as {marks[0]}"
+    else:
+        return
+    raise InputError(
+        f"the checkpoint is already quantized ({why})",
+        hint="start from the unquantized checkpoint (`bnb dequantize SRC OUT` writes one)",
+    )
+
+
+def fallback_warning(component: str, fallback: str) -> str:
+    """The warning for a plan made by name rules because config.json's library could not make it."""
+    where = f"{component}: " if component else ""
+    return (
+        f"{where}planned by name rules (a guess from tensor names) because {fallback}; "
+        "check the plan with --dry-run, or fix config.json"
     )
 
 
@@ -148,7 +183,10 @@ def _run_planner(
             raise UsageError(
                 f"the {planner} planner cannot plan this model: {why}", hint="use --planner name-rules"
             ) from None
-        return name_rules.plan_modules(config, tensors, scheme, str(why))
+        why_line = " ".join(str(why).split())  # a library's message may span lines; a warning is one
+        result = name_rules.plan_modules(config, tensors, scheme, why_line)
+        result.fallback = why_line
+        return result
 
 
 def _library(config: Mapping[str, Any], planner: PlannerName) -> str:

@@ -108,7 +108,9 @@ class QuantScheme:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}", hint="use one of " + ", ".join(METHODS))
         if not isinstance(self.double_quant, bool):
-            raise UsageError(f"double_quant must be true or false, not {self.double_quant!r}")
+            raise UsageError(
+                f"double_quant must be true or false, not {self.double_quant!r}", hint="double_quant = true"
+            )
         if self.is_4bit:
             if isinstance(self.blocksize, bool) or self.blocksize not in FOUR_BIT_BLOCKSIZES:
                 # bitsandbytes `_ops.py` quantize_4bit: torch._check(blocksize in (32, 64, ..., 4096))
@@ -153,6 +155,12 @@ def _check_pattern(pattern: object) -> None:
 # --- presets and TOML settings -------------------------------------------------------------------
 
 SCHEME_KEYS: tuple[str, ...] = tuple(f.name for f in fields(QuantScheme))
+# How each typed setting is written in a TOML file: the hint for a value of the wrong type.
+SETTING_EXAMPLES = {
+    "blocksize": "blocksize = 64 (a number)",
+    "threshold": "threshold = 6.0",
+    "method": 'method = "nf4"',
+}
 
 
 def scheme_from_dict(settings: Mapping[str, Any]) -> QuantScheme:
@@ -174,7 +182,7 @@ def scheme_from_dict(settings: Mapping[str, Any]) -> QuantScheme:
         raise UsageError(f"skip must be a list of module patterns, not {values['skip']!r}", hint='skip = ["down_proj"]')
     for key, kind in (("blocksize", int), ("threshold", (int, float)), ("method", str)):
         if key in values and (not isinstance(values[key], kind) or isinstance(values[key], bool)):
-            raise UsageError(f"{key} has the wrong type: {values[key]!r}")
+            raise UsageError(f"{key} has the wrong type: {values[key]!r}", hint=SETTING_EXAMPLES[key])
     return QuantScheme(**values)
 
 
@@ -200,11 +208,19 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"config file {str(path)!r} does not exist") from None
+        raise UsageError(
+            f"config file {str(path)!r} does not exist",
+            hint="presets: " + ", ".join(available_presets()) + "; or give the path of an existing .toml file",
+        ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read config file {str(path)!r}: {err}") from None
+        raise UsageError(
+            f"cannot read config file {str(path)!r}: {err}", hint="give a readable UTF-8 .toml file"
+        ) from None
     except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"{path.name} is not valid TOML: {err}") from None
+        raise UsageError(
+            f"{path.name} is not valid TOML: {err}",
+            hint='fix the line it names; a setting looks like method = "nf4"',
+        ) from None
     try:
         scheme_from_dict(settings)
     except UsageError as err:

@@ -36,8 +36,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bnb-fuzz-") as work:
         tally = fuzz(args.cases, args.seed, Path(work), progress)
     exits = ", ".join(f"exit {code}: {n}" for code, n in sorted(tally.exits.items()))
+    classes = ", ".join(f"{n} {label}" for label, n in tally.classes.items())
     print(
-        f"{tally.cases} cases (seed {args.seed}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
+        f"{tally.cases} cases (seed {args.seed}; {classes}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
         f"{exits}; {len(tally.findings)} findings"
     )
     for finding in tally.findings[:10]:

@@ -3,15 +3,19 @@
 Each case starts from a small real checkpoint (a few bf16 weights, config.json, and for some cases an
 index over two shards, or a bnb checkpoint made by `bnb quantize`), applies one or two seeded mutations
 — the header length field, bytes and structure of the header JSON, dtypes, shapes, offsets, index files,
-truncation, random bytes anywhere — and runs `bnb footprint`, `bnb quantize`, `bnb dequantize` and,
-when the command exists, `bnb inspect` on it, in this process (a subprocess per run would spend its
-time importing torch).
+truncation, random bytes anywhere, a config.json that is valid JSON but nonsense (negative or huge sizes,
+an unknown model_type) — and runs `bnb footprint`, `bnb quantize`, `bnb dequantize` and, when the command
+exists, `bnb inspect` on it, in this process (a subprocess per run would spend its time importing torch).
+Some cases are served as a Hub repo id from a Hugging Face cache, offline (HF_HUB_OFFLINE), the cache
+itself sometimes damaged (a file or a blob missing, no refs/main).
 
 A run is a **crash** when it ends in anything but a typed bnb error, a usage error or success: an
 unexpected exception (what the CLI would print as "internal error"), an exit code other than 0/1/2, a
 signal, a run longer than ``CASE_SECONDS`` (a hang), a read outside the file (every ``os.preadv`` and
 ``os.pread`` is checked against the file's size), or peak memory growing by more than
-``MAX_GROWTH_BYTES`` (a hostile header must be refused before anything is allocated for it).
+``MAX_GROWTH_BYTES`` (a hostile header must be refused before anything is allocated for it). A case with a
+nonsense config.json is also planned with the default planner (`quantize --dry-run --json`): when name rules
+stand in for transformers, a run that says nothing about it is a **silent fallback**.
 
     python scripts/fuzz.py --cases 10000      # or: make fuzz
 """
@@ -34,6 +38,7 @@ from typing import Any
 
 import torch
 import typer
+from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.cli.main import app
@@ -63,7 +68,7 @@ class CaseTimeout(BaseException):
 class Finding:
     case: int
     verb: str
-    kind: str  # crash | hang | out-of-file read | memory
+    kind: str  # crash | hang | out-of-file read | memory | silent fallback
     detail: str
 
 
@@ -72,6 +77,7 @@ class Tally:
     cases: int = 0
     runs: int = 0
     exits: dict[int, int] = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)  # cases of the classes that are not every case's
     findings: list[Finding] = field(default_factory=list)
 
 
@@ -292,6 +298,29 @@ def _mutate_config(rng: random.Random, path: Path) -> str:
     return f"config {key}"
 
 
+# Sizes a config.json may hold that no model has: negative, zero, absurdly large (a trillion parameters).
+NONSENSE_SIZES = (-1, 0, 3, 2**31, 10**7, 10**12)
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _nonsense_config(rng: random.Random, path: Path) -> str:
+    """Valid JSON, but no model: a size no model has, or a model_type/architecture transformers does not know
+    (or one it knows, that the checkpoint is not)."""
+    doc = _json_or_none(path)
+    if doc is None:
+        return "config already broken"
+    kind = rng.choice(["size", "size", "model_type", "architectures"])
+    if kind == "size":
+        doc[rng.choice(SIZE_KEYS)] = rng.choice(NONSENSE_SIZES)
+    elif kind == "model_type":
+        doc.pop("architectures", None)
+        doc["model_type"] = rng.choice(["frobnik", "", "bert", "t5"])
+    else:
+        doc["architectures"] = [rng.choice(["FrobnikForCausalLM", "BertModel", "GPT2LMHeadModel"])]
+    path.write_text(json.dumps(doc))
+    return f"nonsense config {kind}"
+
+
 SAFETENSORS_MUTATIONS: list[Callable[[random.Random, Path], str]] = [
     _mutate_header_json,
     _mutate_header_json,
@@ -309,13 +338,50 @@ def mutate(rng: random.Random, folder: Path) -> list[str]:
         files = sorted(folder.glob("*.safetensors"))
         others = [p for p in (folder / "model.safetensors.index.json", folder / "config.json") if p.exists()]
         roll = rng.random()
-        if others and roll < 0.2:
+        if (folder / "config.json").exists() and roll < 0.1:
+            done.append(_nonsense_config(rng, folder / "config.json"))
+        elif others and roll < 0.25:
             target = rng.choice(others)
             mutation = _mutate_index if target.name.endswith("index.json") else _mutate_config
             done.append(mutation(rng, target))
         elif files:
             done.append(rng.choice(SAFETENSORS_MUTATIONS)(rng, rng.choice(files)))
     return done
+
+
+# ------------------------------------------------------------------------------------------ the Hub, offline
+
+HUB_REPO = "fuzz/case"
+HUB_SHARE = 0.15  # of the cases, served as HUB_REPO from an offline Hugging Face cache
+
+
+def into_hub_cache(rng: random.Random, case: Path, cache: Path) -> str:
+    """The case as a Hugging Face cache holds a downloaded repo (HUB_REPO), sometimes damaged the way a
+    cache gets damaged: a file or a blob missing, no refs/main. Returns what was done."""
+    shutil.rmtree(cache, ignore_errors=True)
+    snapshot = make_hub_cache(cache, HUB_REPO, {p.name: p.read_bytes() for p in sorted(case.iterdir()) if p.is_file()})
+    damage = rng.choice(["none", "none", "missing file", "missing blob", "no ref"])
+    files = sorted(snapshot.iterdir())
+    if damage == "missing file" and files:
+        rng.choice(files).unlink()
+    elif damage == "missing blob" and files:
+        rng.choice(files).resolve().unlink()
+    elif damage == "no ref":
+        (snapshot.parent.parent / "refs" / "main").unlink()
+    return f"served offline from the Hub cache ({damage})"
+
+
+@contextlib.contextmanager
+def offline_hub(cache: Path) -> Iterator[None]:
+    """HF_HUB_OFFLINE and HF_HUB_CACHE as huggingface_hub sees them (it reads the variables at import)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = saved
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -355,13 +421,14 @@ def _on_alarm(signum: int, frame: object) -> None:
     raise CaseTimeout
 
 
-def run_verb(args: list[str]) -> tuple[int | None, str | None]:
-    """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang."""
-    out = io.StringIO()
+def run_verb(args: list[str], out: io.StringIO | None = None) -> tuple[int | None, str | None]:
+    """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang; ``out``
+    receives what the run printed on stdout."""
+    out = out or io.StringIO()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(CASE_SECONDS)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             code = app(args, standalone_mode=False)
         return (int(code) if isinstance(code, int) else 0), None
     except BnbError as exc:
@@ -379,15 +446,29 @@ def run_verb(args: list[str]) -> tuple[int | None, str | None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def verbs(src: Path, out: Path) -> list[tuple[str, list[str]]]:
+def verbs(src: str, out: Path) -> list[tuple[str, list[str]]]:
     runs = [
-        ("footprint", ["footprint", str(src), "--json", "--planner", "name-rules"]),
-        ("quantize", ["quantize", str(src), str(out / "q"), "--config", "nf4-dq", "-q", "--planner", "name-rules"]),
-        ("dequantize", ["dequantize", str(src), str(out / "d"), "-q"]),
+        ("footprint", ["footprint", src, "--json", "--planner", "name-rules"]),
+        ("quantize", ["quantize", src, str(out / "q"), "--config", "nf4-dq", "-q", "--planner", "name-rules"]),
+        ("dequantize", ["dequantize", src, str(out / "d"), "-q"]),
     ]
     if "inspect" in {c.name or c.callback.__name__ for c in app.registered_commands}:  # type: ignore[union-attr]
-        runs.append(("inspect", ["inspect", str(src), "--json", "--schemes", "nf4"]))
+        runs.append(("inspect", ["inspect", src, "--json", "--schemes", "nf4"]))
     return runs
+
+
+def silent_fallback(case: Path, printed: str) -> str | None:
+    """What a `quantize --dry-run --json` run printed: a component that name rules planned although
+    config.json is there, with no warning saying so, is a finding."""
+    try:
+        plan = json.loads(printed)
+    except ValueError:
+        return "stdout is not one JSON document"
+    if not (case / "config.json").is_file() or "components" not in plan:
+        return None  # no config to fall back from, or an error document
+    if any(c["planner"] == "name-rules" for c in plan["components"]) and not plan.get("warnings"):
+        return "planned by name rules with config.json present, and no warning"
+    return None
 
 
 def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | None = None) -> Tally:
@@ -406,27 +487,39 @@ def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | 
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        for verb, args in verbs(src, out):
-            violations: list[str] = []
-            with _checked_reads(violations):
-                code, problem = run_verb(args)
-            tally.runs += 1
-            if problem is not None:
-                kind = "hang" if problem.startswith("hang") else "crash"
-                tally.findings.append(Finding(case, verb, kind, f"{what}\n{problem}"))
-            else:
-                assert code is not None
-                tally.exits[code] = tally.exits.get(code, 0) + 1
-                if code not in (0, 1, 2):
-                    tally.findings.append(Finding(case, verb, "crash", f"{what}\nexit code {code}"))
-            if violations:
-                tally.findings.append(Finding(case, verb, "out-of-file read", f"{what}\n{violations[0]}"))
-            if _vm_hwm() - baseline > MAX_GROWTH_BYTES:
-                tally.findings.append(Finding(case, verb, "memory", f"{what}\npeak RSS grew past the cap"))
-                baseline = _vm_hwm()
+        hub = rng.random() < HUB_SHARE
+        if hub:
+            what += "; " + into_hub_cache(rng, src, work / "hub")
+        runs = verbs(HUB_REPO if hub else str(src), out)
+        if "nonsense config" in what and not hub:
+            runs.append(("plan", ["quantize", str(src), str(out / "p"), "--dry-run", "--json"]))
+        for label, member in (("offline Hub", hub), ("nonsense config", "nonsense config" in what)):
+            tally.classes[label] = tally.classes.get(label, 0) + member
+        with offline_hub(work / "hub") if hub else contextlib.nullcontext():
+            for verb, args in runs:
+                violations: list[str] = []
+                printed = io.StringIO()
+                with _checked_reads(violations):
+                    code, problem = run_verb(args, printed)
+                tally.runs += 1
+                if problem is not None:
+                    kind = "hang" if problem.startswith("hang") else "crash"
+                    tally.findings.append(Finding(case, verb, kind, f"{what}\n{problem}"))
+                else:
+                    assert code is not None
+                    tally.exits[code] = tally.exits.get(code, 0) + 1
+                    if code not in (0, 1, 2):
+                        tally.findings.append(Finding(case, verb, "crash", f"{what}\nexit code {code}"))
+                    if verb == "plan" and code == 0 and (why := silent_fallback(src, printed.getvalue())):
+                        tally.findings.append(Finding(case, verb, "silent fallback", f"{what}\n{why}"))
+                if violations:
+                    tally.findings.append(Finding(case, verb, "out-of-file read", f"{what}\n{violations[0]}"))
+                if _vm_hwm() - baseline > MAX_GROWTH_BYTES:
+                    tally.findings.append(Finding(case, verb, "memory", f"{what}\npeak RSS grew past the cap"))
+                    baseline = _vm_hwm()
         tally.cases += 1
         if progress:
             progress(tally)
-    shutil.rmtree(work / "case", ignore_errors=True)
-    shutil.rmtree(work / "out", ignore_errors=True)
+    for left in ("case", "out", "hub"):
+        shutil.rmtree(work / left, ignore_errors=True)
     return tally

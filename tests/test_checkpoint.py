@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
@@ -270,21 +271,6 @@ def test_diffusers_ambiguous_component(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the Hub cache
 
 
-def make_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:
-    """The HF cache layout: refs/main → commit, snapshots/<commit>/<file> → ../../blobs/<id> links."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs/main").write_text(commit)
-    (repo / "blobs").mkdir()
-    for i, (name, data) in enumerate(files.items()):
-        blob = repo / "blobs" / f"blob{i}"
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return repo / "snapshots" / commit
-
-
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from huggingface_hub import constants
@@ -372,7 +358,8 @@ def test_hub_errors_become_input_errors(monkeypatch: pytest.MonkeyPatch) -> None
         (hf_error(RevisionNotFoundError), "revision 'v9' not found", "branch, tag or commit"),
         (LocalEntryNotFoundError("no"), "Hugging Face cache", "hf download org/name"),
         (hf_error(HfHubHTTPError, "500 Server Error\nmore"), "Hub request failed: 500 Server Error", "network"),
-        (ConnectionError("refused"), "cannot fetch", "network"),
+        (ConnectionError("refused"), "the Hub cannot be reached", "HF_HUB_OFFLINE=1"),
+        (OSError("something else"), "cannot fetch", "network"),
     ]
     for error, words, hint in cases:
 
@@ -703,7 +690,7 @@ def test_early_source_hashes_come_from_a_child_interpreter(tmp_path: Path, monke
     (src / "odd\tname\n.safetensors").write_bytes(b"z" * 10)  # not a line or column of the protocol
     (src / "dir.safetensors").mkdir()  # unreadable as a file
     monkeypatch.setattr(hashing, "sha256_of", lambda p: pytest.fail("hashed in this process"))
-    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read")))
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read", "x")))
     outcomes = _early_digests(hashing, src, tmp_path)
     for path in src.glob("*.safetensors"):
         if path.is_file():

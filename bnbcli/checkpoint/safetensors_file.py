@@ -294,7 +294,10 @@ def _read_part(fd: int, info: TensorInfo, view: memoryview, begin: int) -> None:
                 )
             done += n
     except OSError as e:
-        raise InputError(f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}") from e
+        raise InputError(
+            f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+            "check that the file is still there and readable, then run again",
+        ) from e
 
 
 def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
@@ -309,7 +312,10 @@ def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
         try:
             fd = os.open(info.path, os.O_RDONLY)
         except OSError as e:
-            raise InputError(f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}") from e
+            raise InputError(
+                f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+                "check that the file is still there and readable, then run again",
+            ) from e
         try:
             parts = range(0, info.nbytes, READ_PART_BYTES)
             if len(parts) == 1:

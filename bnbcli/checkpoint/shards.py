@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -101,6 +102,7 @@ class LoadedWeights:
     files: tuple[Path, ...]
     index: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
+    unlisted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # see _unlisted_shards
 
 
 def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
@@ -150,7 +152,24 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
                 "the index and the shards disagree; re-export the checkpoint or fix the index",
             )
     files = tuple(shard.path for shard in shards.values())
-    return LoadedWeights(files=files, index=index, tensors=tensors)
+    return LoadedWeights(files, index, tensors, _unlisted_shards(index_path, shard_names))
+
+
+def _unlisted_shards(index_path: Path, listed: list[str]) -> dict[str, tuple[str, ...]]:
+    """Shards beside the index (``model-00003-of-00003.safetensors``) that its weight_map never names, and
+    the tensors each holds. They are not part of the model (transformers does not load them either), but
+    an export that lost index entries looks exactly like this, so they are named. A shard that cannot be
+    read is named without its tensors."""
+    stem = re.escape(index_path.name.removesuffix(INDEX_SUFFIX))
+    shard_name = re.compile(rf"{stem}-\d+-of-\d+{re.escape(SAFETENSORS_SUFFIX)}")
+    found: dict[str, tuple[str, ...]] = {}
+    for path in sorted(index_path.parent.iterdir()):
+        if shard_name.fullmatch(path.name) and path.name not in listed and path.is_file():
+            try:
+                found[path.name] = tuple(SafetensorsFile.open(path).tensors)
+            except InputError:
+                found[path.name] = ()
+    return found
 
 
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:

@@ -7,8 +7,9 @@ so that a bad checkpoint fails before any output is written. Pickle weights are 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class ModelSource:
     index: dict[str, Any] | None  # the parsed *.safetensors.index.json
     tensors: dict[str, TensorInfo]  # over all shards; each tensor in exactly one shard
     other_files: tuple[Path, ...]  # files under root to copy as-is (tokenizer, generation_config.json, …)
+    unlisted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard → tensors the index leaves out
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,19 @@ class Checkpoint:
     pipeline_files: tuple[Path, ...]  # diffusers: files outside the selected components, to copy as-is
     repo_id: str | None = None
     revision: str | None = None  # for a Hub repo: the commit its snapshot was resolved to
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know that does not stop a run: shards their index leaves out."""
+        found = []
+        for name, source in sorted(self.components.items()):
+            for file, tensors in source.unlisted.items():
+                shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+                found.append(
+                    f"{name + '/' if name else ''}{file} is not in the index, so its tensors are left out "
+                    f"(transformers leaves them out too): {shown or 'it cannot be read'}"
+                )
+        return found
 
     @property
     def tensor_bytes(self) -> int:
@@ -109,27 +124,20 @@ def _open_local(path: Path, components: Sequence[str] | None, trusted_root: Path
         source = _model_source(path.parent, "", WeightChoice(index=path), trusted_root)
         return Checkpoint(kind="model", root=path.parent, components={"": source}, pipeline_files=())
     if name.endswith(SAFETENSORS_SUFFIX):
-        # A bare file: no config and nothing beside it to copy (its folder may be any folder, ~/Downloads).
-        shard = SafetensorsFile.open(path)
-        source = ModelSource(
-            root=path.parent,
-            name="",
-            config=None,
-            weight_files=(path,),
-            index=None,
-            tensors=dict(shard.tensors),
-            other_files=(),
-        )
+        source = _file_source(path, trusted_root)
         return Checkpoint(kind="file", root=path.parent, components={"": source}, pipeline_files=())
     if is_pickle_file(name):
         raise pickle_error(path)
     raise InputError(f"{path}: not a .safetensors file", "give a .safetensors file, a model folder or a Hub repo id")
 
 
-def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: Path) -> ModelSource:
+def _model_source(
+    folder: Path, name: str, choice: WeightChoice, trusted_root: Path, other: tuple[Path, ...] | None = None
+) -> ModelSource:
+    """``other``: the files to copy beside the weights; by default every file of the folder."""
     loaded = load_weights(choice, trusted_root)
     config_path = folder / CONFIG_NAME
-    other = tuple(p for p in copy_files(folder) if p != config_path)
+    other = tuple(p for p in (copy_files(folder) if other is None else other) if p != config_path)
     return ModelSource(
         root=folder,
         name=name,
@@ -138,7 +146,23 @@ def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: P
         index=loaded.index,
         tensors=loaded.tensors,
         other_files=other,
+        unlisted=loaded.unlisted,
     )
+
+
+def _file_source(path: Path, trusted_root: Path) -> ModelSource:
+    """A single weight file. With a config.json beside it, it is the weights of the model in that folder:
+    the config is used, and the small files a loader reads beside the weights (tokenizer, generation
+    config, chat template: what the Hub download fetches besides weights) are copied. Without one, the
+    folder may be any folder (~/Downloads): nothing else is taken."""
+    folder = path.parent
+    if not (folder / CONFIG_NAME).is_file():
+        tensors = dict(SafetensorsFile.open(path).tensors)
+        return ModelSource(folder, "", config=None, weight_files=(path,), index=None, tensors=tensors, other_files=())
+    beside = tuple(
+        p for p in copy_files(folder, recursive=False) if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
+    )
+    return _model_source(folder, "", WeightChoice(single=path), trusted_root, beside)
 
 
 # The config.json fields every planner branches on, and the JSON type each must have.

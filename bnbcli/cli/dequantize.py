@@ -8,12 +8,12 @@ from typing import Annotated, Any
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag, size_option
 from bnbcli.dequantize import DequantizeRequest, plan_request
 from bnbcli.dequantize import dequantize as run_dequantize
 from bnbcli.dequantize_plan import plan_summary
 from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
-from bnbcli.units import human_bytes, parse_size
+from bnbcli.units import human_bytes
 
 
 def dequantize(
@@ -34,8 +34,7 @@ def dequantize(
         ),
     ] = None,
     max_shard_size: Annotated[
-        str | None,
-        typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB (default: the source's shards)."),
+        int | None, size_option("--max-shard-size", "Re-shard the output, e.g. 5GB (default: the source's shards).")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     backend: Annotated[
@@ -53,13 +52,14 @@ def dequantize(
         src=src,
         out=out,
         dtype=parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype is not None else None,
-        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else None,
+        max_shard_size=max_shard_size,
         revision=revision,
         backend=backend,
         overwrite=overwrite,
     )
     plan = plan_request(request)
     summary = plan_summary(plan)
+    output.warnings(summary["warnings"])
     if dry_run:
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})

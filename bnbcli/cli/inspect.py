@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag
-from bnbcli.errors import GateFailed, OutputError, UsageError
+from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option
+from bnbcli.errors import GateFailed, UsageError
+from bnbcli.files import check_writable, write_text_file
 from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.inspect.report import InspectReport
 from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
 from bnbcli.inspect.run import InspectRequest, inspect, open_source
 from bnbcli.plan import PlannerName
+
+if TYPE_CHECKING:
+    from bnbcli.inspect.activations import ActivationCriteria
 
 
 def inspect_command(
@@ -36,7 +40,7 @@ def inspect_command(
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     components: Annotated[
-        str | None, typer.Option("--components", help="diffusers: the components to inspect, comma-separated.")
+        Components | None, components_option("diffusers: the components to inspect, comma-separated.")
     ] = None,
     backend: Annotated[
         str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
@@ -72,7 +76,7 @@ def inspect_command(
     report_file: Annotated[
         Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
     ] = None,
-    top: Annotated[int, typer.Option("--top", help="Tensors in the terminal table, worst first (0: all).")] = 20,
+    top: Annotated[int, typer.Option("--top", min=0, help="Tensors in the terminal table, worst first (0: all).")] = 20,
     activations: Annotated[
         bool, typer.Option("--activations", help="Also run the model (transformers) and find activation outliers.")
     ] = False,
@@ -80,8 +84,9 @@ def inspect_command(
         Path | None, typer.Option("--text-file", help="--activations: one text per line (default: built-in texts).")
     ] = None,
     activation_threshold: Annotated[
-        float, typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude.")
-    ] = 6.0,
+        float | None,
+        typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude (6.0)."),
+    ] = None,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     no_progress: NoProgressFlag = False,
@@ -89,15 +94,20 @@ def inspect_command(
     """Per tensor: dtype, shape, absmax, std, kurtosis, share beyond 6σ, zeros, NaN/Inf; per weight matrix: outlier
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
-    if text_file is not None and not activations:
-        raise UsageError("--text-file goes with --activations", hint="add --activations")
+    # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
+    for option, value in (("--text-file", text_file), ("--activation-threshold", activation_threshold)):
+        if value is not None and not activations:
+            raise UsageError(f"{option} goes with --activations", hint="add --activations")
+    criteria = _activation_criteria(activation_threshold) if activations else None
+    if report_file is not None:
+        check_writable(report_file, "--report")
     request = InspectRequest(
         src=src,
         schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
         blocksize=blocksize,
         against=against,
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        components=components,
         backend=backend,
         planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
         criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
@@ -108,10 +118,13 @@ def inspect_command(
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
         report = inspect(request, checkpoint, bar.advance)
-    if activations:
-        report = _with_activations(report, texts, activation_threshold)
+    output.warnings(list(report.warnings))
+    if criteria is not None:
+        report = _with_activations(report, texts, criteria)
     if report_file is not None:
-        _write_html(report, report_file)
+        from bnbcli.inspect.html import render_html
+
+        write_text_file(report_file, render_html(report), "--report")
     if json_output:
         output.emit_json(report.as_dict())
     elif not quiet:
@@ -122,39 +135,37 @@ def inspect_command(
         output.failure(failure.line())
     if report.failures:
         tensors = len({f.tensor for f in report.failures})
-        raise GateFailed(f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates", hint=None)
+        raise GateFailed(
+            f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates",
+            hint="each `fail:` line above names a tensor and the gate it missed",
+        )
 
 
 def _texts(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--text-file {path}: cannot read it: {e}") from None
+        raise UsageError(
+            f"--text-file {path}: cannot read it: {e}", hint="give a UTF-8 text file, one text per line"
+        ) from None
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise UsageError(f"--text-file {path} holds no text", hint="one text per line")
     return texts
 
 
-def _with_activations(report: InspectReport, texts: list[str] | None, threshold: float) -> InspectReport:
-    """Activation outliers through transformers: imported only here, when --activations asks for them."""
-    from bnbcli.inspect.activations import ActivationCriteria, find_activation_outliers
+def _activation_criteria(threshold: float | None) -> ActivationCriteria:
+    """Checked when the command starts; the module is imported only when --activations asks for it."""
+    from bnbcli.inspect.activations import ActivationCriteria
+
+    return ActivationCriteria() if threshold is None else ActivationCriteria(threshold=threshold)
+
+
+def _with_activations(report: InspectReport, texts: list[str] | None, criteria: ActivationCriteria) -> InspectReport:
+    """Activation outliers through transformers (imported only when --activations asks for them)."""
+    from bnbcli.inspect.activations import find_activation_outliers
 
     if report.root is None:
-        raise UsageError("--activations needs a model folder")
-    found = find_activation_outliers(
-        report.root,
-        texts,
-        ActivationCriteria(threshold=threshold),
-        device="cuda" if report.backend == "cuda" else "cpu",
-    )
+        raise UsageError("--activations needs a model folder", hint="give the model's folder as SRC")
+    found = find_activation_outliers(report.root, texts, criteria, device="cuda" if report.backend == "cuda" else "cpu")
     return replace(report, activations=found.as_dict())
-
-
-def _write_html(report: InspectReport, path: Path) -> None:
-    from bnbcli.inspect.html import render_html
-
-    try:
-        path.write_text(render_html(report), encoding="utf-8")
-    except OSError as e:
-        raise OutputError(f"--report {path}: cannot write it: {e.strerror or e}") from None

@@ -16,7 +16,7 @@ from bnbcli.cli.footprint import footprint_command
 from bnbcli.cli.inspect import inspect_command
 from bnbcli.cli.quantize import quantize
 from bnbcli.entry import interrupted_exit
-from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
+from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, REPORT_HINT, BnbError
 
 EPILOG = (
     "Exit codes: 0 ok; 1 the input or the result failed (bad checkpoint, a threshold missed); "
@@ -64,14 +64,35 @@ def _debugging() -> bool:
 
 def _is_usage_error(exc: Exception) -> bool:
     """Click's usage errors (bad option, unknown command), recognised by their public interface
-    rather than by a class that Typer may move."""
+    rather than by a class that Typer may move (Typer 0.29 carries its own copy of Click)."""
     return callable(getattr(exc, "show", None)) and getattr(exc, "exit_code", None) == EXIT_USAGE
 
 
-def _error(message: str, hint: str | None = None) -> None:
+def _usage_hint(exc: Exception) -> str:
+    """A bad option value's own hint (``BadValue``), else where the usage is explained."""
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "bnb"
+    return getattr(exc, "hint", None) or f"`{command} --help` shows the usage and every option"
+
+
+def _error(message: str, hint: str, code: int) -> None:
+    """The one way a run that failed ends: `error:` and `hint:` on stderr and, when --json was asked for
+    and nothing was printed yet, the same as the one JSON document on stdout."""
     # Messages carry paths and tensor names, which may contain "[…]": Rich would take that for markup
     # and drop it, or raise MarkupError (a traceback from the error boundary itself) on "[/…]".
-    output.error(escape(message), escape(hint) if hint else hint)
+    output.error(escape(message), escape(hint))
+    _json_error(message, hint, code)
+
+
+def _json_error(message: str, hint: str | None, code: int) -> None:
+    if _wants_json(sys.argv[1:]) and not output.json_emitted():
+        output.emit_json({"error": {"message": message, "hint": hint, "exit_code": code}})
+
+
+def _wants_json(args: list[str]) -> bool:
+    """--json anywhere before `--` (every command has the flag): also when Click could not parse the rest."""
+    end = args.index("--") if "--" in args else len(args)
+    return "--json" in args[:end]
 
 
 def _without_debug_flag(args: list[str]) -> list[str]:
@@ -85,16 +106,16 @@ def _without_debug_flag(args: list[str]) -> list[str]:
 
 
 def main() -> None:
+    output.new_run()
     try:
         code = app(args=_without_debug_flag(sys.argv[1:]), prog_name="bnb", standalone_mode=False)
     except BnbError as exc:
         if _debugging():
             raise
-        _error(exc.message, exc.hint)
+        _error(exc.message, exc.hint, exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        output.error("interrupted")
-        interrupted_exit(printed=True)
+        _interrupted()
     except BrokenPipeError:
         # The reader went away (`bnb … | head`): exit quietly, without a second error on flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -102,20 +123,28 @@ def main() -> None:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
-        output.error("aborted")
+        _error("aborted", "run the command again", EXIT_INTERRUPTED)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:
         if _is_usage_error(exc):
-            exc.show()  # type: ignore[attr-defined]  # Click renders its own usage message
+            if not sys.argv[1:]:  # a bare `bnb`: the help is the answer
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                _error(exc.format_message(), _usage_hint(exc), EXIT_USAGE)  # type: ignore[attr-defined]
             sys.exit(EXIT_USAGE)
         if _debugging():
             raise
-        _error(f"internal error: {type(exc).__name__}: {exc}", "rerun with --debug and report it")
+        _error(f"internal error: {type(exc).__name__}: {exc}", REPORT_HINT, EXIT_USAGE)
         sys.exit(EXIT_USAGE)
     # Without standalone mode Click returns the code of a `typer.Exit` instead of exiting; Typer turns
     # Ctrl-C into Exit(130) itself (older releases raised Abort, handled above).
     if code == EXIT_INTERRUPTED:
-        output.error("interrupted")
-        interrupted_exit(printed=True)
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _interrupted() -> None:
+    output.error("interrupted")  # one line: a Ctrl-C needs no hint
+    _json_error("interrupted", None, EXIT_INTERRUPTED)
+    interrupted_exit(printed=True)

@@ -8,7 +8,15 @@ from typing import Annotated, Any, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.cli.options import (
+    Components,
+    JsonFlag,
+    NoProgressFlag,
+    QuietFlag,
+    VerboseFlag,
+    components_option,
+    size_option,
+)
 from bnbcli.devices import parse_devices
 from bnbcli.output_plan import QuantizePlan, plan_summary
 from bnbcli.plan import PlannerName
@@ -22,7 +30,7 @@ from bnbcli.quantize import (
 )
 from bnbcli.quantize import quantize as quantize_on_plan
 from bnbcli.scheme import load_preset, resolve_scheme
-from bnbcli.units import human_bytes, parse_size
+from bnbcli.units import human_bytes
 
 
 def quantize(
@@ -56,10 +64,10 @@ def quantize(
         typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file."),
     ] = None,
     max_shard_size: Annotated[
-        str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (default 50GB).")
+        int | None, size_option("--max-shard-size", "Largest output shard, e.g. 5GB (default 50GB).")
     ] = None,
     components: Annotated[
-        str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")
+        Components | None, components_option("diffusers: the components to quantize, comma-separated.")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     backend: Annotated[
@@ -106,13 +114,13 @@ def quantize(
         flags["skip"] = [*preset.get("skip", []), *skip]
     request_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
-        request_kwargs["max_shard_size"] = parse_size(max_shard_size)
+        request_kwargs["max_shard_size"] = max_shard_size
     request = QuantizeRequest(
         src=src,
         out=out,
         scheme=resolve_scheme(preset, flags),
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        components=components,
         backend=backend,
         devices=parse_devices(device, devices),
         allow_nonfinite=allow_nonfinite,
@@ -148,10 +156,9 @@ def quantize(
 
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
-    """The plan as data, after warning of --skip patterns that matched nothing (likely typos)."""
+    """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
     summary = plan_summary(plan)
-    for pattern in summary["unmatched_skip"]:
-        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
+    output.warnings(summary["warnings"])
     return summary
 
 

@@ -49,6 +49,7 @@ class ComponentFootprint:
     exact: bool  # False: an approximation (see notes)
     notes: tuple[str, ...]
     runtime: Runtime | None
+    planner_fallback: str | None = None  # why config.json's library could not plan it (QuantPlan.fallback)
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,7 @@ def _quantized(
         exact=exact,
         notes=_notes(loaded if exact else None),
         runtime=_runtime(loaded, after, state, transient, dtype, settings),
+        planner_fallback=plan.planner_fallback,
     )
 
 

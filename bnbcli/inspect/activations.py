@@ -129,6 +129,12 @@ class ActivationCriteria:
     min_layer_share: float = 0.25  # the dimension reaches it in ≥ 25% of the layers (transformer layers)
     min_position_share: float = 0.06  # ... and at ≥ 6% of the tokens, in one of them or another (module docstring)
 
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise UsageError(f"--activation-threshold must be above 0, not {self.threshold}", hint="6.0 is the default")
+        if not (0 <= self.min_layer_share <= 1 and 0 <= self.min_position_share <= 1):
+            raise UsageError("the activation criteria's shares must be within [0, 1]", hint="0.25 and 0.06 by default")
+
     def as_dict(self) -> dict[str, float]:
         return {
             "threshold": self.threshold,
@@ -617,10 +623,6 @@ def find_activation_outliers(
 ) -> ActivationReport:
     """Run the model in ``model_dir`` on ``texts`` (default: ``BUILTIN_TEXTS``) and apply the LLM.int8
     criteria to the inputs of its Linear layers (module docstring)."""
-    if not (criteria.threshold > 0 and 0 <= criteria.min_layer_share <= 1 and 0 <= criteria.min_position_share <= 1):
-        raise UsageError(
-            "--activation-threshold must be > 0 and the shares within [0, 1]", hint="LLM.int8's default is 6.0"
-        )
     texts = list(BUILTIN_TEXTS) if texts is None else [t for t in texts if t.strip()]
     if not texts:
         raise UsageError("--activations: no text to run the model on", hint="one text per line")
@@ -628,7 +630,7 @@ def find_activation_outliers(
     try:
         torch_device = torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"--activations: unknown device {device!r} ({exc})") from None
+        raise UsageError(f"--activations: unknown device {device!r} ({exc})", hint="use cpu or cuda") from None
     transformers = _import_transformers()
     with _silent(transformers):
         config = _read_config(transformers, model_dir)
@@ -654,7 +656,10 @@ def _run(
         if type(module) in kinds
     ]
     if not handles:
-        raise InputError(f"--activations: {type(model).__name__} has no Linear layers to hook")
+        raise InputError(
+            f"--activations: {type(model).__name__} has no Linear layers to hook",
+            hint="leave out --activations: it measures the inputs of Linear layers",
+        )
     max_length = _max_length(config, tokenizer)
     accepted = set(signature(model.forward).parameters)
     keys = [k for k in MODEL_INPUTS if k == "input_ids" or k in accepted]

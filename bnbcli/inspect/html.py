@@ -136,9 +136,11 @@ def _summary(report: InspectReport) -> str:
         f"<td>{_pct(v['max_rel_error'])}</td><td>{_num(v['min_sqnr_db'])}</td><td>{escape(v['worst'] or '—')}</td></tr>"
         for k, v in report.summary().items()
     )
+    unmeasured = "".join(f"<li>{escape(t.label)}: {escape(t.note or '')}</li>" for t in report.unmeasured())
     return (
         "<table><tr><th>scheme</th><th>weights</th><th>mean rel. error</th><th>max rel. error</th>"
         f"<th>min SQNR dB</th><th>worst</th></tr>{rows}</table>"
+        + (f"<p>Not measured:</p><ul>{unmeasured}</ul>" if unmeasured else "")
     )
 
 

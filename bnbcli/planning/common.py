@@ -72,6 +72,8 @@ class PlannerResult:
     notes: dict[str, str] = field(default_factory=dict)
     # the explicit llm_int8_skip_modules (settle_skip_list), set by the planner
     skip_modules: tuple[str, ...] = ()
+    # why config.json's library (transformers, diffusers) could not plan, when name rules stood in for it
+    fallback: str | None = None
 
 
 # --- skip patterns --------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def assemble(result: PlannerResult, tensors: Tensors, scheme: QuantScheme) -> tu
                 hint="the checkpoint does not match its config.json; check the files, or --skip the module",
             )
     decisions = []
-    for key, (shape, dtype) in tensors.items():
+    for key, (shape, _) in tensors.items():
         param = result.params.get(key)
         if param is None:
             decisions.append(TensorDecision(key, "keep", f"not a parameter of {result.model_label}"))
@@ -178,8 +180,6 @@ def assemble(result: PlannerResult, tensors: Tensors, scheme: QuantScheme) -> tu
                 )
             decisions.append(TensorDecision(key, "keep", result.converted[key], module=module or None))
         elif verdict is not None and leaf == "weight":
-            if verdict.quantize:
-                _check_quantizable(key, shape, dtype, scheme)
             action: Action = "quantize" if verdict.quantize else "keep"
             transpose = verdict.transpose and verdict.quantize
             decisions.append(TensorDecision(key, action, verdict.reason, transpose, module))
@@ -189,19 +189,29 @@ def assemble(result: PlannerResult, tensors: Tensors, scheme: QuantScheme) -> tu
     return tuple(decisions)
 
 
-def _check_quantizable(key: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme) -> None:
-    source = scheme.dtype or dtype
+def check_quantizable(decisions: Iterable[TensorDecision], tensors: Tensors, scheme: QuantScheme) -> None:
+    """Refuse a plan that quantizes a tensor bitsandbytes cannot quantize, with the flag that gets past it."""
+    for d in decisions:
+        if d.action == "quantize":
+            shape, dtype = tensors[d.name]
+            _check_quantizable(d.name, d.module or d.name.rpartition(".")[0], shape, dtype, scheme)
+
+
+def _check_quantizable(key: str, module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme) -> None:
+    keep = f"--skip {module!r} keeps it as it is"
+    # --dtype casts floating-point tensors only (an int64 or bool weight stays what it is)
+    source = scheme.dtype if scheme.dtype is not None and dtype.is_floating_point else dtype
     if source not in FLOAT_DTYPES:
         # bitsandbytes quantizes fp16/bf16/fp32 only (`backends/cuda/ops.py` quantize_4bit; int8 casts to fp16)
-        raise UsageError(
+        raise InputError(
             f"{key} is {dtype_name(dtype)}; bitsandbytes quantizes float16, bfloat16 or float32 weights",
-            hint="cast the weights with --dtype bfloat16 (or float16/float32)",
+            hint=f"--dtype bfloat16 casts it, or {keep}" if dtype.is_floating_point else keep,
         )
     numel = 1
     for n in shape:
         numel *= n
     if numel == 0:
-        raise InputError(f"{key} is empty and cannot be quantized", hint=f"--skip the module of {key}")
+        raise InputError(f"{key} is empty and cannot be quantized", hint=keep)
     if scheme.is_4bit:
         itemsize = torch.empty((), dtype=scheme.quant_storage).element_size()
         packed_bytes = (numel + 1) // 2
@@ -211,5 +221,5 @@ def _check_quantizable(key: str, shape: tuple[int, ...], dtype: torch.dtype, sch
             raise UsageError(
                 f"{key} packs into {packed_bytes} bytes, not a multiple of {itemsize}: "
                 f"{dtype_name(scheme.quant_storage)} storage cannot hold its last values",
-                hint="use quant_storage uint8 (the default)",
+                hint="use --quant-storage uint8 (the default)",
             )

@@ -57,9 +57,9 @@ def start_early(argv: list[str]) -> None:
     folder with a config.json and SPECULATE_MIN_BYTES or more of weights, no flag that makes it plan
     first. A guess from the command line alone, before torch is imported: a wrong guess costs a child
     that is never asked and exits with us."""
-    named = dict(zip(argv, [*argv[1:], ""], strict=True)) | dict(a.split("=", 1) for a in argv if "=" in a)
     if len(argv) < 3 or argv[0] != "quantize" or any(a.split("=")[0] in _PLANS_FIRST for a in argv):
         return
+    named = dict(zip(argv, [*argv[1:], ""], strict=True)) | dict(a.split("=", 1) for a in argv if "=" in a)
     if named.get("--planner", "auto") != "auto":
         return
     src = Path(argv[1])
