@@ -9,8 +9,8 @@ from typing import Annotated, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag
-from bnbcli.errors import GateFailed, OutputError, UsageError
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, output_path
+from bnbcli.errors import GateFailed, UsageError
 from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.inspect.report import InspectReport
@@ -70,7 +70,12 @@ def inspect_command(
         str | None, typer.Option("--gate-scheme", help="The scheme the error gates check (default: every scheme).")
     ] = None,
     report_file: Annotated[
-        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+        str | None,
+        typer.Option(
+            "--report",
+            help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
+            "when it is a report bnb wrote (or empty).",
+        ),
     ] = None,
     top: Annotated[int, typer.Option("--top", help="Tensors in the terminal table, worst first (0: all).")] = 20,
     activations: Annotated[
@@ -104,14 +109,21 @@ def inspect_command(
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )
     texts = _texts(text_file) if text_file is not None else None
+    report_path = output_path(report_file, "--report", "file") if report_file is not None else None
+    if report_path is not None:
+        from bnbcli.inspect.html import check_report_path
+
+        check_report_path(report_path)  # before the inspection, which may take minutes
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
         report = inspect(request, checkpoint, bar.advance)
     if activations:
         report = _with_activations(report, texts, activation_threshold)
-    if report_file is not None:
-        _write_html(report, report_file)
+    if report_path is not None:
+        from bnbcli.inspect.html import write_report
+
+        write_report(report, report_path)
     if json_output:
         output.emit_json(report.as_dict())
     elif not quiet:
@@ -149,12 +161,3 @@ def _with_activations(report: InspectReport, texts: list[str] | None, threshold:
         device="cuda" if report.backend == "cuda" else "cpu",
     )
     return replace(report, activations=found.as_dict())
-
-
-def _write_html(report: InspectReport, path: Path) -> None:
-    from bnbcli.inspect.html import render_html
-
-    try:
-        path.write_text(render_html(report), encoding="utf-8")
-    except OSError as e:
-        raise OutputError(f"--report {path}: cannot write it: {e.strerror or e}") from None

@@ -8,7 +8,15 @@ from typing import Annotated, Any, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.cli.options import (
+    JsonFlag,
+    NoProgressFlag,
+    OutArgument,
+    OverwriteFlag,
+    QuietFlag,
+    VerboseFlag,
+    output_path,
+)
 from bnbcli.devices import parse_devices
 from bnbcli.output_plan import QuantizePlan, plan_summary
 from bnbcli.plan import PlannerName
@@ -32,7 +40,7 @@ def quantize(
             help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    out: OutArgument,
     scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
@@ -73,7 +81,7 @@ def quantize(
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteFlag = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -109,7 +117,7 @@ def quantize(
         request_kwargs["max_shard_size"] = parse_size(max_shard_size)
     request = QuantizeRequest(
         src=src,
-        out=out,
+        out=output_path(out),
         scheme=resolve_scheme(preset, flags),
         revision=revision,
         components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
