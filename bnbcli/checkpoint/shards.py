@@ -110,6 +110,7 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
     folder itself, or for a Hub snapshot the repo's cache folder (whose files link to ``../../blobs``).
     """
     if choice.single is not None:
+        refuse_link_out(choice.single, trusted_root)
         shard = SafetensorsFile.open(choice.single)
         return LoadedWeights(files=(choice.single,), index=None, tensors=dict(shard.tensors))
     assert choice.index is not None
@@ -188,18 +189,31 @@ def shard_path(index_path: Path, name: str, trusted_root: Path) -> Path:
             f"{index_path}: shard {name} does not exist",
             "the download is incomplete; fetch the missing shard",
         )
-    if not path.resolve().is_relative_to(trusted_root.resolve()):
-        raise InputError(
-            f"{index_path}: shard {name} is a link to {path.resolve()}, outside the model folder",
-            "copy the shard into the folder; links out of it are refused",
-        )
+    refuse_link_out(path, trusted_root)
     return path
 
 
+def refuse_link_out(path: Path, trusted_root: Path) -> None:
+    """Every file bnb reads or copies from a folder must stay inside ``trusted_root`` once links are
+    resolved: a ``tokenizer.json`` linking to /etc/shadow would otherwise be copied into OUT."""
+    target = path.resolve()
+    if not target.is_relative_to(trusted_root.resolve()):
+        raise InputError(
+            f"{path} is a link to {target}, outside the model folder",
+            "copy the file into the folder (cp -L) or remove the link: links out of the folder are refused",
+        )
+
+
 def copy_files(
-    folder: Path, *, keep_weights: frozenset[Path] = frozenset(), all_weights: bool = False, recursive: bool = True
+    folder: Path,
+    trusted_root: Path,
+    *,
+    keep_weights: frozenset[Path] = frozenset(),
+    all_weights: bool = False,
+    recursive: bool = True,
 ) -> tuple[Path, ...]:
-    """Every non-hidden file under ``folder`` to copy as-is, in sorted order.
+    """Every non-hidden file under ``folder`` to copy as-is, in sorted order; a link out of
+    ``trusted_root`` is refused (``refuse_link_out``).
 
     Weight files are left out (see WEIGHT_SUFFIXES) unless listed in ``keep_weights`` or ``all_weights`` is set.
     """
@@ -213,5 +227,6 @@ def copy_files(
             if is_weight_file(filename) and not all_weights and path not in keep_weights:
                 continue
             if path.is_file():  # skips dangling links
+                refuse_link_out(path, trusted_root)
                 out.append(path)
     return tuple(out)

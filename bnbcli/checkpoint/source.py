@@ -23,6 +23,7 @@ from bnbcli.checkpoint.shards import (
     is_pickle_file,
     load_weights,
     pickle_error,
+    refuse_link_out,
     refuse_pickle,
 )
 from bnbcli.errors import InputError, UsageError
@@ -129,11 +130,11 @@ def _open_local(path: Path, components: Sequence[str] | None, trusted_root: Path
 def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: Path) -> ModelSource:
     loaded = load_weights(choice, trusted_root)
     config_path = folder / CONFIG_NAME
-    other = tuple(p for p in copy_files(folder) if p != config_path)
+    other = tuple(p for p in copy_files(folder, trusted_root) if p != config_path)
     return ModelSource(
         root=folder,
         name=name,
-        config=_checked_config(config_path, _read_json_object(config_path)),
+        config=_checked_config(config_path, _read_json_object(config_path, trusted_root)),
         weight_files=loaded.files,
         index=loaded.index,
         tensors=loaded.tensors,
@@ -171,9 +172,10 @@ def _checked_config(path: Path, config: dict[str, Any] | None) -> dict[str, Any]
     return config
 
 
-def _read_json_object(path: Path) -> dict[str, Any] | None:
+def _read_json_object(path: Path, trusted_root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
+    refuse_link_out(path, trusted_root)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -184,7 +186,7 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
 
 
 def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: Path) -> Checkpoint:
-    _read_json_object(root / MODEL_INDEX_NAME)  # a broken model_index.json would break the output too
+    _read_json_object(root / MODEL_INDEX_NAME, trusted_root)  # a broken model_index.json would break the output too
     subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     available: dict[str, WeightChoice] = {}
     unusable: dict[str, InputError] = {}  # folders with weights we cannot convert: pickle only, or ambiguous
@@ -224,27 +226,28 @@ def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: 
                 )
 
     sources = {name: _model_source(root / name, name, available[name], trusted_root) for name in selected}
-    return Checkpoint(
-        kind="diffusers", root=root, components=sources, pipeline_files=_pipeline_files(root, selected, available)
-    )
+    pipeline_files = _pipeline_files(root, selected, available, trusted_root)
+    return Checkpoint(kind="diffusers", root=root, components=sources, pipeline_files=pipeline_files)
 
 
-def _pipeline_files(root: Path, selected: Sequence[str], available: dict[str, WeightChoice]) -> tuple[Path, ...]:
+def _pipeline_files(
+    root: Path, selected: Sequence[str], available: dict[str, WeightChoice], trusted_root: Path
+) -> tuple[Path, ...]:
     """Files outside the selected components, to copy as-is, listed file by file (never whole folders).
 
     Root-level weight files (single-file pipeline checkpoints such as v1-5-pruned.ckpt) are duplicates and left
     out. A component that is not selected keeps exactly the weights diffusers loads, not variants beside them;
     any other folder (scheduler, tokenizer, a pickle or ambiguous component left out on request) is copied whole.
     """
-    files = list(copy_files(root, recursive=False))
+    files = list(copy_files(root, trusted_root, recursive=False))
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name in selected:
             continue
         choice = available.get(folder.name)
         if choice is None:
-            files.extend(copy_files(folder, all_weights=True))
+            files.extend(copy_files(folder, trusted_root, all_weights=True))
         else:
-            files.extend(copy_files(folder, keep_weights=_weights_of(choice)))
+            files.extend(copy_files(folder, trusted_root, keep_weights=_weights_of(choice)))
     return tuple(files)
 
 
