@@ -7,12 +7,12 @@ have read: ``model.safetensors``, then ``model.safetensors.index.json`` (likewis
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from bnbcli import json_text
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
 from bnbcli.errors import InputError
 
@@ -157,7 +157,7 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Parse a ``*.safetensors.index.json``; returns the index and its validated ``weight_map``."""
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: index is not valid JSON: {e}", "re-download or re-export the checkpoint") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

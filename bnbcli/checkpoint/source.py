@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bnbcli import json_text
 from bnbcli.checkpoint import hub
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
 from bnbcli.checkpoint.shards import (
@@ -177,7 +178,7 @@ def _read_json_object(path: Path, trusted_root: Path) -> dict[str, Any] | None:
         return None
     refuse_link_out(path, trusted_root)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: not valid JSON: {e}", "fix or re-download the file") from e
     if not isinstance(value, dict):
@@ -257,7 +258,7 @@ def _weights_of(choice: WeightChoice) -> frozenset[Path]:
         return frozenset({choice.single})
     assert choice.index is not None
     try:
-        weight_map = json.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json_text.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
         return frozenset({choice.index, *(choice.index.parent / shard for shard in weight_map.values())})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return frozenset({choice.index})  # copied as broken as it came: only selected components are validated
