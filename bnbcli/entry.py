@@ -1,5 +1,17 @@
-"""The `bnb` console script. Importing the command line takes seconds (torch); a Ctrl-C meanwhile is an
-interruption like any other: one line and exit 130, not a traceback from inside an import."""
+"""The `bnb` console script, and how it stops on Ctrl-C (SIGINT) or SIGTERM: one line, exit 130 or 143,
+nothing left behind, and never an abort from inside an import.
+
+A KeyboardInterrupt raised while Python runs an import can surface inside native code: torch's
+initialisation calls back into Python through pybind11, whose C++ turns the exception into
+``pybind11::error_already_set``; thrown where C++ cannot unwind, that ended in std::terminate, a stack
+dump and SIGABRT (2 of ~60 Ctrl-Cs 1.0-1.4 s into a run). So the handler never raises inside an import:
+
+- until the command line is imported (torch included) nothing has been written: it exits at once;
+- later, inside an import (transformers, when the planner runs in this process), it waits for the
+  import to finish, then the signal is sent again and raised outside it;
+- otherwise it raises KeyboardInterrupt, and the run cleans up on the way out (bnbcli.interrupts keeps
+  a note for the places that must honor one Python lost).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +19,53 @@ import contextlib
 import os
 import signal
 import sys
+import threading
+import time
+from types import FrameType
 from typing import NoReturn
 
 from bnbcli import interrupts, timeline  # timeline first: its clock starts at its import
 from bnbcli.checkpoint.hashing import hash_sources_early
-from bnbcli.errors import EXIT_INTERRUPTED
 from bnbcli.planning.isolated import start_early
 
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+IMPORT_POLL_SECONDS = 0.02
 
-def _on_sigint(signum: int, frame: object) -> None:
-    interrupts.note()
+_imported = False  # the command line is imported: from here on a run may have files to clean up
+_redelivering = threading.Lock()  # held while a signal waits for an import to finish
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside an import (importlib's frames are below it)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_after_import(signum: int) -> None:
+    """Send ``signum`` to this process again once the main thread has left every import."""
+    if not _redelivering.acquire(blocking=False):
+        return  # one is already waiting
+
+    def wait() -> None:
+        main = threading.main_thread().ident
+        while _importing(sys._current_frames().get(main or 0)):
+            time.sleep(IMPORT_POLL_SECONDS)
+        _redelivering.release()
+        os.kill(os.getpid(), signum)
+
+    threading.Thread(target=wait, name="bnb-signal", daemon=True).start()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    interrupts.note(signum)
+    if not _imported:
+        interrupted_exit()
+    if _importing(frame):
+        _send_after_import(signum)
+        return
     raise KeyboardInterrupt
 
 
@@ -28,44 +77,38 @@ def _unraisable(unraisable: sys.UnraisableHookArgs) -> None:
 
 
 def main() -> None:
+    global _imported
     # torch's CUDA allocator grows segments in place instead of caching one block per size: weights of
     # many sizes stream through the GPU, and fixed blocks left hundreds of MB reserved and unused.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    # Python's own handler only raises KeyboardInterrupt, which native code running an import (torch's
-    # initialisation) can swallow: the run then carried on as if no Ctrl-C had come. Ours also keeps a
-    # note. A shell's background job, which ignores SIGINT, keeps ignoring it.
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _on_sigint)
-        sys.unraisablehook = _unraisable
-    try:
-        start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
-        hash_sources_early(sys.argv[1:])  # and the source shards' sha256 run meanwhile too
-        from bnbcli.cli.main import main as run
+    # A signal that was ignored when we started stays ignored (a shell's background job ignores SIGINT).
+    for signum in SIGNALS:
+        if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
+            signal.signal(signum, _on_signal)
+    sys.unraisablehook = _unraisable
+    start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
+    hash_sources_early(sys.argv[1:])  # and the source shards' sha256 run meanwhile too
+    from bnbcli.cli.main import main as run
 
-        timeline.mark("imported")
-    except KeyboardInterrupt:
-        interrupted_exit()
-    except BaseException:
-        # A Ctrl-C that cut an extension module's import short (its KeyboardInterrupt lost, see
-        # bnbcli.interrupts) leaves that module half-made, and the next import of it fails instead.
-        if interrupts.requested():
-            interrupted_exit()
-        raise
-    if interrupts.requested():
-        interrupted_exit()
+    timeline.mark("imported")
+    _imported = True
     try:
         run()
     finally:
-        # The run is over, its outcome reported: a Ctrl-C now, while Python exits, changes nothing.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # The run is over, its outcome reported: a signal now, while Python exits, changes nothing.
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def interrupted_exit(printed: bool = False) -> NoReturn:
-    """Exit 130 at once, once the run has cleaned up after itself: an import that a Ctrl-C cut short can
-    leave native threads behind that abort a normal interpreter exit ("terminate called ...")."""
-    if not printed:
-        sys.stderr.write("error: interrupted\n")
+    """Exit 130 (143 for SIGTERM) at once, once the run has cleaned up after itself: an import that a
+    signal cut short can leave native threads behind that abort a normal interpreter exit. Also called
+    from the signal handler, so the line is written straight to the file descriptor: the handler may
+    have stopped the main thread in the middle of a write to sys.stderr."""
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+        with contextlib.suppress(OSError, ValueError, RuntimeError):  # closed, or that reentrant write
             stream.flush()
-    os._exit(EXIT_INTERRUPTED)
+    if not printed:
+        with contextlib.suppress(OSError):  # a closed pipe: nothing left to say
+            os.write(2, f"error: {interrupts.message()}\n".encode())
+    os._exit(interrupts.exit_code())

@@ -1,4 +1,4 @@
-"""Running the real `bnb` command in a subprocess, and checking what it left on disk."""
+"""Running the real `bnb` command (in a subprocess, or through main() here), and checking what it left on disk."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -35,6 +36,24 @@ def run_bnb(
         stdin=subprocess.DEVNULL,
         **popen,  # type: ignore[arg-type]
     )
+
+
+def run_main(
+    args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, str, str]:
+    """`bnb ARGS` in this process, through main() and its error boundary: (exit code, stdout, stderr)."""
+    from bnbcli.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["bnb", *args])
+    monkeypatch.delenv("BNB_DEBUG", raising=False)
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 def tree_digest(root: Path) -> dict[str, str]:

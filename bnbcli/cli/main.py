@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
-from bnbcli import __version__, output
+from bnbcli import __version__, interrupts, output
 from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.env import env
 from bnbcli.cli.footprint import footprint_command
@@ -20,7 +20,7 @@ from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, BnbError
 
 EPILOG = (
     "Exit codes: 0 ok; 1 the input or the result failed (bad checkpoint, a threshold missed); "
-    "2 usage or internal error; 130 interrupted (Ctrl-C). "
+    "2 usage or internal error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
     "Set BNB_DEBUG=1 or pass --debug for a traceback."
 )
 
@@ -84,6 +84,12 @@ def _without_debug_flag(args: list[str]) -> list[str]:
     return [a for a in args[:end] if a != "--debug"] + args[end:]
 
 
+def _interrupted() -> NoReturn:
+    """Ctrl-C or SIGTERM: the run has cleaned up on its way here."""
+    output.error(interrupts.message())
+    interrupted_exit(printed=True)
+
+
 def main() -> None:
     try:
         code = app(args=_without_debug_flag(sys.argv[1:]), prog_name="bnb", standalone_mode=False)
@@ -93,8 +99,7 @@ def main() -> None:
         _error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        output.error("interrupted")
-        interrupted_exit(printed=True)
+        _interrupted()
     except BrokenPipeError:
         # The reader went away (`bnb … | head`): exit quietly, without a second error on flush.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -115,7 +120,6 @@ def main() -> None:
     # Without standalone mode Click returns the code of a `typer.Exit` instead of exiting; Typer turns
     # Ctrl-C into Exit(130) itself (older releases raised Abort, handled above).
     if code == EXIT_INTERRUPTED:
-        output.error("interrupted")
-        interrupted_exit(printed=True)
+        _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
