@@ -338,9 +338,7 @@ def test_a_link_out_of_src_is_refused(link: str, src: Path, tmp_path: Path, caps
     (model / link).unlink(missing_ok=True)
     (model / link).symlink_to(secret)
     out = tmp_path / "out"
-    code, stdout, stderr = run_main(
-        ["quantize", str(model), str(out), "--planner", "name-rules"], capsys, monkeypatch
-    )
+    code, stdout, stderr = run_main(["quantize", str(model), str(out), "--planner", "name-rules"], capsys, monkeypatch)
     assert_refused(code, stdout, stderr, (f"{model / link} is a link to {secret}", "outside the model folder"))
     assert not out.exists()
     assert_no_debris(out)
