@@ -25,8 +25,6 @@ from types import FrameType
 from typing import NoReturn
 
 from bnbcli import interrupts, timeline  # timeline first: its clock starts at its import
-from bnbcli.checkpoint.hashing import hash_sources_early
-from bnbcli.planning.isolated import start_early
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 IMPORT_POLL_SECONDS = 0.02
@@ -86,6 +84,9 @@ def main() -> None:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable
+    from bnbcli.checkpoint.hashing import hash_sources_early  # imported once the handlers are in place
+    from bnbcli.planning.isolated import start_early
+
     start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
     hash_sources_early(sys.argv[1:])  # and the source shards' sha256 run meanwhile too
     from bnbcli.cli.main import main as run

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import EXIT_FAILED, EXIT_USAGE, assert_no_debris, run_main
+from bnb_process import EXIT_FAILED, EXIT_USAGE, assert_no_debris, run_main, snapshot
 from safetensors.torch import save_file
 
 MANIFEST = "bnb_manifest.json"
@@ -37,23 +37,6 @@ def tiny_model(folder: Path) -> Path:
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors")
     return folder
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """Every entry under ``root`` by what would show it was replaced or changed, opening no FIFO or device."""
-    found: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            st = os.lstat(path)
-            kind = stat.S_IFMT(st.st_mode)
-            content: object = None
-            if stat.S_ISREG(st.st_mode):
-                content = Path(path).read_bytes()
-            elif stat.S_ISLNK(st.st_mode):
-                content = os.readlink(path)
-            found[os.path.relpath(path, root)] = (kind, st.st_ino, st.st_size, st.st_mtime_ns, st.st_rdev, content)
-    return found
 
 
 def assert_refused(code: int, stdout: str, stderr: str, words: tuple[str, ...], exit_code: int = EXIT_FAILED) -> None:
