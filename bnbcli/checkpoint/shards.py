@@ -115,6 +115,7 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
         return LoadedWeights(files=(choice.single,), index=None, tensors=dict(shard.tensors))
     assert choice.index is not None
     index_path = choice.index
+    refuse_link_out(index_path, trusted_root)
     index, weight_map = read_index(index_path)
     shard_names = list(dict.fromkeys(weight_map.values()))  # index order, each shard once
     shards = {name: SafetensorsFile.open(shard_path(index_path, name, trusted_root)) for name in shard_names}
