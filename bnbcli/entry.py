@@ -7,8 +7,8 @@ initialisation calls back into Python through pybind11, whose C++ turns the exce
 dump and SIGABRT (2 of ~60 Ctrl-Cs 1.0-1.4 s into a run). So the handler never raises inside an import:
 
 - until the command line is imported (torch included) nothing has been written: it exits at once;
-- later, inside an import (transformers, when the planner runs in this process), it waits for the
-  import to finish, then the signal is sent again and raised outside it;
+- later, inside an import (transformers, when the planner runs in this process), it notes the signal,
+  and a thread sends it again once the import is over, to be raised outside it;
 - otherwise it raises KeyboardInterrupt, and the run cleans up on the way out (bnbcli.interrupts keeps
   a note for the places that must honor one Python lost).
 """
@@ -30,7 +30,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 IMPORT_POLL_SECONDS = 0.02
 
 _imported = False  # the command line is imported: from here on a run may have files to clean up
-_redelivering = threading.Lock()  # held while a signal waits for an import to finish
+_deferred = threading.Event()  # a signal came inside an import and waits for its end
+_deferred_signum = signal.SIGINT
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -42,27 +43,31 @@ def _importing(frame: FrameType | None) -> bool:
     return False
 
 
-def _send_after_import(signum: int) -> None:
-    """Send ``signum`` to this process again once the main thread has left every import."""
-    if not _redelivering.acquire(blocking=False):
-        return  # one is already waiting
+def watch_deferred_signals() -> None:
+    """Start the thread that sends a deferred signal again once the main thread has left every import.
+    Started beforehand, so that the handler itself only sets an event (starting a thread from a signal
+    handler could wait for a lock the interrupted code holds)."""
 
-    def wait() -> None:
-        main = threading.main_thread().ident
-        while _importing(sys._current_frames().get(main or 0)):
-            time.sleep(IMPORT_POLL_SECONDS)
-        _redelivering.release()
-        os.kill(os.getpid(), signum)
+    def watch() -> None:
+        main = threading.main_thread().ident or 0
+        while True:
+            _deferred.wait()
+            while _importing(sys._current_frames().get(main)):
+                time.sleep(IMPORT_POLL_SECONDS)
+            _deferred.clear()
+            os.kill(os.getpid(), _deferred_signum)
 
-    threading.Thread(target=wait, name="bnb-signal", daemon=True).start()
+    threading.Thread(target=watch, name="bnb-signals", daemon=True).start()
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
+    global _deferred_signum
     interrupts.note(signum)
     if not _imported:
         interrupted_exit()
     if _importing(frame):
-        _send_after_import(signum)
+        _deferred_signum = signal.Signals(signum)
+        _deferred.set()
         return
     raise KeyboardInterrupt
 
@@ -92,6 +97,7 @@ def main() -> None:
     from bnbcli.cli.main import main as run
 
     timeline.mark("imported")
+    watch_deferred_signals()
     _imported = True
     try:
         run()

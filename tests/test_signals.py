@@ -148,6 +148,7 @@ def test_a_signal_inside_a_later_import_is_raised_once_the_import_is_done(
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(entry, "_imported", True)
     monkeypatch.setattr(interrupts, "_requested", False)
+    entry.watch_deferred_signals()  # as main() does once the command line is imported
     previous = signal.signal(signal.SIGINT, entry._on_signal)
     try:
         with pytest.raises(KeyboardInterrupt):
