@@ -7,15 +7,7 @@ from typing import Annotated, Any
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import (
-    JsonFlag,
-    NoProgressFlag,
-    OutArgument,
-    OverwriteFlag,
-    QuietFlag,
-    VerboseFlag,
-    output_path,
-)
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, OutArgument, OverwriteFlag, QuietFlag, VerboseFlag, output_path
 from bnbcli.dequantize import DequantizeRequest, plan_request
 from bnbcli.dequantize import dequantize as run_dequantize
 from bnbcli.dequantize_plan import plan_summary

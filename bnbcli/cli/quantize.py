@@ -8,15 +8,7 @@ from typing import Annotated, Any, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import (
-    JsonFlag,
-    NoProgressFlag,
-    OutArgument,
-    OverwriteFlag,
-    QuietFlag,
-    VerboseFlag,
-    output_path,
-)
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, OutArgument, OverwriteFlag, QuietFlag, VerboseFlag, output_path
 from bnbcli.devices import parse_devices
 from bnbcli.output_plan import QuantizePlan, plan_summary
 from bnbcli.plan import PlannerName
