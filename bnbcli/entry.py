@@ -1,10 +1,12 @@
 """The `bnb` console script, and how it stops on Ctrl-C (SIGINT) or SIGTERM: one line, exit 130 or 143,
 nothing left behind, and never an abort from inside an import.
 
-A KeyboardInterrupt raised while Python runs an import can surface inside native code: torch's
-initialisation calls back into Python through pybind11, whose C++ turns the exception into
-``pybind11::error_already_set``; thrown where C++ cannot unwind, that ended in std::terminate, a stack
-dump and SIGABRT (2 of ~60 Ctrl-Cs 1.0-1.4 s into a run). So the handler never raises inside an import:
+A KeyboardInterrupt raised while Python runs an import can land inside native code: while torch is
+still initialising, its C++ (``_c10d_init``, ``_initExtension``, op registration) imports modules, and
+Python runs importlib's module-lock code for it. Raised there, the exception goes back into C++ as
+``python_error`` or ``pybind11::error_already_set``, which it cannot unwind: std::terminate, a stack dump,
+SIGABRT (about 1 Ctrl-C in 100 in the first 1.5 s of a run; tests/test_signals.py makes it happen every
+time). So the handler never raises inside an import:
 
 - until the command line is imported (torch included) nothing has been written: it exits at once;
 - later, inside an import (transformers, when the planner runs in this process), it notes the signal,

@@ -110,6 +110,51 @@ def test_a_signal_mid_run_cleans_up(signum: int, tmp_path: Path) -> None:
     assert tree_digest(tmp_path) == before
 
 
+# Python code that torch's C++ runs while torch is importing: `torch._C._c10d_init()` imports modules, and
+# since torch is still initialising, Python runs importlib's module-lock code for it. The profile hook
+# sends SIGINT from there, so the handler runs inside that code, under a C++ frame.
+SIGNAL_IN_TORCH_CALLBACK = """\
+import os, signal, sys
+from bnbcli import entry
+
+def raising(signum, frame):  # what Python's own handler (and bnb's before) does
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, raising if sys.argv[1] == "raising" else entry._on_signal)
+calls = []
+
+def hook(frame, event, arg):
+    if event == "c_call":
+        calls.append(getattr(arg, "__name__", ""))
+    elif event in ("c_return", "c_exception") and calls:
+        calls.pop()
+    elif event == "call" and calls and calls[-1] == "_c10d_init" and "importlib" in frame.f_code.co_filename:
+        sys.setprofile(None)
+        print("sent", flush=True)
+        os.kill(os.getpid(), signal.SIGINT)
+
+sys.setprofile(hook)
+import torch
+print("imported", flush=True)
+"""
+
+
+def test_ctrl_c_inside_torchs_native_import_callback_exits_130_not_abort() -> None:
+    """Row 5, made deterministic: a KeyboardInterrupt raised there unwinds into C++, which cannot take it:
+    "terminate called after throwing an instance of 'python_error'", SIGABRT. bnb's handler raises
+    nothing during the start-up: one line, exit 130."""
+
+    def run(handler: str) -> subprocess.CompletedProcess[str]:
+        program = [sys.executable, "-c", SIGNAL_IN_TORCH_CALLBACK, handler]
+        return subprocess.run(program, capture_output=True, text=True, timeout=120)
+
+    raising = run("raising")
+    assert raising.stdout == "sent\n", f"the hook no longer finds torch's callback: {raising}"
+    assert raising.returncode == -signal.SIGABRT and "terminate called" in raising.stderr, raising
+    ours = run("bnb")
+    assert (ours.returncode, ours.stdout, ours.stderr) == (130, "sent\n", "error: interrupted\n"), ours
+
+
 # A module whose import sends this process a signal and goes on working: where the signal lands
 # inside an import, as in torch's, whose native callbacks cannot take a KeyboardInterrupt.
 SIGNALLING_MODULE = """\
