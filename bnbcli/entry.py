@@ -5,8 +5,8 @@ A KeyboardInterrupt raised while Python runs an import can land inside native co
 still initialising, its C++ (``_c10d_init``, ``_initExtension``, op registration) imports modules, and
 Python runs importlib's module-lock code for it. Raised there, the exception goes back into C++ as
 ``python_error`` or ``pybind11::error_already_set``, which it cannot unwind: std::terminate, a stack dump,
-SIGABRT (about 1 Ctrl-C in 100 in the first 1.5 s of a run; tests/test_signals.py makes it happen every
-time). So the handler never raises inside an import:
+SIGABRT (rare when Ctrl-C comes by chance: 1 of ~370 in the first 1.6 s of a run here, 2 of ~60 in the
+report; tests/test_signals.py makes it happen every time). So the handler never raises inside an import:
 
 - until the command line is imported (torch included) nothing has been written: it exits at once;
 - later, inside an import (transformers, when the planner runs in this process), it notes the signal,
