@@ -30,7 +30,7 @@ from bnbcli.dequantize_plan import DequantComponent, DequantizePlan, OutputTenso
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.output_plan import SHARD_METADATA, index_json
-from bnbcli.pipeline import _copy_tree_item, json_dumps_config
+from bnbcli.pipeline import copy_file, json_dumps_config
 from bnbcli.quantize import check_paths, source_label
 from bnbcli.scheme import FLOAT_DTYPES, dtype_name
 from bnbcli.units import positive_size
@@ -87,7 +87,7 @@ def dequantize(request: DequantizeRequest, plan: DequantizePlan, progress: Progr
         root = plan.checkpoint.root
         for item in plan.checkpoint.pipeline_files:
             if item.name != MANIFEST_NAME:  # the quantized checkpoint's manifest does not describe this one
-                _copy_tree_item(item, tmp / item.relative_to(root))
+                copy_file(item, tmp / item.relative_to(root))
         components = [_write_component(c, tmp / c.name if c.name else tmp, backend, progress) for c in plan.components]
         settings = {
             "operation": "dequantize",
@@ -106,14 +106,14 @@ def _write_component(component: DequantComponent, target: Path, backend: str, pr
     hashes = FileHashes(list(source.weight_files))
     for item in source.other_files:
         if item.name != MANIFEST_NAME:
-            _copy_tree_item(item, target / item.relative_to(source.root))
+            copy_file(item, target / item.relative_to(source.root))
     records: list[dict[str, Any]] = []
     sizes: dict[str, int] = {}
     try:
         if component.copy_as_is:  # nothing quantized: the weights as they are, byte for byte
             indexes = sorted(source.root.glob("*.safetensors.index.json")) if source.index is not None else []
             for path in (*source.weight_files, *indexes):
-                _copy_tree_item(path, target / path.relative_to(source.root))
+                copy_file(path, target / path.relative_to(source.root))
                 sizes[path.name] = path.stat().st_size
         else:
             data_bytes = {s: _write_shard(component, s, target, backend, progress, records) for s in component.shards}

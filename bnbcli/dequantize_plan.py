@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 
+from bnbcli import json_text
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
@@ -248,7 +249,7 @@ def _read_state(info: TensorInfo) -> dict[str, Any]:
     if info.dtype != torch.uint8 or len(info.shape) != 1 or info.nbytes > 4096:
         raise InputError(f"{info.name} is not a packed quant_state (1-D uint8 JSON)", hint=BROKEN_HINT)
     try:
-        state = json.loads(read_tensor(info).numpy().tobytes().decode("utf-8"))
+        state = json_text.loads(read_tensor(info).numpy().tobytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{info.name}: quant_state is not JSON: {e}", hint="the checkpoint is corrupt") from None
     bad = (

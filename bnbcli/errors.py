@@ -6,7 +6,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_FAILED = 1  # the input or the result failed: bad checkpoint, a threshold missed
 EXIT_USAGE = 2  # usage or internal error
-EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15, as a shell reports it
 
 
 # What to do about a bug in bnb itself (the CLI says it for any exception that is not a BnbError, too).

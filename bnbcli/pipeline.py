@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import queue
 import shutil
 import threading
@@ -357,12 +358,14 @@ def _run_component(
     )
 
 
-def _copy_tree_item(src: Path, dst: Path) -> None:
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy the bytes of ``src`` into ``dst``, which is made no more readable than ``src`` (a 0640 file
+    must not come out 0644) yet writable by its owner (a read-only source should not make a read-only
+    output). ``dst`` is created with that mode before a byte is in it; copyfile keeps the mode."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        shutil.copytree(src, dst, dirs_exist_ok=True)
-    else:
-        shutil.copyfile(src, dst)  # contents only: a read-only source should not make a read-only output
+    dst.unlink(missing_ok=True)  # a resumed run's folder may hold it from the interrupted run
+    os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & (src.stat().st_mode | 0o200)))
+    shutil.copyfile(src, dst)
 
 
 def write_weights(
@@ -397,11 +400,11 @@ def write_other_files(plan: QuantizePlan, out_dir: Path) -> None:
     each component's config.json with its quantization_config."""
     root = plan.checkpoint.root
     for item in plan.checkpoint.pipeline_files:
-        _copy_tree_item(item, out_dir / item.relative_to(root))
+        copy_file(item, out_dir / item.relative_to(root))
     for component in plan.components:
         target = out_dir / component.name if component.name else out_dir
         for item in component.source.other_files:
-            _copy_tree_item(item, target / item.relative_to(component.source.root))
+            copy_file(item, target / item.relative_to(component.source.root))
         if component.config is not None:
             (target / "config.json").write_text(json_dumps_config(component.config))
 

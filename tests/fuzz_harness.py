@@ -17,6 +17,14 @@ signal, a run longer than ``CASE_SECONDS`` (a hang), a read outside the file (ev
 nonsense config.json is also planned with the default planner (`quantize --dry-run --json`): when name rules
 stand in for transformers, a run that says nothing about it is a **silent fallback**.
 
+A share of the cases (``PATH_SHARE``) are **hostile paths** instead (issue 16): OUT is "", ".", "..",
+the home folder, a device, a FIFO, a socket, a file, a link, someone's folder or a name too long; SRC has a
+file that links out of it; `inspect --report` points at something that is not a report; or a signal
+(SIGINT, SIGTERM) reaches a real `bnb` process group at a random moment. Each runs in a sandbox folder of
+its own, and besides the crashes above, a **finding** is any entry that existed before the run and was
+replaced or changed, a file from outside SRC found under the sandbox, anything bnb left beside OUT, and
+for a signal anything but "exit 0 with OUT whole" or "exit 130/143, one line, no OUT".
+
     python scripts/fuzz.py --cases 10000      # or: make fuzz
 """
 
@@ -29,7 +37,10 @@ import os
 import random
 import shutil
 import signal
+import socket
+import stat
 import struct
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,6 +49,7 @@ from typing import Any
 
 import torch
 import typer
+from bnb_process import debris, interruptible_bnb, snapshot, wait_for_handlers
 from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
@@ -68,7 +80,8 @@ class CaseTimeout(BaseException):
 class Finding:
     case: int
     verb: str
-    kind: str  # crash | hang | out-of-file read | memory | silent fallback
+    # crash | hang | out-of-file read | memory | silent fallback | replaced | copied from outside SRC | debris | signal
+    kind: str
     detail: str
 
 
@@ -79,6 +92,7 @@ class Tally:
     exits: dict[int, int] = field(default_factory=dict)
     classes: dict[str, int] = field(default_factory=dict)  # cases of the classes that are not every case's
     findings: list[Finding] = field(default_factory=list)
+    paths: dict[str, int] = field(default_factory=dict)  # hostile-path cases run, by kind
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -471,6 +485,182 @@ def silent_fallback(case: Path, printed: str) -> str | None:
     return None
 
 
+# ------------------------------------------------------------------------------- hostile paths (issue 16)
+
+PATH_SHARE = 0.25  # of the cases
+SECRET = b"a file outside SRC: never to be found in an output\n"
+PATH_KINDS = (
+    "out-empty",
+    "out-dot",
+    "out-parent",
+    "out-home",
+    "out-device",
+    "out-fifo",
+    "out-socket",
+    "out-file",
+    "out-link",
+    "out-dangling-link",
+    "out-foreign-folder",
+    "out-long-name",
+    "src-link-out",
+    "report-not-ours",
+    "signal",
+)
+
+
+def _bnb_like(folder: Path) -> None:
+    """A folder that looks like bnb's output: only the rules about places keep it from being replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bnb_manifest.json").write_text("{}")
+    (folder / "precious.txt").write_text("an earlier result")
+
+
+def _not_ours(rng: random.Random, sandbox: Path, kind: str) -> Path:
+    """Make, at ``sandbox / "target"``, something of ``kind`` that bnb did not write."""
+    target = sandbox / "target"
+    if kind == "device":
+        try:
+            os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null, never /dev/null itself
+            return target
+        except PermissionError:
+            kind = "fifo"  # not root: a FIFO stands for it
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "socket":
+        with contextlib.chdir(sandbox):  # a socket's path is limited to ~100 bytes
+            server = socket.socket(socket.AF_UNIX)
+            server.bind("target")
+            server.close()
+    elif kind == "file":
+        target.write_text(rng.choice(["someone's notes", "<!DOCTYPE html><p>mine</p>"]))
+    elif kind == "link":
+        _bnb_like(sandbox / "linked")
+        target.symlink_to(sandbox / "linked")
+    elif kind == "dangling-link":
+        target.symlink_to(sandbox / "nowhere")
+    else:  # "foreign-folder"
+        target.mkdir()
+        (target / "precious.txt").write_text("someone's work")
+    return target
+
+
+def path_case(rng: random.Random, seeds: dict[str, Path], sandbox: Path) -> tuple[str, list[str], Path, Path]:
+    """Build one hostile situation in ``sandbox``: (what, arguments, the folder to run in, OUT)."""
+    kind = rng.choice(PATH_KINDS)
+    verb = rng.choice(["quantize", "dequantize"])
+    src = sandbox / "src"
+    shutil.copytree(seeds["bnb" if verb == "dequantize" else rng.choice(["single", "sharded", "bare"])], src)
+    secret = sandbox / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o640)
+    cwd = sandbox / "cwd"
+    _bnb_like(cwd)
+    out: Path | str = sandbox / "out"
+    if kind == "out-empty":
+        out = ""
+    elif kind == "out-dot":
+        out = "."
+    elif kind == "out-parent":
+        (cwd / "inner").mkdir()
+        cwd, out = cwd / "inner", ".."
+    elif kind == "out-home":
+        _bnb_like(sandbox / "home")
+        out = sandbox / "home"  # and HOME points there (``run_path_case``)
+    elif kind == "out-long-name":
+        out = sandbox / ("o" * rng.randint(200, 300))
+    elif kind.startswith("out-"):
+        out = _not_ours(rng, sandbox, kind.removeprefix("out-"))
+    elif kind == "src-link-out":
+        name = rng.choice(["tokenizer.json", "config.json", "vocab.txt", "sub/leak.txt", "model.safetensors"])
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).unlink(missing_ok=True)
+        (src / name).symlink_to(secret)
+    elif kind == "report-not-ours":
+        report = rng.choice(["", ".", "not ours"])
+        if report == "not ours":
+            report = str(_not_ours(rng, sandbox, rng.choice(["device", "fifo", "file", "link"])))
+        args = ["inspect", str(src), "--schemes", "nf4", "--planner", "name-rules", "-q", "--report", report]
+        return f"{kind} {report!r}", args, cwd, sandbox / "out"
+    flags = ["-q", "--overwrite"] if rng.random() < 0.8 else ["-q"]
+    if verb == "quantize":
+        flags += ["--planner", "name-rules"]
+    args = [verb, str(src), str(out), *flags]
+    return f"{kind} ({verb} … {str(out)[-40:]!r} {' '.join(flags)})", args, cwd, Path(os.path.normpath(cwd / out))
+
+
+def _leaks(sandbox: Path) -> list[str]:
+    """Files under ``sandbox``, other than the secret itself, that hold its bytes."""
+    found = []
+    for dirpath, _, filenames in os.walk(sandbox):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path != sandbox / "secret" and path.is_file() and not path.is_symlink() and SECRET in path.read_bytes():
+                found.append(str(path.relative_to(sandbox)))
+    return found
+
+
+def run_path_case(rng: random.Random, seeds: dict[str, Path], sandbox: Path) -> tuple[str, str, list[tuple[str, str]]]:
+    """One hostile-path case: (what, verb, findings as (kind, detail))."""
+    what, args, cwd, out = path_case(rng, seeds, sandbox)
+    before = snapshot(sandbox)
+    if what.startswith("signal"):
+        return what, "signal", _signal_run(rng, args, out)
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(sandbox / "home")
+    try:
+        with contextlib.chdir(cwd):
+            code, problem = run_verb(args)
+    finally:
+        if home is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = home
+    findings = []
+    if problem is not None:
+        findings.append(("hang" if problem.startswith("hang") else "crash", problem))
+    elif code not in (0, 1, 2):
+        findings.append(("crash", f"exit code {code}"))
+    after = snapshot(sandbox)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    if changed:
+        findings.append(("replaced", f"exit {code}; changed or gone: {changed[:5]}"))
+    if leaks := _leaks(sandbox):
+        findings.append(("copied from outside SRC", f"exit {code}; the secret's bytes in {leaks[:5]}"))
+    if left := debris(out):
+        findings.append(("debris", f"exit {code}; left beside OUT: {left}"))
+    return what, args[0], findings
+
+
+def _signal_run(rng: random.Random, args: list[str], out: Path) -> list[tuple[str, str]]:
+    """A real `bnb` process; SIGINT or SIGTERM to its process group at a random moment after its
+    handlers are in place."""
+    signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+    delay = rng.uniform(0.0, 3.0)
+    proc = interruptible_bnb(*args)
+    try:
+        wait_for_handlers(proc)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    code = proc.returncode
+    expected = {signal.SIGINT: (130, "error: interrupted"), signal.SIGTERM: (143, "error: terminated (SIGTERM)")}
+    detail = f"{signal.Signals(signum).name} after {delay:.2f} s: exit {code}\n{stderr[-2000:]}"
+    findings = []
+    if code == 0:
+        if not (out / "bnb_manifest.json").is_file():
+            findings.append(("signal", detail + "\nexit 0 without a whole OUT"))
+    elif (code, stderr.splitlines()) != (expected[signum][0], [expected[signum][1]]) or stdout or out.exists():
+        findings.append(("signal", detail))
+    if left := debris(out):
+        findings.append(("debris", f"{detail}\nleft beside OUT: {left}"))
+    return findings
+
+
 def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | None = None) -> Tally:
     work.mkdir(parents=True, exist_ok=True)
     seeds = make_seeds(work / "seeds")
@@ -479,6 +669,19 @@ def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | 
     os.environ["HF_HUB_OFFLINE"] = "1"
     for case in range(cases):
         rng = random.Random(seed * 1_000_003 + case)
+        if random.Random(f"paths {seed} {case}").random() < PATH_SHARE:
+            sandbox = work / "sandbox"
+            shutil.rmtree(sandbox, ignore_errors=True)
+            sandbox.mkdir()
+            what, verb, findings = run_path_case(rng, seeds, sandbox)
+            kind = what.split()[0]
+            tally.paths[kind] = tally.paths.get(kind, 0) + 1
+            tally.runs += 1
+            tally.findings.extend(Finding(case, verb, kind, f"{what}\n{detail}") for kind, detail in findings)
+            tally.cases += 1
+            if progress:
+                progress(tally)
+            continue
         name = rng.choice(sorted(seeds))
         src = work / "case"
         shutil.rmtree(src, ignore_errors=True)
@@ -520,6 +723,6 @@ def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | 
         tally.cases += 1
         if progress:
             progress(tally)
-    for left in ("case", "out", "hub"):
+    for left in ("case", "out", "hub", "sandbox"):
         shutil.rmtree(work / left, ignore_errors=True)
     return tally

@@ -208,11 +208,15 @@ def _pickle_only(root: Path) -> list[str]:
     return [str(root / "src"), str(root / "out")]
 
 
-def _out_exists(*flags: str) -> Callable[[Path], list[str]]:
+def _out_exists(*flags: str, ours: bool = True) -> Callable[[Path], list[str]]:
+    """OUT holds an earlier result: bnb's (its manifest is there), or someone else's."""
+
     def build(root: Path) -> list[str]:
         write_model(root / "src")
         (root / "out").mkdir()
         (root / "out" / "precious.txt").write_text("an earlier result\n")
+        if ours:
+            (root / "out" / "bnb_manifest.json").write_text("{}\n")
         return [str(root / "src"), str(root / "out"), *flags]
 
     return build
@@ -298,6 +302,13 @@ CASES: dict[str, Case] = {
     "pickle-only": Case(_pickle_only, EXIT_FAILED, ("pytorch_model.bin", "pickle"), ("safetensors",)),
     "out-exists": Case(_out_exists(), EXIT_FAILED, ("out", "already exists"), ("--overwrite",), out_exists=True),
     "out-exists-overwrite": Case(_out_exists("--overwrite"), 0, out_exists=True),
+    "out-not-ours-overwrite": Case(
+        _out_exists("--overwrite", ours=False),
+        EXIT_FAILED,
+        ("out", "already exists", "bnb did not write it"),
+        ("choose another OUT", "bnb_manifest.json"),
+        out_exists=True,
+    ),
     "unknown-scheme": Case(_with_flags("--scheme", "nf5"), EXIT_USAGE, ("'nf5'",), ("nf4", "int8")),
     "bad-blocksize": Case(_with_flags("--blocksize", "48"), EXIT_USAGE, ("blocksize 48",), ("64",)),
     "bad-max-shard-size": Case(_with_flags("--max-shard-size", "5XB"), EXIT_USAGE, ("'5XB'",), ("5GB",)),

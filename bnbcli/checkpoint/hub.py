@@ -8,11 +8,11 @@ are never fetched.
 from __future__ import annotations
 
 import glob
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnbcli import json_text
 from bnbcli.checkpoint.shards import CANONICAL_STEMS, INDEX_SUFFIX, SAFETENSORS_SUFFIX, WEIGHT_SUFFIXES
 from bnbcli.errors import BnbError, InputError, InternalError
 
@@ -58,7 +58,7 @@ def weight_patterns(snapshot: Path) -> list[str]:
     model_index = snapshot / "model_index.json"
     if model_index.is_file():  # a diffusers pipeline: weights live in the component folders it names
         try:
-            names = json.loads(model_index.read_text(encoding="utf-8"))
+            names = json_text.loads(model_index.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             names = {}  # open_checkpoint reports the broken file; fetch no weights for it
         prefixes = [f"{k}/" for k, v in names.items() if not k.startswith("_") and isinstance(v, list)]
@@ -82,7 +82,7 @@ def _indexed_shards(folder: Path) -> list[str] | None:
     for path in candidates:
         if path.is_file():
             try:
-                weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+                weight_map = json_text.loads(path.read_text(encoding="utf-8")).get("weight_map")
             except (OSError, ValueError, AttributeError):
                 return None  # validated (and reported) later, when the checkpoint is opened
             if isinstance(weight_map, dict):

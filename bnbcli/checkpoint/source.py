@@ -13,6 +13,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from bnbcli import json_text
 from bnbcli.checkpoint import hub
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
 from bnbcli.checkpoint.shards import (
@@ -24,6 +25,7 @@ from bnbcli.checkpoint.shards import (
     is_pickle_file,
     load_weights,
     pickle_error,
+    refuse_link_out,
     refuse_pickle,
 )
 from bnbcli.errors import InputError, UsageError
@@ -137,11 +139,11 @@ def _model_source(
     """``other``: the files to copy beside the weights; by default every file of the folder."""
     loaded = load_weights(choice, trusted_root)
     config_path = folder / CONFIG_NAME
-    other = tuple(p for p in (copy_files(folder) if other is None else other) if p != config_path)
+    other = tuple(p for p in (copy_files(folder, trusted_root) if other is None else other) if p != config_path)
     return ModelSource(
         root=folder,
         name=name,
-        config=_checked_config(config_path, _read_json_object(config_path)),
+        config=_checked_config(config_path, _read_json_object(config_path, trusted_root)),
         weight_files=loaded.files,
         index=loaded.index,
         tensors=loaded.tensors,
@@ -160,7 +162,9 @@ def _file_source(path: Path, trusted_root: Path) -> ModelSource:
         tensors = dict(SafetensorsFile.open(path).tensors)
         return ModelSource(folder, "", config=None, weight_files=(path,), index=None, tensors=tensors, other_files=())
     beside = tuple(
-        p for p in copy_files(folder, recursive=False) if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
+        p
+        for p in copy_files(folder, trusted_root, recursive=False)
+        if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
     )
     return _model_source(folder, "", WeightChoice(single=path), trusted_root, beside)
 
@@ -195,11 +199,12 @@ def _checked_config(path: Path, config: dict[str, Any] | None) -> dict[str, Any]
     return config
 
 
-def _read_json_object(path: Path) -> dict[str, Any] | None:
+def _read_json_object(path: Path, trusted_root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
+    refuse_link_out(path, trusted_root)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: not valid JSON: {e}", "fix or re-download the file") from e
     if not isinstance(value, dict):
@@ -208,7 +213,7 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
 
 
 def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: Path) -> Checkpoint:
-    _read_json_object(root / MODEL_INDEX_NAME)  # a broken model_index.json would break the output too
+    _read_json_object(root / MODEL_INDEX_NAME, trusted_root)  # a broken model_index.json would break the output too
     subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     available: dict[str, WeightChoice] = {}
     unusable: dict[str, InputError] = {}  # folders with weights we cannot convert: pickle only, or ambiguous
@@ -248,27 +253,28 @@ def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: 
                 )
 
     sources = {name: _model_source(root / name, name, available[name], trusted_root) for name in selected}
-    return Checkpoint(
-        kind="diffusers", root=root, components=sources, pipeline_files=_pipeline_files(root, selected, available)
-    )
+    pipeline_files = _pipeline_files(root, selected, available, trusted_root)
+    return Checkpoint(kind="diffusers", root=root, components=sources, pipeline_files=pipeline_files)
 
 
-def _pipeline_files(root: Path, selected: Sequence[str], available: dict[str, WeightChoice]) -> tuple[Path, ...]:
+def _pipeline_files(
+    root: Path, selected: Sequence[str], available: dict[str, WeightChoice], trusted_root: Path
+) -> tuple[Path, ...]:
     """Files outside the selected components, to copy as-is, listed file by file (never whole folders).
 
     Root-level weight files (single-file pipeline checkpoints such as v1-5-pruned.ckpt) are duplicates and left
     out. A component that is not selected keeps exactly the weights diffusers loads, not variants beside them;
     any other folder (scheduler, tokenizer, a pickle or ambiguous component left out on request) is copied whole.
     """
-    files = list(copy_files(root, recursive=False))
+    files = list(copy_files(root, trusted_root, recursive=False))
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name in selected:
             continue
         choice = available.get(folder.name)
         if choice is None:
-            files.extend(copy_files(folder, all_weights=True))
+            files.extend(copy_files(folder, trusted_root, all_weights=True))
         else:
-            files.extend(copy_files(folder, keep_weights=_weights_of(choice)))
+            files.extend(copy_files(folder, trusted_root, keep_weights=_weights_of(choice)))
     return tuple(files)
 
 
@@ -278,7 +284,7 @@ def _weights_of(choice: WeightChoice) -> frozenset[Path]:
         return frozenset({choice.single})
     assert choice.index is not None
     try:
-        weight_map = json.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json_text.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
         return frozenset({choice.index, *(choice.index.parent / shard for shard in weight_map.values())})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return frozenset({choice.index})  # copied as broken as it came: only selected components are validated

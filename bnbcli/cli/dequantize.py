@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag, size_option
+from bnbcli.cli.options import (
+    JsonFlag,
+    NoProgressFlag,
+    OutArgument,
+    OverwriteFlag,
+    QuietFlag,
+    VerboseFlag,
+    output_path,
+    size_option,
+)
 from bnbcli.dequantize import DequantizeRequest, plan_request
 from bnbcli.dequantize import dequantize as run_dequantize
 from bnbcli.dequantize_plan import plan_summary
@@ -24,7 +32,7 @@ def dequantize(
             "folder, or a Hub repo id."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    out: OutArgument,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -41,7 +49,7 @@ def dequantize(
         str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     verbose: VerboseFlag = False,
@@ -50,7 +58,7 @@ def dequantize(
     """Write a plain checkpoint (no quantization_config) that from_pretrained(OUT) loads as an ordinary model."""
     request = DequantizeRequest(
         src=src,
-        out=out,
+        out=output_path(out),
         dtype=parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype is not None else None,
         max_shard_size=max_shard_size,
         revision=revision,

@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Annotated, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option
+from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option, output_path
 from bnbcli.errors import GateFailed, UsageError
-from bnbcli.files import check_writable, write_text_file
 from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.inspect.report import InspectReport
@@ -74,7 +73,12 @@ def inspect_command(
         str | None, typer.Option("--gate-scheme", help="The scheme the error gates check (default: every scheme).")
     ] = None,
     report_file: Annotated[
-        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+        str | None,
+        typer.Option(
+            "--report",
+            help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
+            "when it is a report bnb wrote (or empty).",
+        ),
     ] = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Tensors in the terminal table, worst first (0: all).")] = 20,
     activations: Annotated[
@@ -99,8 +103,11 @@ def inspect_command(
         if value is not None and not activations:
             raise UsageError(f"{option} goes with --activations", hint="add --activations")
     criteria = _activation_criteria(activation_threshold) if activations else None
-    if report_file is not None:
-        check_writable(report_file, "--report")
+    report_path = output_path(report_file, "--report", "file") if report_file is not None else None
+    if report_path is not None:
+        from bnbcli.inspect.html import check_report_path
+
+        check_report_path(report_path)
     request = InspectRequest(
         src=src,
         schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
@@ -121,10 +128,10 @@ def inspect_command(
     output.warnings(list(report.warnings))
     if criteria is not None:
         report = _with_activations(report, texts, criteria)
-    if report_file is not None:
-        from bnbcli.inspect.html import render_html
+    if report_path is not None:
+        from bnbcli.inspect.html import write_report
 
-        write_text_file(report_file, render_html(report), "--report")
+        write_report(report, report_path)
     if json_output:
         output.emit_json(report.as_dict())
     elif not quiet:

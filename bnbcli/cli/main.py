@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.markup import escape
 
-from bnbcli import __version__, output
+from bnbcli import __version__, interrupts, output
 from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.env import env
 from bnbcli.cli.footprint import footprint_command
@@ -20,7 +20,7 @@ from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, REPORT_HINT, BnbError
 
 EPILOG = (
     "Exit codes: 0 ok; 1 the input or the result failed (bad checkpoint, a threshold missed); "
-    "2 usage or internal error; 130 interrupted (Ctrl-C). "
+    "2 usage or internal error; 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
     "Set BNB_DEBUG=1 or pass --debug for a traceback."
 )
 
@@ -105,6 +105,14 @@ def _without_debug_flag(args: list[str]) -> list[str]:
     return [a for a in args[:end] if a != "--debug"] + args[end:]
 
 
+def _interrupted() -> NoReturn:
+    """Ctrl-C or SIGTERM: the run has cleaned up on its way here. One line (it needs no hint), and with
+    --json the one document says so too."""
+    output.error(interrupts.message())
+    _json_error(interrupts.message(), None, interrupts.exit_code())
+    interrupted_exit(printed=True)
+
+
 def main() -> None:
     output.new_run()
     try:
@@ -143,8 +151,3 @@ def main() -> None:
     if isinstance(code, int) and code:
         sys.exit(code)
 
-
-def _interrupted() -> None:
-    output.error("interrupted")  # one line: a Ctrl-C needs no hint
-    _json_error("interrupted", None, EXIT_INTERRUPTED)
-    interrupted_exit(printed=True)

@@ -4,6 +4,7 @@ runs, so a bad value fails at once, and the same way in every verb."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -61,3 +62,25 @@ def parse_components(text: str) -> Components:
 def components_option(help: str) -> Any:
     """diffusers components, comma-separated; an empty list is refused (it would mean "all")."""
     return typer.Option("--components", help=help, metavar="A,B", parser=_checked(parse_components))
+
+
+OutArgument = Annotated[
+    str,
+    typer.Argument(
+        help="The folder to write (must not exist unless --overwrite).",
+        show_default=False,
+    ),
+]
+
+
+OverwriteFlag = Annotated[
+    bool, typer.Option("--overwrite", help="Replace OUT if it exists and bnb wrote it (or it is an empty folder).")
+]
+
+
+def output_path(value: str, name: str = "OUT", what: str = "folder") -> Path:
+    """A path to write, as given. An empty one (an unset variable in a script) would be taken for the
+    current folder: refused."""
+    if not value:
+        raise UsageError(f"{name} is empty", hint=f"give the {what} to write (is the variable meant to hold it unset?)")
+    return Path(value)

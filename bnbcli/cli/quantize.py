@@ -12,9 +12,12 @@ from bnbcli.cli.options import (
     Components,
     JsonFlag,
     NoProgressFlag,
+    OutArgument,
+    OverwriteFlag,
     QuietFlag,
     VerboseFlag,
     components_option,
+    output_path,
     size_option,
 )
 from bnbcli.devices import parse_devices
@@ -40,7 +43,7 @@ def quantize(
             help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    out: OutArgument,
     scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
@@ -81,7 +84,7 @@ def quantize(
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteFlag = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -117,7 +120,7 @@ def quantize(
         request_kwargs["max_shard_size"] = max_shard_size
     request = QuantizeRequest(
         src=src,
-        out=out,
+        out=output_path(out),
         scheme=resolve_scheme(preset, flags),
         revision=revision,
         components=components,

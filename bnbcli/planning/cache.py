@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bnbcli import json_text
 from bnbcli.planning.common import ModuleVerdict, PlannerResult, Tensors
 from bnbcli.planning.hf_transformers import NotImportable, NotKnown
 from bnbcli.scheme import QuantScheme, dtype_name
@@ -135,7 +136,7 @@ def _load(name: str) -> PlannerResult | str | None:
     """The cached result, or the reason the library did not know the model; None for a miss (no entry,
     or one that does not read back whole)."""
     try:
-        entry = json.loads((folder() / f"{name}.json").read_text(encoding="utf-8"))
+        entry = json_text.loads((folder() / f"{name}.json").read_text(encoding="utf-8"))
         if "not_known" in entry:
             return entry["not_known"] if isinstance(entry["not_known"], str) else None
         return _result(entry["result"])
