@@ -116,7 +116,10 @@ FOLLOW: list[tuple[str, Rule]] = [
         r"give (--[\w-]+) a file in a folder you can write",
         lambda c, m: Step(_set(c.args, m[1], str(c.work / "r.html"))),
     ),
-    (r"write OUT elsewhere", lambda c, m: Step([c.args[0], str(c.work / "elsewhere"), *c.args[2:]])),
+    (
+        r"write OUT elsewhere|^choose another OUT",
+        lambda c, m: Step([c.args[0], str(c.work / "elsewhere"), *c.args[2:]]),
+    ),
     (
         r"`bnb dequantize SRC OUT` writes one",
         lambda c, m: Step(

@@ -125,9 +125,10 @@ def _why_not_replaceable(path: Path, signature: bytes | None) -> str | None:
     return None if head in (b"", signature) else "bnb did not write it"
 
 
-def check_output_file(path: Path, signature: bytes) -> None:
-    """Raise unless ``write_file(path, …, signature)`` may write there: before the work, to fail early. The
-    only true test of the folder (read-only, permissions, missing) is to make the temporary file there."""
+def check_output_file(path: Path, signature: bytes, option: str) -> None:
+    """Raise unless ``write_file(path, …, signature, option)`` may write there: before the work, to fail
+    early. The only true test of the folder (read-only, permissions, missing) is to make the temporary
+    file there."""
     check_name_length(path)
     if os.path.lexists(path):
         check_replaceable(path, signature)
@@ -137,23 +138,14 @@ def check_output_file(path: Path, signature: bytes) -> None:
             pass
         probe.unlink()
     except OSError as exc:
-        raise _cannot_write(path, exc) from exc
+        raise _cannot_write(path, option, exc) from exc
 
 
-def _tmp_file(path: Path) -> Path:
-    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
-
-
-def _cannot_write(path: Path, exc: OSError) -> OutputError:
-    return OutputError(
-        f"cannot write {path}: {_why(exc)}", hint="check that its folder exists, is writable and has space"
-    )
-
-
-def write_file(path: Path, data: bytes, signature: bytes) -> None:
-    """Write ``path`` whole or not at all: into a temporary file beside it, renamed onto it. An existing
-    ``path`` is replaced only when bnb wrote it (it begins with ``signature``) or it is empty."""
-    check_output_file(path, signature)
+def write_file(path: Path, data: bytes, signature: bytes, option: str) -> None:
+    """Write ``path`` (given as ``option``) whole or not at all: into a temporary file beside it, renamed
+    onto it. An existing ``path`` is replaced only when bnb wrote it (it begins with ``signature``) or it
+    is empty."""
+    check_output_file(path, signature, option)
     tmp = _tmp_file(path)
     try:
         with open(tmp, "xb") as f:
@@ -165,8 +157,18 @@ def write_file(path: Path, data: bytes, signature: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError):
-            raise _cannot_write(path, exc) from exc
+            raise _cannot_write(path, option, exc) from exc
         raise
+
+
+def _tmp_file(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+
+
+def _cannot_write(path: Path, option: str, exc: OSError) -> OutputError:
+    return OutputError(
+        f"{option} {path}: cannot write it: {_why(exc)}", hint=f"give {option} a file in a folder you can write"
+    )
 
 
 class AtomicOutputDir:

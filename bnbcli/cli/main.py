@@ -150,4 +150,3 @@ def main() -> None:
         _interrupted()
     if isinstance(code, int) and code:
         sys.exit(code)
-

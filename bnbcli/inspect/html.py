@@ -172,11 +172,11 @@ HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>bnb in
 
 def check_report_path(path: Path) -> None:
     """Fail now, before the inspection, if the report could not be written to ``path``."""
-    check_output_file(path, HEAD.encode())
+    check_output_file(path, HEAD.encode(), "--report")
 
 
 def write_report(report: InspectReport, path: Path) -> None:
-    write_file(path, render_html(report).encode(), HEAD.encode())
+    write_file(path, render_html(report).encode(), HEAD.encode(), "--report")
 
 
 def render_html(report: InspectReport) -> str:
