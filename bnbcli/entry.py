@@ -91,12 +91,7 @@ def main() -> None:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable
-    from bnbcli.checkpoint.hashing import hash_sources_early  # imported once the handlers are in place
-    from bnbcli.planning.isolated import start_early
-
-    start_early(sys.argv[1:])  # the planner's child imports transformers while we import torch
-    hash_sources_early(sys.argv[1:])  # and the source shards' sha256 run meanwhile too
-    from bnbcli.cli.main import main as run
+    from bnbcli.cli.main import main as run  # imported once the handlers are in place
 
     timeline.mark("imported")
     watch_deferred_signals()

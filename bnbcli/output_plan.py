@@ -7,7 +7,6 @@ is re-decided during execution.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import PlannerName, QuantPlan, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
 from bnbcli.scheme import QuantScheme
 from bnbcli.units import positive_size
 
@@ -177,10 +176,9 @@ def plan_component(
     scheme: QuantScheme,
     max_shard_size: int,
     planner: PlannerName | None = None,
-    decided: QuantPlan | None = None,
 ) -> ComponentPlan:
-    """The component's output plan; ``decided``: its tensors' decisions, when already made elsewhere."""
-    decided = decided or plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
+    """The component's output plan: its tensors' decisions, and where each output goes."""
+    decided = plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
     stem = _weights_stem(source)
     rows = []
     # Source order (file, then offset): shards stream sequentially and hash as they are read.
@@ -215,13 +213,10 @@ def plan_quantize(
     scheme: QuantScheme,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     planner: PlannerName | None = None,
-    decided: Mapping[str, QuantPlan] | None = None,
 ) -> QuantizePlan:
-    """``decided``: each component's decisions (by component name), when already made elsewhere."""
     positive_size(max_shard_size, "--max-shard-size")
     components = tuple(
-        plan_component(source, scheme, max_shard_size, planner, (decided or {}).get(name))
-        for name, source in sorted(checkpoint.components.items())
+        plan_component(source, scheme, max_shard_size, planner) for _, source in sorted(checkpoint.components.items())
     )
     return QuantizePlan(checkpoint=checkpoint, scheme=scheme, components=components)
 

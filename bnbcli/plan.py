@@ -193,12 +193,6 @@ def _library(config: Mapping[str, Any], planner: PlannerName) -> str:
     return planner if planner != "auto" else ("diffusers" if "_class_name" in config else "transformers")
 
 
-def plan_is_cached(config: Mapping[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> bool:
-    """Whether the default planner answers at once for this component: from the plan cache, or by name
-    rules when there is no config.json. Then nothing needs importing transformers or diffusers."""
-    return config is None or plan_cache.lookup(_library(config, "auto"), config, tensors, scheme)
-
-
 def model_dtype(config: Mapping[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> torch.dtype:
     """The dtype the quantized model loads in: --dtype, else config.json `dtype` (v5) / `torch_dtype`
     (v4), else the most common floating dtype among the tensors."""

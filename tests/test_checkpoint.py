@@ -651,7 +651,7 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
     kept, changed = src / "model.safetensors", src / "unet" / "diffusion.safetensors"
     kept.write_bytes(b"a" * 100_000)
     changed.write_bytes(b"b" * 50_000)
-    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out"), "--backend", "cpu"])
+    hashing.hash_sources_early(str(src))
     for _, future in list(hashing._early.values()):
         future.result(timeout=30)
     changed.write_bytes(b"c" * 50_001)  # other bytes and size after the early digest
@@ -667,7 +667,7 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
 
 
 def _early_digests(hashing: Any, src: Path, tmp_path: Path) -> dict[str, Any]:
-    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out")])
+    hashing.hash_sources_early(str(src))
     outcomes: dict[str, Any] = {}
     for path in sorted(src.glob("*.safetensors")):
         _, future = hashing._early.pop(os.path.realpath(path))
@@ -730,14 +730,22 @@ def test_early_source_hashes_survive_a_child_that_talks_nonsense_and_dies(
     }
 
 
-def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
-    from bnbcli.checkpoint import hashing
+def test_early_hashing_only_for_runs_that_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
 
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    before = dict(hashing._early)
-    hashing.hash_sources_early(["quantize", str(tmp_path), str(tmp_path / "out"), "--dry-run"])
-    hashing.hash_sources_early(["footprint", str(tmp_path), "x"])
-    assert hashing._early == before
+    from bnbcli.checkpoint import hashing
+    from bnbcli.cli.main import app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": torch.zeros(4, 4)}, src / "model.safetensors")
+    started: list[str] = []
+    monkeypatch.setattr(hashing, "hash_sources_early", started.append)
+    for args in (["quantize", str(src), str(tmp_path / "o"), "--dry-run"], ["footprint", str(src)]):
+        assert CliRunner().invoke(app, args).exit_code == 0, args
+    assert started == []
+    assert CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "o"), "-q"]).exit_code == 0
+    assert started == [str(src)]
 
 
 def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(tmp_path: Path, monkeypatch) -> None:

@@ -404,12 +404,12 @@ def test_every_error_case_names_its_file_or_tensor() -> None:
 
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
 def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None:
-    """Ctrl-C while Python imports torch, or while the planner imports transformers as the draft's weights
-    are being written: still one line, exit 130 and nothing left behind (an interrupted import must not
-    turn into a traceback, nor its half-made native threads into an abort at exit)."""
+    """Ctrl-C while Python imports torch, or while the planner imports transformers: still one line, exit
+    130 and nothing left behind (an interrupted import must not turn into a traceback, nor its half-made
+    native threads into an abort at exit)."""
     src, out = tmp_path / "src", tmp_path / "out"
-    long_checkpoint(src, count=130)  # 260 MiB, and a config.json: the draft starts before the plan
-    (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # planned by name rules
+    long_checkpoint(src, count=130)  # 260 MiB
+    (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # transformers asked, then name rules
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--no-progress")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)

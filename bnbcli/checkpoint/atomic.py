@@ -191,18 +191,24 @@ class AtomicOutputDir:
         if not self.parent.is_dir():
             raise InputError(f"the folder for {self.out} does not exist", hint=f"create {self.parent} first")
         self._check_out()
-        self._take_lock()
-        try:
+        made = False
+        try:  # nothing of ours stays if this is cut short (a signal comes back once an import ends)
+            self._take_lock()
             self._sweep_stale()
             if self.adopted is not None:
                 os.rename(self.adopted, self.tmp)
             else:
                 self.tmp.mkdir()
-        except OSError as exc:
+                made = True
+        except BaseException as exc:
+            if made:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             self._release_lock()
-            raise InputError(
-                f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions and free space"
-            ) from exc
+            if isinstance(exc, OSError):
+                raise InputError(
+                    f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions and free space"
+                ) from exc
+            raise
         return self.tmp
 
     def _check_out(self) -> None:
@@ -231,9 +237,9 @@ class AtomicOutputDir:
                 continue
             except OSError as exc:
                 raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
+            self.locked = True  # ours from here, even if a signal cuts the write short
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
-            self.locked = True
             return
         raise InputError(f"cannot lock {self.out}", hint=f"remove {self.lock} if no bnb is running")
 

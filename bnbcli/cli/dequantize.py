@@ -17,10 +17,6 @@ from bnbcli.cli.options import (
     output_path,
     size_option,
 )
-from bnbcli.dequantize import DequantizeRequest, plan_request
-from bnbcli.dequantize import dequantize as run_dequantize
-from bnbcli.dequantize_plan import plan_summary
-from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
 from bnbcli.units import human_bytes
 
 
@@ -56,6 +52,11 @@ def dequantize(
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a plain checkpoint (no quantization_config) that from_pretrained(OUT) loads as an ordinary model."""
+    from bnbcli.dequantize import DequantizeRequest, plan_request
+    from bnbcli.dequantize import dequantize as run_dequantize
+    from bnbcli.dequantize_plan import plan_summary
+    from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
+
     request = DequantizeRequest(
         src=src,
         out=output_path(out),

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from bnbcli import output
 from bnbcli.cli.options import Components, JsonFlag, components_option, size_option
-from bnbcli.footprint import DEFAULT_SCHEMES, FootprintRequest, footprint, make_schemes
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+from bnbcli.scheme_names import DEFAULT_SCHEMES
 from bnbcli.units import human_bytes
+
+if TYPE_CHECKING:
+    from bnbcli.plan import PlannerName
 
 
 def footprint_command(
@@ -61,6 +61,10 @@ def footprint_command(
 ) -> None:
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
     loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
+    from bnbcli.footprint import FootprintRequest, footprint, make_schemes
+    from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
+    from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(
         src=src,
@@ -76,7 +80,7 @@ def footprint_command(
         components=components,
         dtype=load_dtype,
         max_shard_size=DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         seq_len=seq_len,
         batch=batch,
         gpu_memory=gpu_memory,

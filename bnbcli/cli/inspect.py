@@ -11,15 +11,13 @@ import typer
 from bnbcli import output
 from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option, output_path
 from bnbcli.errors import GateFailed, UsageError
-from bnbcli.inspect.gates import Gates
-from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
-from bnbcli.inspect.report import InspectReport
-from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
-from bnbcli.inspect.run import InspectRequest, inspect, open_source
-from bnbcli.plan import PlannerName
+from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
+from bnbcli.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.inspect.activations import ActivationCriteria
+    from bnbcli.inspect.report import InspectReport
+    from bnbcli.plan import PlannerName
 
 
 def inspect_command(
@@ -31,8 +29,8 @@ def inspect_command(
         ),
     ],
     schemes: Annotated[
-        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(SCHEME_NAMES)}: the round trips.")
-    ] = ",".join(DEFAULT_SCHEMES),
+        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(ROUNDTRIP_SCHEMES)}: the round trips.")
+    ] = ",".join(DEFAULT_ROUNDTRIPS),
     blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size of the schemes.")] = 64,
     against: Annotated[
         str | None, typer.Option("--against", help="A bnb checkpoint's original: its weights' error against it.")
@@ -98,6 +96,9 @@ def inspect_command(
     """Per tensor: dtype, shape, absmax, std, kurtosis, share beyond 6σ, zeros, NaN/Inf; per weight matrix: outlier
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
+    from bnbcli.inspect.gates import Gates
+    from bnbcli.inspect.run import InspectRequest, inspect, open_source
+
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
     for option, value in (("--text-file", text_file), ("--activation-threshold", activation_threshold)):
         if value is not None and not activations:
@@ -116,7 +117,7 @@ def inspect_command(
         revision=revision,
         components=components,
         backend=backend,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
@@ -20,20 +20,11 @@ from bnbcli.cli.options import (
     output_path,
     size_option,
 )
-from bnbcli.devices import parse_devices
-from bnbcli.output_plan import QuantizePlan, plan_summary
-from bnbcli.plan import PlannerName
-from bnbcli.quantize import (
-    QuantizeRequest,
-    can_start_before_planning,
-    open_source,
-    plan_request,
-    quantize_while_planning,
-    warm_up_backend,
-)
-from bnbcli.quantize import quantize as quantize_on_plan
-from bnbcli.scheme import load_preset, resolve_scheme
 from bnbcli.units import human_bytes
+
+if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
+    from bnbcli.output_plan import QuantizePlan
+    from bnbcli.plan import PlannerName
 
 
 def quantize(
@@ -103,6 +94,15 @@ def quantize(
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a pre-quantized bitsandbytes checkpoint that from_pretrained(OUT) loads as it is."""
+    if not dry_run:  # the sha256 of the source shards, recorded in the manifest, start now (while torch imports)
+        from bnbcli.checkpoint.hashing import hash_sources_early
+
+        hash_sources_early(src)
+    from bnbcli.devices import parse_devices
+    from bnbcli.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
+    from bnbcli.quantize import quantize as quantize_on_plan
+    from bnbcli.scheme import load_preset, resolve_scheme
+
     preset: dict[str, Any] = dict(load_preset(config)) if config else {}
     given = {
         "method": scheme,
@@ -129,7 +129,7 @@ def quantize(
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
         resume=resume,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         **request_kwargs,
     )
     if dry_run:
@@ -143,10 +143,7 @@ def quantize(
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
-        if can_start_before_planning(request, checkpoint):
-            outcome = quantize_while_planning(request, checkpoint, bar.advance)
-        else:
-            outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
+        outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
@@ -160,6 +157,8 @@ def quantize(
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
     """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
+    from bnbcli.output_plan import plan_summary
+
     summary = plan_summary(plan)
     output.warnings(summary["warnings"])
     return summary
@@ -187,12 +186,6 @@ def _render_timing(run: dict[str, Any]) -> None:
     if run.get("timeline"):
         marks = ", ".join(f"{name} {value:.1f}" for name, value in run["timeline"].items())
         output.stdout.print(f"timeline (s since start): {marks}")
-    planning = run.get("planning") or {}
-    if planning.get("draft"):
-        output.stdout.print(
-            f"weights started on the name-rules draft ({planning['draft']}); the real plan, made in "
-            f"{planning['planned_in']}, came after {planning['plan_seconds']:.1f} s"
-        )
 
 
 def _render_result(summary: dict[str, Any], out: Path) -> None:

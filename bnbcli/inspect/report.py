@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bnbcli.inspect.outliers import MatrixOutliers, OutlierCriteria, OutlierDim, RecurringDim
+from bnbcli.inspect.criteria import OutlierCriteria
+from bnbcli.inspect.outliers import MatrixOutliers, OutlierDim, RecurringDim
 from bnbcli.inspect.stats import TensorStats
 from bnbcli.metrics import RoundTripError
 

@@ -22,16 +22,18 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
 from bnbcli.dequantize import restore
 from bnbcli.dequantize_plan import DequantComponent, OutputTensor, plan_component
 from bnbcli.errors import InputError, UsageError
+from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
-from bnbcli.inspect.outliers import OutlierCriteria, Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
+from bnbcli.inspect.outliers import Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
 from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
-from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, NamedScheme, parse_schemes, roundtrip_errors
+from bnbcli.inspect.roundtrip import NamedScheme, parse_schemes, roundtrip_errors
 from bnbcli.inspect.stats import tensor_stats
 from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.output_plan import tensor_shapes
 from bnbcli.plan import PlannerName, QuantPlan, fallback_warning, plan_quantization
 from bnbcli.quantize import source_label
 from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.scheme_names import DEFAULT_ROUNDTRIPS
 
 Progress = Callable[[int], None]
 
@@ -39,7 +41,7 @@ Progress = Callable[[int], None]
 @dataclass(frozen=True)
 class InspectRequest:
     src: str
-    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    schemes: tuple[str, ...] = DEFAULT_ROUNDTRIPS
     blocksize: int = 64
     against: str | None = None
     revision: str | None = None
