@@ -1,0 +1,143 @@
+"""`bnb eval QUANT [--against ORIG]`: how far a bitsandbytes checkpoint's outputs are from its original's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bnbcli import output
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
+from bnbcli.errors import GateFailed, OutputError, UsageError
+from bnbcli.eval.gates import EvalGates
+from bnbcli.eval.memory import DEFAULT_TOP_K
+from bnbcli.eval.report import EvalReport
+from bnbcli.eval.texts import read_text_file
+from bnbcli.units import parse_size
+
+FITS = (
+    "Memory, defaults (bf16 ORIG, nf4 QUANT, one GPU): both side by side up to ~8B parameters on 24-40 GB, "
+    "~26B on 80 GB, ~48B on 141 GB; one at a time (ORIG alone must fit) up to ~10B, ~18B (40 GB), ~38B, ~68B."
+)
+
+
+def eval_command(
+    quant: Annotated[
+        str, typer.Argument(help="A bitsandbytes checkpoint (folder or Hub repo id), e.g. bnb quantize's OUT.")
+    ],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against", help="The original (folder or Hub repo id); default: the source in QUANT's manifest."
+        ),
+    ] = None,
+    text_file: Annotated[
+        Path | None, typer.Option("--text-file", help="One text per line (default: ~3,200 built-in tokens).")
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="Join the texts and run them in windows of N tokens.")
+    ] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N tokens.")] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
+    ] = "auto",
+    one_at_a_time: Annotated[
+        bool,
+        typer.Option(
+            "--one-at-a-time", help="Run ORIG over every text first, keep its top-k, free it, then run QUANT."
+        ),
+    ] = False,
+    top_k: Annotated[
+        str, typer.Option("--top-k", help="One at a time: ORIG's tokens kept per position (all: exact).")
+    ] = str(DEFAULT_TOP_K),
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="Memory the run may use on the device, e.g. 20GB (default: what is free)."),
+    ] = None,
+    max_kld: Annotated[float | None, typer.Option("--max-kld", help="Gate: mean KLD above X fails.")] = None,
+    min_top1: Annotated[
+        float | None, typer.Option("--min-top1", help="Gate: same top-1 share (0-1) below X fails.")
+    ] = None,
+    max_ppl_ratio: Annotated[
+        float | None, typer.Option("--max-ppl-ratio", help="Gate: PPL(QUANT)/PPL(ORIG) above X fails.")
+    ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option("--min-cosine", help="Gate: output cosine below X fails (encoders: smallest embedding cosine)."),
+    ] = None,
+    report_file: Annotated[
+        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+    ] = None,
+    json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+    verbose: VerboseFlag = False,
+    no_progress: NoProgressFlag = False,
+) -> None:
+    """Run QUANT and its original on the same tokens, with bitsandbytes' own kernels, and print what
+    `llama-perplexity --kl-divergence` prints (PPL ratio, KLD and its percentiles, same top-1, RMS Δp) — or, for
+    an encoder, the cosines of its hidden states and embeddings — and each layer's hidden-state error.
+    Gates exit 1 and name what failed."""
+    from bnbcli.eval.run import EvalRequest, evaluate, prepare
+
+    if report_file is not None and not report_file.parent.is_dir():
+        raise UsageError(
+            f"--report {report_file}: no folder {report_file.parent}", hint="give a path in a folder that exists"
+        )
+    request = EvalRequest(
+        quant=quant,
+        against=against,
+        texts=tuple(read_text_file(text_file)) if text_file is not None else None,
+        text_source=str(text_file) if text_file is not None else "built-in",
+        context=context,
+        max_tokens=max_tokens,
+        device=device,
+        one_at_a_time=one_at_a_time,
+        top_k=_top_k(top_k),
+        max_memory=parse_size(max_memory) if max_memory is not None else None,
+        gates=EvalGates(max_kld, min_top1, max_ppl_ratio, min_cosine),
+    )
+    prepared = prepare(request)
+    enabled = not (json_output or quiet or no_progress)
+    with output.CountProgress(prepared.total_tokens, "tokens", enabled=enabled) as bar:
+        report = evaluate(prepared, bar.advance)
+    if report_file is not None:
+        _write_html(report, report_file)
+    if json_output:
+        output.emit_json(report.as_dict())
+    elif not quiet:
+        from bnbcli.eval.terminal import render
+
+        render(report, verbose)
+    for failure in report.failures:
+        output.failure(failure.line())
+    if report.failures:
+        names = ", ".join(f.gate for f in report.failures)
+        raise GateFailed(
+            f"{len(report.failures)} gate{'s' if len(report.failures) != 1 else ''} failed: {names}",
+            hint="the figures are above (or in --json); bnb quantize --scheme int8, or --skip on the layers that "
+            "diverge, loses less",
+        )
+
+
+eval_command.__doc__ = f"{eval_command.__doc__}\n\n    {FITS}"
+
+
+def _top_k(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(
+            f"--top-k {text}: a number of tokens, or all", hint=f"the default is {DEFAULT_TOP_K}"
+        ) from None
+
+
+def _write_html(report: EvalReport, path: Path) -> None:
+    from bnbcli.eval.html import render_html
+
+    try:
+        path.write_text(render_html(report), encoding="utf-8")
+    except OSError as e:
+        raise OutputError(f"--report {path}: cannot write it: {e.strerror or e}") from None
