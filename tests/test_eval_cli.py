@@ -91,7 +91,11 @@ def _different_llama(folder: Path) -> Path:
     [
         ("not quantized", EXIT_FAILED, "is not quantized"),
         ("another architecture", EXIT_FAILED, "is not QUANT's source: it is llama"),
-        ("other shapes", EXIT_FAILED, "is not QUANT's source: model.embed_tokens.weight is [512, 64]"),
+        (
+            "other shapes",
+            EXIT_FAILED,
+            "is not QUANT's source: lm_head.weight is [512, 64] there and [512, 128] in QUANT",
+        ),
         ("no tokenizer", EXIT_FAILED, "no tokenizer beside QUANT or ORIG"),
         ("texts too long", EXIT_FAILED, "longer than the model's context (128)"),
         ("context too long", EXIT_USAGE, "--context 4096 is longer than the model's context (128 tokens)"),

@@ -17,6 +17,9 @@ from bnbcli.eval.report import EvalReport
 from bnbcli.inspect.report import GateFailure
 
 
+GATE_EXAMPLES = "for example --max-kld 0.05 --min-top1 0.9 --max-ppl-ratio 1.05 --min-cosine 0.99"
+
+
 @dataclass(frozen=True)
 class EvalGates:
     max_kld: float | None = None
@@ -33,7 +36,7 @@ class EvalGates:
         ):
             if value is not None and not (math.isfinite(value) and low <= value <= high):
                 where = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
-                raise UsageError(f"{option} must be a number {where}, not {value}")
+                raise UsageError(f"{option} must be a number {where}, not {value}", hint=GATE_EXAMPLES)
 
     def check_model(self, causal: bool) -> None:
         """The KLD, top-1 and perplexity gates need a language-model head."""
