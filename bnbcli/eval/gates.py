@@ -16,7 +16,6 @@ from bnbcli.errors import UsageError
 from bnbcli.eval.report import EvalReport
 from bnbcli.inspect.report import GateFailure
 
-
 GATE_EXAMPLES = "for example --max-kld 0.05 --min-top1 0.9 --max-ppl-ratio 1.05 --min-cosine 0.99"
 
 

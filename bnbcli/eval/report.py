@@ -139,7 +139,7 @@ class EvalReport:
     memory: MemoryPlan
     texts: dict[str, Any]  # source, texts, sequences, tokens, context
     layers: tuple[LayerReport, ...]
-    seconds: dict[str, float]  # orig, quant, total
+    seconds: dict[str, float]  # orig_load, orig_forward, quant_load, quant_forward, total
     causal: CausalSummary | None = None
     encoder: EncoderSummary | None = None
     gates: dict[str, float | None] = field(default_factory=dict)

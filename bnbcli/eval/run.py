@@ -135,7 +135,8 @@ class Runner:
         self.layer_names = list(self.tap.names)
         self.model_class = type(self.model).__name__
         self.dtype = str(self.model.dtype).removeprefix("torch.")
-        self.seconds = time.perf_counter() - started
+        self.load_seconds = time.perf_counter() - started
+        self.forward_seconds = 0.0
 
     def forward(self, ids: torch.Tensor) -> Kept:
         started = time.perf_counter()
@@ -161,7 +162,7 @@ class Runner:
                 hint="the model's own forward pass raised this; check that it runs with transformers alone, "
                 "or try another --device",
             ) from None
-        self.seconds += time.perf_counter() - started
+        self.forward_seconds += time.perf_counter() - started
         return kept
 
     def close(self) -> None:
@@ -285,7 +286,13 @@ def _report(prepared: Prepared, tally: Tally, orig: Runner, quant: Runner, secon
             "max_tokens": request.max_tokens,
         },
         layers=tuple(LayerReport.of(name, error) for name, error in zip(orig.layer_names, tally.layers, strict=True)),
-        seconds={"orig": round(orig.seconds, 3), "quant": round(quant.seconds, 3), "total": round(seconds, 3)},
+        seconds={
+            "orig_load": round(orig.load_seconds, 3),
+            "orig_forward": round(orig.forward_seconds, 3),
+            "quant_load": round(quant.load_seconds, 3),
+            "quant_forward": round(quant.forward_seconds, 3),
+            "total": round(seconds, 3),
+        },
         causal=causal_summary(scores) if pair.causal else None,
         encoder=encoder_summary(cosines, tally.embeddings) if not pair.causal else None,
         gates=request.gates.as_dict(),

@@ -86,9 +86,11 @@ def render(report: EvalReport, verbose: bool) -> None:
             f"cosine {worst.cosine:.4f}); after the last, {last.name}: {100 * last.rel_l2:.2f}%, {last.cosine:.4f}"
             + ("" if verbose else " (-v: every layer)")
         )
-    seconds = report.seconds
+    s = report.seconds
+    forwards = s["orig_forward"] + s["quant_forward"]
+    rate = f" ({2 * texts['tokens'] / forwards:.0f} tokens/s)" if forwards > 0 else ""
     output.stdout.print(
-        f"time: ORIG {seconds['orig']:.1f} s, QUANT {seconds['quant']:.1f} s (loading included); "
-        f"{seconds['total']:.1f} s in all"
+        f"time: {s['total']:.1f} s — loading ORIG {s['orig_load']:.1f} s, QUANT {s['quant_load']:.1f} s; forwards "
+        f"ORIG {s['orig_forward']:.1f} s, QUANT {s['quant_forward']:.1f} s{rate}"
     )
     output.stdout.print(f"verdict: {report.verdict()}")
