@@ -59,30 +59,29 @@ class Independent:
     layer_rel_l2: list[float]  # all layers but the last (transformers' last hidden state is after the final norm)
 
 
-def independent(quant: Path, orig: Path, sequences: tuple[torch.Tensor, ...]) -> Independent:
+def independent(quant: Path, orig: Path, sequences: tuple[torch.Tensor, ...], device: str = "cpu") -> Independent:
     import transformers
 
-    q = transformers.AutoModelForCausalLM.from_pretrained(quant).eval()
-    o = transformers.AutoModelForCausalLM.from_pretrained(orig).eval()
+    q = transformers.AutoModelForCausalLM.from_pretrained(quant).eval()  # bitsandbytes puts it on the GPU if any
+    o = transformers.AutoModelForCausalLM.from_pretrained(orig).eval().to(device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("kld", "nll_q", "nll_base", "dp", "same_top1")}
     err2: list[float] = []
     ref2: list[float] = []
     with torch.no_grad():
         for ids in sequences:
+            ids = ids.to(device)
             out_q, out_o = q(ids[None], output_hidden_states=True), o(ids[None], output_hidden_states=True)
             logq = torch.log_softmax(out_q.logits[0, :-1].float(), dim=-1)
             logp = torch.log_softmax(out_o.logits[0, :-1].float(), dim=-1)
             kl = torch.nn.functional.kl_div(logq.double(), logp.double(), log_target=True, reduction="none")
             target = ids[1:]
-            lq, lp = (
-                logq.double()[torch.arange(target.numel()), target],
-                logp.double()[torch.arange(target.numel()), target],
-            )
-            parts["kld"].append(kl.sum(-1).numpy())
-            parts["nll_q"].append(-lq.numpy())
-            parts["nll_base"].append(-lp.numpy())
-            parts["dp"].append((lq.exp() - lp.exp()).numpy())
-            parts["same_top1"].append((logq.argmax(-1) == logp.argmax(-1)).numpy())
+            rows = torch.arange(target.numel(), device=target.device)
+            lq, lp = logq.double()[rows, target], logp.double()[rows, target]
+            parts["kld"].append(kl.sum(-1).cpu().numpy())
+            parts["nll_q"].append(-lq.cpu().numpy())
+            parts["nll_base"].append(-lp.cpu().numpy())
+            parts["dp"].append((lq.exp() - lp.exp()).cpu().numpy())
+            parts["same_top1"].append((logq.argmax(-1) == logp.argmax(-1)).cpu().numpy())
             hidden = list(zip(out_q.hidden_states[1:-1], out_o.hidden_states[1:-1], strict=True))
             if not err2:
                 err2, ref2 = [0.0] * len(hidden), [0.0] * len(hidden)

@@ -88,7 +88,7 @@ def render(report: EvalReport, verbose: bool) -> None:
         )
     s = report.seconds
     forwards = s["orig_forward"] + s["quant_forward"]
-    rate = f" ({2 * texts['tokens'] / forwards:.0f} tokens/s)" if forwards > 0 else ""
+    rate = f" ({texts['tokens'] / forwards:.0f} tokens/s through both)" if forwards > 0 else ""
     output.stdout.print(
         f"time: {s['total']:.1f} s — loading ORIG {s['orig_load']:.1f} s, QUANT {s['quant_load']:.1f} s; forwards "
         f"ORIG {s['orig_forward']:.1f} s, QUANT {s['quant_forward']:.1f} s{rate}"
