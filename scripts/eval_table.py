@@ -105,10 +105,12 @@ def main() -> int:
 
     print(f"\n$ .venv/bin/python scripts/eval_table.py   # {time.strftime('%Y-%m-%d')}")
     print(
-        f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}, torch {torch.__version__}"
+        f"{platform.machine()}, {os.cpu_count()} cores, {platform.processor() or platform.platform()}, "
+        f"torch {torch.__version__}"
     )
     print(
-        "| model | preset | mean KLD (LM) / embedding cosine | 99% KLD / token cosine | same top-1 / same NN | PPL ratio | bnb eval |"
+        "| model | preset | mean KLD (LM) / embedding cosine | 99% KLD / token cosine | same top-1 / same NN "
+        "| PPL ratio | bnb eval |"
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(lines))
