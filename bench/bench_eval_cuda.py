@@ -124,7 +124,8 @@ def main() -> int:
     device = torch.cuda.get_device_name(0)
     print(
         f"\n{time.strftime('%Y-%m-%d')}, {device}, torch {torch.__version__}, {platform.node()}: "
-        f"`bnb eval --device cuda` on the {args.layers}-layer Llama-8B-shaped checkpoint ({args.scheme}, random weights), "
+        f"`bnb eval --device cuda` on the {args.layers}-layer Llama-8B-shaped checkpoint "
+        f"({args.scheme}, random weights), "
         f"{args.tokens} tokens in windows of {args.context}"
     )
     print(
