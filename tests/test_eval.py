@@ -206,3 +206,21 @@ def test_windows_cut_the_joined_stream() -> None:
     assert capped.tokens == 120 and torch.cat(capped.ids).tolist() == stream[:120]
     with pytest.raises(InputError, match="longer than the model's context"):
         tokenize(tok, texts, context=None, limit=16, max_tokens=None)
+
+
+def test_builtin_texts_ship_in_the_wheel() -> None:
+    """pyproject's package-data carries texts.txt beside bnbcli/eval (the wheel has no other copy)."""
+    import fnmatch
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "bnbcli.eval" in setuptools["packages"]
+    patterns = setuptools["package-data"]["bnbcli.eval"]
+    shipped = [p.name for p in (root / "bnbcli" / "eval").iterdir() if p.suffix != ".py" and p.is_file()]
+    assert shipped == ["texts.txt"] and any(fnmatch.fnmatch("texts.txt", pattern) for pattern in patterns)
