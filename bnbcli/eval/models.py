@@ -24,6 +24,7 @@ from bnbcli.dequantize_plan import plan_component
 from bnbcli.errors import BackendUnavailable, InputError, UsageError
 from bnbcli.inspect.activations import _causal as is_causal_lm
 from bnbcli.inspect.activations import _first_line as first_line
+from bnbcli.inspect.activations import _import_transformers
 
 NOT_ITS_SOURCE = "--against must be the checkpoint QUANT was quantized from"
 TOKENIZER_HINT = (
@@ -49,14 +50,7 @@ class Pair:
 
 
 def import_transformers() -> Any:
-    try:
-        import transformers
-    except Exception as exc:
-        raise BackendUnavailable(
-            f"bnb eval needs transformers, which cannot be imported ({type(exc).__name__})",
-            hint="pip install 'bnbcli[hf]'",
-        ) from None
-    return transformers
+    return _import_transformers("bnb eval")
 
 
 def open_pair(quant: str, against: str | None) -> Pair:
@@ -192,18 +186,6 @@ def load_tokenizer(transformers: Any, pair: Pair) -> Any:
             return tokenizer
     why = f" ({first_line(last)})" if last is not None else " (no vocabulary found)"
     raise InputError(f"no tokenizer beside QUANT or ORIG{why}", hint=TOKENIZER_HINT)
-
-
-def max_positions(config: Any, tokenizer: Any) -> int | None:
-    """The longest sequence the model takes: its position embeddings, or the tokenizer's limit."""
-    limits = []
-    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append(positions)
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        limits.append(model_max)
-    return min(limits) if limits else None
 
 
 def layer_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -39,13 +39,13 @@ from bnbcli.eval.models import (
     import_transformers,
     load_model,
     load_tokenizer,
-    max_positions,
     open_pair,
     resolve_device,
 )
 from bnbcli.eval.report import EvalReport, LayerReport, causal_summary, encoder_summary
 from bnbcli.eval.texts import Sequences, builtin_texts, tokenize
 from bnbcli.inspect.activations import _silent as silent_libraries
+from bnbcli.inspect.activations import model_context
 
 Progress = Callable[[int], None]  # tokens run through a model
 
@@ -92,7 +92,7 @@ def prepare(request: EvalRequest) -> Prepared:
         config = transformers.AutoConfig.from_pretrained(str(pair.quant.root), local_files_only=True)
         tokenizer = load_tokenizer(transformers, pair)
     texts = list(request.texts) if request.texts is not None else builtin_texts()
-    sequences = tokenize(tokenizer, texts, request.context, max_positions(config, tokenizer), request.max_tokens)
+    sequences = tokenize(tokenizer, texts, request.context, model_context(config, tokenizer), request.max_tokens)
     vocab = int(getattr(config.get_text_config(), "vocab_size", 0) or 0) if pair.causal else 0
     longest = max(int(s.numel()) for s in sequences.ids)
     plan = plan_memory(
