@@ -22,53 +22,52 @@ FITS = (
 )
 
 
+Quant = Annotated[
+    str, typer.Argument(help="A bitsandbytes checkpoint (folder or Hub repo id), e.g. bnb quantize's OUT.")
+]
+Against = Annotated[
+    str | None,
+    typer.Option("--against", help="The original (folder or Hub repo id); default: the source in QUANT's manifest."),
+]
+TextFile = Annotated[
+    Path | None, typer.Option("--text-file", help="One text per line (default: ~3,200 built-in tokens).")
+]
+Context = Annotated[int | None, typer.Option("--context", help="Join the texts and run them in windows of N tokens.")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Stop after N tokens.")]
+Device = Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")]
+OneAtATime = Annotated[
+    bool, typer.Option("--one-at-a-time", help="Run ORIG over every text first, keep its top-k, free it, then QUANT.")
+]
+TopK = Annotated[str, typer.Option("--top-k", help="One at a time: ORIG's tokens kept per position (all: exact).")]
+MaxMemory = Annotated[
+    str | None, typer.Option("--max-memory", help="Memory the run may use on the device, e.g. 20GB (default: free).")
+]
+MaxKld = Annotated[float | None, typer.Option("--max-kld", help="Gate: mean KLD above X fails.")]
+MinTop1 = Annotated[float | None, typer.Option("--min-top1", help="Gate: same top-1 share (0-1) below X fails.")]
+MaxPplRatio = Annotated[float | None, typer.Option("--max-ppl-ratio", help="Gate: PPL(QUANT)/PPL(ORIG) above X fails.")]
+MinCosine = Annotated[
+    float | None, typer.Option("--min-cosine", help="Gate: output cosine below X fails (encoders: embedding cosine).")
+]
+ReportFile = Annotated[
+    Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+]
+
+
 def eval_command(
-    quant: Annotated[
-        str, typer.Argument(help="A bitsandbytes checkpoint (folder or Hub repo id), e.g. bnb quantize's OUT.")
-    ],
-    against: Annotated[
-        str | None,
-        typer.Option(
-            "--against", help="The original (folder or Hub repo id); default: the source in QUANT's manifest."
-        ),
-    ] = None,
-    text_file: Annotated[
-        Path | None, typer.Option("--text-file", help="One text per line (default: ~3,200 built-in tokens).")
-    ] = None,
-    context: Annotated[
-        int | None, typer.Option("--context", help="Join the texts and run them in windows of N tokens.")
-    ] = None,
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Stop after N tokens.")] = None,
-    device: Annotated[
-        str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")
-    ] = "auto",
-    one_at_a_time: Annotated[
-        bool,
-        typer.Option(
-            "--one-at-a-time", help="Run ORIG over every text first, keep its top-k, free it, then run QUANT."
-        ),
-    ] = False,
-    top_k: Annotated[
-        str, typer.Option("--top-k", help="One at a time: ORIG's tokens kept per position (all: exact).")
-    ] = str(DEFAULT_TOP_K),
-    max_memory: Annotated[
-        str | None,
-        typer.Option("--max-memory", help="Memory the run may use on the device, e.g. 20GB (default: what is free)."),
-    ] = None,
-    max_kld: Annotated[float | None, typer.Option("--max-kld", help="Gate: mean KLD above X fails.")] = None,
-    min_top1: Annotated[
-        float | None, typer.Option("--min-top1", help="Gate: same top-1 share (0-1) below X fails.")
-    ] = None,
-    max_ppl_ratio: Annotated[
-        float | None, typer.Option("--max-ppl-ratio", help="Gate: PPL(QUANT)/PPL(ORIG) above X fails.")
-    ] = None,
-    min_cosine: Annotated[
-        float | None,
-        typer.Option("--min-cosine", help="Gate: output cosine below X fails (encoders: smallest embedding cosine)."),
-    ] = None,
-    report_file: Annotated[
-        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
-    ] = None,
+    quant: Quant,
+    against: Against = None,
+    text_file: TextFile = None,
+    context: Context = None,
+    max_tokens: MaxTokens = None,
+    device: Device = "auto",
+    one_at_a_time: OneAtATime = False,
+    top_k: TopK = str(DEFAULT_TOP_K),
+    max_memory: MaxMemory = None,
+    max_kld: MaxKld = None,
+    min_top1: MinTop1 = None,
+    max_ppl_ratio: MaxPplRatio = None,
+    min_cosine: MinCosine = None,
+    report_file: ReportFile = None,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     verbose: VerboseFlag = False,

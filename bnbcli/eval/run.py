@@ -173,12 +173,12 @@ class Runner:
             torch.cuda.empty_cache()
 
 
-def reduce_orig(kept: Kept, ids: torch.Tensor, top_k: int | None, keep_hidden: bool) -> Kept:
+def reduce_orig(kept: Kept, ids: torch.Tensor, top_k: int | None) -> Kept:
     """ORIG's forward reduced to what the comparison needs: the reference (top-k or whole) for a causal LM."""
-    if kept.logp is not None:
-        targets = ids[1:].to(kept.logp.device)
-        kept = replace(kept, reference=keep_reference(kept.logp, targets, top_k), logp=None)
-    return kept if keep_hidden else replace(kept, hidden=[])
+    if kept.logp is None:
+        return kept
+    targets = ids[1:].to(kept.logp.device)
+    return replace(kept, reference=keep_reference(kept.logp, targets, top_k), logp=None)
 
 
 def to_host(kept: Kept) -> Kept:
@@ -227,7 +227,7 @@ def _side_by_side(prepared: Prepared, progress: Progress) -> tuple[Tally, Runner
     quant = Runner(prepared, "QUANT")
     tally = Tally([HiddenError() for _ in orig.tap.names])
     for ids in prepared.sequences.ids:
-        kept = reduce_orig(orig.forward(ids), ids, None, keep_hidden=True)
+        kept = reduce_orig(orig.forward(ids), ids, None)
         tally.add(kept, quant.forward(ids), prepared.device)
         progress(int(ids.numel()))
     quant.close()
@@ -240,7 +240,7 @@ def _one_at_a_time(prepared: Prepared, progress: Progress) -> tuple[Tally, Runne
     kept_all: list[Kept] = []
     budget = HIDDEN_BUDGET
     for ids in prepared.sequences.ids:
-        kept = to_host(reduce_orig(orig.forward(ids), ids, prepared.plan.top_k, keep_hidden=True))
+        kept = to_host(reduce_orig(orig.forward(ids), ids, prepared.plan.top_k))
         layer_bytes = kept_bytes(replace(kept, reference=None))
         if layer_bytes > budget:
             kept = replace(kept, hidden=[])
