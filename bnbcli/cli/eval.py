@@ -100,6 +100,11 @@ def eval_command(
     enabled = not (json_output or quiet or no_progress)
     with output.CountProgress(prepared.total_tokens, "tokens", enabled=enabled) as bar:
         report = evaluate(prepared, bar.advance)
+    _emit(report, report_file, json_output, quiet, verbose)
+
+
+def _emit(report: EvalReport, report_file: Path | None, json_output: bool, quiet: bool, verbose: bool) -> None:
+    """The HTML report, stdout (JSON or the table), then the gates: each failure named, exit 1."""
     if report_file is not None:
         _write_html(report, report_file)
     if json_output:
