@@ -62,7 +62,8 @@ class Independent:
 def independent(quant: Path, orig: Path, sequences: tuple[torch.Tensor, ...], device: str = "cpu") -> Independent:
     import transformers
 
-    q = transformers.AutoModelForCausalLM.from_pretrained(quant).eval()  # bitsandbytes puts it on the GPU if any
+    placed = {} if device == "cpu" else {"device_map": {"": device}}
+    q = transformers.AutoModelForCausalLM.from_pretrained(quant, **placed).eval()
     o = transformers.AutoModelForCausalLM.from_pretrained(orig).eval().to(device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("kld", "nll_q", "nll_base", "dp", "same_top1")}
     err2: list[float] = []
