@@ -173,6 +173,16 @@ def load_model(transformers: Any, source: ModelSource, causal: bool, device: tor
     return model
 
 
+def load_config(transformers: Any, pair: Pair) -> Any:
+    try:
+        return transformers.AutoConfig.from_pretrained(str(pair.quant.root), local_files_only=True)
+    except Exception as exc:
+        raise InputError(
+            f"transformers {transformers.__version__} cannot read QUANT's config.json: {first_line(exc)}",
+            hint="bnb eval runs models transformers knows (an unknown model_type needs a newer transformers)",
+        ) from None
+
+
 def load_tokenizer(transformers: Any, pair: Pair) -> Any:
     """QUANT's own tokenizer (bnb quantize copies it), else ORIG's."""
     last: BaseException | None = None

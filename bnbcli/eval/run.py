@@ -37,6 +37,7 @@ from bnbcli.eval.models import (
     Pair,
     first_line,
     import_transformers,
+    load_config,
     load_model,
     load_tokenizer,
     open_pair,
@@ -67,7 +68,7 @@ class EvalRequest:
 
 @dataclass(frozen=True)
 class Prepared:
-    """Everything checked before a model loads; ``passes`` × ``sequences.tokens`` is the progress total."""
+    """Everything checked before a model loads, and the memory plan."""
 
     request: EvalRequest
     pair: Pair
@@ -78,6 +79,7 @@ class Prepared:
 
     @property
     def total_tokens(self) -> int:
+        """The progress bar's total: each model runs every token, one pass side by side, two one at a time."""
         return self.sequences.tokens * (1 if self.plan.side_by_side else 2)
 
 
@@ -89,7 +91,7 @@ def prepare(request: EvalRequest) -> Prepared:
     device = resolve_device(request.device)
     transformers = import_transformers()
     with silent_libraries(transformers):
-        config = transformers.AutoConfig.from_pretrained(str(pair.quant.root), local_files_only=True)
+        config = load_config(transformers, pair)
         tokenizer = load_tokenizer(transformers, pair)
     texts = list(request.texts) if request.texts is not None else builtin_texts()
     sequences = tokenize(tokenizer, texts, request.context, model_context(config, tokenizer), request.max_tokens)
@@ -115,8 +117,8 @@ def prepare(request: EvalRequest) -> Prepared:
 class Kept:
     """What the comparison needs of one model's forward on one sequence."""
 
-    reference: Reference | None  # causal LM: ORIG's next-token data (for QUANT: its full log-probabilities)
-    logp: torch.Tensor | None  # causal LM: [n − 1, V] float32 (QUANT's, or ORIG's before it is reduced)
+    reference: Reference | None  # causal LM, ORIG: its next-token data (reduce_orig)
+    logp: torch.Tensor | None  # causal LM: [n − 1, V] float32 (QUANT's; ORIG's until reduce_orig)
     last: torch.Tensor | None  # encoder: the last hidden state [n, hidden]
     hidden: list[torch.Tensor]  # each layer's output [n, hidden]; empty when not kept
 

@@ -34,7 +34,7 @@ def causal_rows(c: CausalSummary) -> list[tuple[str, str]]:
     rows += [(f"{name} KLD", _num(c.kld_percentiles[name], 6)) for name in ("max", "99.9%", "99%", "95%", "90%")]
     rows.append(("median KLD", _num(c.kld_percentiles["median"], 6)))
     if c.kld_bound_max > 0:
-        rows.append(("top-k error of mean KLD", f"≤ +{c.kld_bound_mean:.6f} (KLD is never below the figures)"))
+        rows.append(("top-k error of mean KLD", f"≤ +{c.kld_bound_mean:.6f} (the exact mean is not below the figure)"))
     rows.append(("same top-1", _est(c.same_top1, 3, 100, " %")))
     rows.append(("RMS Δp", _est(c.rms_dp, 3, 100, " %")))
     return rows
