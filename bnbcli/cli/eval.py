@@ -17,8 +17,8 @@ from bnbcli.eval.texts import read_text_file
 from bnbcli.units import parse_size
 
 FITS = (
-    "Memory, defaults (bf16 ORIG, nf4 QUANT, one GPU): both side by side up to ~8B parameters on 24-40 GB, "
-    "~26B on 80 GB, ~48B on 141 GB; one at a time (ORIG alone must fit) up to ~10B, ~18B (40 GB), ~38B, ~68B."
+    "Memory, defaults (bf16 ORIG, nf4 QUANT, one GPU): side by side up to ~8B parameters on 24 GB, ~14B on 40 GB, "
+    "~29B on 80 GB, ~53B on 141 GB; one at a time (ORIG alone must fit) up to ~10B, ~18B, ~38B, ~68B."
 )
 
 

@@ -13,9 +13,9 @@ is then freed, and QUANT runs. The device never holds both models; KLD is within
 (bnbcli/eval/compare.py), exact when k is the vocabulary (``--top-k all``).
 
 With the defaults (ORIG in bf16, QUANT nf4, 512-token texts, Llama-3-sized vocabulary) a model of P billion
-parameters needs about 2P GB for ORIG and 0.6P + 1 GB for QUANT, so on one GPU side by side is chosen up to
-~8B on 24 GB and 40 GB cards, ~26B on 80 GB, ~48B on 141 GB; one at a time, ORIG alone must fit:
-~10B on 24 GB, ~18B on 40 GB, ~38B on 80 GB, ~68B on 141 GB. Bigger models do not fit one GPU in bf16.
+parameters needs about 2P GB for ORIG and 0.6P + 1 GB for QUANT, plus ~2 GB of workspace and context: on
+one GPU side by side is chosen up to ~8B parameters on 24 GB, ~14B on 40 GB, ~29B on 80 GB, ~53B on
+141 GB; one at a time ORIG alone must fit: ~10B, ~18B, ~38B, ~68B. Bigger models do not fit one GPU in bf16.
 """
 
 from __future__ import annotations
