@@ -21,9 +21,10 @@ from golden import golden_dir
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
-from bnbcli.errors import InputError
+from bnbcli.errors import InputError, UsageError
+from bnbcli.eval.html import render_html
 from bnbcli.eval.run import EvalRequest, evaluate, prepare
-from bnbcli.eval.texts import builtin_texts, tokenize
+from bnbcli.eval.texts import builtin_texts, read_text_file, tokenize
 
 CONTEXT, MAX_TOKENS = 64, 640  # gpt2 and opt take 128 positions
 
@@ -172,6 +173,8 @@ def test_minilm_cosines_equal_an_independent_computation(minilm) -> None:
     assert e.same_neighbour.value == same.mean()
     assert len(report.layers) == 6 and 0 < e.embedding_cosine_min < 1
     assert report.output_cosine == e.embedding_cosine_min
+    html = render_html(report)
+    assert html.count("<svg") == 2 and "1 − cosine per token" in html and "encoder.layer.5" in html
 
 
 # --- texts --------------------------------------------------------------------------------------------------
@@ -224,3 +227,14 @@ def test_builtin_texts_ship_in_the_wheel() -> None:
     patterns = setuptools["package-data"]["bnbcli.eval"]
     shipped = [p.name for p in (root / "bnbcli" / "eval").iterdir() if p.suffix != ".py" and p.is_file()]
     assert shipped == ["texts.txt"] and any(fnmatch.fnmatch("texts.txt", pattern) for pattern in patterns)
+
+
+def test_a_text_file_is_one_text_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "texts.txt"
+    path.write_text("first line\n\n  second line  \n", encoding="utf-8")
+    assert read_text_file(path) == ["first line", "second line"]
+    path.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(UsageError, match="holds no text"):
+        read_text_file(path)
+    with pytest.raises(UsageError, match="cannot read it"):
+        read_text_file(tmp_path / "missing.txt")

@@ -73,6 +73,19 @@ def test_failed_gates_exit_1_and_name_each_gate(gpt2, tmp_path: Path) -> None:
     assert "transformer.h.1" in html and "--max-kld" in html
 
 
+def test_quiet_prints_nothing_and_a_text_file_is_read(gpt2, tmp_path: Path) -> None:
+    quant, orig = gpt2
+    texts = tmp_path / "texts.txt"
+    texts.write_text("The ferry left the harbour late.\nSELECT name FROM users WHERE id = 7;\n", encoding="utf-8")
+    done = run_bnb("eval", str(quant), "--against", str(orig), "--text-file", str(texts), "--device", "cpu", "-q")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    done = run_bnb("eval", str(quant), "--against", str(orig), "--text-file", str(texts), "--device", "cpu", "--json")
+    assert json.loads(done.stdout)["texts"] | {"tokens": 0} == {
+        "source": str(texts), "texts": 2, "sequences": 2, "tokens": 0, "context": None, "max_tokens": None,
+    }  # fmt: skip
+
+
 def _different_llama(folder: Path) -> Path:
     """A Llama with the golden llama's layer names but another hidden size."""
     from transformers import LlamaConfig, LlamaForCausalLM
