@@ -39,8 +39,11 @@ class MemoryPlan:
     needed_side_by_side: int  # bytes, estimated
     available: int | None  # bytes free for the run (None: unknown)
     reason: str
+    logits: bool = True  # a causal LM (an encoder keeps hidden states only)
 
     def describe(self) -> str:
+        if not self.logits:
+            return "side by side" if self.side_by_side else "one at a time, ORIG's hidden states kept"
         if self.side_by_side:
             return "side by side, exact over the whole vocabulary"
         kept = "the whole vocabulary" if self.top_k is None else f"top-{self.top_k}"
@@ -81,11 +84,11 @@ def plan_memory(
     workspace = LOGIT_COPIES * longest * vocab * 4 + (CUDA_CONTEXT if device.type == "cuda" else 0)
     needed = orig_bytes + quant_bytes + workspace
     available = max_memory if max_memory is not None else free_memory(device)
+    logits = vocab > 0
     if one_at_a_time:
-        return MemoryPlan(False, top_k, needed, available, "--one-at-a-time")
+        return MemoryPlan(False, top_k, needed, available, "--one-at-a-time", logits)
     if available is None or needed <= available:
         where = "memory free unknown" if available is None else f"{human_bytes(available)} free"
-        return MemoryPlan(True, None, needed, available, f"both fit: {human_bytes(needed)} needed, {where}")
-    return MemoryPlan(
-        False, top_k, needed, available, f"both need {human_bytes(needed)}, {human_bytes(available)} free on {device}"
-    )
+        return MemoryPlan(True, None, needed, available, f"both fit: {human_bytes(needed)} needed, {where}", logits)
+    why = f"both need {human_bytes(needed)}, {human_bytes(available)} free on {device}"
+    return MemoryPlan(False, top_k, needed, available, why, logits)
