@@ -112,22 +112,18 @@ class ByteProgress:
         self._progress: Any = None
         self._task: Any = None
 
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        return BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
+
     def __enter__(self) -> ByteProgress:
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import Progress
 
             self._progress = Progress(
                 "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                *self._columns(),
                 console=stderr,
                 transient=True,
             )
@@ -142,3 +138,12 @@ class ByteProgress:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+class CountProgress(ByteProgress):
+    """The same bar, counting things (tokens) rather than bytes."""
+
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()

@@ -12,6 +12,7 @@ from rich.markup import escape
 from bnbcli import __version__, interrupts, output
 from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.env import env
+from bnbcli.cli.eval import eval_command
 from bnbcli.cli.footprint import footprint_command
 from bnbcli.cli.inspect import inspect_command
 from bnbcli.cli.quantize import quantize
@@ -56,6 +57,7 @@ app.command(epilog=EPILOG)(env)
 app.command(epilog=EPILOG)(dequantize)
 app.command("footprint", epilog=EPILOG)(footprint_command)
 app.command("inspect", epilog=EPILOG)(inspect_command)
+app.command("eval", epilog=EPILOG)(eval_command)
 
 
 def _debugging() -> bool:

@@ -412,12 +412,12 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
-def _import_transformers() -> Any:
+def _import_transformers(feature: str = "--activations") -> Any:
     try:
         import transformers
     except Exception as exc:
         raise BackendUnavailable(
-            f"--activations needs transformers, which cannot be imported ({type(exc).__name__})",
+            f"{feature} needs transformers, which cannot be imported ({type(exc).__name__})",
             hint="pip install 'bnbcli[hf]'",
         ) from None
     return transformers
@@ -504,15 +504,22 @@ def _load_tokenizer(transformers: Any, model_dir: Path) -> Any:
     return tokenizer
 
 
-def _max_length(config: Any, tokenizer: Any) -> int:
-    limits = [MAX_TOKENS]
+def model_context(config: Any, tokenizer: Any) -> int | None:
+    """The longest sequence the model takes: its position embeddings, or the tokenizer's limit (None: neither
+    says)."""
+    limits = []
     positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 0 < model_max < 1_000_000:
         limits.append(model_max)
-    return min(limits)
+    return min(limits) if limits else None
+
+
+def _max_length(config: Any, tokenizer: Any) -> int:
+    limit = model_context(config, tokenizer)
+    return MAX_TOKENS if limit is None else min(MAX_TOKENS, limit)
 
 
 # --- the criteria -------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ class NotImportable(NotKnown):
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence the libraries' config warnings and bitsandbytes' import-time notices: output.py alone
+    """Silence the libraries' config warnings and the notices of bitsandbytes and its kernel hub: output.py alone
     writes to the terminal, and the plan's reason already says what was built."""
-    saved = {name: logging.getLogger(name).level for name in ("transformers", "diffusers", "bitsandbytes")}
+    saved = {name: logging.getLogger(name).level for name in ("transformers", "diffusers", "bitsandbytes", "kernels")}
     try:
         for name in saved:
             logging.getLogger(name).setLevel(logging.ERROR)
