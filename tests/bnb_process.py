@@ -18,6 +18,10 @@ from safetensors.torch import save_file
 COMMAND = [sys.executable, "-c", "from bnbcli.entry import main; main()"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
+# How long a test waits for a process or an event before calling it a hang: a guard, never a speed limit
+# (the suite runs beside other work on 2 cores; a run that takes 10 s alone can take minutes there).
+HANG_SECONDS = 900
+
 
 def bnb_env() -> dict[str, str]:
     env = dict(os.environ)
@@ -27,7 +31,7 @@ def bnb_env() -> dict[str, str]:
 
 
 def run_bnb(
-    *args: str, timeout: float = 120, env: dict[str, str] | None = None, **popen: object
+    *args: str, timeout: float = HANG_SECONDS, env: dict[str, str] | None = None, **popen: object
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*COMMAND, *args],
@@ -127,7 +131,7 @@ def interruptible_bnb(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def wait_for_handlers(proc: subprocess.Popen[str], timeout: float = 60) -> None:
+def wait_for_handlers(proc: subprocess.Popen[str], timeout: float = HANG_SECONDS) -> None:
     """Until ``proc`` catches SIGTERM (the SigCgt mask in /proc): bnb's signal handlers are in place.
     Before that, Python itself is starting, and no program can answer a signal."""
     deadline = time.monotonic() + timeout

@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 import typer
-from bnb_process import debris, interruptible_bnb, snapshot, wait_for_handlers
+from bnb_process import HANG_SECONDS, debris, interruptible_bnb, snapshot, wait_for_handlers
 from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
@@ -642,7 +642,7 @@ def _signal_run(rng: random.Random, args: list[str], out: Path) -> list[tuple[st
         time.sleep(delay)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signum)
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     finally:
         if proc.poll() is None:
             proc.kill()

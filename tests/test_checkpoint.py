@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from bnb_process import HANG_SECONDS
 from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
@@ -314,7 +315,7 @@ def test_hub_env_variables_in_a_fresh_process(tmp_path: Path) -> None:
     make_hub_cache(cache, "org/name", {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()}, "b" * 40)
     code = "from bnbcli.checkpoint.source import open_checkpoint as o; c = o('org/name'); print(c.revision, c.kind)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["b" * 40, "model"]
 
@@ -653,7 +654,7 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
     changed.write_bytes(b"b" * 50_000)
     hashing.hash_sources_early(str(src))
     for _, future in list(hashing._early.values()):
-        future.result(timeout=30)
+        future.result(timeout=HANG_SECONDS)
     changed.write_bytes(b"c" * 50_001)  # other bytes and size after the early digest
 
     read_again = []
@@ -672,7 +673,7 @@ def _early_digests(hashing: Any, src: Path, tmp_path: Path) -> dict[str, Any]:
     for path in sorted(src.glob("*.safetensors")):
         _, future = hashing._early.pop(os.path.realpath(path))
         try:
-            outcomes[path.name] = future.result(timeout=60)
+            outcomes[path.name] = future.result(timeout=HANG_SECONDS)
         except Exception as exc:
             outcomes[path.name] = exc
     return outcomes
@@ -760,7 +761,7 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
     disk_free = threading.Event()
 
     def slow_writeback(fd: int, offset: int, length: int) -> None:
-        disk_free.wait(timeout=120)  # a disk whose queue stays full until the test frees it
+        disk_free.wait(timeout=HANG_SECONDS)  # a disk whose queue stays full until the test frees it
         made.append((fd, offset, length))
 
     real_fsync = os.fsync

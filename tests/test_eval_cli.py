@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from bnb_process import EXIT_FAILED, EXIT_USAGE, run_bnb
+from bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
 from eval_models import golden_pair, tokenizer, with_tokenizer
 from golden import golden_dir
 from peak_rss import peak_rss
@@ -177,7 +177,7 @@ def wide_vocab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, in
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(orig)
     tokenizer().save_pretrained(orig)
     quant = root / "int8"
-    done = run_bnb("quantize", str(orig), str(quant), "--scheme", "int8", "-q", timeout=300)
+    done = run_bnb("quantize", str(orig), str(quant), "--scheme", "int8", "-q", timeout=HANG_SECONDS)
     assert done.returncode == 0, done.stderr
     return quant, orig, 2 * 32000 * 512 * 4
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from bnb_process import HANG_SECONDS
 from golden import golden_dir
 from test_dequantize_cli import bnb
 
@@ -110,7 +111,7 @@ def test_70b_headers_answer_with_flat_memory(tmp_path: Path) -> None:
         [sys.executable, "-c", _CHILD, str(MODELS / "llama" / "src"), str(small), str(src)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_SECONDS,
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)},  # freed blocks leave RSS (test_quantize_memory)
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import EXIT_FAILED, EXIT_USAGE, run_bnb
+from bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
 from golden import golden_dir
 from safetensors.torch import save_file
 
@@ -227,5 +227,7 @@ def test_without_activations_the_module_is_not_imported(model: Path) -> None:
     )
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=HANG_SECONDS
+    )
     assert result.returncode == 0, result.stderr

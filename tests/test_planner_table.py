@@ -23,6 +23,7 @@ from bnbcli.scheme import QuantScheme
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_planner_table as maker
+from bnb_process import HANG_SECONDS
 
 FAMILIES = ("llama", "qwen2_tied", "gpt2", "opt", "flux_tiny")
 
@@ -68,7 +69,9 @@ def test_a_plan_from_the_table_imports_no_transformers() -> None:
         "('transformers', 'diffusers', 'accelerate'))]))\n"
     )
     src = golden_dir() / "models" / "llama" / "src"
-    result = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=HANG_SECONDS
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     reason, imported = json.loads(result.stdout.splitlines()[-1])
     assert "planner table" in reason

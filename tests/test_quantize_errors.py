@@ -31,6 +31,7 @@ from bnb_process import (  # tests/ is on sys.path (conftest.py)
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    HANG_SECONDS,
     assert_no_debris,
     interruptible_bnb,
     long_checkpoint,
@@ -413,7 +414,7 @@ def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--no-progress")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     shown = f"exit {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     assert proc.returncode == EXIT_INTERRUPTED, shown
     assert stderr.splitlines() == ["error: interrupted"], shown
@@ -432,7 +433,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     before = tree_digest(tmp_path)
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress")
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_SECONDS
         tmp_dir = tmp_path / f".out.bnb-tmp-{proc.pid}"
         shard = tmp_dir / "model.safetensors"
         while True:
@@ -446,7 +447,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert (tmp_path / ".out.bnb-lock").is_file()
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -15,7 +15,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bnb_process import COMMAND, EXIT_FAILED, assert_no_debris, bnb_env, long_checkpoint, run_bnb, tree_digest
+from bnb_process import (
+    COMMAND,
+    EXIT_FAILED,
+    HANG_SECONDS,
+    assert_no_debris,
+    bnb_env,
+    long_checkpoint,
+    run_bnb,
+    tree_digest,
+)
 from typer.testing import CliRunner
 
 from bnbcli.cli.main import app
@@ -100,7 +109,7 @@ def test_second_run_on_the_same_out_fails_cleanly(tmp_path: Path) -> None:
     )
     try:
         lock, shard = tmp_path / ".out.bnb-lock", tmp_path / f".out.bnb-tmp-{first.pid}" / "model.safetensors"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_SECONDS
         while not (lock.exists() and shard.exists() and shard.stat().st_size > 0):
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first run never started writing"
@@ -113,7 +122,7 @@ def test_second_run_on_the_same_out_fails_cleanly(tmp_path: Path) -> None:
         assert second.exit_code == EXIT_FAILED, second.output
         message = second.exception.message  # type: ignore[union-attr]
         assert message == f"another bnb (pid {first.pid}) is writing {out}", message
-        _, stderr = first.communicate(timeout=120)
+        _, stderr = first.communicate(timeout=HANG_SECONDS)
     finally:
         if first.poll() is None:
             first.kill()
@@ -217,7 +226,7 @@ def _killed_after_shards(src: Path, out: Path, shards: int) -> None:
         env=bnb_env(),
     )
     journal = out.parent / f".{out.name}.bnb-tmp-{proc.pid}" / ".bnb-journal.json"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_SECONDS
     try:
         while True:
             assert proc.poll() is None, "the run finished before it could be killed"

@@ -19,7 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bnb_process import assert_no_debris, interruptible_bnb, long_checkpoint, tree_digest, wait_for_handlers
+from bnb_process import (
+    HANG_SECONDS,
+    assert_no_debris,
+    interruptible_bnb,
+    long_checkpoint,
+    tree_digest,
+    wait_for_handlers,
+)
 
 from bnbcli import entry, interrupts
 
@@ -30,7 +37,7 @@ EXPECTED = {
 
 
 def outcome(proc: subprocess.Popen[str], signum: int, out: Path) -> str:
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     shown = f"{signal.Signals(signum).name}: exit {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     code, lines = EXPECTED[signal.Signals(signum)]
     if proc.returncode == 0:  # it finished first: then OUT is whole
@@ -96,7 +103,7 @@ def test_a_signal_mid_run_cleans_up(signum: int, tmp_path: Path) -> None:
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress")
     try:
         shard = tmp_path / f".out.bnb-tmp-{proc.pid}" / "model.safetensors"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_SECONDS
         while not (shard.exists() and shard.stat().st_size > 0):
             assert proc.poll() is None, f"finished before it could be stopped: {proc.communicate()}"
             assert time.monotonic() < deadline, "no shard data appeared within 60 s"
@@ -146,7 +153,7 @@ def test_ctrl_c_inside_torchs_native_import_callback_exits_130_not_abort() -> No
 
     def run(handler: str) -> subprocess.CompletedProcess[str]:
         program = [sys.executable, "-c", SIGNAL_IN_TORCH_CALLBACK, handler]
-        return subprocess.run(program, capture_output=True, text=True, timeout=120)
+        return subprocess.run(program, capture_output=True, text=True, timeout=HANG_SECONDS)
 
     raising = run("raising")
     assert raising.stdout == "sent\n", f"the hook no longer finds torch's callback: {raising}"
@@ -179,7 +186,7 @@ def test_a_signal_during_the_start_up_exits_at_once_without_raising_into_the_imp
         "import signalling\n"
         "print('went on', flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=HANG_SECONDS)
     code, lines = EXPECTED[signal.Signals[name]]
     assert (result.returncode, result.stderr.splitlines(), result.stdout) == (code, lines, ""), result
 
