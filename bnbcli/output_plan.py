@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,6 +78,7 @@ class QuantizePlan:
     checkpoint: Checkpoint
     scheme: QuantScheme
     components: tuple[ComponentPlan, ...]
+    keep_budget: Any = None  # a BudgetChoice (bnbcli/budget) when --keep-budget or --target-size chose modules
 
     @property
     def bytes_in(self) -> int:
@@ -304,4 +306,5 @@ def plan_summary(plan: QuantizePlan) -> dict:
         "bytes_out": plan.bytes_out,
         "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
         "warnings": warnings,  # also printed on stderr
+        "keep_budget": plan.keep_budget.as_dict() if plan.keep_budget is not None else None,
     }

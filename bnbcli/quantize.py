@@ -36,6 +36,7 @@ class QuantizeRequest:
     overwrite: bool = False
     resume: bool = False  # continue an interrupted run on OUT (checkpoint/journal.py)
     planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
+    budget: Any = None  # a bnbcli.budget.BudgetRequest: keep the modules that lose the most unquantized
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,16 @@ def open_source(request: QuantizeRequest) -> Checkpoint:
 def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
     """Headers only: what --dry-run prints and what execution obeys."""
     checkpoint = checkpoint or open_source(request)
-    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
+    opened = checkpoint
+    uniform = plan_quantize(opened, request.scheme, request.max_shard_size, request.planner)
+    if request.budget is None:
+        return uniform
+    from bnbcli.budget.apply import spend
+
+    def replan(scheme: QuantScheme) -> QuantizePlan:
+        return plan_quantize(opened, scheme, request.max_shard_size, request.planner)
+
+    return spend(uniform, request.budget, replan, opened.root)
 
 
 def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:

@@ -78,6 +78,8 @@ def build_manifest(
             setattr(stages, name, getattr(stages, name) + value)
     document = manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
     document["run"]["resumed_shards"] = sum(result.resumed_shards for result in results)
+    if plan.keep_budget is not None:  # --keep-budget / --target-size: the budget, the method, the scores
+        document["keep_budget"] = plan.keep_budget.as_dict()
     return document
 
 

@@ -8,14 +8,20 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from bnbcli import output
+from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
+    CalibrateFlag,
     Components,
+    KeepBudgetOption,
+    TargetSizeOption,
     JsonFlag,
     NoProgressFlag,
     OutArgument,
     OverwriteFlag,
     QuietFlag,
+    TextFileOption,
     VerboseFlag,
+
     components_option,
     output_path,
     size_option,
@@ -74,6 +80,10 @@ def quantize(
     planner: Annotated[
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
+    keep_budget: KeepBudgetOption = None,
+    target_size: TargetSizeOption = None,
+    calibrate: CalibrateFlag = False,
+    text_file: TextFileOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     overwrite: OverwriteFlag = False,
     resume: Annotated[
@@ -130,6 +140,7 @@ def quantize(
         overwrite=overwrite,
         resume=resume,
         planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
+        budget=budget_request(keep_budget, target_size, calibrate, text_file, backend),
         **request_kwargs,
     )
     if dry_run:
@@ -178,6 +189,10 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
         )
         if component["skip_modules"]:
             output.stdout.print(f"llm_int8_skip_modules: {', '.join(component['skip_modules'])}")
+    if summary["keep_budget"] is not None:
+        from bnbcli.cli.budget import render_choice
+
+        render_choice(summary["keep_budget"])
 
 
 def _render_timing(run: dict[str, Any]) -> None:
