@@ -58,10 +58,10 @@ def render_choice(choice: dict[str, Any], title: str = "kept in 16-bit by the bu
         table.add_row(str(kept["rank"]), kept["module"] + also, human_bytes(kept["bytes"]), f"{kept['score']:.4g}", rel)
     if choice["kept"]:
         output.stdout.print(table)
-    output.stdout.print(_outcome(choice))
+    output.stdout.print(outcome_line(choice))
 
 
-def _outcome(choice: dict[str, Any]) -> str:
+def outcome_line(choice: dict[str, Any]) -> str:
     kept, candidates = len(choice["kept"]), choice["candidates"]
     if choice["everything_kept"]:
         head = f"the budget keeps every one of the {candidates} modules: nothing is left to quantize"

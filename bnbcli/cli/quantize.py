@@ -211,3 +211,7 @@ def _render_result(summary: dict[str, Any], out: Path) -> None:
         f"wrote {out}: {quantized} tensors quantized, {kept} kept; "
         f"{human_bytes(summary['bytes_in'])} → {human_bytes(summary['bytes_out'])} ({ratio:.0%})"
     )
+    if summary["keep_budget"] is not None:
+        from bnbcli.cli.budget import outcome_line
+
+        output.stdout.print(f"keep budget: {outcome_line(summary['keep_budget'])}")
