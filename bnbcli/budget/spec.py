@@ -61,21 +61,21 @@ def parse_keep_budget(text: str) -> KeepBudget:
     if share is not None:
         value = float(share.group(1))
         if value < 0:
-            raise UsageError(f"--keep-budget {text!r} is negative", hint=_HINT)
+            raise UsageError(f"{text!r} is negative", hint=_HINT)
         if value > 100:
             raise UsageError(
-                f"--keep-budget {text!r} is over 100%",
+                f"{text!r} is over 100%",
                 hint="use --keep-budget 100% to keep every module unquantized (the most it can mean)",
             )
         return KeepBudget(share=value / 100)
     if text.strip().startswith("-"):
-        raise UsageError(f"--keep-budget {text!r} is negative", hint=_HINT)
+        raise UsageError(f"{text!r} is negative", hint=_HINT)
     if re.fullmatch(r"\s*\d+(?:\.\d+)?\s*", text):
-        raise UsageError(f"--keep-budget {text!r} has no unit", hint=_HINT)
+        raise UsageError(f"{text!r} has no unit", hint=_HINT)
     try:
         return KeepBudget(size=parse_size(text, "--keep-budget"))
     except UsageError:
-        raise UsageError(f"cannot read --keep-budget {text!r}", hint=_HINT) from None
+        raise UsageError(f"cannot read {text!r}", hint=_HINT) from None
 
 
 def parse_target_size(text: str) -> KeepBudget:
