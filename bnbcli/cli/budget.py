@@ -71,7 +71,9 @@ def outcome_line(choice: dict[str, Any]) -> str:
         head = f"{kept} of {candidates} modules kept"
     bound = choice["near_optimal_bound"]
     tail = f"; at least {100 * bound:.1f}% of the best possible choice's error saved" if bound is not None else ""
+    size = f"; weight files {human_bytes(choice['file_bytes'])}" if "file_bytes" in choice else ""
     return (
-        f"{head}; {human_bytes(choice['spent'])} of {human_bytes(choice['allowance'])} spent (at most); "
+        f"{head}; {human_bytes(choice['spent'])} of {human_bytes(choice['allowance'])} spent (at most){size} "
+        f"({human_bytes(choice['uniform_bytes'])} with every module quantized); "
         f"{100 * choice['saved_share']:.1f}% of the total error score saved{tail}"
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class FootprintRequest:
     seq_len: int = 4096
     batch: int = 1
     gpu_memory: int | None = None
+    budget: Any = None  # a bnbcli.budget.choice.BudgetRequest: each bnb scheme with the modules it keeps
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class SchemeFootprint:
     components: tuple[ComponentFootprint, ...]
     runtime: Runtime | None  # the whole model or pipeline on one GPU
     gpu_memory: int | None
+    keep_budget: dict[str, Any] | None = None  # --keep-budget: the choice (bnbcli/budget/choice.py)
 
     def _sum(self, field: str) -> int | None:
         values = [getattr(c, field) for c in self.components]
@@ -116,6 +118,7 @@ class SchemeFootprint:
             "fits": self.fits,
             "headroom": self.headroom,
             "components": [_component_dict(c) for c in self.components],
+            "keep_budget": self.keep_budget,
         }
 
 
@@ -188,6 +191,24 @@ def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, d
         )
 
 
+def _with_budget(
+    scheme: FootprintScheme, checkpoint: Checkpoint, request: FootprintRequest
+) -> tuple[FootprintScheme, dict[str, Any] | None]:
+    """A bnb scheme with the modules --keep-budget keeps added to its skips, and the choice."""
+    if request.budget is None or scheme.quant is None:
+        return scheme, None
+    if checkpoint.repo_id is not None:
+        raise UsageError(
+            "--keep-budget scores the weights, and bnb footprint reads a Hub repo's headers alone",
+            hint="download it (hf download org/name) and give its folder",
+        )
+    from bnbcli.budget.views import budget_plan, kept_scheme
+
+    plan = budget_plan(checkpoint, scheme.quant, request.budget, request.max_shard_size, request.planner)
+    quant, choice = kept_scheme(plan)
+    return replace(scheme, quant=quant), choice.as_dict()
+
+
 def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
     """The report for ``request``; ``api`` replaces huggingface_hub's HfApi for a Hub repo id (tests)."""
     if request.seq_len < 1 or request.batch < 1:
@@ -206,10 +227,11 @@ def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
         models = [ComponentModel(source) for _, source in sorted(checkpoint.components.items())]
         results = []
         for scheme in request.schemes:
+            scheme, choice = _with_budget(scheme, checkpoint, request)
             parts = tuple(component_footprint(m, scheme, settings, sizes) for m in models)
             runtimes = [p.runtime for p in parts]
             runtime = combine([r for r in runtimes if r is not None]) if all(runtimes) else None
-            results.append(SchemeFootprint(scheme, parts, runtime, request.gpu_memory))
+            results.append(SchemeFootprint(scheme, parts, runtime, request.gpu_memory, choice))
         label = source_label(checkpoint)
         if checkpoint.repo_id:
             label = {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}
