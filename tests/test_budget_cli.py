@@ -170,3 +170,33 @@ def test_calibrate_scores_every_module_on_text(tmp_path: Path) -> None:
     assert choice["kept"]
     weights_only = dry_run(src, "--keep-budget", "20%")["keep_budget"]["scores"]
     assert choice["scores"] != weights_only
+
+
+def test_footprint_shows_the_size_quantize_writes(tmp_path: Path) -> None:
+    """`bnb footprint --keep-budget` chooses as bnb quantize does, and its files column is the files written."""
+    ran = bnb_here("footprint", str(LLAMA), "--schemes", "nf4,int8", "--keep-budget", "20%", "--json")
+    assert ran.code == 0, ran
+    for scheme in ran.document()["schemes"]:
+        out = tmp_path / scheme["name"]
+        quantize(LLAMA, out, "--scheme", scheme["name"], "--keep-budget", "20%")
+        assert scheme["keep_budget"] == manifest(out)["keep_budget"]
+        assert scheme["file_bytes"] == file_bytes(out)
+    text = bnb_here("footprint", str(LLAMA), "--schemes", "nf4", "--keep-budget", "20%")
+    assert "nf4: kept in 16-bit by the budget" in text.stdout and "model.layers.1.self_attn.v_proj" in text.stdout
+
+
+def test_footprint_without_a_budget_is_unchanged() -> None:
+    ran = bnb_here("footprint", str(LLAMA), "--schemes", "nf4", "--json")
+    assert ran.document()["schemes"][0]["keep_budget"] is None
+
+
+def test_inspect_shows_the_choice_per_scheme(tmp_path: Path) -> None:
+    ran = bnb_here("inspect", str(LLAMA), "--schemes", "nf4,int8", "--target-size", "700KB", "--json", "-q")
+    assert ran.code == 0, ran
+    choices = ran.document()["keep_budget"]
+    assert set(choices) == {"nf4", "int8"}
+    quantize(LLAMA, tmp_path / "out", "--scheme", "nf4", "--target-size", "700KB")
+    assert {k: v for k, v in choices["nf4"].items() if k not in ("bytes_out", "file_bytes")} == manifest(
+        tmp_path / "out"
+    )["keep_budget"]
+    assert choices["nf4"]["file_bytes"] == file_bytes(tmp_path / "out") <= 700_000
