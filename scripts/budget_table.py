@@ -31,8 +31,8 @@ def candidates(src: Path) -> tuple[list[Any], int]:
     """The modules uniform nf4 quantizes, with their costs, and the Linear weights' unquantized bytes."""
     from bnbcli.budget.candidates import candidates as found
     from bnbcli.budget.candidates import linear_bytes
-    from bnbcli.output_plan import plan_quantize
     from bnbcli.checkpoint.source import open_checkpoint
+    from bnbcli.output_plan import plan_quantize
     from bnbcli.scheme import QuantScheme
 
     items = found(plan_quantize(open_checkpoint(str(src)), QuantScheme(method="nf4")))
@@ -52,7 +52,7 @@ def fill(order: list[Any], allowance: int) -> list[str]:
 def first_and_last(items: list[Any], allowance: int) -> list[str]:
     """The modules of the first layer, then the last, then the second, the second to last, … ."""
     layers = sorted({_layer(c.module) for c in items if _layer(c.module) is not None})
-    order_layers = [x for pair in zip(layers, reversed(layers)) for x in pair][: len(layers)]
+    order_layers = [x for pair in zip(layers, reversed(layers), strict=True) for x in pair][: len(layers)]
     rank = {layer: i for i, layer in enumerate(order_layers)}
     order = sorted(items, key=lambda c: (rank.get(_layer(c.module), len(rank)), items.index(c)))
     return fill(order, allowance)
@@ -125,7 +125,9 @@ def main() -> int:
             lines += rows_for("all-MiniLM-L6-v2 (embedding cosine ↑)", find_model(), root / "m", budgets, args.seeds)
     import torch
 
-    print(f"\n$ .venv/bin/python scripts/budget_table.py   # {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s")
+    print(
+        f"\n$ .venv/bin/python scripts/budget_table.py   # {time.strftime('%Y-%m-%d')}, {time.time() - started:.0f} s"
+    )
     print(f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
     print("| model | modules kept by | budget | mean KLD / embedding cosine | weight files |")
     print("|---|---|---|---|---|")

@@ -267,7 +267,8 @@ CATALOG: dict[str, HintCase] = {
     "keep-budget-and-target-size": HintCase("quantize", _out("--keep-budget", "5%", "--target-size", "1GB")),
     "calibrate-without-budget": HintCase("quantize", _out("--calibrate")),
     "text-file-without-calibrate": HintCase(
-        "quantize", lambda root, model: [*_with_tokenizer("--text-file")(root, model), str(root / "out"), "--keep-budget", "20%"]
+        "quantize",
+        lambda root, model: [*_with_tokenizer("--text-file")(root, model), str(root / "out"), "--keep-budget", "20%"],
     ),
 }
 

@@ -8,9 +8,9 @@ copy (the bit-exact formats), and adds up ‖h_q − h‖² and ‖h‖² of the
 score is their ratio: the relative error its quantization puts into the residual stream, seen through its
 real inputs and through the layer (softmax, activation functions). A module outside the numbered layers
 (BERT's pooler, a quantized head) is measured the same way at the model's output, rerunning the model: a
-module whose output the model's first output does not use scores 0. The scores are sums over all tokens, so they do not depend on the
-order of the texts; torch's CPU matmuls may change their last digits with the thread count, so the scores
-are rounded to 6 significant digits before they choose anything.
+module whose output the model's first output does not use scores 0. The scores are sums over all tokens,
+so they do not depend on the order of the texts; torch's CPU matmuls may change their last digits with the
+thread count, so the scores are rounded to 6 significant digits before they choose anything.
 """
 
 from __future__ import annotations
@@ -47,15 +47,6 @@ def _hidden(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-def _swap(module: torch.nn.Module, restored: torch.Tensor) -> torch.Tensor:
-    """Put ``restored`` ([out, in]) in place of the module's weight; returns the original to put back."""
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    original = weight.data.clone()
-    weight.data.copy_(restored.t() if not isinstance(module, torch.nn.Linear) else restored)  # Conv1D: [in, out]
-    return original
-
-
 class _Probe:
     """The forward hooks: per layer, rerun it with each module quantized; elsewhere, the module itself."""
 
@@ -82,11 +73,17 @@ class _Probe:
             try:
                 base = _hidden(output).detach()
                 for name, module in members.items():
-                    original = _swap(module, self.quantized[name])
+                    weight = module.weight
+                    assert isinstance(weight, torch.Tensor)
+                    original = weight.data.clone()
+                    # Conv1D holds [in, out]
+                    weight.data.copy_(
+                        self.quantized[name] if isinstance(module, torch.nn.Linear) else self.quantized[name].t()
+                    )
                     try:
                         self.sums.add(name, _hidden(block(*args, **kwargs)).detach(), base)
                     finally:
-                        module.weight.data.copy_(original)  # type: ignore[union-attr]
+                        weight.data.copy_(original)
             finally:
                 self.busy = False
 
@@ -103,7 +100,9 @@ def _as_out_in(module: torch.nn.Module) -> torch.Tensor:
     return weight.detach() if isinstance(module, torch.nn.Linear) else weight.detach().t()
 
 
-def layer_output_errors(model_dir: Path, names: list[str], restore: Restore, texts: list[str] | None) -> dict[str, float]:
+def layer_output_errors(
+    model_dir: Path, names: list[str], restore: Restore, texts: list[str] | None
+) -> dict[str, float]:
     """module → the relative squared error its quantization adds to its layer's output, over ``texts``."""
     try:
         transformers = act._import_transformers("--calibrate")
@@ -112,7 +111,9 @@ def layer_output_errors(model_dir: Path, names: list[str], restore: Restore, tex
             tokenizer = act._load_tokenizer(transformers, Path(model_dir))
             model = act._load_model(transformers, Path(model_dir), config, torch.device("cpu"))
     except BnbError as e:  # the loading rules of --activations, said for --calibrate
-        raise type(e)(e.message.replace("--activations", "--calibrate"), e.hint.replace("--activations", "--calibrate"))
+        raise type(e)(
+            e.message.replace("--activations", "--calibrate"), e.hint.replace("--activations", "--calibrate")
+        ) from None
     found = dict(model.named_modules())
     probe = _Probe(model, {n: found[n] for n in names if n in found}, restore)
     try:

@@ -114,7 +114,9 @@ def _record(
     solution = choose.greedy(choose.items(found, scores), scores, allowance)
     total = sum(scores.values())
     kept = tuple(
-        KeptModule(p.item.candidate.module, p.rank, scores[p.item.candidate.module], p.cost, p.item.candidate.members[1:])
+        KeptModule(
+            p.item.candidate.module, p.rank, scores[p.item.candidate.module], p.cost, p.item.candidate.members[1:]
+        )
         for p in solution.picked
     )
     bound = solution.upper_bound

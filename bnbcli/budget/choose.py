@@ -85,7 +85,11 @@ def greedy(pool: list[Item], scores: Mapping[str, float], allowance: int) -> Sol
     total = sum(p.value for p in picked)
     single = max((i for i in pool if i.cost <= allowance), key=lambda i: (i.value, -i.index), default=None)
     if single is not None and single.value > total:
-        picked, total, spent = [Picked(single, rank[single.index], single.cost, single.value)], single.value, single.cost
+        picked, total, spent = (
+            [Picked(single, rank[single.index], single.cost, single.value)],
+            single.value,
+            single.cost,
+        )
     overlapping = any(len(i.candidate.members) > 1 for i in pool)
     return Solution(tuple(picked), total, spent, None if overlapping else fractional_bound(ordered, allowance))
 

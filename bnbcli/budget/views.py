@@ -22,6 +22,7 @@ def budget_plan(
     planner: PlannerName | None = None,
 ) -> QuantizePlan:
     """The plan `bnb quantize` makes for ``scheme`` with this budget (its ``keep_budget`` is the choice)."""
+
     def replan(s: QuantScheme) -> QuantizePlan:
         return plan_quantize(checkpoint, s, max_shard_size, planner)
 

@@ -12,16 +12,15 @@ from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
     CalibrateFlag,
     Components,
-    KeepBudgetOption,
-    TargetSizeOption,
     JsonFlag,
+    KeepBudgetOption,
     NoProgressFlag,
     OutArgument,
     OverwriteFlag,
     QuietFlag,
+    TargetSizeOption,
     TextFileOption,
     VerboseFlag,
-
     components_option,
     output_path,
     size_option,
