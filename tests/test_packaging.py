@@ -20,6 +20,20 @@ def test_every_package_is_listed_for_the_wheel():
     assert setuptools["package-dir"]["bnbcli.cuda_kernels"] == "cuda_kernels"
 
 
+def test_every_data_file_is_packaged():
+    """Files the package reads at run time (the planner table, the reciprocal table, bnb eval's texts) match
+    a package-data pattern, or a wheel would lack them while an editable install works."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for package in ("bnbcli.data", "bnbcli.eval"):
+        folder = ROOT.joinpath(*package.split("."))
+        data = [p.name for p in folder.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+        assert data, package
+        for name in data:
+            assert any(fnmatch(name, pattern) for pattern in patterns[package]), f"{package}/{name} is not packaged"
+
+
 def test_kernel_sources_match_the_packaged_patterns():
     from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 

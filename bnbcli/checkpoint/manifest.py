@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bnbcli import __version__
-from bnbcli.output_plan import QuantizePlan
-from bnbcli.pipeline import ComponentResult, StageSeconds
+from bnbcli.pipeline.executor import ComponentResult, StageSeconds
+from bnbcli.plan.quantize_layout import QuantizePlan
 
 MANIFEST_NAME = "bnb_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1

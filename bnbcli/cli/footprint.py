@@ -8,11 +8,11 @@ import typer
 
 from bnbcli import output
 from bnbcli.cli.options import Components, JsonFlag, components_option, size_option
-from bnbcli.scheme_names import DEFAULT_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:
-    from bnbcli.plan import PlannerName
+    from bnbcli.plan.decisions import PlannerName
 
 
 def footprint_command(
@@ -62,8 +62,8 @@ def footprint_command(
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
     loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
     from bnbcli.footprint import FootprintRequest, footprint, make_schemes
-    from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-    from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+    from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+    from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
 
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(

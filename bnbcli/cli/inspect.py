@@ -12,12 +12,12 @@ from bnbcli import output
 from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option, output_path
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
-from bnbcli.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.inspect.activations import ActivationCriteria
     from bnbcli.inspect.report import InspectReport
-    from bnbcli.plan import PlannerName
+    from bnbcli.plan.decisions import PlannerName
 
 
 def inspect_command(

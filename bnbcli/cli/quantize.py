@@ -23,8 +23,8 @@ from bnbcli.cli.options import (
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
-    from bnbcli.output_plan import QuantizePlan
-    from bnbcli.plan import PlannerName
+    from bnbcli.plan.decisions import PlannerName
+    from bnbcli.plan.quantize_layout import QuantizePlan
 
 
 def quantize(
@@ -98,10 +98,10 @@ def quantize(
         from bnbcli.checkpoint.hashing import hash_sources_early
 
         hash_sources_early(src)
-    from bnbcli.devices import parse_devices
-    from bnbcli.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
-    from bnbcli.quantize import quantize as quantize_on_plan
-    from bnbcli.scheme import load_preset, resolve_scheme
+    from bnbcli.backends.devices import parse_devices
+    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
+    from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+    from bnbcli.plan.scheme import load_preset, resolve_scheme
 
     preset: dict[str, Any] = dict(load_preset(config)) if config else {}
     given = {
@@ -157,7 +157,7 @@ def quantize(
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
     """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
-    from bnbcli.output_plan import plan_summary
+    from bnbcli.plan.quantize_layout import plan_summary
 
     summary = plan_summary(plan)
     output.warnings(summary["warnings"])

@@ -17,9 +17,9 @@ from bnbcli.footprint.model import LoadedModel, build, deserialized_dtypes, laye
 from bnbcli.footprint.runtime import Runtime, activation_bytes, kv_cache_bytes
 from bnbcli.footprint.schemes import FootprintScheme
 from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.output_plan import ComponentPlan, plan_component
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme
+from bnbcli.plan.decisions import PlannerName
+from bnbcli.plan.quantize_layout import ComponentPlan, plan_component
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme
 
 # A double-quantized weight's quant_state JSON ends in its nested_offset, a float whose repr takes 3
 # ("0.0") to MAX_FLOAT_REPR characters: the one part of a file that depends on the weights' values.

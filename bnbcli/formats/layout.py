@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bnbcli.codes import NESTED_BLOCKSIZE
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.codes import NESTED_BLOCKSIZE
 
 # The keys only a bitsandbytes checkpoint holds: a 4-bit weight's packed quant_state, an int8 weight's SCB.
 QUANT_STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")

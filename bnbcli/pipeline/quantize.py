@@ -11,15 +11,15 @@ import torch
 
 from bnbcli import timeline
 from bnbcli.backends import resolve_backend
+from bnbcli.backends.devices import cuda_devices
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import build_manifest, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
-from bnbcli.devices import cuda_devices
 from bnbcli.errors import BnbError, UsageError
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.pipeline import ComponentResult, Progress, write_other_files, write_weights
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import QuantScheme
+from bnbcli.pipeline.executor import ComponentResult, Progress, write_other_files, write_weights
+from bnbcli.plan.decisions import PlannerName
+from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
+from bnbcli.plan.scheme import QuantScheme
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,12 @@
 Three planners, tried in this order (`plan_quantization(planner="auto")`):
 
 0. transformers' or diffusers' decisions from bnb's planner table, for the models it lists, when the
-   checkpoint is exactly the model it describes (`bnbcli/planning/table.py`): neither library is imported;
+   checkpoint is exactly the model it describes (`bnbcli/plan/planners/table.py`): neither library is imported;
 1. transformers (config.json has `architectures`/`model_type` it knows): builds the model on the meta
-   device and applies transformers v5's own rules (`bnbcli/planning/hf_transformers.py`);
+   device and applies transformers v5's own rules (`bnbcli/plan/planners/hf_transformers.py`);
 2. diffusers (config.json has a `_class_name` it knows): the same with diffusers' rules
-   (`bnbcli/planning/hf_diffusers.py`);
-3. name rules: a heuristic over names and shapes (`bnbcli/planning/name_rules.py`).
+   (`bnbcli/plan/planners/hf_diffusers.py`);
+3. name rules: a heuristic over names and shapes (`bnbcli/plan/planners/name_rules.py`).
 
 Whatever the planner, the result carries an explicit, complete `skip_modules` list that goes into
 config.json as `llm_int8_skip_modules`, so reloading never depends on a library's defaults.
@@ -26,9 +26,9 @@ import torch
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.layout import quantized_keys
-from bnbcli.planning import cache as plan_cache
-from bnbcli.planning import hf_diffusers, hf_transformers, name_rules, table
-from bnbcli.planning.common import (
+from bnbcli.plan.planners import cache as plan_cache
+from bnbcli.plan.planners import hf_diffusers, hf_transformers, name_rules, table
+from bnbcli.plan.planners.common import (
     PlannerResult,
     TensorDecision,
     Tensors,
@@ -36,8 +36,8 @@ from bnbcli.planning.common import (
     check_quantizable,
     pattern_matches,
 )
-from bnbcli.planning.hf_transformers import NotKnown
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.planners.hf_transformers import NotKnown
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
 
 __all__ = [
     "ModulePlan",
@@ -153,7 +153,7 @@ def fallback_warning(component: str, fallback: str) -> str:
     )
 
 
-plan_model = plan_quantization  # the name bnbcli/output_plan.py uses
+plan_model = plan_quantization  # the name bnbcli/plan/quantize_layout.py uses
 
 
 def _run_planner(

@@ -91,7 +91,7 @@ def main() -> None:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable
-    from bnbcli.cli.main import main as run  # imported once the handlers are in place
+    from bnbcli.cli.app import main as run  # imported once the handlers are in place
 
     timeline.mark("imported")
     watch_deferred_signals()

@@ -15,8 +15,8 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
 
 SHARD_METADATA = {"format": "pt"}

@@ -16,8 +16,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from bnbcli.codes import FOUR_BIT_BLOCKSIZES
 from bnbcli.errors import UsageError
+from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
 
 if sys.version_info >= (3, 11):
     import tomllib

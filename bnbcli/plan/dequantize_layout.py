@@ -1,6 +1,6 @@
 """The plan of `bnb dequantize`: which tensors of a bitsandbytes checkpoint make one weight, and what
 the plain checkpoint holds instead, decided from headers, config.json and the few-byte quant_state
-JSONs. ``bnb dequantize --dry-run`` renders it; ``bnbcli.dequantize`` executes it.
+JSONs. ``bnb dequantize --dry-run`` renders it; ``bnbcli.pipeline.dequantize`` executes it.
 
 Keys are those bitsandbytes' ``Linear4bit``/``Linear8bitLt`` save and transformers, diffusers or
 Unsloth write (spec §4.3, §5): ``W``, ``W.absmax``, ``W.quant_map``, [``W.nested_absmax``,
@@ -21,13 +21,13 @@ import torch
 from bnbcli import json_text
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
-from bnbcli.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
-from bnbcli.output_plan import assign_shards, set_config_dtype
-from bnbcli.planning.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
-from bnbcli.scheme import FLOAT_DTYPES, dtype_name
+from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
+from bnbcli.plan.quantize_layout import assign_shards, set_config_dtype
+from bnbcli.plan.scheme import FLOAT_DTYPES, dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
@@ -303,7 +303,7 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
     config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
     if "_class_name" in config or not weights:
         return set()  # diffusers models have no Conv1D
-    from bnbcli.planning import hf_transformers
+    from bnbcli.plan.planners import hf_transformers
 
     try:
         cls, _ = hf_transformers._resolve_class(config)
