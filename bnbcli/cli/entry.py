@@ -98,6 +98,8 @@ def main() -> None:
     _imported = True
     try:
         run()
+    except KeyboardInterrupt:  # a signal while the outcome was being reported (an error line, say)
+        interrupted_exit()
     finally:
         # The run is over, its outcome reported: a signal now, while Python exits, changes nothing.
         for signum in SIGNALS:
