@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -25,9 +24,10 @@ from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
+from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.plan.quantize_layout import assign_shards, set_config_dtype
-from bnbcli.plan.scheme import FLOAT_DTYPES, dtype_name
+from bnbcli.plan.scheme import dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
@@ -138,7 +138,8 @@ def plan_component(source: ModelSource, dtype: torch.dtype | None, max_shard_siz
             # QuantState.from_dict refuses unknown keys too: such a checkpoint does not load anywhere.
             raise InputError(f"{key} is not a part of the 4-bit weight {owner}", hint="the checkpoint is inconsistent")
     transposed = _conv1d_weights(source.config, list(four_bit) + list(int8), tensors)
-    model_dtype = _kept_dtype(source, consumed)
+    # transformers' dequantize() gives int8 weights in the model's dtype; the tensors left as they are show it
+    model_dtype = plan_dtype(source.config, (t.dtype for k, t in source.tensors.items() if k not in consumed))
     rows: list[OutputTensor] = []
     for name, info in tensors.items():
         if name in four_bit:
@@ -283,17 +284,6 @@ def _int8_tensor(source: ModelSource, keys: tuple[str, ...], dtype: torch.dtype,
             raise InputError(f"{fmt.name}: only the row layout (0) can be read", hint="save it again with bitsandbytes")
     out_shape = tuple(reversed(cb.shape)) if transpose else cb.shape
     return OutputTensor(keys[0], "int8", dtype, out_shape, (cb, scb), "", transpose, None, keys[2:])
-
-
-def _kept_dtype(source: ModelSource, consumed: set[str]) -> torch.dtype:
-    """The model's dtype for int8 weights (transformers' dequantize() uses the model's): config.json,
-    else the most common floating dtype among the tensors left as they are."""
-    for key in ("dtype", "torch_dtype"):
-        name = (source.config or {}).get(key)
-        if isinstance(name, str) and getattr(torch, name, None) in FLOAT_DTYPES:
-            return getattr(torch, name)
-    counts = Counter(t.dtype for k, t in source.tensors.items() if k not in consumed and t.dtype in FLOAT_DTYPES)
-    return counts.most_common(1)[0][0] if counts else torch.float16
 
 
 def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, TensorInfo]) -> set[str]:

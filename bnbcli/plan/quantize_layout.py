@@ -16,6 +16,7 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
 from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.dtype import config_dtype
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
 
@@ -149,21 +150,12 @@ def _output_config(
     source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
 ) -> dict | None:
     config = dict(source.config) if source.config is not None else {}
-    if scheme.dtype is not None:
-        set_config_dtype(config, scheme.dtype)
+    if source.config is not None and config_dtype(config) != model_dtype:
+        # from_pretrained(OUT) loads in the dtype the config names (or guesses one from the first file's
+        # tensors): name the model's dtype, as transformers' save_pretrained writes the loaded model's
+        set_config_dtype(config, model_dtype)
     config["quantization_config"] = quantization_config(scheme, skip_modules, model_dtype)
     return config
-
-
-def _model_dtype(source: ModelSource, scheme: QuantScheme) -> torch.dtype:
-    if scheme.dtype is not None:
-        return scheme.dtype
-    config = source.config or {}
-    name = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    floats = [t.dtype for t in source.tensors.values() if t.dtype.is_floating_point]
-    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -192,7 +184,7 @@ def plan_component(
         TensorJob(source=info, decision=decision, dtype=dtype, entries=entries, shard=shards[assignment[i]])
         for i, (info, decision, dtype, entries) in enumerate(rows)
     )
-    model_dtype = _model_dtype(source, scheme)
+    model_dtype = decided.model_dtype
     return ComponentPlan(
         name=source.name,
         source=source,
