@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,13 @@ from bnbcli import timeline
 from bnbcli.backends import resolve_backend
 from bnbcli.backends.devices import cuda_devices
 from bnbcli.checkpoint.atomic import AtomicOutputDir
-from bnbcli.checkpoint.manifest import build_manifest, write_manifest
+from bnbcli.checkpoint.manifest import manifest_document, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.errors import BnbError, UsageError
-from bnbcli.pipeline.executor import ComponentResult, Progress, write_other_files, write_weights
+from bnbcli.pipeline.executor import ComponentResult, Progress, StageSeconds, write_other_files, write_weights
 from bnbcli.plan.decisions import PlannerName
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 
 
 @dataclass(frozen=True)
@@ -118,3 +118,63 @@ def _complete(
     write_manifest(output.tmp, manifest)
     output.commit()  # only now does OUT appear, whole
     return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)
+
+
+# --- the manifest's records ---------------------------------------------------------------------------------
+
+
+def scheme_settings(plan: QuantizePlan) -> dict[str, Any]:
+    settings = asdict(plan.scheme)
+    # None stays null ("the checkpoint's own dtype"), never the string "None".
+    return {
+        k: (dtype_name(v) if v is not None and ("dtype" in k or k == "quant_storage") else v)
+        for k, v in settings.items()
+    }
+
+
+def _tensor_entry(record: Any) -> dict[str, Any]:
+    job = record.job
+    entry: dict[str, Any] = {
+        "name": job.source.name,
+        "action": job.decision.action,
+        "reason": job.decision.reason,
+        "source": {"dtype": dtype_name(job.source.dtype), "shape": list(job.source.shape), "bytes": job.source.nbytes},
+        "shard": job.shard,
+        "outputs": [
+            {"key": e.key, "dtype": dtype_name(e.dtype), "shape": list(e.shape), "sha256": record.outputs[e.key]}
+            for e in job.entries
+        ],
+    }
+    if job.quantized:
+        entry["transposed"] = job.decision.transpose
+        entry["error"] = record.error.as_dict() if record.error else None
+    return entry
+
+
+def build_manifest(
+    plan: QuantizePlan, results: list[ComponentResult], source_label: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    components = []
+    for result in results:
+        c = result.plan
+        components.append(
+            {
+                "name": c.name,
+                "planner": c.planner,
+                "planner_reason": c.planner_reason,
+                "skip_modules": list(c.skip_modules),
+                "source_files": [
+                    {"path": str(Path(p).relative_to(plan.checkpoint.root)), "sha256": h}
+                    for p, h in result.source_sha256.items()
+                ],
+                "shards": [{"file": s, "bytes": result.shard_sizes[s]} for s in c.shards],
+                "tensors": [_tensor_entry(r) for r in result.records],
+            }
+        )
+    stages = StageSeconds()
+    for result in results:
+        for name, value in asdict(result.stage_seconds).items():
+            setattr(stages, name, getattr(stages, name) + value)
+    document = manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
+    document["run"]["resumed_shards"] = sum(result.resumed_shards for result in results)
+    return document
