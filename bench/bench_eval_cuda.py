@@ -34,7 +34,7 @@ EVAL = """
 import contextlib, io, sys
 sys.argv = ["bnb", "eval", QUANT, "--device", "cuda", "--json", "--context", str(CONTEXT),
             "--max-tokens", str(TOKENS), *EXTRA]
-from bnbcli.entry import main
+from bnbcli.cli.entry import main
 captured = io.StringIO()
 with contextlib.redirect_stdout(captured):
     try:

@@ -109,7 +109,7 @@ import sys
 sys.argv = ["bnb", "quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q"]
 sys.argv += [] if PLANNER == "auto" else ["--planner", PLANNER]
 sys.argv += ["--devices", DEVICES] if DEVICES else []
-from bnbcli.entry import main
+from bnbcli.cli.entry import main
 main()
 _report()
 """

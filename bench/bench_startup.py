@@ -45,17 +45,17 @@ t = time.perf_counter(); torch.cuda.init(); torch.empty(1, device='cuda'); torch
 r['cuda_init'] = time.perf_counter() - t
 """,
     "bnb command import alone (no torch)": """
-t = time.perf_counter(); from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
 """,
     "command, then the quantize library (torch)": """
-t = time.perf_counter(); from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
-t = time.perf_counter(); import bnbcli.quantize; r['import_library'] = time.perf_counter() - t
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
+t = time.perf_counter(); import bnbcli.pipeline.quantize; r['import_library'] = time.perf_counter() - t
 """,
     "command, early hashing of SRC, then the library": """
-t = time.perf_counter(); from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
 from bnbcli.checkpoint.hashing import hash_sources_early
 hash_sources_early(SRC)
-t = time.perf_counter(); import bnbcli.quantize; r['import_library'] = time.perf_counter() - t
+t = time.perf_counter(); import bnbcli.pipeline.quantize; r['import_library'] = time.perf_counter() - t
 """,
 }
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from golden import VARIANT_FLAGS, golden_dir

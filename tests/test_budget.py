@@ -9,14 +9,14 @@ import random
 import pytest
 from golden import golden_dir
 
-from bnbcli.budget import choose
-from bnbcli.budget.candidates import Candidate, candidates, catches, linear_bytes
-from bnbcli.budget.spec import KeepBudget, one_budget, parse_keep_budget, parse_target_size
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.errors import UsageError
-from bnbcli.output_plan import plan_quantize
-from bnbcli.planning.common import pattern_matches
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.budget import choose
+from bnbcli.plan.budget.candidates import Candidate, candidates, catches, linear_bytes
+from bnbcli.plan.budget.spec import KeepBudget, one_budget, parse_keep_budget, parse_target_size
+from bnbcli.plan.planners.common import pattern_matches
+from bnbcli.plan.quantize_layout import plan_quantize
+from bnbcli.plan.scheme import QuantScheme
 
 LLAMA = golden_dir() / "models" / "llama" / "src"
 

@@ -735,7 +735,7 @@ def test_early_hashing_only_for_runs_that_write(tmp_path: Path, monkeypatch: pyt
     from typer.testing import CliRunner
 
     from bnbcli.checkpoint import hashing
-    from bnbcli.cli.main import app
+    from bnbcli.cli.app import app
 
     src = tmp_path / "src"
     src.mkdir()

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from bnb_process import HANG_SECONDS
 
 import bnbcli
@@ -13,7 +14,7 @@ import bnbcli
 
 def bnb(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from bnbcli.cli.main import main; main()", *args],
+        [sys.executable, "-c", "from bnbcli.cli.app import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=HANG_SECONDS,
@@ -84,3 +85,42 @@ def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path) -> None:
         result = bnb(*args)
         assert result.returncode == 1, result.stderr
         assert "Traceback" in result.stderr and "no such file or folder" in result.stderr
+
+
+# What the command line imports before a verb needs the library: help, the version and usage errors come
+# without torch, transformers or CuPy (a verb imports them when it runs).
+_HEAVY = ("torch", "transformers", "diffusers", "cupy", "accelerate", "bitsandbytes")
+_IMPORTS_AT_EXIT = (
+    "import atexit, sys\n"
+    f"atexit.register(lambda: print('imported:', sorted(m for m in {_HEAVY!r} if m in sys.modules)))\n"
+    "sys.argv = ['bnb', *sys.argv[1:]]\n"
+    "from bnbcli.cli.entry import main\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["quantize", "--help"],
+        ["dequantize", "--help"],
+        ["inspect", "--help"],
+        ["footprint", "--help"],
+        ["eval", "--help"],
+        ["env", "--help"],
+        ["quantize"],  # a missing argument
+        ["quantize", "a", "b", "--frobnicate"],
+        ["quantize", "a", "b", "--blocksize", "abc"],
+        ["footprint", "a", "--gpu-memory", "24"],
+        ["frobnicate"],
+    ],
+    ids=" ".join,
+)
+def test_help_version_and_usage_errors_import_no_heavy_library(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AT_EXIT, *args], capture_output=True, text=True, timeout=HANG_SECONDS
+    )
+    assert done.returncode in (0, 2), done.stderr
+    assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-500:]

@@ -90,7 +90,7 @@ def test_golden_case(case: dict, backend: str) -> None:
 
 def test_code_tables_match_bitsandbytes() -> None:
     golden = kernel_cases()
-    from bnbcli.codes import DYNAMIC_CODE, FP4_CODE, NF4_CODE
+    from bnbcli.formats.codes import DYNAMIC_CODE, FP4_CODE, NF4_CODE
 
     for ours, key in ((NF4_CODE, "nf4_code"), (FP4_CODE, "fp4_code"), (DYNAMIC_CODE, "dynamic_signed_code")):
         theirs = torch.tensor(golden[key], dtype=torch.float32)

@@ -20,7 +20,7 @@ from golden import VARIANT_FLAGS, golden_dir, golden_variants, kernel_cases, ker
 from safetensors.torch import load_file, save_file
 from test_quantize_golden import run_quantize
 
-from bnbcli.dequantize import DequantizeRequest, dequantize, plan_request
+from bnbcli.pipeline.dequantize import DequantizeRequest, dequantize, plan_request
 
 MODELS = golden_dir() / "models"
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

@@ -17,7 +17,7 @@ from test_quantize_golden import run_quantize
 from bnbcli.footprint import FootprintRequest, footprint, make_schemes
 from bnbcli.footprint.schemes import FootprintScheme
 from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.scheme import QuantScheme
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")

@@ -59,7 +59,7 @@ def quantized(src: Path) -> Path:
     out = src.parent / "quantized"
     from typer.testing import CliRunner
 
-    from bnbcli.cli.main import app
+    from bnbcli.cli.app import app
 
     result = CliRunner().invoke(app, ["quantize", str(src), str(out), "-q"])
     assert result.exit_code == 0, result.output

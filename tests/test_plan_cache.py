@@ -1,4 +1,4 @@
-"""The plan cache (bnbcli/planning/cache.py): a second run with the same inputs gets the library planner's
+"""The plan cache (bnbcli/plan/planners/cache.py): a second run with the same inputs gets the library planner's
 answer without asking the library; any change of input asks again; a broken entry is made again."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_plan import source
 
-from bnbcli.plan import plan_quantization
-from bnbcli.planning import cache, hf_diffusers, hf_transformers, table
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.decisions import plan_quantization
+from bnbcli.plan.planners import cache, hf_diffusers, hf_transformers, table
+from bnbcli.plan.scheme import QuantScheme
 
 SCHEME = QuantScheme(method="nf4", double_quant=True)
 

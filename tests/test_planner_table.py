@@ -1,4 +1,4 @@
-"""The planner table (bnbcli/planning/table.py) against transformers itself: the same plan for every
+"""The planner table (bnbcli/plan/planners/table.py) against transformers itself: the same plan for every
 architecture it lists (built on the meta device from a small config, tied and untied, three schemes) and
 for every golden family and variant; and it answers without importing transformers, or leaves the
 checkpoint to the real planner."""
@@ -16,9 +16,9 @@ from golden import golden_dir
 from test_plan import VARIANTS, source
 
 from bnbcli.errors import InputError
-from bnbcli.plan import plan_quantization
-from bnbcli.planning import table
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.decisions import plan_quantization
+from bnbcli.plan.planners import table
+from bnbcli.plan.scheme import QuantScheme
 
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -60,9 +60,9 @@ def test_a_plan_from_the_table_imports_no_transformers() -> None:
         "import json, sys\n"
         "from pathlib import Path\n"
         "from bnbcli.checkpoint.source import open_checkpoint\n"
-        "from bnbcli.output_plan import tensor_shapes\n"
-        "from bnbcli.plan import plan_quantization\n"
-        "from bnbcli.scheme import QuantScheme\n"
+        "from bnbcli.plan.quantize_layout import tensor_shapes\n"
+        "from bnbcli.plan.decisions import plan_quantization\n"
+        "from bnbcli.plan.scheme import QuantScheme\n"
         "src = open_checkpoint(sys.argv[1])\n"
         "plan = plan_quantization(src.components[''].config, tensor_shapes(src.components['']), QuantScheme())\n"
         "print(json.dumps([plan.reason, sorted(m for m in sys.modules if m.split('.')[0] in "

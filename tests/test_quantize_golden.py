@@ -13,7 +13,7 @@ from golden import VARIANT_FLAGS, differs_from_record, golden_dir, golden_varian
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from bnb_process import (
 )
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 
 QUANTIZE = ("--scheme", "nf4", "--double-quant", "--no-progress")
 
@@ -343,7 +343,7 @@ def test_only_lost_keyboardinterrupts_are_kept_quiet(
     import sys
     from types import SimpleNamespace
 
-    from bnbcli.entry import _unraisable
+    from bnbcli.cli.entry import _unraisable
 
     passed_on: list[BaseException] = []
     monkeypatch.setattr(sys, "__unraisablehook__", lambda args: passed_on.append(args.exc_value))

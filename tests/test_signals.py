@@ -28,7 +28,8 @@ from bnb_process import (
     wait_for_handlers,
 )
 
-from bnbcli import entry, interrupts
+from bnbcli import interrupts
+from bnbcli.cli import entry
 
 EXPECTED = {
     signal.SIGINT: (130, ["error: interrupted"]),
@@ -122,7 +123,7 @@ def test_a_signal_mid_run_cleans_up(signum: int, tmp_path: Path) -> None:
 # sends SIGINT from there, so the handler runs inside that code, under a C++ frame.
 SIGNAL_IN_TORCH_CALLBACK = """\
 import os, signal, sys
-from bnbcli import entry
+from bnbcli.cli import entry
 
 def raising(signum, frame):  # what Python's own handler (and bnb's before) does
     raise KeyboardInterrupt
@@ -179,7 +180,7 @@ def test_a_signal_during_the_start_up_exits_at_once_without_raising_into_the_imp
     (tmp_path / "signalling.py").write_text(SIGNALLING_MODULE.format(name=name))
     program = (
         "import signal, sys\n"
-        "from bnbcli import entry\n"
+        "from bnbcli.cli import entry\n"
         "for signum in entry.SIGNALS:\n"
         "    signal.signal(signum, entry._on_signal)\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"

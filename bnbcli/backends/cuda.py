@@ -31,11 +31,11 @@ from bnbcli.backends.cuda_runtime import (
     resident_ctas,
     sm_count,
 )
-from bnbcli.codes import DYNAMIC_CODE, FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.errors import InputError, InternalError, UsageError
 from bnbcli.formats import blockwise8, fourbit
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
+from bnbcli.formats.codes import DYNAMIC_CODE, FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.cuda_mean import reduce_config
 from bnbcli.formats.fourbit import FLOAT_DTYPES, QuantState4bit, dtype_name
 from bnbcli.formats.int8 import Int8Rowwise

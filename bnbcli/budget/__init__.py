@@ -1,7 +1,10 @@
-"""`--keep-budget` / `--target-size`: keep in 16-bit the modules whose quantization costs the model most,
-for at most a stated number of extra bytes.
+"""`--keep-budget` / `--target-size`: how much output error each module adds when quantized, and the plan
+with the budget spent.
 
-spec.py (what the budget is; imports no torch, the command line parses with it), candidates.py (the modules
-and their exact costs), scores.py and calibrate.py (how much error each module adds), choose.py (the
-knapsack), choice.py (the record), apply.py (the final plan, checked; ``spend`` is what the commands call).
+scores.py and calibrate.py (the error each module adds: from the weights, as `bnb inspect` measures them, or
+from activations on text), spend.py (score, choose, the final plan: what the commands call). The budget
+itself, the candidates and their exact costs, the knapsack, the choice's record and the checked final plan
+are planning, in bnbcli/plan/budget/ (no torch model, no text: headers and scores only). This package stands
+beside inspect/ and uses its round trip and activations; the command line calls it (and hands `bnb
+footprint` its plans), the pipeline is given the plan it makes.
 """

@@ -18,34 +18,21 @@ the output keeps it in.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bnbcli.budget.candidates import Candidate
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.errors import InputError
+from bnbcli.formats.metrics import roundtrip_error
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.outliers import matrix_outliers
 from bnbcli.inspect.roundtrip import restored
-from bnbcli.metrics import roundtrip_error
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.budget.candidates import Candidate
+from bnbcli.plan.budget.choice import WeightFigures
+from bnbcli.plan.scheme import QuantScheme
 
 Progress = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class WeightFigures:
-    """`bnb inspect`'s figures of one weight under the scheme."""
-
-    rel_error: float  # ‖ΔW‖/‖W‖
-    outlier_dims: int  # outlier input columns + output rows
-    large_values: int  # isolated large values
-
-    @property
-    def weight_score(self) -> float:
-        return self.rel_error**2
 
 
 def _weight(c: Candidate) -> torch.Tensor:

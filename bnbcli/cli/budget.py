@@ -12,8 +12,8 @@ from bnbcli.units import human_bytes
 
 
 def budget_request(keep: Any, target: Any, calibrate: bool, text_file: Path | None, backend: str) -> Any:
-    """A ``bnbcli.budget.choice.BudgetRequest``, or None without a budget; flags that need one are refused."""
-    from bnbcli.budget.spec import one_budget
+    """A ``bnbcli.plan.budget.choice.BudgetRequest``, or None without a budget; flags that need one are refused."""
+    from bnbcli.plan.budget.spec import one_budget
 
     budget = one_budget(keep, target)
     if budget is None:
@@ -24,8 +24,8 @@ def budget_request(keep: Any, target: Any, calibrate: bool, text_file: Path | No
         return None
     if text_file is not None and not calibrate:
         raise UsageError("--text-file goes with --calibrate", hint="add --calibrate")
-    from bnbcli.budget.choice import BudgetRequest
     from bnbcli.eval.texts import read_text_file
+    from bnbcli.plan.budget.choice import BudgetRequest
 
     texts = tuple(read_text_file(text_file)) if text_file is not None else None
     return BudgetRequest(budget, calibrate, texts, backend)

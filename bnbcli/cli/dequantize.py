@@ -52,10 +52,10 @@ def dequantize(
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a plain checkpoint (no quantization_config) that from_pretrained(OUT) loads as an ordinary model."""
-    from bnbcli.dequantize import DequantizeRequest, plan_request
-    from bnbcli.dequantize import dequantize as run_dequantize
-    from bnbcli.dequantize_plan import plan_summary
-    from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
+    from bnbcli.pipeline.dequantize import DequantizeRequest, plan_request
+    from bnbcli.pipeline.dequantize import dequantize as run_dequantize
+    from bnbcli.plan.dequantize_layout import plan_summary
+    from bnbcli.plan.scheme import FLOAT_DTYPES, parse_dtype
 
     request = DequantizeRequest(
         src=src,

@@ -18,11 +18,11 @@ from bnbcli.cli.options import (
     components_option,
     size_option,
 )
-from bnbcli.scheme_names import DEFAULT_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:
-    from bnbcli.plan import PlannerName
+    from bnbcli.plan.decisions import PlannerName
 
 
 def footprint_command(
@@ -76,8 +76,8 @@ def footprint_command(
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
     loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
     from bnbcli.footprint import FootprintRequest, footprint, make_schemes
-    from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-    from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+    from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+    from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
 
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(
@@ -98,7 +98,7 @@ def footprint_command(
         seq_len=seq_len,
         batch=batch,
         gpu_memory=gpu_memory,
-        budget=budget_request(keep_budget, target_size, calibrate, text_file, "auto"),
+        keep=_keeper(budget_request(keep_budget, target_size, calibrate, text_file, "auto")),
     )
     report = footprint(request).as_dict()
     output.warnings(report["warnings"])
@@ -186,3 +186,12 @@ def _render(report: dict[str, Any]) -> None:
             from bnbcli.cli.budget import render_choice
 
             render_choice(s["keep_budget"], title=f"{s['label']}: kept in 16-bit by the budget")
+
+
+def _keeper(budget: Any) -> Any:
+    """--keep-budget: what bnb footprint asks of each bnb scheme (bnbcli.budget.spend.keeper), or None."""
+    if budget is None:
+        return None
+    from bnbcli.budget.spend import keeper
+
+    return keeper(budget)

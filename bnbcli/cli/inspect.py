@@ -23,12 +23,12 @@ from bnbcli.cli.options import (
 )
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
-from bnbcli.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.inspect.activations import ActivationCriteria
     from bnbcli.inspect.report import InspectReport
-    from bnbcli.plan import PlannerName
+    from bnbcli.plan.decisions import PlannerName
 
 
 def inspect_command(
@@ -146,7 +146,7 @@ def inspect_command(
     if criteria is not None:
         report = _with_activations(report, texts, criteria)
     if budget is not None:
-        from bnbcli.budget.views import inspect_choices
+        from bnbcli.budget.spend import inspect_choices
 
         report = replace(report, keep_budget=inspect_choices(checkpoint, request, budget))
     if report_path is not None:

@@ -90,13 +90,13 @@ def output_path(value: str, name: str = "OUT", what: str = "folder") -> Path:
 
 
 def _keep_budget(text: str) -> Any:
-    from bnbcli.budget.spec import parse_keep_budget  # no torch: spec.py imports only units and errors
+    from bnbcli.plan.budget.spec import parse_keep_budget  # no torch: spec.py imports only units and errors
 
     return parse_keep_budget(text)
 
 
 def _target_size(text: str) -> Any:
-    from bnbcli.budget.spec import parse_target_size
+    from bnbcli.plan.budget.spec import parse_target_size
 
     return parse_target_size(text)
 

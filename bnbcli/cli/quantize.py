@@ -28,8 +28,11 @@ from bnbcli.cli.options import (
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
-    from bnbcli.output_plan import QuantizePlan
-    from bnbcli.plan import PlannerName
+    from bnbcli.checkpoint.source import Checkpoint
+    from bnbcli.pipeline.quantize import QuantizeRequest
+    from bnbcli.plan.budget.choice import BudgetRequest
+    from bnbcli.plan.decisions import PlannerName
+    from bnbcli.plan.quantize_layout import QuantizePlan
 
 
 def quantize(
@@ -107,10 +110,10 @@ def quantize(
         from bnbcli.checkpoint.hashing import hash_sources_early
 
         hash_sources_early(src)
-    from bnbcli.devices import parse_devices
-    from bnbcli.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
-    from bnbcli.quantize import quantize as quantize_on_plan
-    from bnbcli.scheme import load_preset, resolve_scheme
+    from bnbcli.backends.devices import parse_devices
+    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
+    from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+    from bnbcli.plan.scheme import load_preset, resolve_scheme
 
     preset: dict[str, Any] = dict(load_preset(config)) if config else {}
     given = {
@@ -124,6 +127,7 @@ def quantize(
     flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if skip:
         flags["skip"] = [*preset.get("skip", []), *skip]
+    budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
     request_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         request_kwargs["max_shard_size"] = max_shard_size
@@ -139,11 +143,10 @@ def quantize(
         overwrite=overwrite,
         resume=resume,
         planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
-        budget=budget_request(keep_budget, target_size, calibrate, text_file, backend),
         **request_kwargs,
     )
     if dry_run:
-        summary = _summary(plan_request(request))
+        summary = _summary(_plan(request, budget))
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})
         else:
@@ -153,7 +156,7 @@ def quantize(
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
-        outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
+        outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
@@ -165,9 +168,21 @@ def quantize(
             _render_timing(outcome.manifest["run"])
 
 
+def _plan(request: QuantizeRequest, budget: BudgetRequest | None, checkpoint: Checkpoint | None = None) -> QuantizePlan:
+    """The plan execution obeys: uniform, or with the modules --keep-budget/--target-size keep."""
+    from bnbcli.pipeline.quantize import open_source, plan_request
+
+    if budget is None:
+        return plan_request(request, checkpoint)
+    from bnbcli.budget.spend import budget_plan
+
+    opened = checkpoint or open_source(request)
+    return budget_plan(opened, request.scheme, budget, request.max_shard_size, request.planner)
+
+
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
     """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
-    from bnbcli.output_plan import plan_summary
+    from bnbcli.plan.quantize_layout import plan_summary
 
     summary = plan_summary(plan)
     output.warnings(summary["warnings"])

@@ -20,11 +20,11 @@ import torch
 
 from bnbcli.checkpoint.manifest import MANIFEST_NAME
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
-from bnbcli.dequantize_plan import plan_component
 from bnbcli.errors import BackendUnavailable, InputError, UsageError
 from bnbcli.inspect.activations import _causal as is_causal_lm
 from bnbcli.inspect.activations import _first_line as first_line
 from bnbcli.inspect.activations import _import_transformers
+from bnbcli.plan.dequantize_layout import plan_component
 
 NOT_ITS_SOURCE = "--against must be the checkpoint QUANT was quantized from"
 TOKENIZER_HINT = (

@@ -10,7 +10,7 @@ are opened for their headers, Hub repos are read with range requests (``bnbcli.f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,11 +24,15 @@ from bnbcli.footprint.hub import hub_api, remote_headers, repo_listing
 from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings, component_footprint
 from bnbcli.footprint.runtime import Runtime, combine
 from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan import PlannerName, fallback_warning, refuse_quantized
-from bnbcli.quantize import source_label
-from bnbcli.scheme import dtype_name
+from bnbcli.pipeline.quantize import source_label
+from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
+from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 from bnbcli.units import positive_size
+
+# --keep-budget (bnbcli.budget.spend.keeper, given by the command line): for a bnb scheme, the same scheme with
+# the modules bnb quantize would keep added to its --skip, and that choice as data.
+Keeper = Callable[[Checkpoint, QuantScheme, int, "PlannerName | None"], tuple[QuantScheme, dict[str, Any]]]
 
 __all__ = [
     "DEFAULT_SCHEMES",
@@ -53,7 +57,7 @@ class FootprintRequest:
     seq_len: int = 4096
     batch: int = 1
     gpu_memory: int | None = None
-    budget: Any = None  # a bnbcli.budget.choice.BudgetRequest: each bnb scheme with the modules it keeps
+    keep: Keeper | None = None  # --keep-budget: each bnb scheme with the modules it keeps (and the choice)
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ class SchemeFootprint:
     components: tuple[ComponentFootprint, ...]
     runtime: Runtime | None  # the whole model or pipeline on one GPU
     gpu_memory: int | None
-    keep_budget: dict[str, Any] | None = None  # --keep-budget: the choice (bnbcli/budget/choice.py)
+    keep_budget: dict[str, Any] | None = None  # --keep-budget: the choice (bnbcli/plan/budget/choice.py)
 
     def _sum(self, field: str) -> int | None:
         values = [getattr(c, field) for c in self.components]
@@ -195,18 +199,15 @@ def _with_budget(
     scheme: FootprintScheme, checkpoint: Checkpoint, request: FootprintRequest
 ) -> tuple[FootprintScheme, dict[str, Any] | None]:
     """A bnb scheme with the modules --keep-budget keeps added to its skips, and the choice."""
-    if request.budget is None or scheme.quant is None:
+    if request.keep is None or scheme.quant is None:
         return scheme, None
     if checkpoint.repo_id is not None:
         raise UsageError(
             "--keep-budget scores the weights, and bnb footprint reads a Hub repo's headers alone",
             hint="download it (hf download org/name) and give its folder",
         )
-    from bnbcli.budget.views import budget_plan, kept_scheme
-
-    plan = budget_plan(checkpoint, scheme.quant, request.budget, request.max_shard_size, request.planner)
-    quant, choice = kept_scheme(plan)
-    return replace(scheme, quant=quant), choice.as_dict()
+    quant, choice = request.keep(checkpoint, scheme.quant, request.max_shard_size, request.planner)
+    return replace(scheme, quant=quant), choice
 
 
 def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:

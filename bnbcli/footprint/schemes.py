@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from bnbcli.errors import UsageError
-from bnbcli.scheme import QuantScheme
-from bnbcli.scheme_names import DEFAULT_SCHEMES, KNOWN, Kind
+from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES, KNOWN, Kind
 
 
 @dataclass(frozen=True)

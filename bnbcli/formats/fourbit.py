@@ -14,7 +14,10 @@ from functools import cache
 import numpy as np
 import torch
 
-from bnbcli.codes import (
+from bnbcli.errors import InputError, UsageError
+from bnbcli.formats import blockwise8
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
+from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FLT_MIN,
     FOUR_BIT_BLOCKSIZES,
@@ -26,9 +29,6 @@ from bnbcli.codes import (
     NF4_CODE,
     NF4_THRESHOLDS,
 )
-from bnbcli.errors import InputError, UsageError
-from bnbcli.formats import blockwise8
-from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import gpu_cast
 

@@ -16,7 +16,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from bnbcli.codes import FLT_MIN
+from bnbcli.formats.codes import FLT_MIN
 
 _MANTISSA_MASK = (1 << 23) - 1
 

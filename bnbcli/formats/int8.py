@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bnbcli.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.errors import UsageError
 from bnbcli.formats import blocks
+from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.formats.fourbit import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bnbcli.codes import NESTED_BLOCKSIZE
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.codes import NESTED_BLOCKSIZE
 
 # The keys only a bitsandbytes checkpoint holds: a 4-bit weight's packed quant_state, an int8 weight's SCB.
 QUANT_STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
@@ -28,7 +28,9 @@ def quantized_keys(keys: Iterable[str]) -> list[str]:
 
 # The longest ``repr`` of a float32 value as a Python float ("-1.1754943508222875e-38" is 23
 # characters): the one part of a 4-bit quant_state whose length is unknown before quantizing.
+# The shortest is "0.0": a double-quantized weight's entry takes between the two.
 MAX_FLOAT_REPR = 24
+SHORTEST_FLOAT_REPR = len("0.0")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def quant_state_json_length(
     }
     if double_quant:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0)
-        return len(json.dumps(state)) - len("0.0") + MAX_FLOAT_REPR
+        return len(json.dumps(state)) - SHORTEST_FLOAT_REPR + MAX_FLOAT_REPR
     return len(json.dumps(state))
 
 

@@ -426,7 +426,7 @@ def _import_transformers(feature: str = "--activations") -> Any:
 @contextlib.contextmanager
 def _silent(transformers: Any) -> Iterator[None]:
     """No config warnings and no "Loading weights" bar: output.py alone writes to the terminal."""
-    from bnbcli.planning.hf_transformers import quiet
+    from bnbcli.plan.planners.hf_transformers import quiet
 
     logging = transformers.utils.logging
     bars = logging.is_progress_bar_enabled()

@@ -37,8 +37,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from bnbcli.formats.metrics import CHUNK
 from bnbcli.inspect.criteria import OutlierCriteria
-from bnbcli.metrics import CHUNK
 
 TOP_VALUES = 5  # isolated values listed per matrix (all are counted)
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from bnbcli.formats.metrics import RoundTripError
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.outliers import MatrixOutliers, OutlierDim, RecurringDim
 from bnbcli.inspect.stats import TensorStats
-from bnbcli.metrics import RoundTripError
 
 Role = Literal["weight", "norm", "other"]
 AGAINST = "against"  # the error key of a bnb checkpoint's weight measured against --against SRC

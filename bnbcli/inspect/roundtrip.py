@@ -1,6 +1,6 @@
 """The round-trip error of one weight under each scheme: quantize with the bit-exact formats of
 ``bnbcli.api`` (the bytes bitsandbytes' CUDA kernels write), dequantize, and measure with
-``bnbcli.metrics`` — the same measure ``bnb quantize`` records in its manifest.
+``bnbcli.formats.metrics`` — the same measure ``bnb quantize`` records in its manifest.
 
 The weight is taken as the model holds it, ``[out, in]`` (the caller transposes Conv1D weights), in its
 own dtype: int8 casts it to fp16 first, as transformers does; 4-bit keeps it. On the cuda backend the
@@ -16,9 +16,9 @@ import torch
 from bnbcli import api
 from bnbcli.errors import UsageError
 from bnbcli.footprint.schemes import make_schemes
-from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.scheme import QuantScheme
-from bnbcli.scheme_names import ROUNDTRIP_SCHEMES
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme_names import ROUNDTRIP_SCHEMES
 
 # The bitsandbytes formats by the names `bnb footprint` uses; inspect's default is one of each method.
 

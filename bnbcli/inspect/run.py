@@ -3,8 +3,8 @@ tensor once (read, measure, drop), and build one frozen report.
 
 An unquantized checkpoint's weights are the tensors `bnb quantize` would quantize (the same planners:
 transformers' or diffusers' own rules, else name rules); each is measured under every scheme. A
-bitsandbytes checkpoint is recognised from its keys and quant_state JSONs (``bnbcli.dequantize_plan``),
-every weight is restored with the bit-exact dequantization (``bnbcli.dequantize.restore``), and with
+bitsandbytes checkpoint is recognised from its keys and quant_state JSONs (``bnbcli.plan.dequantize_layout``),
+every weight is restored with the bit-exact dequantization (``bnbcli.pipeline.dequantize.restore``), and with
 ``against`` it is compared with the original. Memory holds one tensor (and its float64 chunks).
 """
 
@@ -19,21 +19,21 @@ import torch
 from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
-from bnbcli.dequantize import restore
-from bnbcli.dequantize_plan import DequantComponent, OutputTensor, plan_component
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
 from bnbcli.inspect.outliers import Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
 from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
 from bnbcli.inspect.roundtrip import NamedScheme, parse_schemes, roundtrip_errors
 from bnbcli.inspect.stats import tensor_stats
-from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.output_plan import tensor_shapes
-from bnbcli.plan import PlannerName, QuantPlan, fallback_warning, plan_quantization
-from bnbcli.quantize import source_label
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
-from bnbcli.scheme_names import DEFAULT_ROUNDTRIPS
+from bnbcli.pipeline.dequantize import restore
+from bnbcli.pipeline.quantize import source_label
+from bnbcli.plan.decisions import PlannerName, QuantPlan, fallback_warning, plan_quantization
+from bnbcli.plan.dequantize_layout import DequantComponent, OutputTensor, plan_component
+from bnbcli.plan.quantize_layout import tensor_shapes
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS
 
 Progress = Callable[[int], None]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from bnbcli.errors import UsageError
 from bnbcli.footprint.report import SHORTEST_FLOAT_REPR
 from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.output_plan import QuantizePlan, TensorJob
-from bnbcli.planning.common import pattern_matches
+from bnbcli.plan.planners.common import pattern_matches
+from bnbcli.plan.quantize_layout import QuantizePlan, TensorJob
 
 
 @dataclass(frozen=True)

@@ -13,34 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
-from bnbcli.budget.choice import BudgetChoice, BudgetRequest, choose_modules
-from bnbcli.budget.scores import Progress
 from bnbcli.errors import InternalError
-from bnbcli.output_plan import ComponentPlan, QuantizePlan
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.budget.choice import BudgetChoice
+from bnbcli.plan.quantize_layout import ComponentPlan, QuantizePlan
+from bnbcli.plan.scheme import QuantScheme
 
 Replan = Callable[[QuantScheme], QuantizePlan]
 
 
-def spend(
-    uniform: QuantizePlan,
-    request: BudgetRequest,
-    replan: Replan,
-    model_dir: Path | None,
-    progress: Progress = lambda n: None,
-) -> QuantizePlan:
-    """The plan that keeps the budget's modules unquantized (its ``keep_budget`` records the choice)."""
-    return with_choice(uniform, choose_modules(uniform, request, model_dir, progress), replan)
-
-
 def _kept_modules(plan: QuantizePlan) -> set[str]:
     return {j.decision.module or "" for c in plan.components for j in c.jobs if j.decision.module and not j.quantized}
-
-
-def _files(plan: QuantizePlan) -> int:
-    return sum(c.shard_bytes(s) for c in plan.components for s in c.shards)
 
 
 def with_choice(uniform: QuantizePlan, choice: BudgetChoice, replan: Replan) -> QuantizePlan:
@@ -52,7 +35,7 @@ def with_choice(uniform: QuantizePlan, choice: BudgetChoice, replan: Replan) -> 
         final = replan(scheme)
         _check(uniform, final, choice)
         target = choice.budget.target
-        if target is None or _files(final) <= target:
+        if target is None or final.file_bytes <= target:
             return replace(final, components=tuple(_relabel(c, choice) for c in final.components), keep_budget=choice)
         choice = _without_last(choice)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnbcli.planning.common import (
+from bnbcli.plan.planners.common import (
     LINEAR,
     ModuleVerdict,
     PlannerResult,
@@ -24,8 +24,8 @@ from bnbcli.planning.common import (
     settle_skip_list,
     user_skip_rules,
 )
-from bnbcli.planning.hf_transformers import NotImportable, NotKnown, quiet
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.planners.hf_transformers import NotImportable, NotKnown, quiet
+from bnbcli.plan.scheme import QuantScheme
 
 
 def diffusers_skips(full_name: str, patterns: Sequence[str]) -> bool:

@@ -1,6 +1,6 @@
 """`bnb dequantize` as a library call: open the source, plan, execute into a temporary folder, rename.
 
-Execution obeys the plan of ``bnbcli.dequantize_plan``: it reads one weight's tensors (pread), rebuilds
+Execution obeys the plan of ``bnbcli.plan.dequantize_layout``: it reads one weight's tensors (pread), rebuilds
 the values through ``bnbcli.api`` with the chosen backend (bit-exact with bitsandbytes'
 ``dequantize_4bit`` / ``int8_vectorwise_dequant``, then ``.to(dtype)`` as transformers'
 ``dequantize()`` does), writes them at their planned offsets, and drops them. Memory holds one weight.
@@ -26,13 +26,13 @@ from bnbcli.checkpoint.manifest import MANIFEST_NAME, manifest_document, write_m
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.checkpoint.writer import PlannedTensor, ShardWriter
-from bnbcli.dequantize_plan import DequantComponent, DequantizePlan, OutputTensor, plan_component
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.fourbit import QuantState4bit
-from bnbcli.output_plan import SHARD_METADATA, index_json
-from bnbcli.pipeline import copy_file, json_dumps_config
-from bnbcli.quantize import check_paths, source_label
-from bnbcli.scheme import FLOAT_DTYPES, dtype_name
+from bnbcli.pipeline.executor import copy_file, json_dumps_config
+from bnbcli.pipeline.quantize import check_paths, source_label
+from bnbcli.plan.dequantize_layout import DequantComponent, DequantizePlan, OutputTensor, plan_component
+from bnbcli.plan.quantize_layout import SHARD_METADATA, index_json
+from bnbcli.plan.scheme import FLOAT_DTYPES, dtype_name
 from bnbcli.units import positive_size
 
 Progress = Callable[[int], None]

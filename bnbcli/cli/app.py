@@ -11,12 +11,12 @@ from rich.markup import escape
 
 from bnbcli import __version__, interrupts, output
 from bnbcli.cli.dequantize import dequantize
+from bnbcli.cli.entry import interrupted_exit
 from bnbcli.cli.env import env
 from bnbcli.cli.eval import eval_command
 from bnbcli.cli.footprint import footprint_command
 from bnbcli.cli.inspect import inspect_command
 from bnbcli.cli.quantize import quantize
-from bnbcli.entry import interrupted_exit
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, REPORT_HINT, BnbError
 
 EPILOG = (

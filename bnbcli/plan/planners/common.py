@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from bnbcli.errors import EXIT_USAGE, BnbError, InputError, UsageError
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
 
 Tensors = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Action = Literal["quantize", "keep"]

@@ -24,7 +24,7 @@ from functools import cache
 from importlib import metadata, resources
 from typing import Any
 
-from bnbcli.planning.common import (
+from bnbcli.plan.planners.common import (
     CONV1D,
     LINEAR,
     ModuleVerdict,
@@ -35,8 +35,8 @@ from bnbcli.planning.common import (
     settle_skip_list,
     user_skip_rules,
 )
-from bnbcli.planning.hf_diffusers import diffusers_skips
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.planners.hf_diffusers import diffusers_skips
+from bnbcli.plan.scheme import QuantScheme
 
 LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)")  # a layer number between dots: "model.layers.12.mlp"
 Modules = dict[str, tuple[str, str | None]]  # module name → (class, "linear" | "conv1d" | "linear-subclass" | None)

@@ -3,12 +3,12 @@
 Three planners, tried in this order (`plan_quantization(planner="auto")`):
 
 0. transformers' or diffusers' decisions from bnb's planner table, for the models it lists, when the
-   checkpoint is exactly the model it describes (`bnbcli/planning/table.py`): neither library is imported;
+   checkpoint is exactly the model it describes (`bnbcli/plan/planners/table.py`): neither library is imported;
 1. transformers (config.json has `architectures`/`model_type` it knows): builds the model on the meta
-   device and applies transformers v5's own rules (`bnbcli/planning/hf_transformers.py`);
+   device and applies transformers v5's own rules (`bnbcli/plan/planners/hf_transformers.py`);
 2. diffusers (config.json has a `_class_name` it knows): the same with diffusers' rules
-   (`bnbcli/planning/hf_diffusers.py`);
-3. name rules: a heuristic over names and shapes (`bnbcli/planning/name_rules.py`).
+   (`bnbcli/plan/planners/hf_diffusers.py`);
+3. name rules: a heuristic over names and shapes (`bnbcli/plan/planners/name_rules.py`).
 
 Whatever the planner, the result carries an explicit, complete `skip_modules` list that goes into
 config.json as `llm_int8_skip_modules`, so reloading never depends on a library's defaults.
@@ -16,7 +16,6 @@ config.json as `llm_int8_skip_modules`, so reloading never depends on a library'
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,9 +25,10 @@ import torch
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.layout import quantized_keys
-from bnbcli.planning import cache as plan_cache
-from bnbcli.planning import hf_diffusers, hf_transformers, name_rules, table
-from bnbcli.planning.common import (
+from bnbcli.plan.dtype import model_dtype
+from bnbcli.plan.planners import cache as plan_cache
+from bnbcli.plan.planners import hf_diffusers, hf_transformers, name_rules, table
+from bnbcli.plan.planners.common import (
     PlannerResult,
     TensorDecision,
     Tensors,
@@ -36,15 +36,14 @@ from bnbcli.planning.common import (
     check_quantizable,
     pattern_matches,
 )
-from bnbcli.planning.hf_transformers import NotKnown
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.planners.hf_transformers import NotKnown
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 
 __all__ = [
     "ModulePlan",
     "PlannerName",
     "QuantPlan",
     "TensorDecision",
-    "model_dtype",
     "plan_model",
     "plan_quantization",
     "quantization_config",
@@ -123,7 +122,7 @@ def plan_quantization(
         scheme=scheme,
         decisions=MappingProxyType({d.name: d for d in decisions}),
         skip_modules=result.skip_modules,
-        model_dtype=model_dtype(config, tensors, scheme),
+        model_dtype=model_dtype(config, (dtype for _, dtype in tensors.values()), scheme.dtype),
         unmatched_skip=tuple(p for p in scheme.skip if not any(pattern_matches(m, p) for m in result.verdicts)),
         fallback=result.fallback,
     )
@@ -153,7 +152,7 @@ def fallback_warning(component: str, fallback: str) -> str:
     )
 
 
-plan_model = plan_quantization  # the name bnbcli/output_plan.py uses
+plan_model = plan_quantization  # the name bnbcli/plan/quantize_layout.py uses
 
 
 def _run_planner(
@@ -191,21 +190,6 @@ def _run_planner(
 
 def _library(config: Mapping[str, Any], planner: PlannerName) -> str:
     return planner if planner != "auto" else ("diffusers" if "_class_name" in config else "transformers")
-
-
-def model_dtype(config: Mapping[str, Any] | None, tensors: Tensors, scheme: QuantScheme) -> torch.dtype:
-    """The dtype the quantized model loads in: --dtype, else config.json `dtype` (v5) / `torch_dtype`
-    (v4), else the most common floating dtype among the tensors."""
-    if scheme.dtype is not None:
-        return scheme.dtype
-    for key in ("dtype", "torch_dtype"):
-        value = (config or {}).get(key)
-        if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
-            dtype: torch.dtype = getattr(torch, value)
-            if dtype in FLOAT_DTYPES:
-                return dtype
-    counts = Counter(dtype for _, dtype in tensors.values() if dtype in FLOAT_DTYPES)
-    return counts.most_common(1)[0][0] if counts else torch.float32
 
 
 def quantization_config(

@@ -91,13 +91,15 @@ def main() -> None:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(signum, _on_signal)
     sys.unraisablehook = _unraisable
-    from bnbcli.cli.main import main as run  # imported once the handlers are in place
+    from bnbcli.cli.app import main as run  # imported once the handlers are in place
 
     timeline.mark("imported")
     watch_deferred_signals()
     _imported = True
     try:
         run()
+    except KeyboardInterrupt:  # a signal while the outcome was being reported (an error line, say)
+        interrupted_exit()
     finally:
         # The run is over, its outcome reported: a signal now, while Python exits, changes nothing.
         for signum in SIGNALS:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from bnbcli.planning.common import (
+from bnbcli.plan.planners.common import (
     CONV1D,
     LINEAR,
     ModuleVerdict,
@@ -22,8 +22,8 @@ from bnbcli.planning.common import (
     settle_skip_list,
     user_skip_rules,
 )
-from bnbcli.planning.hf_diffusers import diffusers_skips
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme
+from bnbcli.plan.planners.hf_diffusers import diffusers_skips
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme
 
 # The last component of an embedding module's name: wte/wpe (GPT-2), shared (T5), embed_tokens,
 # embed_positions, embed_in (GPT-NeoX), word_embeddings, tok_embeddings, position_embedding (CLIP)...

@@ -30,10 +30,17 @@ from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.writer import ShardWriter
-from bnbcli.convert import Converted, Converter, make_converters
 from bnbcli.errors import InputError
-from bnbcli.metrics import RoundTripError
-from bnbcli.output_plan import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob, index_document, weights_layout
+from bnbcli.formats.metrics import RoundTripError
+from bnbcli.pipeline.convert import Converted, Converter, make_converters
+from bnbcli.plan.quantize_layout import (
+    SHARD_METADATA,
+    ComponentPlan,
+    QuantizePlan,
+    TensorJob,
+    index_document,
+    weights_layout,
+)
 
 Progress = Callable[[int], None]
 POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed

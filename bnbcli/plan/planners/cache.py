@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from bnbcli import json_text
-from bnbcli.planning.common import ModuleVerdict, PlannerResult, Tensors
-from bnbcli.planning.hf_transformers import NotImportable, NotKnown
-from bnbcli.scheme import QuantScheme, dtype_name
+from bnbcli.plan.planners.common import ModuleVerdict, PlannerResult, Tensors
+from bnbcli.plan.planners.hf_transformers import NotImportable, NotKnown
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 
 FORMAT = 1  # bump when the entry layout changes
 _PLANNING_CODE = ("common.py", "hf_transformers.py", "hf_diffusers.py", "cache.py")

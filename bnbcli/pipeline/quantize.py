@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +11,15 @@ import torch
 
 from bnbcli import timeline
 from bnbcli.backends import resolve_backend
+from bnbcli.backends.devices import cuda_devices
 from bnbcli.checkpoint.atomic import AtomicOutputDir
-from bnbcli.checkpoint.manifest import build_manifest, write_manifest
+from bnbcli.checkpoint.manifest import manifest_document, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
-from bnbcli.devices import cuda_devices
 from bnbcli.errors import BnbError, UsageError
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.pipeline import ComponentResult, Progress, write_other_files, write_weights
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import QuantScheme
+from bnbcli.pipeline.executor import ComponentResult, Progress, StageSeconds, write_other_files, write_weights
+from bnbcli.plan.decisions import PlannerName
+from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,6 @@ class QuantizeRequest:
     overwrite: bool = False
     resume: bool = False  # continue an interrupted run on OUT (checkpoint/journal.py)
     planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
-    budget: Any = None  # a bnbcli.budget.BudgetRequest: keep the modules that lose the most unquantized
 
 
 @dataclass(frozen=True)
@@ -85,18 +84,9 @@ def open_source(request: QuantizeRequest) -> Checkpoint:
 
 
 def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
-    """Headers only: what --dry-run prints and what execution obeys."""
+    """Headers only: what --dry-run prints and what execution obeys (--keep-budget: bnbcli.budget.spend)."""
     checkpoint = checkpoint or open_source(request)
-    opened = checkpoint
-    uniform = plan_quantize(opened, request.scheme, request.max_shard_size, request.planner)
-    if request.budget is None:
-        return uniform
-    from bnbcli.budget.apply import spend
-
-    def replan(scheme: QuantScheme) -> QuantizePlan:
-        return plan_quantize(opened, scheme, request.max_shard_size, request.planner)
-
-    return spend(uniform, request.budget, replan, opened.root)
+    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
 
 
 def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:
@@ -128,3 +118,65 @@ def _complete(
     write_manifest(output.tmp, manifest)
     output.commit()  # only now does OUT appear, whole
     return QuantizeOutcome(plan=plan, out=output.out, manifest=manifest)
+
+
+# --- the manifest's records ---------------------------------------------------------------------------------
+
+
+def scheme_settings(plan: QuantizePlan) -> dict[str, Any]:
+    settings = asdict(plan.scheme)
+    # None stays null ("the checkpoint's own dtype"), never the string "None".
+    return {
+        k: (dtype_name(v) if v is not None and ("dtype" in k or k == "quant_storage") else v)
+        for k, v in settings.items()
+    }
+
+
+def _tensor_entry(record: Any) -> dict[str, Any]:
+    job = record.job
+    entry: dict[str, Any] = {
+        "name": job.source.name,
+        "action": job.decision.action,
+        "reason": job.decision.reason,
+        "source": {"dtype": dtype_name(job.source.dtype), "shape": list(job.source.shape), "bytes": job.source.nbytes},
+        "shard": job.shard,
+        "outputs": [
+            {"key": e.key, "dtype": dtype_name(e.dtype), "shape": list(e.shape), "sha256": record.outputs[e.key]}
+            for e in job.entries
+        ],
+    }
+    if job.quantized:
+        entry["transposed"] = job.decision.transpose
+        entry["error"] = record.error.as_dict() if record.error else None
+    return entry
+
+
+def build_manifest(
+    plan: QuantizePlan, results: list[ComponentResult], source_label: dict[str, Any], seconds: float
+) -> dict[str, Any]:
+    components = []
+    for result in results:
+        c = result.plan
+        components.append(
+            {
+                "name": c.name,
+                "planner": c.planner,
+                "planner_reason": c.planner_reason,
+                "skip_modules": list(c.skip_modules),
+                "source_files": [
+                    {"path": str(Path(p).relative_to(plan.checkpoint.root)), "sha256": h}
+                    for p, h in result.source_sha256.items()
+                ],
+                "shards": [{"file": s, "bytes": result.shard_sizes[s]} for s in c.shards],
+                "tensors": [_tensor_entry(r) for r in result.records],
+            }
+        )
+    stages = StageSeconds()
+    for result in results:
+        for name, value in asdict(result.stage_seconds).items():
+            setattr(stages, name, getattr(stages, name) + value)
+    document = manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
+    document["run"]["resumed_shards"] = sum(result.resumed_shards for result in results)
+    if plan.keep_budget is not None:  # --keep-budget / --target-size: the budget, the method, the scores
+        document["keep_budget"] = plan.keep_budget.as_dict()
+    return document

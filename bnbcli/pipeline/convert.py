@@ -16,9 +16,9 @@ import torch
 from bnbcli import api
 from bnbcli.errors import InputError, InternalError
 from bnbcli.formats.fourbit import QuantState4bit
-from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.output_plan import TensorJob
-from bnbcli.scheme import QuantScheme
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.plan.quantize_layout import TensorJob
+from bnbcli.plan.scheme import QuantScheme
 
 WEIGHT_FORMAT_ROW = 0  # the int8 `weight_format` entry: 0 = "row", the only layout transformers writes
 

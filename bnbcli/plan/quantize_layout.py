@@ -16,8 +16,9 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.dtype import config_dtype
+from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
 
 SHARD_METADATA = {"format": "pt"}
@@ -78,7 +79,7 @@ class QuantizePlan:
     checkpoint: Checkpoint
     scheme: QuantScheme
     components: tuple[ComponentPlan, ...]
-    keep_budget: Any = None  # a BudgetChoice (bnbcli/budget) when --keep-budget or --target-size chose modules
+    keep_budget: Any = None  # a BudgetChoice (bnbcli/plan/budget) when --keep-budget or --target-size chose modules
 
     @property
     def bytes_in(self) -> int:
@@ -87,6 +88,11 @@ class QuantizePlan:
     @property
     def bytes_out(self) -> int:
         return sum(c.bytes_out for c in self.components)
+
+    @property
+    def file_bytes(self) -> int:
+        """The weight files with their headers (the largest they can be)."""
+        return sum(c.shard_bytes(s) for c in self.components for s in c.shards)
 
 
 def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
@@ -151,21 +157,12 @@ def _output_config(
     source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
 ) -> dict | None:
     config = dict(source.config) if source.config is not None else {}
-    if scheme.dtype is not None:
-        set_config_dtype(config, scheme.dtype)
+    if source.config is not None and config_dtype(config) != model_dtype:
+        # from_pretrained(OUT) loads in the dtype the config names (or guesses one from the first file's
+        # tensors): name the model's dtype, as transformers' save_pretrained writes the loaded model's
+        set_config_dtype(config, model_dtype)
     config["quantization_config"] = quantization_config(scheme, skip_modules, model_dtype)
     return config
-
-
-def _model_dtype(source: ModelSource, scheme: QuantScheme) -> torch.dtype:
-    if scheme.dtype is not None:
-        return scheme.dtype
-    config = source.config or {}
-    name = config.get("dtype") or config.get("torch_dtype")
-    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-        return getattr(torch, name)
-    floats = [t.dtype for t in source.tensors.values() if t.dtype.is_floating_point]
-    return max(set(floats), key=floats.count) if floats else torch.float32
 
 
 def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -194,7 +191,7 @@ def plan_component(
         TensorJob(source=info, decision=decision, dtype=dtype, entries=entries, shard=shards[assignment[i]])
         for i, (info, decision, dtype, entries) in enumerate(rows)
     )
-    model_dtype = _model_dtype(source, scheme)
+    model_dtype = decided.model_dtype
     return ComponentPlan(
         name=source.name,
         source=source,

@@ -1,6 +1,6 @@
 """The plan of `bnb dequantize`: which tensors of a bitsandbytes checkpoint make one weight, and what
 the plain checkpoint holds instead, decided from headers, config.json and the few-byte quant_state
-JSONs. ``bnb dequantize --dry-run`` renders it; ``bnbcli.dequantize`` executes it.
+JSONs. ``bnb dequantize --dry-run`` renders it; ``bnbcli.pipeline.dequantize`` executes it.
 
 Keys are those bitsandbytes' ``Linear4bit``/``Linear8bitLt`` save and transformers, diffusers or
 Unsloth write (spec §4.3, §5): ``W``, ``W.absmax``, ``W.quant_map``, [``W.nested_absmax``,
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -21,13 +20,14 @@ import torch
 from bnbcli import json_text
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
-from bnbcli.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
-from bnbcli.output_plan import assign_shards, set_config_dtype
-from bnbcli.planning.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
-from bnbcli.scheme import FLOAT_DTYPES, dtype_name
+from bnbcli.plan.dtype import model_dtype as plan_dtype
+from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
+from bnbcli.plan.quantize_layout import assign_shards, set_config_dtype
+from bnbcli.plan.scheme import dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
@@ -138,7 +138,8 @@ def plan_component(source: ModelSource, dtype: torch.dtype | None, max_shard_siz
             # QuantState.from_dict refuses unknown keys too: such a checkpoint does not load anywhere.
             raise InputError(f"{key} is not a part of the 4-bit weight {owner}", hint="the checkpoint is inconsistent")
     transposed = _conv1d_weights(source.config, list(four_bit) + list(int8), tensors)
-    model_dtype = _kept_dtype(source, consumed)
+    # transformers' dequantize() gives int8 weights in the model's dtype; the tensors left as they are show it
+    model_dtype = plan_dtype(source.config, (t.dtype for k, t in source.tensors.items() if k not in consumed))
     rows: list[OutputTensor] = []
     for name, info in tensors.items():
         if name in four_bit:
@@ -285,17 +286,6 @@ def _int8_tensor(source: ModelSource, keys: tuple[str, ...], dtype: torch.dtype,
     return OutputTensor(keys[0], "int8", dtype, out_shape, (cb, scb), "", transpose, None, keys[2:])
 
 
-def _kept_dtype(source: ModelSource, consumed: set[str]) -> torch.dtype:
-    """The model's dtype for int8 weights (transformers' dequantize() uses the model's): config.json,
-    else the most common floating dtype among the tensors left as they are."""
-    for key in ("dtype", "torch_dtype"):
-        name = (source.config or {}).get(key)
-        if isinstance(name, str) and getattr(torch, name, None) in FLOAT_DTYPES:
-            return getattr(torch, name)
-    counts = Counter(t.dtype for k, t in source.tensors.items() if k not in consumed and t.dtype in FLOAT_DTYPES)
-    return counts.most_common(1)[0][0] if counts else torch.float16
-
-
 def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, TensorInfo]) -> set[str]:
     """Quantized weights of Conv1D modules: transformers transposed them to [out, in] before quantizing
     (spec §6.2) and a plain model wants them back in [in, out]. Asked of transformers' model on the meta
@@ -303,7 +293,7 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
     config = {k: v for k, v in (config or {}).items() if k != "quantization_config"}
     if "_class_name" in config or not weights:
         return set()  # diffusers models have no Conv1D
-    from bnbcli.planning import hf_transformers
+    from bnbcli.plan.planners import hf_transformers
 
     try:
         cls, _ = hf_transformers._resolve_class(config)

@@ -4,17 +4,13 @@ the dry run, the manifest, `bnb footprint` and `bnb inspect` show."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bnbcli.backends import resolve_backend
-from bnbcli.budget import choose
-from bnbcli.budget.candidates import Candidate, candidates, linear_bytes
-from bnbcli.budget.scores import Progress, WeightFigures, calibrated_scores, weight_figures
-from bnbcli.budget.spec import KeepBudget
-from bnbcli.footprint.report import SHORTEST_FLOAT_REPR
-from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.output_plan import QuantizePlan
+from bnbcli.formats.layout import MAX_FLOAT_REPR, SHORTEST_FLOAT_REPR
+from bnbcli.plan.budget import choose
+from bnbcli.plan.budget.candidates import Candidate, linear_bytes
+from bnbcli.plan.budget.spec import KeepBudget
+from bnbcli.plan.quantize_layout import QuantizePlan
 
 WEIGHTS = "weights: relative round-trip error energy ‖ΔW‖²/‖W‖² under the scheme"
 CALIBRATED = "calibrated: relative error each module's quantization adds to its layer's output, on text"
@@ -26,6 +22,19 @@ class BudgetRequest:
     calibrate: bool = False
     texts: tuple[str, ...] | None = None  # --text-file's texts (None: the built-in ones)
     backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class WeightFigures:
+    """`bnb inspect`'s figures of one weight under the scheme."""
+
+    rel_error: float  # ‖ΔW‖/‖W‖
+    outlier_dims: int  # outlier input columns + output rows
+    large_values: int  # isolated large values
+
+    @property
+    def weight_score(self) -> float:
+        return self.rel_error**2
 
 
 @dataclass(frozen=True)
@@ -85,32 +94,16 @@ class BudgetChoice:
         }
 
 
-def choose_modules(
-    uniform: QuantizePlan, request: BudgetRequest, model_dir: Path | None, progress: Progress = lambda n: None
-) -> BudgetChoice:
-    """Score every module the uniform plan quantizes and spend the budget on them."""
-    found = candidates(uniform)
-    backend = resolve_backend(request.backend)
-    figures = weight_figures(found, uniform.scheme, backend, progress)
-    if request.calibrate:
-        assert model_dir is not None
-        texts = list(request.texts) if request.texts is not None else None
-        scores = calibrated_scores(found, uniform.scheme, backend, model_dir, texts)
-    else:
-        scores = {m: f.weight_score for m, f in figures.items()}
-    files = sum(c.shard_bytes(s) for c in uniform.components for s in c.shards)
-    allowance = request.budget.allowance(linear_bytes(found), files)
-    return _record(found, scores, figures, request, allowance, files)
-
-
-def _record(
+def record(
+    uniform: QuantizePlan,
     found: tuple[Candidate, ...],
     scores: dict[str, float],
     figures: dict[str, WeightFigures],
     request: BudgetRequest,
-    allowance: int,
-    files: int,
 ) -> BudgetChoice:
+    """The budget spent on the candidates by score per byte (choose.py), as the record the commands show."""
+    files = uniform.file_bytes
+    allowance = request.budget.allowance(linear_bytes(found), files)
     solution = choose.greedy(choose.items(found, scores), scores, allowance)
     total = sum(scores.values())
     kept = tuple(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from bnbcli.budget.candidates import Candidate
+from bnbcli.plan.budget.candidates import Candidate
 
 
 @dataclass(frozen=True)

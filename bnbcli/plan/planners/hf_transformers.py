@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnbcli.planning.common import (
+from bnbcli.plan.planners.common import (
     CONV1D,
     LINEAR,
     ModuleVerdict,
@@ -27,7 +27,7 @@ from bnbcli.planning.common import (
     settle_skip_list,
     user_skip_rules,
 )
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.scheme import QuantScheme
 
 
 class NotKnown(Exception):

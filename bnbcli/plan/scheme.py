@@ -16,8 +16,8 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from bnbcli.codes import FOUR_BIT_BLOCKSIZES
 from bnbcli.errors import UsageError
+from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,7 +55,15 @@ _DTYPE_ALIASES: dict[str, torch.dtype] = {
 }
 AUTO = "auto"  # TOML has no null: "auto" stands for None (the model's dtype / each tensor's dtype)
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+def _configs_dir() -> Path:
+    """The presets: configs/ of this source checkout, else the copy a wheel installs as bnbcli.configs."""
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "configs"
+    return checkout if checkout.is_dir() else package / "configs"
+
+
+CONFIGS_DIR = _configs_dir()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
