@@ -64,6 +64,8 @@ def _layer(module: str) -> int | None:
 
 def measure(bnb: str, src: Path, out: Path, flags: list[str]) -> dict[str, Any]:
     quantized, _ = run_json([bnb, "quantize", str(src), str(out), "--scheme", "nf4", "--overwrite", "--json", *flags])
+    if "bytes_out" not in quantized:
+        sys.exit(f"error: bnb quantize {' '.join(flags)} failed: {quantized}")
     report, _ = run_json([bnb, "eval", str(out), "--against", str(src), "--device", "cpu", "--json"])
     report["bytes_out"] = quantized["bytes_out"]
     return report
@@ -77,6 +79,7 @@ def figure(report: dict[str, Any]) -> float:
 
 def rows_for(name: str, src: Path, root: Path, budgets: list[float], seeds: int) -> list[str]:
     bnb = find_bnb()
+    root.mkdir(parents=True, exist_ok=True)
     items, linear = candidates(src)
     uniform = measure(bnb, src, root / "uniform", [])
     lines = [f"| {name} | uniform nf4 | — | {figure(uniform):.4f} | {uniform['bytes_out'] / 1e6:.2f} MB |"]

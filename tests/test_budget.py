@@ -163,3 +163,48 @@ def test_a_catching_entry_is_one_item_with_what_it_catches() -> None:
     solution = choose.greedy(pool, scores, 150)  # room for b alone, never for a (which keeps b too)
     assert [p.item.candidate.module for p in solution.picked] == ["model.mlp.fc1"]
     assert solution.upper_bound is None  # the fractional bound assumes disjoint items
+
+
+def test_calibrated_score_is_the_expected_output_error_second_order(tmp_path) -> None:
+    """--calibrate's score is ½·E[(g·ΔW·x)²]: twice the weight error gives four times the score, and the score
+        of a small error is the KL divergence it really adds, within a factor 3 (16 draws in all: their noise, not
+    the second order, sets the width; a wrong unit, as a mean over tokens for their sum, falls far outside)."""
+    import torch
+    import transformers
+    from eval_models import with_tokenizer
+
+    from bnbcli.budget.calibrate import output_errors
+
+    src = with_tokenizer(golden_dir() / "models" / "llama" / "src", tmp_path / "src")
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]
+    noise = {n: torch.randn(0) for n in names}
+
+    def restore(scale: float):
+        def with_error(module: str, weight: torch.Tensor) -> torch.Tensor:
+            if noise[module].shape != weight.shape:
+                noise[module] = torch.randn(weight.shape, generator=torch.Generator().manual_seed(len(module)))
+            return weight + scale * 1e-3 * weight.abs().mean() * noise[module]
+
+        return with_error
+
+    texts = ["The ferry left the harbour late.", "A second text, about bread and the weather in spring."]
+    once, twice = output_errors(src, names, restore(1.0), texts), output_errors(src, names, restore(2.0), texts)
+    for n in names:
+        assert twice[n] == pytest.approx(4 * once[n], rel=1e-4)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    modules = dict(model.named_modules())
+    for n in names:
+        weight = modules[n].weight
+        with torch.no_grad():
+            kld = 0.0
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt")
+                base = torch.log_softmax(model(**ids).logits[0].double(), -1)
+                original = weight.data.clone()
+                weight.data.copy_(restore(1.0)(n, original))
+                moved = torch.log_softmax(model(**ids).logits[0].double(), -1)
+                weight.data.copy_(original)
+                kld += float((base.exp() * (base - moved)).sum())
+        assert kld / 3 < once[n] < 3 * kld, (n, once[n], kld)  # measured 0.66 and 0.78 of it

@@ -7,9 +7,9 @@ dimension; with no input at hand every dimension is taken to carry the same ener
 ``weight_score``: the relative error energy ‖ΔW‖²/‖W‖² (the noise-to-signal ratio of the module's output
 for such an input). `bnb inspect`'s outlier figures are reported beside it.
 
-**With calibration** (``--calibrate``) the model runs on text and the score is the relative error the
-module's quantization puts into its layer's output (``bnbcli.budget.calibrate``): the weight error seen
-through the real inputs and the layer.
+**With calibration** (``--calibrate``) the model runs on text and the score is the output error the module's
+quantization is expected to add (``bnbcli.budget.calibrate``): the weight error applied to the module's real
+inputs, seen through the rest of the model by the gradient (a KL divergence for a language model).
 
 Every weight is read once, one at a time, as the model holds it ([out, in]; Conv1D transposed), in the dtype
 the output keeps it in.
@@ -62,8 +62,8 @@ def weight_figures(
 def calibrated_scores(
     found: tuple[Candidate, ...], scheme: QuantScheme, backend: str, model_dir: Path, texts: list[str] | None
 ) -> dict[str, float]:
-    """module → the relative error its quantization adds to its layer's output, over the texts."""
-    from bnbcli.budget.calibrate import layer_output_errors
+    """module → the expected output error its quantization adds, over the texts (bnbcli.budget.calibrate)."""
+    from bnbcli.budget.calibrate import output_errors
 
     dtypes = {c.module: c.job.dtype for c in found}
 
@@ -71,7 +71,7 @@ def calibrated_scores(
         w = weight.to(dtypes[module]).contiguous()
         return restored(w, scheme, backend).to(torch.float32)
 
-    scores = layer_output_errors(model_dir, list(dtypes), restore, texts)
+    scores = output_errors(model_dir, list(dtypes), restore, texts)
     missing = [m for m in dtypes if m not in scores]
     if missing:
         raise InputError(

@@ -13,7 +13,7 @@ from bnbcli.plan.budget.spec import KeepBudget
 from bnbcli.plan.quantize_layout import QuantizePlan
 
 WEIGHTS = "weights: relative round-trip error energy ‖ΔW‖²/‖W‖² under the scheme"
-CALIBRATED = "calibrated: relative error each module's quantization adds to its layer's output, on text"
+CALIBRATED = "calibrated: output error each module's quantization adds on text (KL divergence or cosine distance)"
 
 
 @dataclass(frozen=True)
