@@ -103,7 +103,7 @@ def _encoded(model: torch.nn.Module, tokenizer: Any, config: Any, texts: list[st
 
 
 def _probe(
-    model: torch.nn.Module,
+    model: Any,  # a transformers PreTrainedModel
     encoded: dict[str, torch.Tensor],
     taps: _Taps,
     errors: dict[str, torch.Tensor],
@@ -111,8 +111,7 @@ def _probe(
     generator: torch.Generator,
 ) -> None:
     """One text: a forward with gradients from the input embeddings on, then PROBES backward passes."""
-    embed = model.get_input_embeddings()
-    assert embed is not None
+    embed = model.get_input_embeddings()  # the weights need no gradient: the graph starts here
     inputs = {k: v for k, v in encoded.items() if k != "input_ids"}
     inputs["inputs_embeds"] = embed(encoded["input_ids"]).detach().requires_grad_(True)
     with torch.enable_grad():
