@@ -99,7 +99,7 @@ FOLLOW: list[tuple[str, Rule]] = [
     (r"--dtype (\w+) casts it", lambda c, m: Step(_set(c.args, "--dtype", m[1]))),
     (r"^--skip ('[^']+'|\S+) keeps it", lambda c, m: Step([*c.args, "--skip", m[1].strip("'")])),
     (r"(?:pass|^add) (--[\w-]+)", lambda c, m: Step([*c.args, m[1]])),
-    (r"use (--[\w-]+) ([\w.-]+)", lambda c, m: Step(_set(c.args, m[1], m[2]))),
+    (r"use (--[\w-]+) ([\w.%-]+)", lambda c, m: Step(_set(c.args, m[1], m[2]))),
     (r"leave (--[\w-]+) out", lambda c, m: Step(_set(c.args, m[1], None))),
     (r"leave out the revision", lambda c, m: Step(_set(c.args, "--revision", None))),
     (
@@ -258,6 +258,18 @@ CATALOG: dict[str, HintCase] = {
     "planner-needs-config": HintCase("quantize", _no_config),
     "quant-storage-too-wide": HintCase("quantize", _odd_weight("--quant-storage", "float32")),
     "revision-on-a-path": HintCase("quantize", _out("--revision", "v1")),
+    "keep-budget-negative": HintCase("quantize", _out("--keep-budget", "-5%")),
+    "keep-budget-over-100": HintCase("quantize", _out("--keep-budget", "150%")),
+    "keep-budget-unreadable": HintCase("quantize", _out("--keep-budget", "abc")),
+    "keep-budget-no-unit": HintCase("quantize", _out("--keep-budget", "10")),
+    "target-size-too-small": HintCase("quantize", _out("--target-size", "1KB")),
+    "target-size-unreadable": HintCase("quantize", _out("--target-size", "big")),
+    "keep-budget-and-target-size": HintCase("quantize", _out("--keep-budget", "5%", "--target-size", "1GB")),
+    "calibrate-without-budget": HintCase("quantize", _out("--calibrate")),
+    "text-file-without-calibrate": HintCase(
+        "quantize",
+        lambda root, model: [*_with_tokenizer("--text-file")(root, model), str(root / "out"), "--keep-budget", "20%"],
+    ),
 }
 
 

@@ -7,7 +7,17 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import Components, JsonFlag, components_option, size_option
+from bnbcli.cli.budget import budget_request
+from bnbcli.cli.options import (
+    CalibrateFlag,
+    Components,
+    JsonFlag,
+    KeepBudgetOption,
+    TargetSizeOption,
+    TextFileOption,
+    components_option,
+    size_option,
+)
 from bnbcli.plan.scheme_names import DEFAULT_SCHEMES
 from bnbcli.units import human_bytes
 
@@ -57,6 +67,10 @@ def footprint_command(
     planner: Annotated[
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
+    keep_budget: KeepBudgetOption = None,
+    target_size: TargetSizeOption = None,
+    calibrate: CalibrateFlag = False,
+    text_file: TextFileOption = None,
     json_output: JsonFlag = False,
 ) -> None:
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
@@ -84,6 +98,7 @@ def footprint_command(
         seq_len=seq_len,
         batch=batch,
         gpu_memory=gpu_memory,
+        keep=_keeper(budget_request(keep_budget, target_size, calibrate, text_file, "auto")),
     )
     report = footprint(request).as_dict()
     output.warnings(report["warnings"])
@@ -166,3 +181,17 @@ def _render(report: dict[str, Any]) -> None:
         output.stdout.print("≤: double quant writes each weight's nested_offset in decimal, of varying length.")
     for note in notes:
         output.stdout.print(f"note: {note}")
+    for s in report["schemes"]:
+        if s["keep_budget"] is not None:
+            from bnbcli.cli.budget import render_choice
+
+            render_choice(s["keep_budget"], title=f"{s['label']}: kept in 16-bit by the budget")
+
+
+def _keeper(budget: Any) -> Any:
+    """--keep-budget: what bnb footprint asks of each bnb scheme (bnbcli.budget.spend.keeper), or None."""
+    if budget is None:
+        return None
+    from bnbcli.budget.spend import keeper
+
+    return keeper(budget)

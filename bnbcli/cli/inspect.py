@@ -9,7 +9,18 @@ from typing import TYPE_CHECKING, Annotated, cast
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option, output_path
+from bnbcli.cli.budget import budget_request
+from bnbcli.cli.options import (
+    CalibrateFlag,
+    Components,
+    JsonFlag,
+    KeepBudgetOption,
+    NoProgressFlag,
+    QuietFlag,
+    TargetSizeOption,
+    components_option,
+    output_path,
+)
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
 from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
@@ -89,6 +100,9 @@ def inspect_command(
         float | None,
         typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude (6.0)."),
     ] = None,
+    keep_budget: KeepBudgetOption = None,
+    target_size: TargetSizeOption = None,
+    calibrate: CalibrateFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     no_progress: NoProgressFlag = False,
@@ -100,9 +114,11 @@ def inspect_command(
     from bnbcli.inspect.run import InspectRequest, inspect, open_source
 
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
-    for option, value in (("--text-file", text_file), ("--activation-threshold", activation_threshold)):
-        if value is not None and not activations:
-            raise UsageError(f"{option} goes with --activations", hint="add --activations")
+    if activation_threshold is not None and not activations:
+        raise UsageError("--activation-threshold goes with --activations", hint="add --activations")
+    if text_file is not None and not (activations or calibrate):
+        raise UsageError("--text-file goes with --activations (or --calibrate)", hint="add --activations")
+    budget = budget_request(keep_budget, target_size, calibrate, text_file if calibrate else None, backend)
     criteria = _activation_criteria(activation_threshold) if activations else None
     report_path = output_path(report_file, "--report", "file") if report_file is not None else None
     if report_path is not None:
@@ -129,6 +145,10 @@ def inspect_command(
     output.warnings(list(report.warnings))
     if criteria is not None:
         report = _with_activations(report, texts, criteria)
+    if budget is not None:
+        from bnbcli.budget.spend import inspect_choices
+
+        report = replace(report, keep_budget=inspect_choices(checkpoint, request, budget))
     if report_path is not None:
         from bnbcli.inspect.html import write_report
 
@@ -139,6 +159,10 @@ def inspect_command(
         from bnbcli.inspect.terminal import render
 
         render(report, top)
+        for name, choice in (report.keep_budget or {}).items():
+            from bnbcli.cli.budget import render_choice
+
+            render_choice(choice, title=f"{name}: kept in 16-bit by the budget")
     for failure in report.failures:
         output.failure(failure.line())
     if report.failures:

@@ -84,3 +84,50 @@ def output_path(value: str, name: str = "OUT", what: str = "folder") -> Path:
     if not value:
         raise UsageError(f"{name} is empty", hint=f"give the {what} to write (is the variable meant to hold it unset?)")
     return Path(value)
+
+
+# --keep-budget / --target-size / --calibrate: bnb quantize, bnb footprint and bnb inspect take them alike.
+
+
+def _keep_budget(text: str) -> Any:
+    from bnbcli.plan.budget.spec import parse_keep_budget  # no torch: spec.py imports only units and errors
+
+    return parse_keep_budget(text)
+
+
+def _target_size(text: str) -> Any:
+    from bnbcli.plan.budget.spec import parse_target_size
+
+    return parse_target_size(text)
+
+
+KeepBudgetOption = Annotated[
+    Any,
+    typer.Option(
+        "--keep-budget",
+        help="Keep in 16-bit the modules whose quantization costs the model most, for at most this many extra "
+        "bytes: a share of the Linear weights' 16-bit bytes (10%) or a size (600MB).",
+        metavar="N%|SIZE",
+        parser=_checked(_keep_budget),
+    ),
+]
+TargetSizeOption = Annotated[
+    Any,
+    typer.Option(
+        "--target-size",
+        help="As --keep-budget, with the budget set by the size of the whole output (e.g. 5.2GB).",
+        metavar="SIZE",
+        parser=_checked(_target_size),
+    ),
+]
+CalibrateFlag = Annotated[
+    bool,
+    typer.Option(
+        "--calibrate",
+        help="--keep-budget: score modules by running the model on text (built-in, or --text-file) instead of "
+        "from the weights alone.",
+    ),
+]
+TextFileOption = Annotated[
+    Path | None, typer.Option("--text-file", help="--calibrate: one text per line (default: built-in texts).")
+]

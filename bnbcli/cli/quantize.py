@@ -8,13 +8,18 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 import typer
 
 from bnbcli import output
+from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
+    CalibrateFlag,
     Components,
     JsonFlag,
+    KeepBudgetOption,
     NoProgressFlag,
     OutArgument,
     OverwriteFlag,
     QuietFlag,
+    TargetSizeOption,
+    TextFileOption,
     VerboseFlag,
     components_option,
     output_path,
@@ -23,6 +28,9 @@ from bnbcli.cli.options import (
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
+    from bnbcli.checkpoint.source import Checkpoint
+    from bnbcli.pipeline.quantize import QuantizeRequest
+    from bnbcli.plan.budget.choice import BudgetRequest
     from bnbcli.plan.decisions import PlannerName
     from bnbcli.plan.quantize_layout import QuantizePlan
 
@@ -74,6 +82,10 @@ def quantize(
     planner: Annotated[
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
+    keep_budget: KeepBudgetOption = None,
+    target_size: TargetSizeOption = None,
+    calibrate: CalibrateFlag = False,
+    text_file: TextFileOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     overwrite: OverwriteFlag = False,
     resume: Annotated[
@@ -99,7 +111,7 @@ def quantize(
 
         hash_sources_early(src)
     from bnbcli.backends.devices import parse_devices
-    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
+    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
     from bnbcli.pipeline.quantize import quantize as quantize_on_plan
     from bnbcli.plan.scheme import load_preset, resolve_scheme
 
@@ -115,6 +127,7 @@ def quantize(
     flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     if skip:
         flags["skip"] = [*preset.get("skip", []), *skip]
+    budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
     request_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
         request_kwargs["max_shard_size"] = max_shard_size
@@ -133,7 +146,7 @@ def quantize(
         **request_kwargs,
     )
     if dry_run:
-        summary = _summary(plan_request(request))
+        summary = _summary(_plan(request, budget))
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})
         else:
@@ -143,7 +156,7 @@ def quantize(
     checkpoint = open_source(request)
     enabled = not (json_output or quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
-        outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
+        outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
@@ -153,6 +166,18 @@ def quantize(
         _render_result(summary, outcome.out)
         if verbose:
             _render_timing(outcome.manifest["run"])
+
+
+def _plan(request: QuantizeRequest, budget: BudgetRequest | None, checkpoint: Checkpoint | None = None) -> QuantizePlan:
+    """The plan execution obeys: uniform, or with the modules --keep-budget/--target-size keep."""
+    from bnbcli.pipeline.quantize import open_source, plan_request
+
+    if budget is None:
+        return plan_request(request, checkpoint)
+    from bnbcli.budget.spend import budget_plan
+
+    opened = checkpoint or open_source(request)
+    return budget_plan(opened, request.scheme, budget, request.max_shard_size, request.planner)
 
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
@@ -178,6 +203,10 @@ def _render_plan(summary: dict[str, Any], all_rows: bool) -> None:
         )
         if component["skip_modules"]:
             output.stdout.print(f"llm_int8_skip_modules: {', '.join(component['skip_modules'])}")
+    if summary["keep_budget"] is not None:
+        from bnbcli.cli.budget import render_choice
+
+        render_choice(summary["keep_budget"])
 
 
 def _render_timing(run: dict[str, Any]) -> None:
@@ -196,3 +225,7 @@ def _render_result(summary: dict[str, Any], out: Path) -> None:
         f"wrote {out}: {quantized} tensors quantized, {kept} kept; "
         f"{human_bytes(summary['bytes_in'])} → {human_bytes(summary['bytes_out'])} ({ratio:.0%})"
     )
+    if summary["keep_budget"] is not None:
+        from bnbcli.cli.budget import outcome_line
+
+        output.stdout.print(f"keep budget: {outcome_line(summary['keep_budget'])}")

@@ -10,8 +10,8 @@ are opened for their headers, Hub repos are read with range requests (``bnbcli.f
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,12 @@ from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_sche
 from bnbcli.pipeline.quantize import source_label
 from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan.scheme import dtype_name
+from bnbcli.plan.scheme import QuantScheme, dtype_name
 from bnbcli.units import positive_size
+
+# --keep-budget (bnbcli.budget.spend.keeper, given by the command line): for a bnb scheme, the same scheme with
+# the modules bnb quantize would keep added to its --skip, and that choice as data.
+Keeper = Callable[[Checkpoint, QuantScheme, int, "PlannerName | None"], tuple[QuantScheme, dict[str, Any]]]
 
 __all__ = [
     "DEFAULT_SCHEMES",
@@ -53,6 +57,7 @@ class FootprintRequest:
     seq_len: int = 4096
     batch: int = 1
     gpu_memory: int | None = None
+    keep: Keeper | None = None  # --keep-budget: each bnb scheme with the modules it keeps (and the choice)
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class SchemeFootprint:
     components: tuple[ComponentFootprint, ...]
     runtime: Runtime | None  # the whole model or pipeline on one GPU
     gpu_memory: int | None
+    keep_budget: dict[str, Any] | None = None  # --keep-budget: the choice (bnbcli/plan/budget/choice.py)
 
     def _sum(self, field: str) -> int | None:
         values = [getattr(c, field) for c in self.components]
@@ -116,6 +122,7 @@ class SchemeFootprint:
             "fits": self.fits,
             "headroom": self.headroom,
             "components": [_component_dict(c) for c in self.components],
+            "keep_budget": self.keep_budget,
         }
 
 
@@ -188,6 +195,21 @@ def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, d
         )
 
 
+def _with_budget(
+    scheme: FootprintScheme, checkpoint: Checkpoint, request: FootprintRequest
+) -> tuple[FootprintScheme, dict[str, Any] | None]:
+    """A bnb scheme with the modules --keep-budget keeps added to its skips, and the choice."""
+    if request.keep is None or scheme.quant is None:
+        return scheme, None
+    if checkpoint.repo_id is not None:
+        raise UsageError(
+            "--keep-budget scores the weights, and bnb footprint reads a Hub repo's headers alone",
+            hint="download it (hf download org/name) and give its folder",
+        )
+    quant, choice = request.keep(checkpoint, scheme.quant, request.max_shard_size, request.planner)
+    return replace(scheme, quant=quant), choice
+
+
 def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
     """The report for ``request``; ``api`` replaces huggingface_hub's HfApi for a Hub repo id (tests)."""
     if request.seq_len < 1 or request.batch < 1:
@@ -206,10 +228,11 @@ def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
         models = [ComponentModel(source) for _, source in sorted(checkpoint.components.items())]
         results = []
         for scheme in request.schemes:
+            scheme, choice = _with_budget(scheme, checkpoint, request)
             parts = tuple(component_footprint(m, scheme, settings, sizes) for m in models)
             runtimes = [p.runtime for p in parts]
             runtime = combine([r for r in runtimes if r is not None]) if all(runtimes) else None
-            results.append(SchemeFootprint(scheme, parts, runtime, request.gpu_memory))
+            results.append(SchemeFootprint(scheme, parts, runtime, request.gpu_memory, choice))
         label = source_label(checkpoint)
         if checkpoint.repo_id:
             label = {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}

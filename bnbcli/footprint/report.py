@@ -15,15 +15,12 @@ from bnbcli.checkpoint.source import ModelSource
 from bnbcli.footprint.model import LoadedModel, build, deserialized_dtypes, layerwise_cast, summarize
 from bnbcli.footprint.runtime import Runtime, activation_bytes, kv_cache_bytes
 from bnbcli.footprint.schemes import FootprintScheme
-from bnbcli.formats.layout import MAX_FLOAT_REPR
+from bnbcli.formats.layout import MAX_FLOAT_REPR, SHORTEST_FLOAT_REPR
 from bnbcli.plan.decisions import PlannerName
 from bnbcli.plan.dtype import model_dtype
 from bnbcli.plan.quantize_layout import ComponentPlan, plan_component
 from bnbcli.plan.scheme import QuantScheme
 
-# A double-quantized weight's quant_state JSON ends in its nested_offset, a float whose repr takes 3
-# ("0.0") to MAX_FLOAT_REPR characters: the one part of a file that depends on the weights' values.
-SHORTEST_FLOAT_REPR = len("0.0")
 NO_MODEL = "no model class here (name-rules planner): buffers and parameters absent from the checkpoint are not counted"
 
 

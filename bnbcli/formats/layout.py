@@ -28,7 +28,9 @@ def quantized_keys(keys: Iterable[str]) -> list[str]:
 
 # The longest ``repr`` of a float32 value as a Python float ("-1.1754943508222875e-38" is 23
 # characters): the one part of a 4-bit quant_state whose length is unknown before quantizing.
+# The shortest is "0.0": a double-quantized weight's entry takes between the two.
 MAX_FLOAT_REPR = 24
+SHORTEST_FLOAT_REPR = len("0.0")
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def quant_state_json_length(
     }
     if double_quant:
         state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0)
-        return len(json.dumps(state)) - len("0.0") + MAX_FLOAT_REPR
+        return len(json.dumps(state)) - SHORTEST_FLOAT_REPR + MAX_FLOAT_REPR
     return len(json.dumps(state))
 
 

@@ -112,6 +112,7 @@ class InspectReport:
     failures: tuple[GateFailure, ...] = ()
     root: Path | None = None  # the checkpoint's folder (a Hub snapshot's, too): where --activations loads from
     warnings: tuple[str, ...] = ()  # a planner that fell back, shards the index leaves out (also on stderr)
+    keep_budget: dict[str, Any] | None = None  # --keep-budget: scheme → what bnb quantize would keep
 
     def weights(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.role == "weight"]
@@ -175,6 +176,7 @@ class InspectReport:
             },
             "tensors": [t.as_dict() for t in self.tensors],
             "activations": self.activations,
+            "keep_budget": self.keep_budget,
             "gates": {
                 "limits": self.gates,
                 "passed": not self.failures,

@@ -84,7 +84,7 @@ def open_source(request: QuantizeRequest) -> Checkpoint:
 
 
 def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
-    """Headers only: what --dry-run prints and what execution obeys."""
+    """Headers only: what --dry-run prints and what execution obeys (--keep-budget: bnbcli.budget.spend)."""
     checkpoint = checkpoint or open_source(request)
     return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
 
@@ -177,4 +177,6 @@ def build_manifest(
             setattr(stages, name, getattr(stages, name) + value)
     document = manifest_document(source_label, scheme_settings(plan), components, seconds, stages.as_dict())
     document["run"]["resumed_shards"] = sum(result.resumed_shards for result in results)
+    if plan.keep_budget is not None:  # --keep-budget / --target-size: the budget, the method, the scores
+        document["keep_budget"] = plan.keep_budget.as_dict()
     return document

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,6 +79,7 @@ class QuantizePlan:
     checkpoint: Checkpoint
     scheme: QuantScheme
     components: tuple[ComponentPlan, ...]
+    keep_budget: Any = None  # a BudgetChoice (bnbcli/plan/budget) when --keep-budget or --target-size chose modules
 
     @property
     def bytes_in(self) -> int:
@@ -86,6 +88,11 @@ class QuantizePlan:
     @property
     def bytes_out(self) -> int:
         return sum(c.bytes_out for c in self.components)
+
+    @property
+    def file_bytes(self) -> int:
+        """The weight files with their headers (the largest they can be)."""
+        return sum(c.shard_bytes(s) for c in self.components for s in c.shards)
 
 
 def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
@@ -296,4 +303,5 @@ def plan_summary(plan: QuantizePlan) -> dict:
         "bytes_out": plan.bytes_out,
         "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
         "warnings": warnings,  # also printed on stderr
+        "keep_budget": plan.keep_budget.as_dict() if plan.keep_budget is not None else None,
     }

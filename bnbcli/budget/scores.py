@@ -1,0 +1,81 @@
+"""How much output error each candidate module adds when quantized: its score, the value of keeping it.
+
+**Without calibration** (the default) the score comes from the weights alone, from what `bnb inspect`
+measures of each weight under the scheme: the round trip through the bit-exact formats gives the error
+ΔW = Ŵ − W. A module's output error is ΔW·x, so its expected size is ‖ΔW‖² times the energy of an input
+dimension; with no input at hand every dimension is taken to carry the same energy, so the score is
+``weight_score``: the relative error energy ‖ΔW‖²/‖W‖² (the noise-to-signal ratio of the module's output
+for such an input). `bnb inspect`'s outlier figures are reported beside it.
+
+**With calibration** (``--calibrate``) the model runs on text and the score is the output error the module's
+quantization is expected to add (``bnbcli.budget.calibrate``): the weight error applied to the module's real
+inputs, seen through the rest of the model by the gradient (a KL divergence for a language model).
+
+Every weight is read once, one at a time, as the model holds it ([out, in]; Conv1D transposed), in the dtype
+the output keeps it in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bnbcli.checkpoint.safetensors_file import read_tensor
+from bnbcli.errors import InputError
+from bnbcli.formats.metrics import roundtrip_error
+from bnbcli.inspect.criteria import OutlierCriteria
+from bnbcli.inspect.outliers import matrix_outliers
+from bnbcli.inspect.roundtrip import restored
+from bnbcli.plan.budget.candidates import Candidate
+from bnbcli.plan.budget.choice import WeightFigures
+from bnbcli.plan.scheme import QuantScheme
+
+Progress = Callable[[int], None]
+
+
+def _weight(c: Candidate) -> torch.Tensor:
+    values = read_tensor(c.job.source)
+    values = values.t() if c.job.decision.transpose else values
+    return values.to(c.job.dtype).contiguous()
+
+
+def weight_figures(
+    found: tuple[Candidate, ...], scheme: QuantScheme, backend: str, progress: Progress = lambda n: None
+) -> dict[str, WeightFigures]:
+    out = {}
+    for c in found:
+        weight = _weight(c)
+        if not torch.isfinite(weight).all():
+            raise InputError(
+                f"{c.job.source.name} holds NaN or Inf values, which have no quantization error to score",
+                hint=f"--skip {c.module!r} keeps it as it is",
+            )
+        error = roundtrip_error(weight, restored(weight, scheme, backend))
+        outliers = matrix_outliers(weight, OutlierCriteria())
+        out[c.module] = WeightFigures(error.rel_fro, outliers.count, outliers.large_values)
+        progress(c.job.source.nbytes)
+    return out
+
+
+def calibrated_scores(
+    found: tuple[Candidate, ...], scheme: QuantScheme, backend: str, model_dir: Path, texts: list[str] | None
+) -> dict[str, float]:
+    """module → the expected output error its quantization adds, over the texts (bnbcli.budget.calibrate)."""
+    from bnbcli.budget.calibrate import output_errors
+
+    dtypes = {c.module: c.job.dtype for c in found}
+
+    def restore(module: str, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.to(dtypes[module]).contiguous()
+        return restored(w, scheme, backend).to(torch.float32)
+
+    scores = output_errors(model_dir, list(dtypes), restore, texts)
+    missing = [m for m in dtypes if m not in scores]
+    if missing:
+        raise InputError(
+            f"--calibrate: {missing[0]} did not run on the texts ({len(missing)} modules did not)",
+            hint="leave --calibrate out: the weights alone score every module",
+        )
+    return scores
