@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.layout import quantized_keys
 from bnbcli.plan.dtype import model_dtype
 from bnbcli.plan.planners import cache as plan_cache
@@ -37,7 +38,7 @@ from bnbcli.plan.planners.common import (
     pattern_matches,
 )
 from bnbcli.plan.planners.hf_transformers import NotKnown
-from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 
 __all__ = [
     "ModulePlan",

@@ -23,11 +23,11 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.plan.quantize_layout import assign_shards, set_config_dtype
-from bnbcli.plan.scheme import dtype_name
 
 Kind = Literal["4bit", "int8", "copy"]
 
