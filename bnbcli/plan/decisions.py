@@ -41,11 +41,9 @@ from bnbcli.plan.planners.hf_transformers import NotKnown
 from bnbcli.plan.scheme import QuantScheme
 
 __all__ = [
-    "ModulePlan",
     "PlannerName",
     "QuantPlan",
     "TensorDecision",
-    "plan_model",
     "plan_quantization",
     "quantization_config",
 ]
@@ -93,9 +91,6 @@ class QuantPlan:
                 for d in self.decisions.values()
             ],
         }
-
-
-ModulePlan = QuantPlan
 
 
 def plan_quantization(
@@ -151,9 +146,6 @@ def fallback_warning(component: str, fallback: str) -> str:
         f"{where}planned by name rules (a guess from tensor names) because {fallback}; "
         "check the plan with --dry-run, or fix config.json"
     )
-
-
-plan_model = plan_quantization  # the name bnbcli/plan/quantize_layout.py uses
 
 
 def _run_planner(

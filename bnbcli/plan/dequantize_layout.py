@@ -39,7 +39,6 @@ STATE_KEYS = frozenset(
 # Keys that only make sense beside a quantized weight: one left over means a weight we cannot rebuild.
 COMPONENT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
 WEIGHT_FORMAT_ROW = 0  # bitsandbytes/utils.py: row=0 is the only layout transformers writes and loads
-BNB_CONFIG_KEYS = ("quant_method", "load_in_4bit", "load_in_8bit")
 # A quantized weight whose parts disagree: nothing bnb can do but say so.
 BROKEN_HINT = "the checkpoint is inconsistent; download or save it again"
 

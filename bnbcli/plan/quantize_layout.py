@@ -16,7 +16,7 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_quantization, quantization_config
 from bnbcli.plan.dtype import config_dtype
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
@@ -171,7 +171,7 @@ def plan_component(
     planner: PlannerName | None = None,
 ) -> ComponentPlan:
     """The component's output plan: its tensors' decisions, and where each output goes."""
-    decided = plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
+    decided = plan_quantization(source.config, tensor_shapes(source), scheme, planner=planner)
     stem = _weights_stem(source)
     rows = []
     # Source order (file, then offset): shards stream sequentially and hash as they are read.
