@@ -187,3 +187,34 @@ def test_a_lock_taken_an_instant_ago_is_respected(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.communicate()
+
+
+def _interrupt_once(real):
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if not calls:
+            calls.append(args)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return interrupted
+
+
+def test_a_ctrl_c_while_taking_the_lock_leaves_no_lock_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether the Ctrl-C comes before the lock is taken (the file just made) or after (the pid not yet
+    written), the run removes its lock file on the way out, as it does when a Ctrl-C comes later."""
+    import filelock
+
+    out = tmp_path / "out"
+    for module, name in ((filelock, "lock_descriptor"), (os, "ftruncate")):
+        with monkeypatch.context() as patch:
+            patch.setattr(module, name, _interrupt_once(getattr(module, name)))
+            with pytest.raises(KeyboardInterrupt), AtomicOutputDir(out):
+                pass
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], name
+    output = AtomicOutputDir(out)  # and the next run is not hindered
+    with output as tmp:
+        (tmp / "bnb_manifest.json").write_text("{}")
+        output.commit()
+    assert_no_debris(out)

@@ -168,7 +168,7 @@ class AtomicOutputDir:
         self.tmp = self.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
         self.trash = self.parent / f".{self.out.name}{TMP_MARK}{OLD_MARK}{os.getpid()}"
         self.committed = False
-        self.lock_fd: int | None = None  # holds the OUT lock while not None
+        self.out_lock = out_lock.OutLock(self.lock)
 
     def __enter__(self) -> Path:
         check_name_length(self.out)
@@ -206,7 +206,7 @@ class AtomicOutputDir:
     def _take_lock(self) -> None:
         """One writer per OUT (checkpoint/out_lock.py); a killed run's lock file does not count."""
         try:
-            self.lock_fd = out_lock.acquire(self.lock)
+            self.out_lock.acquire()
         except out_lock.LockBusy as busy:
             who = "another bnb" if busy.holder is None else f"another bnb (pid {busy.holder})"
             raise InputError(
@@ -216,9 +216,7 @@ class AtomicOutputDir:
             raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
 
     def _release_lock(self) -> None:
-        if self.lock_fd is not None:
-            out_lock.release(self.lock, self.lock_fd)
-            self.lock_fd = None
+        self.out_lock.release()
 
     def _sweep_stale(self) -> None:
         """Temporary folders of earlier runs on this OUT that died without cleaning up. With ``resume``

@@ -27,33 +27,43 @@ class LockBusy(Exception):
         self.holder = holder
 
 
-def acquire(path: Path) -> int:
-    """Lock ``path`` (made if missing) and return the descriptor that holds the lock; ``LockBusy`` when
-    another process holds it. OSError when the folder cannot hold the file."""
-    while True:
-        fd = os.open(path, _OPEN, 0o644)
+class OutLock:
+    """The lock file at ``path``. The open descriptor is kept on the object from the moment it exists,
+    so that ``release`` cleans up after an ``acquire`` that a Ctrl-C cut short anywhere."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Lock the file (made if missing) and write our pid in it; ``LockBusy`` when another process holds
+        it. OSError when the folder cannot hold the file."""
+        while True:
+            self.fd = os.open(self.path, _OPEN, 0o644)
+            if not filelock.lock_descriptor(self.fd, blocking=False):
+                holder = _holder(self.fd)
+                self.release()
+                raise LockBusy(holder)
+            if _is_at(self.fd, self.path):
+                os.ftruncate(self.fd, 0)
+                os.write(self.fd, str(os.getpid()).encode())
+                return
+            self.release()  # its holder removed it between our open and our lock: lock the path's new file
+
+    def release(self) -> None:
+        """Remove the lock file if this run holds its lock, or no run does (one this run made an instant ago),
+        then close it (which unlocks it). Removing it first, while locked, is what makes the retry in
+        ``acquire`` sound. Does nothing when nothing is open."""
+        if self.fd is None:
+            return
         try:
-            if not filelock.lock_descriptor(fd, blocking=False):
-                raise LockBusy(_holder(fd))
-            if _is_at(fd, path):
-                os.ftruncate(fd, 0)
-                os.write(fd, str(os.getpid()).encode())
-                return fd
-        except BaseException:
+            if filelock.lock_descriptor(self.fd, blocking=False) and _is_at(self.fd, self.path):
+                self.path.unlink()
+        except OSError:  # already gone, or Windows, which removes no open file: the next run locks it as it is
+            pass
+        finally:
+            fd, self.fd = self.fd, None
             os.close(fd)
-            raise
-        os.close(fd)  # its holder removed it between our open and our lock: lock the path's new file
-
-
-def release(path: Path, fd: int) -> None:
-    """Remove the lock file, then unlock it (closing the descriptor unlocks it)."""
-    try:
-        if _is_at(fd, path):  # nobody else removes it while we hold the lock
-            path.unlink()
-    except OSError:  # already gone, or Windows, which removes no open file: the next run locks it as it is
-        pass
-    finally:
-        os.close(fd)
 
 
 def _is_at(fd: int, path: Path) -> bool:
