@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 # Exit codes are a contract for CI scripts (documented in `bnb --help` and README.md).
-EXIT_OK = 0
 EXIT_FAILED = 1  # the input or the result failed: bad checkpoint, a threshold missed
 EXIT_USAGE = 2  # usage or internal error
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT)

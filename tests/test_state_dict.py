@@ -103,3 +103,40 @@ def test_bad_arguments_raise_clear_errors(call, message: str) -> None:
     with pytest.raises(bnbcli.BnbError, match=message) as info:
         call()
     assert info.value.hint
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (3, 7), (5,), (2, 3, 64)])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16, torch.float32])
+def test_4bit_layout_is_what_quantizing_writes(
+    shape: tuple[int, ...], double_quant: bool, storage: torch.dtype
+) -> None:
+    """formats/layout.py sizes shards before any data is read: every entry's key, dtype and shape must be
+    what quantizing gives (a double-quant quant_state's JSON at most as long as planned)."""
+    from bnbcli.formats.layout import layout_4bit
+
+    x = torch.randn(shape, dtype=torch.float16)
+    entries = bnbcli.quantize_4bit(x, "fp4", 64, double_quant, storage).state_dict(PREFIX)
+    layout = layout_4bit(shape, torch.float16, "fp4", 64, double_quant, storage)
+    assert list(entries) == [e.key(PREFIX) for e in layout]
+    for e in layout:
+        got = entries[e.key(PREFIX)]
+        assert got.dtype == e.dtype, e
+        if e.variable:
+            assert got.dim() == 1 and got.numel() <= e.shape[0], e
+        else:
+            assert tuple(got.shape) == e.shape, e
+
+
+def test_int8_layout_is_what_quantizing_writes() -> None:
+    from bnbcli.formats.layout import layout_int8
+
+    q = bnbcli.quantize_int8_rowwise(torch.randn(6, 40))
+    cb, scb, weight_format = layout_int8((6, 40))
+    assert (q.CB.dtype, tuple(q.CB.shape)) == (cb.dtype, cb.shape)
+    assert (q.SCB.dtype, tuple(q.SCB.shape)) == (scb.dtype, scb.shape)
+    assert [e.key(PREFIX) for e in (cb, scb, weight_format)] == [
+        PREFIX,
+        "model.layers.0.self_attn.q_proj.SCB",
+        "model.layers.0.self_attn.q_proj.weight_format",
+    ]

@@ -37,7 +37,8 @@ from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
 from bnbcli.formats.codes import DYNAMIC_CODE, FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.cuda_mean import reduce_config
-from bnbcli.formats.fourbit import FLOAT_DTYPES, QuantState4bit, dtype_name
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.int8 import Int8Rowwise
 
 TILE_ELEMENTS = THREADS * 16  # quantize_blockwise.cu: 16 elements per thread

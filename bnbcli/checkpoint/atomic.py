@@ -19,6 +19,8 @@ from pathlib import Path
 from types import TracebackType
 
 from bnbcli import interrupts
+from bnbcli.checkpoint import out_lock
+from bnbcli.checkpoint.durable import fsync_dir, write_atomically
 from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.checkpoint.manifest import MANIFEST_NAME
 from bnbcli.errors import BnbError, InputError, OutputError
@@ -47,15 +49,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def check_name_length(path: Path) -> None:
@@ -146,19 +139,10 @@ def write_file(path: Path, data: bytes, signature: bytes, option: str) -> None:
     onto it. An existing ``path`` is replaced only when bnb wrote it (it begins with ``signature``) or it
     is empty."""
     check_output_file(path, signature, option)
-    tmp = _tmp_file(path)
     try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError):
-            raise _cannot_write(path, option, exc) from exc
-        raise
+        write_atomically(path, data, tmp=_tmp_file(path))
+    except OSError as exc:
+        raise _cannot_write(path, option, exc) from exc
 
 
 def _tmp_file(path: Path) -> Path:
@@ -184,7 +168,7 @@ class AtomicOutputDir:
         self.tmp = self.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
         self.trash = self.parent / f".{self.out.name}{TMP_MARK}{OLD_MARK}{os.getpid()}"
         self.committed = False
-        self.locked = False
+        self.out_lock = out_lock.OutLock(self.lock)
 
     def __enter__(self) -> Path:
         check_name_length(self.out)
@@ -220,33 +204,19 @@ class AtomicOutputDir:
             raise InputError(f"{self.out} already exists", hint="pass --overwrite to replace it, or choose another OUT")
 
     def _take_lock(self) -> None:
-        for _ in range(2):
-            try:
-                fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                try:
-                    holder = int(self.lock.read_text().strip() or "0")
-                except (OSError, ValueError):
-                    holder = 0
-                if holder and _pid_alive(holder):
-                    raise InputError(
-                        f"another bnb (pid {holder}) is writing {self.out}",
-                        hint="wait for it to finish, or choose another OUT",
-                    ) from None
-                self.lock.unlink(missing_ok=True)  # a stale lock from a killed run
-                continue
-            except OSError as exc:
-                raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
-            self.locked = True  # ours from here, even if a signal cuts the write short
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return
-        raise InputError(f"cannot lock {self.out}", hint=f"remove {self.lock} if no bnb is running")
+        """One writer per OUT (checkpoint/out_lock.py); a killed run's lock file does not count."""
+        try:
+            self.out_lock.acquire()
+        except out_lock.LockBusy as busy:
+            who = "another bnb" if busy.holder is None else f"another bnb (pid {busy.holder})"
+            raise InputError(
+                f"{who} is writing {self.out}", hint="wait for it to finish, or choose another OUT"
+            ) from None
+        except OSError as exc:
+            raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
 
     def _release_lock(self) -> None:
-        if self.locked:
-            self.lock.unlink(missing_ok=True)
-            self.locked = False
+        self.out_lock.release()
 
     def _sweep_stale(self) -> None:
         """Temporary folders of earlier runs on this OUT that died without cleaning up. With ``resume``
@@ -284,7 +254,7 @@ class AtomicOutputDir:
             shutil.rmtree(self.trash, ignore_errors=True)
         else:
             os.rename(self.tmp, self.out)
-        _fsync_dir(self.parent)
+        fsync_dir(self.parent)
         self.committed = True
 
     def __exit__(

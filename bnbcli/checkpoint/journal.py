@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bnbcli import __version__, json_text
+from bnbcli.checkpoint.durable import write_json
 
 JOURNAL_NAME = ".bnb-journal.json"
 JOURNAL_VERSION = 1
@@ -118,12 +118,7 @@ class Journal:
             "source_sha256": self._sources,
             "shards": self._shards,
         }
-        partial = self.path.with_suffix(".partial")
-        with open(partial, "w") as f:
-            json.dump(document, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, self.path)
+        write_json(self.path, document)
 
     def remove(self) -> None:
         """The finished output carries the manifest instead."""

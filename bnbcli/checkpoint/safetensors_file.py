@@ -206,11 +206,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not a JSON object", _NOT_ST)
-    dtype_name = entry.get("dtype")
-    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    spelled = entry.get("dtype")
+    dtype = DTYPES.get(spelled) if isinstance(spelled, str) else None
     if dtype is None:
         raise InputError(
-            f"{where}: unknown dtype {dtype_name!r}",
+            f"{where}: unknown dtype {spelled!r}",
             f"supported dtypes: {' '.join(DTYPES)}",
         )
     shape = entry.get("shape")
@@ -235,8 +235,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     expected = numel * dtype.itemsize
     if end - begin != expected:
         raise InputError(
-            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but {dtype_name} {shape} "
-            f"needs {expected}",
+            f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes, but {spelled} {shape} needs {expected}",
             _NOT_ST,
         )
     return TensorInfo(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import json
+import math
 import os
 import queue
 import sys
@@ -26,22 +27,8 @@ from typing import cast
 
 import torch
 
+from bnbcli.checkpoint.safetensors_file import DTYPE_NAMES
 from bnbcli.errors import InternalError
-
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
 
 
 @functools.cache
@@ -110,10 +97,6 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     """A tensor an output shard will hold. For a ``variable`` one, ``shape`` is its largest shape."""
@@ -125,16 +108,13 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * _itemsize(self.dtype)
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata}
     for key, dtype, shape, begin, end in entries:
-        header[key] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
     return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
 
@@ -162,7 +142,7 @@ class ShardLayout:
 
 
 def shard_layout(tensors: list[PlannedTensor], metadata: dict[str, str]) -> ShardLayout:
-    fixed = sorted((t for t in tensors if not t.variable), key=lambda t: (-_itemsize(t.dtype), t.key))
+    fixed = sorted((t for t in tensors if not t.variable), key=lambda t: (-t.dtype.itemsize, t.key))
     variable = sorted((t for t in tensors if t.variable), key=lambda t: t.key)
     offsets: dict[str, tuple[int, int]] = {}
     position = 0

@@ -46,6 +46,7 @@ from bnbcli.eval.models import (
 )
 from bnbcli.eval.report import EvalReport, LayerReport, causal_summary, encoder_summary
 from bnbcli.eval.texts import Sequences, builtin_texts, tokenize
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.inspect.activations import _silent as silent_libraries
 from bnbcli.inspect.activations import model_context
 
@@ -137,7 +138,7 @@ class Runner:
         self.tap = LayerTap(self.model)
         self.layer_names = list(self.tap.names)
         self.model_class = type(self.model).__name__
-        self.dtype = str(self.model.dtype).removeprefix("torch.")
+        self.dtype = dtype_name(self.model.dtype)
         self.load_seconds = time.perf_counter() - started
         self.forward_seconds = 0.0
 

@@ -50,7 +50,6 @@ def read_text_file(path: Path) -> list[str]:
 class Sequences:
     ids: tuple[torch.Tensor, ...]  # 1-D token ids, one per forward
     texts: int  # texts read
-    windowed: bool
 
     @property
     def tokens(self) -> int:
@@ -81,7 +80,7 @@ def tokenize(
     ids = _first_tokens([s for s in ids if s.numel() >= 2], max_tokens)
     if not ids:
         raise InputError("the texts give no sequence of 2 tokens or more", hint="give texts with words in them")
-    return Sequences(tuple(ids), len(texts), context is not None)
+    return Sequences(tuple(ids), len(texts))
 
 
 def _windows(tokenizer: Any, texts: list[str], context: int) -> list[torch.Tensor]:

@@ -24,10 +24,11 @@ from bnbcli.footprint.hub import hub_api, remote_headers, repo_listing
 from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings, component_footprint
 from bnbcli.footprint.runtime import Runtime, combine
 from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.pipeline.quantize import source_label
 from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
 
 # --keep-budget (bnbcli.budget.spend.keeper, given by the command line): for a bnb scheme, the same scheme with

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.plan.planners import hf_diffusers, hf_transformers
 from bnbcli.plan.planners.hf_transformers import module_budget, quiet
 from bnbcli.plan.scheme import QuantScheme
@@ -95,7 +96,7 @@ def build(config: Mapping[str, Any], load_dtype: torch.dtype, tensor_count: int)
                 return cls.from_config(config), "diffusers"  # type: ignore[attr-defined]
         cls, _ = hf_transformers._resolve_class(config)
         # `_from_config` builds under config.dtype, as from_pretrained does under the resolved dtype
-        config["dtype"] = str(load_dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name(load_dtype)
         return hf_transformers._build_meta_model(cls, config, tensor_count), "transformers"
     except Exception:  # NotKnown, or a config the class rejects: the planner falls back to name rules too
         return None

@@ -30,15 +30,10 @@ from bnbcli.formats.codes import (
     NF4_THRESHOLDS,
 )
 from bnbcli.formats.cuda_mean import cuda_mean_f32
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_cast
 
 QUANT_TYPES = ("nf4", "fp4")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """ "bfloat16" for torch.bfloat16: the spelling of quant_state JSON and config.json."""
-    return str(dtype).removeprefix("torch.")
 
 
 @cache
@@ -158,7 +153,7 @@ def code_table(quant_type: str) -> CodeTable:
 def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
     """bitsandbytes allocates [(n+1) // (2*itemsize), 1] elements of quant_storage; a trailing byte
     that does not fill a whole element is dropped, as there."""
-    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    itemsize = quant_storage.itemsize
     usable = packed[: (packed.numel() // itemsize) * itemsize].contiguous()
     return usable.view(quant_storage).reshape(-1, 1)
 

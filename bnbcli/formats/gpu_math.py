@@ -49,11 +49,6 @@ def rcp_approx(x: torch.Tensor) -> torch.Tensor:
     return flush_subnormals(adjusted.view(torch.float32))
 
 
-def mul_ftz(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mul.ftz.f32``: a float32 product whose subnormal result is flushed to zero."""
-    return flush_subnormals(a * b)
-
-
 # CUDA arithmetic produces the canonical NaN 0x7fffffff; x86 produces 0xffc00000. Outputs that can
 # hold a NaN (0 * inf in a dequantization) are rewritten to the GPU's pattern so the bytes match.
 _CUDA_NAN = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)

@@ -13,7 +13,7 @@ import torch
 from bnbcli.errors import UsageError
 from bnbcli.formats import blocks
 from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
-from bnbcli.formats.fourbit import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 
 

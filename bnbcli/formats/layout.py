@@ -1,12 +1,13 @@
 """The tensors a quantized weight becomes in a checkpoint, known from its shape alone.
 
 The plan uses these layouts to size shards and headers before any data is read; the pipeline then
-checks that what the formats produce matches them (``tests/test_layout.py`` checks it too).
+checks that what the formats produce matches them (``tests/test_state_dict.py`` checks it too).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import NESTED_BLOCKSIZE
+from bnbcli.formats.dtypes import dtype_name
 
 # The keys only a bitsandbytes checkpoint holds: a 4-bit weight's packed quant_state, an int8 weight's SCB.
 QUANT_STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
@@ -51,14 +53,7 @@ class EntryLayout:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def quant_state_json_length(
@@ -68,7 +63,7 @@ def quant_state_json_length(
     state: dict[str, object] = {
         "quant_type": quant_type,
         "blocksize": blocksize,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": dtype_name(dtype),
         "shape": list(shape),
     }
     if double_quant:
@@ -91,7 +86,7 @@ def layout_4bit(
         n *= d
     nb = num_blocks(n, blocksize)
     entries = [
-        EntryLayout("", quant_storage, ((n + 1) // (2 * _itemsize(quant_storage)), 1)),
+        EntryLayout("", quant_storage, ((n + 1) // (2 * quant_storage.itemsize), 1)),
         EntryLayout(".absmax", torch.uint8 if double_quant else torch.float32, (nb,)),
         EntryLayout(".quant_map", torch.float32, (16,)),
     ]

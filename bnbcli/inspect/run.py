@@ -20,6 +20,7 @@ from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
@@ -32,7 +33,7 @@ from bnbcli.pipeline.quantize import source_label
 from bnbcli.plan.decisions import PlannerName, QuantPlan, fallback_warning, plan_quantization
 from bnbcli.plan.dequantize_layout import DequantComponent, OutputTensor, plan_component
 from bnbcli.plan.quantize_layout import tensor_shapes
-from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS
 
 Progress = Callable[[int], None]

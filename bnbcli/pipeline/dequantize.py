@@ -21,18 +21,19 @@ import torch
 from bnbcli import api
 from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.atomic import AtomicOutputDir
+from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.manifest import MANIFEST_NAME, manifest_document, write_manifest
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.checkpoint.writer import PlannedTensor, ShardWriter
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.pipeline.executor import copy_file, json_dumps_config
 from bnbcli.pipeline.quantize import check_paths, source_label
 from bnbcli.plan.dequantize_layout import DequantComponent, DequantizePlan, OutputTensor, plan_component
 from bnbcli.plan.quantize_layout import SHARD_METADATA, index_json
-from bnbcli.plan.scheme import FLOAT_DTYPES, dtype_name
 from bnbcli.units import positive_size
 
 Progress = Callable[[int], None]
@@ -122,9 +123,9 @@ def _write_component(component: DequantComponent, target: Path, backend: str, pr
                 weight_map = {t.name: t.shard for t in component.tensors}
                 numel = sum(t.nbytes // t.dtype.itemsize for t in component.tensors)
                 index = index_json(weight_map, numel, sum(data_bytes.values()))
-                (target / component.index_name).write_text(index)
+                write_atomically(target / component.index_name, index)
         if component.config is not None:
-            (target / "config.json").write_text(json_dumps_config(component.config))
+            write_atomically(target / "config.json", json_dumps_config(component.config))
         source_sha256 = hashes.result()
     except BaseException:
         hashes.cancel()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from bnbcli import interrupts, timeline
+from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.safetensors_file import read_tensor
@@ -343,7 +344,7 @@ def _run_component(
     timeline.mark_again("outputs on disk")
     if len(component.shards) > 1:
         index = out_dir / f"{component.weights_stem}.safetensors.index.json"
-        index.write_text(index_document(component, shards.data_bytes))
+        write_atomically(index, index_document(component, shards.data_bytes))
     with seconds.timing("hashing"):
         source_sha256 = hashes.result()
     timeline.mark_again("sources hashed")
@@ -413,7 +414,7 @@ def write_other_files(plan: QuantizePlan, out_dir: Path) -> None:
         for item in component.source.other_files:
             copy_file(item, target / item.relative_to(component.source.root))
         if component.config is not None:
-            (target / "config.json").write_text(json_dumps_config(component.config))
+            write_atomically(target / "config.json", json_dumps_config(component.config))
 
 
 def json_dumps_config(config: dict) -> str:

@@ -16,10 +16,11 @@ from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import manifest_document, write_manifest
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.errors import BnbError, UsageError
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.pipeline.executor import ComponentResult, Progress, StageSeconds, write_other_files, write_weights
 from bnbcli.plan.decisions import PlannerName
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 
 
 @dataclass(frozen=True)

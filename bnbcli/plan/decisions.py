@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.layout import quantized_keys
 from bnbcli.plan.dtype import model_dtype
 from bnbcli.plan.planners import cache as plan_cache
@@ -37,14 +38,12 @@ from bnbcli.plan.planners.common import (
     pattern_matches,
 )
 from bnbcli.plan.planners.hf_transformers import NotKnown
-from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 
 __all__ = [
-    "ModulePlan",
     "PlannerName",
     "QuantPlan",
     "TensorDecision",
-    "plan_model",
     "plan_quantization",
     "quantization_config",
 ]
@@ -92,9 +91,6 @@ class QuantPlan:
                 for d in self.decisions.values()
             ],
         }
-
-
-ModulePlan = QuantPlan
 
 
 def plan_quantization(
@@ -150,9 +146,6 @@ def fallback_warning(component: str, fallback: str) -> str:
         f"{where}planned by name rules (a guess from tensor names) because {fallback}; "
         "check the plan with --dry-run, or fix config.json"
     )
-
-
-plan_model = plan_quantization  # the name bnbcli/plan/quantize_layout.py uses
 
 
 def _run_planner(

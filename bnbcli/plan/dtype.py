@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from bnbcli.plan.scheme import FLOAT_DTYPES
+from bnbcli.formats.dtypes import FLOAT_DTYPES
 
 
 def config_dtype(config: Mapping[str, Any] | None) -> torch.dtype | None:

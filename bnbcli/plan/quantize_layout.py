@@ -15,8 +15,9 @@ import torch
 from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_quantization, quantization_config
 from bnbcli.plan.dtype import config_dtype
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.units import positive_size
@@ -150,7 +151,7 @@ def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
     `torch_dtype` in v4), and `dtype` for transformers configs (diffusers configs have none)."""
     for key in ("dtype", "torch_dtype"):
         if key in config or (key == "dtype" and "_class_name" not in config):
-            config[key] = str(dtype).removeprefix("torch.")
+            config[key] = dtype_name(dtype)
 
 
 def _output_config(
@@ -177,7 +178,7 @@ def plan_component(
     planner: PlannerName | None = None,
 ) -> ComponentPlan:
     """The component's output plan: its tensors' decisions, and where each output goes."""
-    decided = plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
+    decided = plan_quantization(source.config, tensor_shapes(source), scheme, planner=planner)
     stem = _weights_stem(source)
     rows = []
     # Source order (file, then offset): shards stream sequentially and hash as they are read.
@@ -274,7 +275,7 @@ def plan_summary(plan: QuantizePlan) -> dict:
                     {
                         "name": j.source.name,
                         "shape": list(j.source.shape),
-                        "dtype": str(j.source.dtype).removeprefix("torch."),
+                        "dtype": dtype_name(j.source.dtype),
                         "action": j.decision.action,
                         "reason": j.decision.reason,
                         "description": describe_action(plan, j),

@@ -18,6 +18,7 @@ import torch
 
 from bnbcli.errors import UsageError
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,9 +28,6 @@ else:  # Python 3.10: the same parser, published as tomli
 Method = Literal["nf4", "fp4", "int8"]
 METHODS: tuple[str, ...] = get_args(Method)
 
-# bitsandbytes' 4-bit kernels read fp16/bf16/fp32 and Linear4bit computes in one of them
-# (`_ops.py` dequantize_4bit checks `dtype in (float16, bfloat16, float32)`).
-FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
 # transformers `BitsAndBytesConfig.__init__` accepts exactly these storage dtypes.
 STORAGE_DTYPES: tuple[torch.dtype, ...] = (
     torch.uint8,
@@ -64,11 +62,6 @@ def _configs_dir() -> Path:
 
 
 CONFIGS_DIR = _configs_dir()
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """'bfloat16' for torch.bfloat16: the spelling transformers writes into config.json."""
-    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(value: str | torch.dtype, what: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:

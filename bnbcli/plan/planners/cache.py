@@ -11,7 +11,9 @@ different transformers, a changed config or one more tensor is another key; noth
 across them. An entry that cannot be
 read back (truncated, edited, from another layout) is ignored and made again.
 
-Where: ``$BNB_CACHE_DIR/plans``, else ``$XDG_CACHE_HOME/bnbcli/plans``, else ``~/.cache/bnbcli/plans``.
+Where: ``$BNB_CACHE_DIR/plans``, else ``plans`` in the user's cache folder for bnbcli as platformdirs
+finds it (``$XDG_CACHE_HOME/bnbcli`` or ``~/.cache/bnbcli`` on Linux, ``~/Library/Caches/bnbcli`` on
+macOS, ``%LOCALAPPDATA%\\bnbcli\\Cache`` on Windows).
 ``BNB_PLAN_CACHE=off`` turns it off. Writing is best effort: a read-only home only loses the speed-up.
 """
 
@@ -21,19 +23,21 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import platformdirs
 import torch
 
 from bnbcli import json_text
+from bnbcli.checkpoint.durable import write_json
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.plan.planners.common import ModuleVerdict, PlannerResult, Tensors
 from bnbcli.plan.planners.hf_transformers import NotImportable, NotKnown
-from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 
 FORMAT = 1  # bump when the entry layout changes
 _PLANNING_CODE = ("common.py", "hf_transformers.py", "hf_diffusers.py", "cache.py")
@@ -47,8 +51,7 @@ def folder() -> Path:
     root = os.environ.get("BNB_CACHE_DIR")
     if root:
         return Path(root) / "plans"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "bnbcli" / "plans"
+    return Path(platformdirs.user_cache_dir("bnbcli", appauthor=False)) / "plans"
 
 
 @cache
@@ -148,10 +151,7 @@ def _store(name: str, entry: dict[str, Any]) -> None:
     try:
         target = folder()
         target.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(entry)
-        with tempfile.NamedTemporaryFile("w", dir=target, suffix=".tmp", delete=False, encoding="utf-8") as f:
-            f.write(text)
-        os.replace(f.name, target / f"{name}.json")  # whole or absent, whoever reads it meanwhile
+        write_json(target / f"{name}.json", entry)  # whole or absent, whoever reads it meanwhile
     except (OSError, TypeError, ValueError):  # unwritable, or a value JSON cannot hold: not cached
         pass
 

@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 
 from bnbcli.errors import EXIT_USAGE, BnbError, InputError, UsageError
-from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.plan.scheme import QuantScheme
 
 Tensors = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 Action = Literal["quantize", "keep"]
@@ -213,7 +214,7 @@ def _check_quantizable(key: str, module: str, shape: tuple[int, ...], dtype: tor
     if numel == 0:
         raise InputError(f"{key} is empty and cannot be quantized", hint=keep)
     if scheme.is_4bit:
-        itemsize = torch.empty((), dtype=scheme.quant_storage).element_size()
+        itemsize = scheme.quant_storage.itemsize
         packed_bytes = (numel + 1) // 2
         if packed_bytes % itemsize:
             # bitsandbytes allocates (n + 1) // (2 * itemsize) storage elements (`backends/cuda/ops.py`

@@ -54,16 +54,6 @@ def quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def preload() -> None:
-    """Import what planning with transformers needs (seconds), before a model is asked for."""
-    with quiet():
-        import transformers
-        import transformers.models.auto.configuration_auto
-        import transformers.models.auto.modeling_auto
-
-        transformers.PreTrainedModel  # noqa: B018  # loads modeling_utils, which every model class needs
-
-
 def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
     """The model class from `architectures[0]`, else from `model_type` (a causal LM if it has one)."""
     try:

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from bnbcli.formats.dtypes import FLOAT_DTYPES
 from bnbcli.plan.planners.common import (
     CONV1D,
     LINEAR,
@@ -23,7 +24,7 @@ from bnbcli.plan.planners.common import (
     user_skip_rules,
 )
 from bnbcli.plan.planners.hf_diffusers import diffusers_skips
-from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme
+from bnbcli.plan.scheme import QuantScheme
 
 # The last component of an embedding module's name: wte/wpe (GPT-2), shared (T5), embed_tokens,
 # embed_positions, embed_in (GPT-NeoX), word_embeddings, tok_embeddings, position_embedding (CLIP)...
