@@ -317,6 +317,10 @@ NONSENSE_SIZES = (-1, 0, 3, 2**31, 10**7, 10**12)
 SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
+NONSENSE_MODEL_TYPES = ["frobnik", "", "bert", "t5"]
+NONSENSE_ARCHITECTURES = ["FrobnikForCausalLM", "BertModel", "GPT2LMHeadModel"]
+
+
 def _nonsense_config(rng: random.Random, path: Path) -> str:
     """Valid JSON, but no model: a size no model has, or a model_type/architecture transformers does not know
     (or one it knows, that the checkpoint is not)."""
@@ -328,9 +332,9 @@ def _nonsense_config(rng: random.Random, path: Path) -> str:
         doc[rng.choice(SIZE_KEYS)] = rng.choice(NONSENSE_SIZES)
     elif kind == "model_type":
         doc.pop("architectures", None)
-        doc["model_type"] = rng.choice(["frobnik", "", "bert", "t5"])
+        doc["model_type"] = rng.choice(NONSENSE_MODEL_TYPES)
     else:
-        doc["architectures"] = [rng.choice(["FrobnikForCausalLM", "BertModel", "GPT2LMHeadModel"])]
+        doc["architectures"] = [rng.choice(NONSENSE_ARCHITECTURES)]
     path.write_text(json.dumps(doc))
     return f"nonsense config {kind}"
 
@@ -435,12 +439,14 @@ def _on_alarm(signum: int, frame: object) -> None:
     raise CaseTimeout
 
 
-def run_verb(args: list[str], out: io.StringIO | None = None) -> tuple[int | None, str | None]:
+def run_verb(
+    args: list[str], out: io.StringIO | None = None, seconds: int = CASE_SECONDS
+) -> tuple[int | None, str | None]:
     """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang; ``out``
     receives what the run printed on stdout."""
     out = out or io.StringIO()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.alarm(CASE_SECONDS)
+    signal.alarm(seconds)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             code = app(args, standalone_mode=False)
@@ -661,9 +667,32 @@ def _signal_run(rng: random.Random, args: list[str], out: Path) -> list[tuple[st
     return findings
 
 
+def warm_up(seeds: dict[str, Path], work: Path) -> None:
+    """Run every verb once on each seed, and plan each nonsense config once, before the first case: the
+    libraries that bnb imports on first need (transformers and the model modules it picks for a config) then
+    load here, not inside a case, where the import would count against the case's time (a busy machine
+    took more than CASE_SECONDS for it) and its memory cap (which is about what a hostile header makes bnb
+    allocate)."""
+    work.mkdir(parents=True, exist_ok=True)
+    configs = [{"model_type": t} for t in NONSENSE_MODEL_TYPES] + [
+        {"architectures": [a]} for a in NONSENSE_ARCHITECTURES
+    ]
+    for i, change in enumerate(configs):
+        folder = work / f"config-{i}"
+        shutil.copytree(seeds["single"], folder)
+        config = {k: v for k, v in LLAMA_CONFIG.items() if not ("model_type" in change and k == "architectures")}
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        run_verb(["footprint", str(folder), "--json"], seconds=HANG_SECONDS)
+        run_verb(["quantize", str(folder), str(work / f"plan-{i}"), "--dry-run", "--json"], seconds=HANG_SECONDS)
+    for name, src in seeds.items():
+        for _, args in verbs(str(src), work / name):
+            run_verb(args, seconds=HANG_SECONDS)
+
+
 def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | None = None) -> Tally:
     work.mkdir(parents=True, exist_ok=True)
     seeds = make_seeds(work / "seeds")
+    warm_up(seeds, work / "warm-up")
     tally = Tally()
     baseline = _vm_hwm()
     os.environ["HF_HUB_OFFLINE"] = "1"
