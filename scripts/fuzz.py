@@ -25,7 +25,17 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
 
+    shown = 0
+
     def progress(tally: Tally) -> None:
+        nonlocal shown
+        for finding in tally.findings[shown:]:  # as they come: a long run's first finding need not wait for its end
+            print(
+                f"--- case {finding.case}, {finding.verb}: {finding.kind}\n{finding.detail}",
+                file=sys.stderr,
+                flush=True,
+            )
+        shown = len(tally.findings)
         if tally.cases % 500 == 0:
             print(
                 f"{tally.cases} cases, {tally.runs} runs, {len(tally.findings)} findings, "
