@@ -309,7 +309,7 @@ def quantize_4bit_queued(
     the device: the record's nested_offset is NaN and the second item is that one-float tensor, which
     ``dequantize_4bit(q, offset)`` reads at once and the caller puts into the record once it has it
     on the host (``dataclasses.replace``)."""
-    fourbit._check_args(x, quant_type, blocksize, quant_storage)
+    fourbit.check_quantize_args(x, quant_type, blocksize, quant_storage)
     device = _on_gpu(x)
     x = _aligned(x)
     n = x.numel()
@@ -319,7 +319,7 @@ def quantize_4bit_queued(
     quant_map = _code_map(device, encoder)
     _quantize_blockwise(x, encoder, blocksize, None, packed, absmax, quant_map)
     common = dict(
-        packed=packed.view(-1, 1) if quant_storage == torch.uint8 else fourbit._as_storage(packed, quant_storage),
+        packed=packed.view(-1, 1) if quant_storage == torch.uint8 else fourbit.as_storage(packed, quant_storage),
         quant_map=quant_map,
         blocksize=blocksize,
         shape=tuple(x.shape),
@@ -371,7 +371,7 @@ def dequantize_4bit(q: QuantState4bit, offset: torch.Tensor | None = None) -> to
 
 def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = False) -> Blockwise8Quantized:
     """``blockwise8.quantize_blockwise8`` on the GPU."""
-    blockwise8._check_blocksize(blocksize)
+    blockwise8.check_blocksize(blocksize)
     if x.dtype not in FLOAT_DTYPES or x.numel() == 0:
         raise UsageError(
             f"cannot quantize a {dtype_name(x.dtype)} tensor of {x.numel()} elements",
@@ -405,7 +405,7 @@ def dequantize_blockwise8(q: Blockwise8Quantized) -> torch.Tensor:
     if q.nested_absmax is not None:
         assert q.nested_offset is not None
         nested = (q.nested_absmax.contiguous(), q.code.contiguous(), q.blocksize, q.nested_offset)
-    blockwise8._check_blocksize(q.blocksize)
+    blockwise8.check_blocksize(q.blocksize)
     _dequantize_blockwise(8, codes, n, q.blocksize, q.code.contiguous(), q.absmax.contiguous(), nested, out)
     return out.reshape(q.q.shape)
 

@@ -296,14 +296,14 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
     from bnbcli.plan.planners import hf_transformers
 
     try:
-        cls, _ = hf_transformers._resolve_class(config)
-        model = hf_transformers._build_meta_model(cls, config, len(tensors))
+        cls, _ = hf_transformers.resolve_class(config)
+        model = hf_transformers.build_meta_model(cls, config, len(tensors))
     except Exception:  # transformers cannot build it (as the planner, fall back to names)
         conv1d_model = config.get("model_type") in CONV1D_MODEL_TYPES
         return {w for w in weights if conv1d_model and w.rsplit(".", 2)[-2] in CONV1D_NAMES}
     from transformers.pytorch_utils import Conv1D
 
-    params, _ = hf_transformers._checkpoint_params(model, list(tensors))
+    params, _ = hf_transformers.checkpoint_params(model, list(tensors))
     found = set()
     for weight in weights:
         param = params.get(weight)
