@@ -23,6 +23,7 @@ from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
+from bnbcli.formats.int8 import WEIGHT_FORMAT_ROW
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
@@ -38,7 +39,6 @@ STATE_KEYS = frozenset(
 )
 # Keys that only make sense beside a quantized weight: one left over means a weight we cannot rebuild.
 COMPONENT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
-WEIGHT_FORMAT_ROW = 0  # bitsandbytes/utils.py: row=0 is the only layout transformers writes and loads
 BNB_CONFIG_KEYS = ("quant_method", "load_in_4bit", "load_in_8bit")
 # A quantized weight whose parts disagree: nothing bnb can do but say so.
 BROKEN_HINT = "the checkpoint is inconsistent; download or save it again"
