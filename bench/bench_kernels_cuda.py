@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from bnbcli.backends import cuda, cuda_runtime
+from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 
 try:
     import bitsandbytes
@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="with --hints: rounds of taking turns")
     args = parser.parse_args()
     if args.grid_waves is not None:
-        cuda.GRID_WAVES["Dyn8"] = args.grid_waves
+        cuda_launches.GRID_WAVES["Dyn8"] = args.grid_waves
     if args.nested_encoder is not None:
         cuda.NESTED_ENCODER = args.nested_encoder
 

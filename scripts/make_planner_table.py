@@ -124,7 +124,7 @@ def _transformers_config(cls: type, name: str, layers: int, tied: bool) -> dict[
 
 
 def _transformers_build(cls: type, config: dict[str, Any]) -> nn.Module:
-    return hf_transformers._build_meta_model(cls, config, 10**6)
+    return hf_transformers.build_meta_model(cls, config, 10**6)
 
 
 def _diffusers_class(name: str) -> type:
@@ -336,7 +336,7 @@ def entry(lib: Library, name: str) -> dict[str, Any]:
     models = {n: lib.build(cls, lib.config(cls, name, n, True)) for n in LAYERS}
     untied = lib.build(cls, lib.config(cls, name, LAYERS[0], False))
     if lib.ties:
-        quantizer = hf_transformers._bnb_quantizer(SCHEMES[0])
+        quantizer = hf_transformers.bnb_quantizer(SCHEMES[0])
         if hasattr(quantizer, "_convert_model_for_quantization"):
             before = structure(untied)[0]
             quantizer._convert_model_for_quantization(untied)

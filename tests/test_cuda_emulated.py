@@ -23,7 +23,7 @@ import pytest
 import torch
 from cuda_cases import assert_same, inputs
 
-from bnbcli.backends import cuda, cuda_runtime
+from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import _rcp_correction
@@ -124,13 +124,13 @@ def _emulated_launch(lib: ctypes.CDLL):
 
 @pytest.fixture
 def emulated(kernels: ctypes.CDLL, monkeypatch: pytest.MonkeyPatch):
-    """bnbcli.backends.cuda taking CPU tensors, its kernels running on the emulator."""
-    monkeypatch.setattr(cuda, "launch", _emulated_launch(kernels))
-    monkeypatch.setattr(cuda, "_on_gpu", lambda x, what="": x.device)
-    monkeypatch.setattr(cuda, "sm_count", lambda index: 1)
-    monkeypatch.setattr(cuda, "resident_ctas", lambda index, source, name: 2)  # two CTAs stride the tiles
+    """bnbcli.backends.cuda taking CPU tensors, its kernels (launched by cuda_launches) running on the emulator."""
+    monkeypatch.setattr(cuda_launches, "launch", _emulated_launch(kernels))
+    monkeypatch.setattr(cuda_launches, "on_gpu", lambda x, what="": x.device)
+    monkeypatch.setattr(cuda_launches, "sm_count", lambda index: 1)
+    monkeypatch.setattr(cuda_launches, "resident_ctas", lambda index, source, name: 2)  # two CTAs stride the tiles
     # The geometry the CPU twin of torch's CUDA mean assumes (an H100's).
-    monkeypatch.setattr(cuda, "reduce_geometry", lambda index: (132, 2048))
+    monkeypatch.setattr(cuda_launches, "reduce_geometry", lambda index: (132, 2048))
     return cuda
 
 

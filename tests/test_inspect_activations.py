@@ -28,18 +28,10 @@ import torch
 pytest.importorskip("transformers")
 
 from bnbcli.errors import BackendUnavailable, InputError
-from bnbcli.inspect.activations import (
-    BUILTIN_TEXTS,
-    DECOMPOSITION_BUDGET,
-    THRESHOLD_GRID,
-    ActivationCriteria,
-    ActivationReport,
-    _dims,
-    _Positions,
-    _Recorder,
-    _suggest_threshold,
-    find_activation_outliers,
-)
+from bnbcli.inspect.activation_criteria import outlier_dims, suggest_threshold
+from bnbcli.inspect.activation_hooks import Positions, Recorder
+from bnbcli.inspect.activation_report import DECOMPOSITION_BUDGET, THRESHOLD_GRID, ActivationCriteria, ActivationReport
+from bnbcli.inspect.activations import BUILTIN_TEXTS, find_activation_outliers
 
 HIDDEN, INTERMEDIATE, LAYERS = 128, 256, 3
 OUTLIER_DIM, LOCAL_DIM = 17, 90
@@ -175,7 +167,7 @@ def test_a_clean_model_has_no_outliers(models: dict[str, Path]) -> None:
 def test_position_share_is_a_union_over_layers_and_skips_masked_positions() -> None:
     """Dimension 0 reaches the threshold at tokens 0-1 in one layer and 2-3 in the next: 4 of 8 counted
     tokens, though no single layer has more than 2; token 9 is masked out (padding) and never counts."""
-    recorder = _Recorder(6.0, torch.device("cpu"))
+    recorder = Recorder(6.0, torch.device("cpu"))
     first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     first.register_forward_pre_hook(recorder.hook("blocks.0.proj", 4), with_kwargs=True)
     second.register_forward_pre_hook(recorder.hook("blocks.1.proj", 4), with_kwargs=True)
@@ -189,11 +181,11 @@ def test_position_share_is_a_union_over_layers_and_skips_masked_positions() -> N
     with torch.inference_mode():
         first(x)
         second(input=y)
-    positions = _Positions()
+    positions = Positions()
     positions.add(recorder.union, torch.arange(10)[mask])
     modules = list(recorder.modules.values())
     assert [m.positions for m in modules] == [8, 8] and modules[0].peak[1] == 0.0
-    found, near = _dims(modules, positions.hits[4], 8, ActivationCriteria(), lambda d: positions.top(4, d, str))
+    found, near = outlier_dims(modules, positions.hits[4], 8, ActivationCriteria(), lambda d: positions.top(4, d, str))
     (dim,) = found
     assert (dim.dim, dim.layer_count, dim.position_share, dim.max_magnitude) == (0, 2, 0.5, 9.0)
     assert dim.layers == ("blocks.0", "blocks.1") and dim.top_tokens == (("0", 1), ("1", 1), ("2", 1))
@@ -226,11 +218,11 @@ def test_suggest_threshold_rule() -> None:
     six = THRESHOLD_GRID.index(6.0)
     share = np.linspace(0.5, 0.0, n)  # decreasing with the threshold
     first = next(i for i, s in enumerate(share) if s <= DECOMPOSITION_BUDGET)
-    assert _suggest_threshold(share, 6.0, outliers=False) == (THRESHOLD_GRID[first], share[first])
-    value, _ = _suggest_threshold(share, 6.0, outliers=True)  # the budget is met only above 6: stay at 6
+    assert suggest_threshold(share, 6.0, outliers=False) == (THRESHOLD_GRID[first], share[first])
+    value, _ = suggest_threshold(share, 6.0, outliers=True)  # the budget is met only above 6: stay at 6
     assert first > six and value == 6.0
     low = np.where(np.arange(n) >= 2, 0.0, 0.5)
-    assert _suggest_threshold(low, 6.0, outliers=True) == (THRESHOLD_GRID[2], 0.0)
+    assert suggest_threshold(low, 6.0, outliers=True) == (THRESHOLD_GRID[2], 0.0)
 
 
 def test_bad_folders_are_input_errors(tmp_path: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:

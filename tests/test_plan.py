@@ -197,12 +197,12 @@ def test_diffusers_explicit_skip_list_reloads_to_the_same_decisions() -> None:
     from diffusers import BitsAndBytesConfig as DiffusersBnbConfig
     from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
 
-    from bnbcli.plan.planners.hf_diffusers import _resolve_class, quiet
+    from bnbcli.plan.planners.hf_diffusers import quiet, resolve_class
 
     config, tensors = source("flux_tiny")
     p = plan_quantization(config, tensors, QuantScheme(method="nf4", skip=("proj_out",)))
     assert set(p.skip_modules) == {"proj_out", "single_transformer_blocks.0.proj_out"}
-    cls, _ = _resolve_class(config)
+    cls, _ = resolve_class(config)
     with quiet(), torch.device("meta"):
         model = cls.from_config(config)
     qc = DiffusersBnbConfig.from_dict(p.quantization_config())

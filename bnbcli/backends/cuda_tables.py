@@ -130,9 +130,9 @@ def emulate_dynamic(scaled: np.ndarray) -> np.ndarray:
 
 def dequant_lut(quant_type: str) -> torch.Tensor:
     """float32[16]: what kDequantizeBlockwise multiplies (FP4 code 8 is -0.0, unlike quant_map)."""
-    return fourbit._tables(quant_type)[1].clone()
+    return fourbit.code_tables(quant_type)[1].clone()
 
 
 def quant_map(quant_type: str) -> torch.Tensor:
     """float32[16]: the ``quant_map`` a QuantState stores."""
-    return fourbit._tables(quant_type)[0].clone()
+    return fourbit.code_tables(quant_type)[0].clone()

@@ -28,6 +28,7 @@ import torch
 
 from bnbcli.errors import BnbError
 from bnbcli.inspect import activations as act
+from bnbcli.inspect.hf_models import import_transformers, silent_libraries
 
 PROBES = 8  # draws of y (or r) per text
 Restore = Callable[[str, torch.Tensor], torch.Tensor]  # module, its weight [out, in] → quantized and restored
@@ -82,11 +83,11 @@ def output_errors(model_dir: Path, names: list[str], restore: Restore, texts: li
 
 def _load(model_dir: Path) -> tuple[torch.nn.Module, Any, Any]:
     try:
-        transformers = act._import_transformers("--calibrate")
-        with act._silent(transformers):
-            config = act._read_config(transformers, model_dir)
-            tokenizer = act._load_tokenizer(transformers, model_dir)
-            model = act._load_model(transformers, model_dir, config, torch.device("cpu"))
+        transformers = import_transformers("--calibrate")
+        with silent_libraries(transformers):
+            config = act.read_config(transformers, model_dir)
+            tokenizer = act.load_tokenizer(transformers, model_dir)
+            model = act.load_model(transformers, model_dir, config, torch.device("cpu"))
     except BnbError as e:  # the loading rules of --activations, said for --calibrate
         message, hint = (s.replace("--activations", "--calibrate") for s in (e.message, e.hint))
         raise type(e)(message, hint) from None
@@ -94,7 +95,7 @@ def _load(model_dir: Path) -> tuple[torch.nn.Module, Any, Any]:
 
 
 def _encoded(model: torch.nn.Module, tokenizer: Any, config: Any, texts: list[str]) -> Any:
-    limit = act._max_length(config, tokenizer)
+    limit = act.token_limit(config, tokenizer)
     accepted = set(signature(model.forward).parameters)
     for text in texts:
         encoded = tokenizer(text, return_tensors="pt", truncation=True, max_length=limit)

@@ -21,9 +21,8 @@ import torch
 from bnbcli.checkpoint.manifest import MANIFEST_NAME
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
 from bnbcli.errors import BackendUnavailable, InputError, UsageError
-from bnbcli.inspect.activations import _causal as is_causal_lm
-from bnbcli.inspect.activations import _first_line as first_line
-from bnbcli.inspect.activations import _import_transformers
+from bnbcli.inspect import hf_models
+from bnbcli.inspect.hf_models import first_line, is_causal_lm
 from bnbcli.plan.dequantize_layout import plan_component
 
 NOT_ITS_SOURCE = "--against must be the checkpoint QUANT was quantized from"
@@ -50,7 +49,7 @@ class Pair:
 
 
 def import_transformers() -> Any:
-    return _import_transformers("bnb eval")
+    return hf_models.import_transformers("bnb eval")
 
 
 def open_pair(quant: str, against: str | None) -> Pair:

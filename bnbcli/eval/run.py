@@ -36,7 +36,6 @@ from bnbcli.eval.memory import HIDDEN_BUDGET, MemoryPlan, plan_memory
 from bnbcli.eval.models import (
     LayerTap,
     Pair,
-    first_line,
     import_transformers,
     load_config,
     load_model,
@@ -47,8 +46,7 @@ from bnbcli.eval.models import (
 from bnbcli.eval.report import EvalReport, LayerReport, causal_summary, encoder_summary
 from bnbcli.eval.texts import Sequences, builtin_texts, tokenize
 from bnbcli.formats.dtypes import dtype_name
-from bnbcli.inspect.activations import _silent as silent_libraries
-from bnbcli.inspect.activations import model_context
+from bnbcli.inspect.hf_models import first_line, model_context, silent_libraries
 
 Progress = Callable[[int], None]  # tokens run through a model
 

@@ -90,14 +90,14 @@ def build(config: Mapping[str, Any], load_dtype: torch.dtype, tensor_count: int)
     config = {k: v for k, v in config.items() if k != "quantization_config"}
     try:
         if "_class_name" in config:
-            cls, _ = hf_diffusers._resolve_class(config)
+            cls, _ = hf_diffusers.resolve_class(config)
             # diffusers' from_pretrained sets the default dtype, then calls from_config (`_set_default_torch_dtype`)
             with quiet(), torch.device("meta"), _default_dtype(load_dtype), module_budget(tensor_count):
                 return cls.from_config(config), "diffusers"  # type: ignore[attr-defined]
-        cls, _ = hf_transformers._resolve_class(config)
+        cls, _ = hf_transformers.resolve_class(config)
         # `_from_config` builds under config.dtype, as from_pretrained does under the resolved dtype
         config["dtype"] = dtype_name(load_dtype)
-        return hf_transformers._build_meta_model(cls, config, tensor_count), "transformers"
+        return hf_transformers.build_meta_model(cls, config, tensor_count), "transformers"
     except Exception:  # NotKnown, or a config the class rejects: the planner falls back to name rules too
         return None
 
@@ -166,7 +166,7 @@ def deserialized_dtypes(
         from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
         with quiet():
-            quantizer = hf_transformers._bnb_quantizer(quant)
+            quantizer = hf_transformers.bnb_quantizer(quant)
             mapping = get_model_conversion_mapping(model, None, quantizer)  # type: ignore[arg-type]
     except Exception:  # an older transformers, or no bitsandbytes: every tensor is cast as usual
         return {}

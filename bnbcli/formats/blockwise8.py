@@ -56,7 +56,8 @@ class Blockwise8Quantized:
         return self.nested_absmax is not None
 
 
-def _check_blocksize(blocksize: int) -> None:
+def check_blocksize(blocksize: int) -> None:
+    """The blocksizes blockwise 8-bit supports (the CUDA backend checks the same)."""
     if blocksize not in BLOCKWISE8_BLOCKSIZES:
         raise UsageError(
             f"blocksize {blocksize} is not supported for blockwise 8-bit",
@@ -80,7 +81,7 @@ def quantize_codes(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
 
 def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = False) -> Blockwise8Quantized:
     """bitsandbytes ``functional.quantize_blockwise(x, blocksize=..., nested=...)`` with the CUDA bytes."""
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     codes, absmax = quantize_codes(x, blocksize)
     code = torch.from_numpy(DYNAMIC_CODE.copy())
     q = codes.reshape(x.shape)

@@ -37,7 +37,7 @@ QUANT_TYPES = ("nf4", "fp4")
 
 
 @cache
-def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+def code_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(quant_map as stored, LUT the CUDA dequantizer really uses)."""
     if quant_type == "nf4":
         return torch.from_numpy(NF4_CODE.copy()), torch.from_numpy(NF4_CODE.copy())
@@ -116,7 +116,8 @@ class QuantState4bit:
         return f"{prefix}.quant_state.bitsandbytes__{self.quant_type}", torch.from_numpy(json_bytes.copy())
 
 
-def _check_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+def check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+    """What ``quantize_4bit`` accepts (the CUDA backend checks the same before its kernels run)."""
     if quant_type not in QUANT_TYPES:
         raise UsageError(f"unknown 4-bit quant_type {quant_type!r}", hint="use 'nf4' or 'fp4'")
     if blocksize not in FOUR_BIT_BLOCKSIZES:
@@ -150,7 +151,7 @@ def code_table(quant_type: str) -> CodeTable:
     return CodeTable.build(_encode_nf4 if quant_type == "nf4" else _encode_fp4)
 
 
-def _as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+def as_storage(packed: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
     """bitsandbytes allocates [(n+1) // (2*itemsize), 1] elements of quant_storage; a trailing byte
     that does not fill a whole element is dropped, as there."""
     itemsize = quant_storage.itemsize
@@ -167,10 +168,10 @@ def quantize_4bit(
 ) -> QuantState4bit:
     """bitsandbytes ``functional.quantize_4bit(x, blocksize, compress_statistics=double_quant, quant_type,
     quant_storage)`` with the bytes of its CUDA kernel."""
-    _check_args(x, quant_type, blocksize, quant_storage)
+    check_quantize_args(x, quant_type, blocksize, quant_storage)
     packed, absmax = quantize_blocks(x, blocksize, code_table(quant_type), pack=True)
-    packed = _as_storage(packed, quant_storage)
-    quant_map, _ = _tables(quant_type)
+    packed = as_storage(packed, quant_storage)
+    quant_map, _ = code_tables(quant_type)
     common = dict(
         packed=packed,
         quant_map=quant_map.clone(),
@@ -210,13 +211,13 @@ def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
     n = q.numel
     packed = q.packed.contiguous().view(torch.uint8).reshape(-1)
     needed = (n + 1) // 2
-    # A 2- or 4-byte quant_storage may have dropped the last partial element's bytes (see _as_storage).
+    # A 2- or 4-byte quant_storage may have dropped the last partial element's bytes (see as_storage).
     if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
         raise InputError(
             f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent; export it again"
         )
     if packed.numel() < needed:
         packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
-    _, lut = _tables(q.quant_type)
+    _, lut = code_tables(q.quant_type)
     values = lut[unpack_nibbles(packed, n).long()]
     return gpu_cast(expand_blocks(values, block_scales(q), q.blocksize), q.dtype).reshape(q.shape)

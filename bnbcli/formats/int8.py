@@ -16,6 +16,8 @@ from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 
+WEIGHT_FORMAT_ROW = 0  # the `weight_format` entry (bitsandbytes/utils.py): row = 0, the only layout transformers writes
+
 
 @dataclass(frozen=True)
 class Int8Rowwise:

@@ -64,8 +64,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from inspect import signature
 from pathlib import Path
 from typing import Any
@@ -73,18 +71,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnbcli.errors import BackendUnavailable, InputError, UsageError
-from bnbcli.inspect.outliers import layer_of
+from bnbcli.errors import InputError, UsageError
+from bnbcli.inspect.activation_criteria import (
+    activation_spikes,
+    blocks,
+    decomposed_shares,
+    outlier_dims,
+    suggest_threshold,
+)
+from bnbcli.inspect.activation_hooks import ModuleStats, Positions, Recorder, hookable_types, in_features
+from bnbcli.inspect.activation_report import (
+    MAX_TOKENS,
+    ActivationCriteria,
+    ActivationOutlierDim,
+    ActivationReport,
+    WidthGroup,
+)
+from bnbcli.inspect.hf_models import first_line, import_transformers, is_causal_lm, model_context, silent_libraries
 
-MAX_TOKENS = 512  # per text; longer texts are truncated
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")  # of the tokenizer's output, when forward names them
-DECOMPOSITION_BUDGET = 0.01  # the share of input columns in 16-bit the suggested threshold allows
-SPIKE_FACTOR = 10.0  # a module's max |x| over its peers' median max |x|: a spike
-NEAR_MISSES = 10  # dimensions listed that reach the threshold but miss a criterion
-TOP_TOKENS = 3  # tokens listed per dimension
-ATTRIBUTION_CAP = 200_000  # distinct (dimension, token) pairs counted before token attribution stops
-_STEPS = tuple(1.0 + 0.5 * i for i in range(11))  # 1.0, 1.5, …, 6.0
-THRESHOLD_GRID = (*_STEPS, 7.0, 8.0, 10.0, 12.0, 16.0, 20.0, 24.0, 32.0, 48.0, 64.0, 96.0, 128.0, 256.0, 512.0, 1024.0)
 
 BUILTIN_TEXTS: tuple[str, ...] = (
     "The ferry left the harbour a few minutes late, its deck crowded with cyclists, a school class on an "
@@ -123,323 +128,10 @@ BUILTIN_TEXTS: tuple[str, ...] = (
 )
 
 
-@dataclass(frozen=True)
-class ActivationCriteria:
-    threshold: float = 6.0  # |activation| ≥ this (LLM.int8's default llm_int8_threshold)
-    min_layer_share: float = 0.25  # the dimension reaches it in ≥ 25% of the layers (transformer layers)
-    min_position_share: float = 0.06  # ... and at ≥ 6% of the tokens, in one of them or another (module docstring)
-
-    def __post_init__(self) -> None:
-        if not self.threshold > 0:
-            raise UsageError(f"--activation-threshold must be above 0, not {self.threshold}", hint="6.0 is the default")
-        if not (0 <= self.min_layer_share <= 1 and 0 <= self.min_position_share <= 1):
-            raise UsageError("the activation criteria's shares must be within [0, 1]", hint="0.25 and 0.06 by default")
-
-    def as_dict(self) -> dict[str, float]:
-        return {
-            "threshold": self.threshold,
-            "min_layer_share": self.min_layer_share,
-            "min_position_share": self.min_position_share,
-        }
-
-
-@dataclass(frozen=True)
-class ActivationOutlierDim:
-    dim: int
-    layer_count: int  # transformer layers where |x_dim| ≥ threshold at some position, in an input of its width
-    layer_share: float  # of the layers with inputs of its width
-    position_share: float  # of all tokens: |x_dim| ≥ threshold in at least one module of its width
-    max_magnitude: float  # max |x_dim| over those modules and all tokens
-    layers: tuple[str, ...]  # the layers' module names (model.layers.7)
-    modules: tuple[str, ...] = ()  # the Linear modules where |x_dim| ≥ threshold
-    top_tokens: tuple[tuple[str, int], ...] = ()  # (token, positions) where it reaches the threshold, most first
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "dim": self.dim,
-            "layer_count": self.layer_count,
-            "layer_share": self.layer_share,
-            "position_share": self.position_share,
-            "max_magnitude": _finite(self.max_magnitude),
-            "layers": list(self.layers),
-            "module_count": len(self.modules),
-            "modules": list(self.modules),
-            "top_tokens": [[token, count] for token, count in self.top_tokens],
-        }
-
-
-@dataclass(frozen=True)
-class LinearInput:
-    """One hooked module's input over all texts."""
-
-    name: str
-    in_features: int
-    positions: int  # input rows seen (tokens, for a module with a row per token)
-    max_magnitude: float  # max |x|
-    peak_dim: int  # the dimension of max |x|
-    outlier_position_share: float  # rows with some |x| ≥ threshold
-    outlier_columns: int  # dimensions with |x| ≥ threshold somewhere
-    decomposed_share: float  # input columns per forward with |x| ≥ threshold (what LLM.int8 runs in 16-bit)
-    per_token: bool  # one input row per token (in the outlier criterion when hidden-width)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "in_features": self.in_features,
-            "positions": self.positions,
-            "max_magnitude": _finite(self.max_magnitude),
-            "peak_dim": self.peak_dim,
-            "outlier_position_share": self.outlier_position_share,
-            "outlier_columns": self.outlier_columns,
-            "decomposed_share": self.decomposed_share,
-            "per_token": self.per_token,
-        }
-
-
-@dataclass(frozen=True)
-class WidthGroup:
-    """The outlier criterion among the modules of an input width other than the hidden size."""
-
-    in_features: int
-    layers: int
-    modules: int
-    outlier_dims: tuple[ActivationOutlierDim, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "layers": self.layers,
-            "modules": self.modules,
-            "outlier_dims": [d.as_dict() for d in self.outlier_dims],
-        }
-
-
-@dataclass(frozen=True)
-class ActivationReport:
-    model_class: str
-    tokens: int  # all positions of all texts (special tokens included; nothing padded)
-    linear_layers: int  # hooked Linear modules that ran
-    criteria: ActivationCriteria
-    outlier_dims: tuple[ActivationOutlierDim, ...]  # in the hidden size, most layers first
-    suggested_threshold: float
-    suggested_skip_modules: tuple[str, ...]
-    texts: int = 0
-    truncated: int = 0  # texts cut at MAX_TOKENS
-    hidden_size: int = 0
-    hidden_layers: tuple[str, ...] = ()  # the layers the criterion counts (model.layers.7, lm_head)
-    hidden_modules: tuple[str, ...] = ()  # their hidden-width Linear modules with a row per token
-    near_misses: tuple[ActivationOutlierDim, ...] = ()
-    other_widths: tuple[WidthGroup, ...] = ()
-    inputs: tuple[LinearInput, ...] = ()
-    decomposed_share: float = 0.0  # at criteria.threshold, over the modules that stay int8
-    suggested_decomposed_share: float = 0.0  # at the suggested threshold
-    skip_reasons: tuple[str, ...] = ()  # one per suggested skip module
-    device: str = "cpu"
-    dtype: str = "float32"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "model_class": self.model_class,
-            "device": self.device,
-            "dtype": self.dtype,
-            "texts": self.texts,
-            "truncated": self.truncated,
-            "tokens": self.tokens,
-            "linear_layers": self.linear_layers,
-            "hidden_size": self.hidden_size,
-            "hidden_layers": list(self.hidden_layers),
-            "hidden_modules": list(self.hidden_modules),
-            "criteria": self.criteria.as_dict(),
-            "outlier_dims": [d.as_dict() for d in self.outlier_dims],
-            "near_misses": [d.as_dict() for d in self.near_misses],
-            "other_widths": [g.as_dict() for g in self.other_widths],
-            "suggested_threshold": self.suggested_threshold,
-            "decomposed_share": self.decomposed_share,
-            "suggested_decomposed_share": self.suggested_decomposed_share,
-            "suggested_skip_modules": list(self.suggested_skip_modules),
-            "skip_reasons": list(self.skip_reasons),
-            "inputs": [i.as_dict() for i in self.inputs],
-            "method": {
-                "threshold_grid": list(THRESHOLD_GRID),
-                "decomposition_budget": DECOMPOSITION_BUDGET,
-                "spike_factor": SPIKE_FACTOR,
-                "max_tokens": MAX_TOKENS,
-            },
-        }
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-# --- measuring ----------------------------------------------------------------------------------------
-
-
-class _ModuleStats:
-    """Counts for one hooked module's input, accumulated over calls."""
-
-    def __init__(self, name: str, width: int) -> None:
-        self.name = name
-        self.width = width
-        self.calls = 0
-        self.positions = 0
-        self.per_token = True  # every call had one row per token
-        self.hits = np.zeros(width, dtype=np.int64)  # positions with |x_d| ≥ threshold
-        self.peak = np.zeros(width, dtype=np.float64)  # max |x_d|
-        self.rows_hit = 0  # positions with some |x| ≥ threshold
-        self.cols_hit = 0  # Σ over calls: columns with some |x| ≥ threshold
-        self.grid_cols = np.zeros(len(THRESHOLD_GRID), dtype=np.int64)  # the same at each grid value
-
-    def as_input(self) -> LinearInput:
-        seen = self.positions > 0
-        return LinearInput(
-            name=self.name,
-            in_features=self.width,
-            positions=self.positions,
-            max_magnitude=float(self.peak.max()) if seen else 0.0,
-            peak_dim=int(self.peak.argmax()) if seen else 0,
-            outlier_position_share=self.rows_hit / self.positions if seen else 0.0,
-            outlier_columns=int((self.hits > 0).sum()),
-            decomposed_share=self.cols_hit / (self.calls * self.width) if self.calls else 0.0,
-            per_token=self.per_token,
-        )
-
-
-class _Recorder:
-    """Forward pre-hooks that count; per forward, the positions where each dimension reached the threshold
-    in some per-token module (one boolean [tokens, width] mask per input width)."""
-
-    def __init__(self, threshold: float, device: torch.device) -> None:
-        self.threshold = threshold
-        self.modules: dict[str, _ModuleStats] = {}
-        self.mask: torch.Tensor | None = None  # [tokens] bool: the positions that count in this forward
-        self.union: dict[int, torch.Tensor] = {}
-        self.grid = torch.tensor(THRESHOLD_GRID, dtype=torch.float32, device=device)
-
-    def hook(self, name: str, width: int) -> Any:
-        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and x.shape[-1] == width:
-                self._record(name, width, x.detach())
-
-        return pre_hook
-
-    def _record(self, name: str, width: int, x: torch.Tensor) -> None:
-        stats = self.modules.get(name)
-        if stats is None:
-            stats = self.modules[name] = _ModuleStats(name, width)
-        rows = x.reshape(-1, width)
-        per_token = self.mask is not None and rows.shape[0] == self.mask.numel()
-        if per_token:
-            assert self.mask is not None
-            rows = rows[self.mask]
-        else:
-            stats.per_token = False
-        if rows.shape[0] == 0:
-            return
-        a = rows.abs().float()
-        a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
-        hit = a >= self.threshold
-        colmax = a.amax(dim=0)
-        stats.calls += 1
-        stats.positions += rows.shape[0]
-        stats.hits += hit.sum(dim=0).cpu().numpy()
-        stats.peak = np.maximum(stats.peak, colmax.double().cpu().numpy())
-        stats.rows_hit += int(hit.any(dim=1).sum())
-        stats.cols_hit += int((colmax >= self.threshold).sum())
-        stats.grid_cols += (colmax[None, :] >= self.grid[:, None]).sum(dim=1).cpu().numpy()
-        if per_token:
-            seen = self.union.get(width)
-            self.union[width] = hit if seen is None else seen | hit
-
-
-@dataclass
-class _Positions:
-    """Per input width: the tokens at which each dimension reached the threshold in some per-token module,
-    and (while the (dimension, token) pairs stay under ATTRIBUTION_CAP) which tokens those were."""
-
-    hits: dict[int, np.ndarray] = field(default_factory=dict)
-    tokens: dict[tuple[int, int], dict[int, int]] = field(default_factory=dict)  # (width, dim) → token id → count
-    pairs: int = 0
-    attributed: bool = True
-
-    def add(self, union: dict[int, torch.Tensor], ids: torch.Tensor) -> None:
-        for width, mask in union.items():
-            counts = mask.sum(dim=0).cpu().numpy().astype(np.int64)
-            self.hits[width] = self.hits.get(width, np.zeros(width, dtype=np.int64)) + counts
-            if not self.attributed:
-                continue
-            where = mask.nonzero().cpu().numpy()  # (position, dim)
-            token_ids = ids.cpu().numpy()[where[:, 0]]
-            pairs, n = np.unique(np.stack([where[:, 1], token_ids], axis=1), axis=0, return_counts=True)
-            if self.pairs + len(pairs) > ATTRIBUTION_CAP:
-                self.attributed, self.tokens = False, {}
-                continue
-            for (dim, token), count in zip(pairs.tolist(), n.tolist(), strict=True):
-                by_token = self.tokens.setdefault((width, dim), {})
-                self.pairs += token not in by_token
-                by_token[token] = by_token.get(token, 0) + count
-
-    def top(self, width: int, dim: int, decode: Any) -> tuple[tuple[str, int], ...]:
-        found = sorted(self.tokens.get((width, dim), {}).items(), key=lambda tc: (-tc[1], tc[0]))
-        return tuple((decode(token), count) for token, count in found[:TOP_TOKENS])
-
-
-def _hookable() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return (torch.nn.Linear, Conv1D)
-    except ImportError:
-        return (torch.nn.Linear,)
-
-
-def _in_features(module: torch.nn.Module) -> int:
-    if isinstance(module, torch.nn.Linear):
-        return int(module.in_features)
-    weight = module.weight
-    assert isinstance(weight, torch.Tensor)
-    return int(weight.shape[0])  # Conv1D stores [in, out]
-
-
 # --- loading ------------------------------------------------------------------------------------------
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else ""
-    line = line if len(line) <= 200 else line[:197] + "…"
-    return f"{type(err).__name__}: {line}" if line else type(err).__name__
-
-
-def _import_transformers(feature: str = "--activations") -> Any:
-    try:
-        import transformers
-    except Exception as exc:
-        raise BackendUnavailable(
-            f"{feature} needs transformers, which cannot be imported ({type(exc).__name__})",
-            hint="pip install 'bnbcli[hf]'",
-        ) from None
-    return transformers
-
-
-@contextlib.contextmanager
-def _silent(transformers: Any) -> Iterator[None]:
-    """No config warnings and no "Loading weights" bar: output.py alone writes to the terminal."""
-    from bnbcli.plan.planners.hf_transformers import quiet
-
-    logging = transformers.utils.logging
-    bars = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        with quiet():
-            yield
-    finally:
-        if bars:
-            logging.enable_progress_bar()
-
-
-def _read_config(transformers: Any, model_dir: Path) -> Any:
+def read_config(transformers: Any, model_dir: Path) -> Any:
     if not (model_dir / "config.json").is_file():
         pipeline = (model_dir / "model_index.json").is_file()
         raise InputError(
@@ -450,7 +142,7 @@ def _read_config(transformers: Any, model_dir: Path) -> Any:
         config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:
         raise InputError(
-            f"--activations: transformers {transformers.__version__} cannot build {model_dir}: {_first_line(exc)}",
+            f"--activations: transformers {transformers.__version__} cannot build {model_dir}: {first_line(exc)}",
             hint="a model transformers knows (an unknown model_type needs a newer transformers); "
             "the weights are inspected without --activations",
         ) from None
@@ -462,25 +154,15 @@ def _read_config(transformers: Any, model_dir: Path) -> Any:
     return config
 
 
-def _causal(config: Any) -> bool:
-    """config.json's architectures name a causal LM (``*ForCausalLM``, or a class transformers' causal-LM
-    auto mapping holds, such as ``GPT2LMHeadModel``)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
-    archs = getattr(config, "architectures", None) or []
-    return any(isinstance(a, str) and (a.endswith("CausalLM") or a in causal) for a in archs)
-
-
-def _load_model(transformers: Any, model_dir: Path, config: Any, device: torch.device) -> torch.nn.Module:
-    cls = transformers.AutoModelForCausalLM if _causal(config) else transformers.AutoModel
+def load_model(transformers: Any, model_dir: Path, config: Any, device: torch.device) -> torch.nn.Module:
+    cls = transformers.AutoModelForCausalLM if is_causal_lm(config) else transformers.AutoModel
     dtype: Any = torch.float32 if device.type == "cpu" else "auto"
     try:
         model = cls.from_pretrained(str(model_dir), config=config, dtype=dtype, local_files_only=True)
         model = model.to(device)
     except Exception as exc:
         raise InputError(
-            f"--activations: transformers cannot load {model_dir}: {_first_line(exc)}",
+            f"--activations: transformers cannot load {model_dir}: {first_line(exc)}",
             hint="the folder needs the model's weights beside config.json",
         ) from None
     model.eval()
@@ -489,13 +171,13 @@ def _load_model(transformers: Any, model_dir: Path, config: Any, device: torch.d
     return model
 
 
-def _load_tokenizer(transformers: Any, model_dir: Path) -> Any:
+def load_tokenizer(transformers: Any, model_dir: Path) -> Any:
     hint = "--activations tokenizes the texts with the model's own tokenizer: its files (tokenizer.json, "
     hint += "tokenizer_config.json, vocab…) belong beside config.json"
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as exc:
-        raise InputError(f"--activations: no tokenizer in {model_dir} ({_first_line(exc)})", hint=hint) from None
+        raise InputError(f"--activations: no tokenizer in {model_dir} ({first_line(exc)})", hint=hint) from None
     # transformers builds a tokenizer without a vocabulary when the files are missing: every word unknown
     probe = tokenizer(BUILTIN_TEXTS[0], add_special_tokens=False)["input_ids"]
     unknown = getattr(tokenizer, "unk_token_id", None)
@@ -504,119 +186,9 @@ def _load_tokenizer(transformers: Any, model_dir: Path) -> Any:
     return tokenizer
 
 
-def model_context(config: Any, tokenizer: Any) -> int | None:
-    """The longest sequence the model takes: its position embeddings, or the tokenizer's limit (None: neither
-    says)."""
-    limits = []
-    positions = getattr(config.get_text_config(), "max_position_embeddings", None)
-    if isinstance(positions, int) and positions > 0:
-        limits.append(positions)
-    model_max = getattr(tokenizer, "model_max_length", None)
-    if isinstance(model_max, int) and 0 < model_max < 1_000_000:
-        limits.append(model_max)
-    return min(limits) if limits else None
-
-
-def _max_length(config: Any, tokenizer: Any) -> int:
+def token_limit(config: Any, tokenizer: Any) -> int:
     limit = model_context(config, tokenizer)
     return MAX_TOKENS if limit is None else min(MAX_TOKENS, limit)
-
-
-# --- the criteria -------------------------------------------------------------------------------------
-
-
-def block_of(module: str) -> str:
-    """The transformer layer of a module: its name up to the first numeric part, else the name itself."""
-    return layer_of(module + ".weight") or module
-
-
-def blocks(modules: list[_ModuleStats]) -> dict[str, list[int]]:
-    """layer → the indexes of its modules, in order."""
-    out: dict[str, list[int]] = {}
-    for i, s in enumerate(modules):
-        out.setdefault(block_of(s.name), []).append(i)
-    return out
-
-
-def _dims(
-    modules: list[_ModuleStats],
-    hits: np.ndarray,
-    tokens: int,
-    criteria: ActivationCriteria,
-    top_tokens: Any,
-) -> tuple[list[ActivationOutlierDim], list[ActivationOutlierDim]]:
-    """(outlier features, near misses) among the modules of one input width."""
-    by_module = np.stack([s.hits > 0 for s in modules])  # [modules, width]
-    layers = blocks(modules)
-    by_layer = np.stack([by_module[i].any(axis=0) for i in layers.values()])  # [layers, width]
-    names = list(layers)
-    peak = np.stack([s.peak for s in modules]).max(axis=0)
-    layer_count = by_layer.sum(axis=0)
-    found: list[ActivationOutlierDim] = []
-    near: list[ActivationOutlierDim] = []
-    for d in np.nonzero(layer_count)[0].tolist():
-        layer_share = int(layer_count[d]) / len(names)
-        position_share = int(hits[d]) / tokens if tokens else 0.0
-        dim = ActivationOutlierDim(
-            dim=d,
-            layer_count=int(layer_count[d]),
-            layer_share=layer_share,
-            position_share=position_share,
-            max_magnitude=float(peak[d]),
-            layers=tuple(name for name, r in zip(names, by_layer[:, d], strict=True) if r),
-            modules=tuple(s.name for s, r in zip(modules, by_module[:, d], strict=True) if r),
-        )
-        if layer_share >= criteria.min_layer_share and position_share >= criteria.min_position_share:
-            found.append(dim)
-        else:
-            near.append(dim)
-    found.sort(key=lambda x: (-x.layer_count, -x.position_share, x.dim))
-    near.sort(key=lambda x: (-x.layer_count * x.position_share, -x.max_magnitude, x.dim))
-    return [replace(x, top_tokens=top_tokens(x.dim)) for x in found], [
-        replace(x, top_tokens=top_tokens(x.dim)) for x in near[:NEAR_MISSES]
-    ]
-
-
-def _spikes(modules: list[_ModuleStats], threshold: float) -> list[tuple[str, str]]:
-    """(module, why) for the modules whose input's max |x| is ≥ threshold and ≥ SPIKE_FACTOR × the median
-    max |x| of the hooked modules of its input width (three or more), the largest first."""
-    by_width: dict[int, list[_ModuleStats]] = {}
-    for s in modules:
-        by_width.setdefault(s.width, []).append(s)
-    out: list[tuple[float, str, str]] = []
-    for width, peers in by_width.items():
-        if len(peers) < 3:
-            continue
-        median = float(np.median([float(s.peak.max()) for s in peers]))
-        for s in peers:
-            peak = float(s.peak.max())
-            if peak >= threshold and peak >= SPIKE_FACTOR * median:
-                ratio = peak / median if median > 0 else math.inf
-                why = (
-                    f"{s.name}: max |x| {peak:.4g} at dim {int(s.peak.argmax())}, {ratio:.3g}× the median "
-                    f"max |x| ({median:.4g}) of the {len(peers)} modules with {width} inputs"
-                )
-                out.append((peak, s.name, why))
-    out.sort(key=lambda t: -t[0])
-    return [(name, why) for _, name, why in out]
-
-
-def _decomposed(modules: list[_ModuleStats]) -> np.ndarray:
-    """Per grid value: the share of input columns per forward with some |x| ≥ it, over ``modules``."""
-    columns = sum(s.calls * s.width for s in modules)
-    if not columns:
-        return np.zeros(len(THRESHOLD_GRID))
-    return sum((s.grid_cols for s in modules), np.zeros(len(THRESHOLD_GRID), dtype=np.int64)) / columns
-
-
-def _suggest_threshold(share: np.ndarray, threshold: float, outliers: bool) -> tuple[float, float]:
-    """(the lowest grid value within DECOMPOSITION_BUDGET — at most ``threshold`` when outlier features were
-    found —, its decomposed share)."""
-    index = next((i for i, s in enumerate(share) if s <= DECOMPOSITION_BUDGET), len(THRESHOLD_GRID) - 1)
-    value = THRESHOLD_GRID[index]
-    if outliers and value > threshold:
-        return threshold, math.nan  # measured exactly by the caller
-    return value, float(share[index])
 
 
 # --- the run ------------------------------------------------------------------------------------------
@@ -625,7 +197,7 @@ def _suggest_threshold(share: np.ndarray, threshold: float, outliers: bool) -> t
 def find_activation_outliers(
     model_dir: Path,
     texts: list[str] | None = None,
-    criteria: ActivationCriteria = ActivationCriteria(),  # frozen: a shared default is safe
+    criteria: ActivationCriteria = ActivationCriteria(),  # noqa: B008  (frozen: a shared default is safe)
     device: str = "cpu",
 ) -> ActivationReport:
     """Run the model in ``model_dir`` on ``texts`` (default: ``BUILTIN_TEXTS``) and apply the LLM.int8
@@ -638,11 +210,11 @@ def find_activation_outliers(
         torch_device = torch.device(device)
     except RuntimeError as exc:
         raise UsageError(f"--activations: unknown device {device!r} ({exc})", hint="use cpu or cuda") from None
-    transformers = _import_transformers()
-    with _silent(transformers):
-        config = _read_config(transformers, model_dir)
-        tokenizer = _load_tokenizer(transformers, model_dir)
-        model = _load_model(transformers, model_dir, config, torch_device)
+    transformers = import_transformers("--activations")
+    with silent_libraries(transformers):
+        config = read_config(transformers, model_dir)
+        tokenizer = load_tokenizer(transformers, model_dir)
+        model = load_model(transformers, model_dir, config, torch_device)
         recorder, positions, tokens, truncated = _run(model, tokenizer, config, texts, criteria, torch_device)
     return _report(model, config, tokenizer, recorder, positions, tokens, len(texts), truncated, criteria)
 
@@ -654,11 +226,11 @@ def _run(
     texts: list[str],
     criteria: ActivationCriteria,
     device: torch.device,
-) -> tuple[_Recorder, _Positions, int, int]:
-    recorder = _Recorder(criteria.threshold, device)
-    kinds = _hookable()
+) -> tuple[Recorder, Positions, int, int]:
+    recorder = Recorder(criteria.threshold, device)
+    kinds = hookable_types()
     handles = [
-        module.register_forward_pre_hook(recorder.hook(name, _in_features(module)), with_kwargs=True)
+        module.register_forward_pre_hook(recorder.hook(name, in_features(module)), with_kwargs=True)
         for name, module in model.named_modules()
         if type(module) in kinds
     ]
@@ -667,10 +239,10 @@ def _run(
             f"--activations: {type(model).__name__} has no Linear layers to hook",
             hint="leave out --activations: it measures the inputs of Linear layers",
         )
-    max_length = _max_length(config, tokenizer)
+    max_length = token_limit(config, tokenizer)
     accepted = set(signature(model.forward).parameters)
     keys = [k for k in MODEL_INPUTS if k == "input_ids" or k in accepted]
-    positions = _Positions()
+    positions = Positions()
     tokens = truncated = 0
     try:
         with torch.inference_mode():
@@ -691,7 +263,7 @@ def _run(
                     model(**inputs)
                 except Exception as exc:
                     raise InputError(
-                        f"--activations: {type(model).__name__} failed on the text: {_first_line(exc)}",
+                        f"--activations: {type(model).__name__} failed on the text: {first_line(exc)}",
                         hint="--activations runs text models (a tokenizer's input_ids in, hidden states out)",
                     ) from None
                 positions.add(recorder.union, ids.reshape(-1)[recorder.mask.cpu()])
@@ -704,7 +276,7 @@ def _run(
     return recorder, positions, tokens, truncated
 
 
-def _hidden_size(config: Any, modules: list[_ModuleStats]) -> int:
+def _hidden_size(config: Any, modules: list[ModuleStats]) -> int:
     size = getattr(config.get_text_config(), "hidden_size", None)
     widths = [s.width for s in modules if s.per_token]
     if isinstance(size, int) and size in widths:
@@ -716,8 +288,8 @@ def _report(
     model: torch.nn.Module,
     config: Any,
     tokenizer: Any,
-    recorder: _Recorder,
-    positions: _Positions,
+    recorder: Recorder,
+    positions: Positions,
     tokens: int,
     texts: int,
     truncated: int,
@@ -729,12 +301,12 @@ def _report(
     def decode(token: int) -> str:
         return str(tokenizer.convert_ids_to_tokens(int(token)))
 
-    def group(width: int) -> tuple[list[_ModuleStats], list[ActivationOutlierDim], list[ActivationOutlierDim]]:
+    def group(width: int) -> tuple[list[ModuleStats], list[ActivationOutlierDim], list[ActivationOutlierDim]]:
         members = [s for s in modules if s.width == width and s.per_token]
         if not members:
             return [], [], []
         hits = positions.hits.get(width, np.zeros(width, dtype=np.int64))
-        found, near = _dims(members, hits, tokens, criteria, lambda d: positions.top(width, d, decode))
+        found, near = outlier_dims(members, hits, tokens, criteria, lambda d: positions.top(width, d, decode))
         return members, found, near
 
     hidden_modules, found, near = group(hidden)
@@ -742,12 +314,12 @@ def _report(
     for width in sorted({s.width for s in modules if s.per_token} - {hidden}):
         members, other_found, _ = group(width)
         others.append(WidthGroup(width, len(blocks(members)), len(members), tuple(other_found)))
-    spikes = _spikes(modules, criteria.threshold)
+    spikes = activation_spikes(modules, criteria.threshold)
     skip = {name for name, _ in spikes}
     int8 = [s for s in modules if s.name not in skip]
     columns = sum(s.calls * s.width for s in int8)
     at_threshold = sum(s.cols_hit for s in int8) / columns if columns else 0.0
-    suggested, suggested_share = _suggest_threshold(_decomposed(int8), criteria.threshold, bool(found))
+    suggested, suggested_share = suggest_threshold(decomposed_shares(int8), criteria.threshold, bool(found))
     if math.isnan(suggested_share):
         suggested_share = at_threshold
     return ActivationReport(

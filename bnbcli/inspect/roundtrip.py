@@ -43,13 +43,7 @@ def parse_schemes(names: tuple[str, ...], blocksize: int = 64) -> tuple[NamedSch
 
 def restored(weight: torch.Tensor, scheme: QuantScheme, backend: str) -> torch.Tensor:
     """``weight`` quantized with ``scheme`` and dequantized again, on ``backend``."""
-    if scheme.method == "int8":
-        q = api.quantize_int8_rowwise(weight, backend=backend)
-        return api.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend)
-    q4 = api.quantize_4bit(
-        weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
-    )
-    return api.dequantize_4bit(q4, backend=backend)
+    return api.dequantize(api.quantize(weight, scheme, backend), backend)
 
 
 def roundtrip_errors(weight: torch.Tensor, schemes: tuple[NamedScheme, ...], backend: str) -> dict[str, RoundTripError]:

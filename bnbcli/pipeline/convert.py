@@ -13,14 +13,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bnbcli import api
 from bnbcli.errors import InputError, InternalError
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.formats.registry import family_of
 from bnbcli.plan.quantize_layout import TensorJob
 from bnbcli.plan.scheme import QuantScheme
-
-WEIGHT_FORMAT_ROW = 0  # the int8 `weight_format` entry: 0 = "row", the only layout transformers writes
 
 
 @dataclass
@@ -47,27 +45,18 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
     None or, on the GPU with double quantization, (the record's fields without its tensors, the device
     offset): the offset is not read yet, so the quant_state entry is a placeholder until the
     converter's finish() rebuilds it from these two."""
-    pending = None
-    if scheme.method == "int8":
-        q = api.quantize_int8_rowwise(weight, backend=backend)
-        restored = api.dequantize_int8_rowwise(q.CB, q.SCB, backend=backend)
-        row = torch.tensor(WEIGHT_FORMAT_ROW, dtype=torch.uint8)
-        values = [q.CB, q.SCB, row]
-        entries = dict(zip((e.key for e in job.entries), values, strict=True))
-    elif backend == "cuda":
-        from bnbcli.backends import cuda
-
-        args = (scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage)
-        q4, offset = cuda.quantize_4bit_queued(weight, *args)  # no waiting for the double-quant offset
-        restored = cuda.dequantize_4bit(q4, offset)
-        entries = q4.state_dict(job.source.name)
-        pending = None if offset is None else (_without_tensors(q4), offset)
+    family = family_of(scheme.method)
+    kernels = family.kernels(backend)  # the weight is on the backend's device already
+    args = family.quantize_args(scheme)
+    offset = None
+    if kernels.quantize_queued is not None:  # no waiting for the double-quant offset
+        record, offset = kernels.quantize_queued(weight, *args)
+        restored = kernels.dequantize(record, offset)
     else:
-        q4 = api.quantize_4bit(
-            weight, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage, backend=backend
-        )
-        restored = api.dequantize_4bit(q4, backend=backend)
-        entries = q4.state_dict(job.source.name)
+        record = kernels.quantize(weight, *args)
+        restored = kernels.dequantize(*family.dequantize_args(record))
+    entries = family.entries(record, job.source.name)
+    pending = None if offset is None else (_without_tensors(record), offset)
     planned = [e.key for e in job.entries]
     if list(entries) != planned:
         raise InternalError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")

@@ -9,7 +9,6 @@ the values through ``bnbcli.api`` with the chosen backend (bit-exact with bitsan
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.checkpoint.writer import PlannedTensor, ShardWriter
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
-from bnbcli.formats.fourbit import QuantState4bit
+from bnbcli.formats.registry import FAMILIES
 from bnbcli.pipeline.executor import copy_file, json_dumps_config
 from bnbcli.pipeline.quantize import check_paths, source_label
 from bnbcli.plan.dequantize_layout import DequantComponent, DequantizePlan, OutputTensor, plan_component
@@ -179,31 +178,10 @@ def restore(tensor: OutputTensor, backend: str, cast: bool = True) -> torch.Tens
     parts = [read_tensor(info) for info in tensor.sources]
     if tensor.kind == "copy":
         values = parts[0]
-    elif tensor.kind == "int8":
-        # int8_vectorwise_dequant gives float32; transformers' dequantize() then casts with .to(dtype).
-        values = api.dequantize_int8_rowwise(parts[0], parts[1], backend=backend)
-    else:
-        values = api.dequantize_4bit(_state(tensor, parts), backend=backend)
+    else:  # int8 gives float32 (int8_vectorwise_dequant); transformers' dequantize() then casts with .to(dtype)
+        values = api.dequantize(FAMILIES[tensor.kind].from_entries(parts, tensor.state_json), backend=backend)
     if tensor.transpose:
         values = values.t().contiguous()  # Conv1D keeps its weight as [in, out]
     # The 4-bit values are already in the quant_state dtype; another --dtype is a second rounding, as
     # transformers' dequantize_bnb_weight does it (dequantize_4bit, then .to(dtype)).
     return values if values.dtype == tensor.dtype or not cast else values.to(tensor.dtype)
-
-
-def _state(tensor: OutputTensor, parts: list[torch.Tensor]) -> QuantState4bit:
-    assert tensor.state_json is not None
-    state = json.loads(tensor.state_json)
-    nested = len(parts) == 5
-    return QuantState4bit(
-        packed=parts[0],
-        absmax=parts[1],
-        quant_map=parts[2],
-        blocksize=state["blocksize"],
-        shape=tuple(state["shape"]),
-        dtype=getattr(torch, state["dtype"]),
-        quant_type=state["quant_type"],
-        nested_absmax=parts[3] if nested else None,
-        nested_quant_map=parts[4] if nested else None,
-        nested_offset=float(state["nested_offset"]) if nested else None,
-    )

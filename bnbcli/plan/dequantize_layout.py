@@ -24,6 +24,7 @@ from bnbcli.errors import InputError
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.int8 import WEIGHT_FORMAT_ROW
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
@@ -38,7 +39,6 @@ STATE_KEYS = frozenset(
 )
 # Keys that only make sense beside a quantized weight: one left over means a weight we cannot rebuild.
 COMPONENT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".SCB", ".weight_format")
-WEIGHT_FORMAT_ROW = 0  # bitsandbytes/utils.py: row=0 is the only layout transformers writes and loads
 # A quantized weight whose parts disagree: nothing bnb can do but say so.
 BROKEN_HINT = "the checkpoint is inconsistent; download or save it again"
 
@@ -295,14 +295,14 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
     from bnbcli.plan.planners import hf_transformers
 
     try:
-        cls, _ = hf_transformers._resolve_class(config)
-        model = hf_transformers._build_meta_model(cls, config, len(tensors))
+        cls, _ = hf_transformers.resolve_class(config)
+        model = hf_transformers.build_meta_model(cls, config, len(tensors))
     except Exception:  # transformers cannot build it (as the planner, fall back to names)
         conv1d_model = config.get("model_type") in CONV1D_MODEL_TYPES
         return {w for w in weights if conv1d_model and w.rsplit(".", 2)[-2] in CONV1D_NAMES}
     from transformers.pytorch_utils import Conv1D
 
-    params, _ = hf_transformers._checkpoint_params(model, list(tensors))
+    params, _ = hf_transformers.checkpoint_params(model, list(tensors))
     found = set()
     for weight in weights:
         param = params.get(weight)

@@ -16,7 +16,8 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
 from bnbcli.formats.dtypes import dtype_name
-from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
+from bnbcli.formats.layout import EntryLayout
+from bnbcli.formats.registry import family_of
 from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_quantization, quantization_config
 from bnbcli.plan.dtype import config_dtype
 from bnbcli.plan.scheme import QuantScheme
@@ -97,9 +98,7 @@ class QuantizePlan:
 
 
 def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
-    if scheme.method == "int8":
-        return layout_int8(shape)
-    return layout_4bit(shape, dtype, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage)
+    return family_of(scheme.method).layout(shape, dtype, scheme)
 
 
 def _target_dtype(info: TensorInfo, scheme: QuantScheme) -> torch.dtype:
@@ -242,10 +241,7 @@ def describe_action(plan: QuantizePlan, job: TensorJob) -> str:
     scheme = plan.scheme
     if not job.quantized:
         return f"keep ({job.decision.reason})"
-    if scheme.method == "int8":
-        fmt = "int8 row-wise"
-    else:
-        fmt = f"{scheme.method}{'+dq' if scheme.double_quant else ''} b{scheme.blocksize}"
+    fmt = family_of(scheme.method).label(scheme)
     return f"quantize as {fmt}" + (" (Conv1D, transposed)" if job.decision.transpose else "")
 
 

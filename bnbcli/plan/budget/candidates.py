@@ -19,8 +19,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from bnbcli.errors import UsageError
-from bnbcli.footprint.report import SHORTEST_FLOAT_REPR
-from bnbcli.formats.layout import MAX_FLOAT_REPR
+from bnbcli.formats.layout import MAX_FLOAT_REPR, SHORTEST_FLOAT_REPR
 from bnbcli.plan.planners.common import pattern_matches
 from bnbcli.plan.quantize_layout import QuantizePlan, TensorJob
 

@@ -35,7 +35,8 @@ def diffusers_skips(full_name: str, patterns: Sequence[str]) -> bool:
     return child in patterns or any(key + "." in full_name or key == full_name for key in patterns)
 
 
-def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
+def resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
+    """The diffusers model class config.json's ``_class_name`` names, and the plan's reason."""
     try:
         with quiet():
             import diffusers
@@ -50,7 +51,7 @@ def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
 
 
 def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantScheme) -> PlannerResult:
-    cls, reason = _resolve_class(config)
+    cls, reason = resolve_class(config)
     try:
         with quiet(), torch.device("meta"):
             model = cls.from_config(dict(config))  # type: ignore[attr-defined]

@@ -54,7 +54,7 @@ def quiet() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def _resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
+def resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
     """The model class from `architectures[0]`, else from `model_type` (a causal LM if it has one)."""
     try:
         with quiet():
@@ -119,7 +119,7 @@ def module_budget(tensor_count: int) -> Iterator[None]:
         handle.remove()
 
 
-def _build_meta_model(cls: type, config: Mapping[str, Any], tensor_count: int) -> nn.Module:
+def build_meta_model(cls: type, config: Mapping[str, Any], tensor_count: int) -> nn.Module:
     """The model skeleton on the meta device: parameters have shapes but no storage (fast, no RAM)."""
     with quiet(), module_budget(tensor_count):
         cfg = cls.config_class.from_dict(dict(config))  # type: ignore[attr-defined]
@@ -127,7 +127,7 @@ def _build_meta_model(cls: type, config: Mapping[str, Any], tensor_count: int) -
             return cls._from_config(cfg)  # type: ignore[attr-defined]
 
 
-def _bnb_quantizer(scheme: QuantScheme) -> Any:
+def bnb_quantizer(scheme: QuantScheme) -> Any:
     """transformers' own bitsandbytes quantizer object, pre-quantized (its methods need no bitsandbytes)."""
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.auto import AutoHfQuantizer
@@ -156,7 +156,7 @@ def _default_skip_rules(model: Any) -> list[tuple[str, list[str]]]:
     ]
 
 
-def _checkpoint_params(model: Any, keys: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+def checkpoint_params(model: Any, keys: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """Checkpoint key → model parameter, the way `core_model_loading.convert_and_load_state_dict_in_model`
     renames keys (legacy renamings, the model's conversion mapping, adding/stripping base_model_prefix).
     Keys that a WeightConverter rewrites (merges, splits) come back in the second dict."""
@@ -195,16 +195,16 @@ def _simple_rename(key: str, prefix: str | None, meta_sd: Mapping[str, Any]) -> 
 
 
 def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantScheme) -> PlannerResult:
-    cls, reason = _resolve_class(config)
+    cls, reason = resolve_class(config)
     try:
-        model = _build_meta_model(cls, config, len(tensors))
+        model = build_meta_model(cls, config, len(tensors))
     except Exception as err:  # a config the class rejects: let the caller fall back, saying why
         why = f"transformers could not build {cls.__name__} from config.json ({type(err).__name__}: {err})"
         raise NotKnown(why) from None
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    quantizer = _bnb_quantizer(scheme)
+    quantizer = bnb_quantizer(scheme)
     # `HfQuantizer.preprocess_model`: pre-quantized models first swap some modules (Llama4 experts).
     if hasattr(quantizer, "_convert_model_for_quantization"):
         quantizer._convert_model_for_quantization(model)
@@ -241,7 +241,7 @@ def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantSchem
         module = model.get_submodule(name)
         return isinstance(module, Conv1D) or type(module) is nn.Linear
 
-    params, converted = _checkpoint_params(model, list(tensors))
+    params, converted = checkpoint_params(model, list(tensors))
     result = PlannerResult(
         planner="transformers",
         reason=reason,
