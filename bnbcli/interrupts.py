@@ -9,12 +9,16 @@ stderr); the exit code tells them apart, as a shell would: 130 for SIGINT, 143 f
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_TERMINATED
 
 _requested = False
 _signum = signal.SIGINT  # the first signal that came decides the message and the exit code
+_holding = 0  # depth of held() sections
+_pending = False  # a signal came during one: raised as the outermost section ends
 
 
 def note(signum: int = signal.SIGINT) -> None:
@@ -40,3 +44,26 @@ def message() -> str:
 
 def exit_code() -> int:
     return EXIT_TERMINATED if _signum == signal.SIGTERM else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A few lines a signal must not cut in two (a lock file made, and not yet known as ours): a signal that
+    comes during them is noted, and its KeyboardInterrupt raised once the section has ended."""
+    global _holding, _pending
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+    if _pending and not _holding:
+        _pending = False
+        raise KeyboardInterrupt
+
+
+def hold_if_held() -> bool:
+    """For the signal handler: True, and the KeyboardInterrupt kept for the end of the section, inside held()."""
+    global _pending
+    if _holding:
+        _pending = True
+    return bool(_holding)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import filelock
 
+from bnbcli import interrupts
+
 _OPEN = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
 
 
@@ -38,6 +40,10 @@ class OutLock:
     def acquire(self) -> None:
         """Lock the file (made if missing) and write our pid in it; ``LockBusy`` when another process holds
         it. OSError when the folder cannot hold the file."""
+        with interrupts.held():  # the file made is ours to remove only once self.fd holds it
+            self._acquire()
+
+    def _acquire(self) -> None:
         while True:
             self.fd = os.open(self.path, _OPEN, 0o644)
             if not filelock.lock_descriptor(self.fd, blocking=False):
@@ -54,6 +60,10 @@ class OutLock:
         """Remove the lock file if this run holds its lock, or no run does (one this run made an instant ago),
         then close it (which unlocks it). Removing it first, while locked, is what makes the retry in
         ``acquire`` sound. Does nothing when nothing is open."""
+        with interrupts.held():
+            self._release()
+
+    def _release(self) -> None:
         if self.fd is None:
             return
         try:

@@ -67,6 +67,8 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     interrupts.note(signum)
     if not _imported:
         interrupted_exit()
+    if interrupts.hold_if_held():
+        return
     if _importing(frame):
         _deferred_signum = signal.Signals(signum)
         _deferred.set()
