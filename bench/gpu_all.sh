@@ -2,8 +2,8 @@
 # Everything the issues ask of the GPU machine (device time is scarce: few starts, few calls):
 #   bench/gpu_all.sh [WORK_DIR] [SECTION ...]   # WORK_DIR (default /tmp/bnb-gpu) gets the generated checkpoints
 # SECTIONs (default: all, in this order): table tests kernels devices e2e e2e-int8 eval startup
-#   table     the planner table against this machine's transformers/diffusers (recorded in checked_with when
-#             every entry agrees, so that the runs after it use the table); the sections below need it first
+#   table     the planner table against this machine's transformers/diffusers (recorded in checked_with, an
+#             entry that differs marked so, so that the runs after it use the table); the sections below need it first
 #   tests     the GPU tests;  kernels  CUDA kernels vs bitsandbytes;  devices  the GPU stage on each set of GPUs
 #   e2e       bnb quantize vs transformers end to end, nf4-dq;  e2e-int8  the same, int8
 #   eval      bnb eval on the 8B-shaped checkpoint;  startup  where the start of a run goes

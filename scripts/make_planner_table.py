@@ -1,6 +1,6 @@
 """Make bnbcli/data/planner_table.json from the installed transformers and diffusers:
 `python scripts/make_planner_table.py` (or `--check-only [--record]` to check the table against the installed
-releases, and add them to `checked_with` when every entry agrees).
+releases, and add them to `checked_with`, marking each entry that differs under them `differs_with`).
 
 For each model class below, the library builds the model on the meta device from its config's defaults with
 a few layers (3 and 5; transformers' also with tied and untied embeddings); the table keeps what the
@@ -414,21 +414,35 @@ def installed() -> dict[str, str]:
 
 def check(record: bool) -> int:
     data = json.loads(OUT.read_text())
-    failed = 0
-    for name in data["models"]:
-        try:
-            compare(name, data)
-        except Exception as err:
-            failed += 1
-            print(f"{name}: {type(err).__name__}: {err}")
     versions = installed()
-    print(f"{len(data['models']) - failed}/{len(data['models'])} agree with {versions}")
-    if record and not failed:
+    # Checked as if the installed releases were already in the table's range: that range is what a check opens.
+    widened = {
+        lib: [*have, *([versions[lib]] if lib in versions else [])] for lib, have in data["checked_with"].items()
+    }
+    candidate = {**data, "checked_with": widened}
+    failed: list[str] = []
+    unchecked = 0
+    for name in data["models"]:
+        if data["models"][name]["library"] not in versions:
+            unchecked += 1  # its library is not installed here: its range stays as it is
+            continue
+        try:
+            compare(name, candidate)
+        except Exception as err:
+            failed.append(name)
+            print(f"{name}: {type(err).__name__}: {err}")
+    checked = len(data["models"]) - unchecked
+    print(f"{checked - len(failed)}/{checked} agree with {versions} ({unchecked} of a library not installed here)")
+    if record:
+        # The releases join the range; an entry that differs under them says so, and the real planner runs for it.
         for lib, version in versions.items():
             data["checked_with"][lib] = sorted({*data["checked_with"][lib], version}, key=table._minor)
+        for name in failed:
+            entry = data["models"][name]
+            entry["differs_with"] = sorted({*entry.get("differs_with", ()), versions[entry["library"]]})
         OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
         print(f"checked_with: {data['checked_with']}")
-    return 1 if failed else 0
+    return 1 if failed and not record else 0
 
 
 def make() -> int:
@@ -450,7 +464,7 @@ def make() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-only", action="store_true", help="check the existing table; write nothing")
-    parser.add_argument("--record", action="store_true", help="with --check-only: add these releases if all agree")
+    parser.add_argument("--record", action="store_true", help="with --check-only: add these releases; mark the entries that differ under them")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     return check(args.record) if args.check_only else make()

@@ -85,6 +85,8 @@ def entry_for(config: Mapping[str, Any], data: dict[str, Any]) -> tuple[str, dic
     low, high = checked_range(library, data)
     if version is not None and not _minor(low) <= _minor(version) <= _minor(high):
         raise NotInTable(f"the planner table was checked against {library} {low} to {high}, not {version}")
+    if version is not None and _minor(version) in {_minor(v) for v in entry.get("differs_with", ())}:
+        raise NotInTable(f"the planner table's {named} does not hold for {library} {version}")
     return named, entry
 
 
