@@ -7,13 +7,12 @@ Everything in it is deterministic for the same input and settings except the ``r
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
-from bnbcli import __version__
+from bnbcli import __version__, json_text
 
 MANIFEST_NAME = "bnb_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -44,4 +43,4 @@ def manifest_document(
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    (out_dir / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / MANIFEST_NAME).write_text(json_text.dumps_indented(manifest) + "\n")
