@@ -37,7 +37,7 @@ class Environment:
         return asdict(self)
 
 
-def _installed(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -71,12 +71,14 @@ def _cupy_without_import() -> CudaStatus:
     if importlib.util.find_spec("cupy") is None:
         return CudaStatus(None, None)
     dists = metadata.packages_distributions().get("cupy", [])
-    return CudaStatus(_installed(dists[0]) if dists else None, None)
+    return CudaStatus(installed_version(dists[0]) if dists else None, None)
 
 
 def describe_environment() -> Environment:
     if not nvidia_driver_present():
-        return _describe(_installed("torch") or "not installed", _torch_cuda_version(), _cupy_without_import(), [])
+        return _describe(
+            installed_version("torch") or "not installed", _torch_cuda_version(), _cupy_without_import(), []
+        )
     import torch
 
     gpus = (
@@ -91,13 +93,13 @@ def _describe(torch_version: str, torch_cuda: str | None, cuda: CudaStatus, gpus
         python=platform.python_version(),
         platform=platform.platform(),
         torch=torch_version,
-        numpy=_installed("numpy") or "not installed",
-        safetensors=_installed("safetensors"),
+        numpy=installed_version("numpy") or "not installed",
+        safetensors=installed_version("safetensors"),
         cupy=cuda.cupy_version,
         cuda_runtime=cuda.runtime_version,
         torch_cuda=torch_cuda,
         gpus=gpus,
         backends=["cpu"] if not gpus or cuda_unavailable() else ["cpu", "cuda"],
-        planners={library: _installed(library) for library in ("transformers", "diffusers")},
+        planners={library: installed_version(library) for library in ("transformers", "diffusers")},
         plan_cache=cache_folder.status(),
     )

@@ -16,11 +16,11 @@ import json
 import os
 import tempfile
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from bnbcli import __version__, json_text
+from bnbcli.environment import installed_version
 from bnbcli.plan.planners import cache_folder
 
 FORMAT = 1
@@ -38,13 +38,6 @@ def _code_digest() -> str:
     for path in sorted(package.rglob("*.py")):
         digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
-
-
-def _version(library: str) -> str | None:
-    try:
-        return metadata.version(library)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _checkpoint_files(src: Path) -> list[list[Any]]:
@@ -66,7 +59,7 @@ def key(src: str, arguments: dict[str, Any]) -> str | None:
         document = {
             "format": FORMAT,
             "code": _code_digest(),
-            "libraries": {library: _version(library) for library in LIBRARIES},
+            "libraries": {library: installed_version(library) for library in LIBRARIES},
             "arguments": arguments,
             "checkpoint": _checkpoint_files(path),
         }
