@@ -1,7 +1,8 @@
 """The fixed cost per tensor: `bnb quantize`, `bnb inspect` and `bnb footprint` on checkpoints of many tiny
 tensors (MoE checkpoints have tens of thousands).
 
-    python bench/bench_many_tensors.py [--counts 1000,50000,200000] [--workdir DIR] [--timeout 600]
+    python bench/bench_many_tensors.py [--counts 1000,50000,200000] [--verbs quantize,inspect,footprint]
+                                       [--workdir DIR] [--timeout 600]
 
 Each checkpoint is one safetensors file of N/2 tiny Linear weights (16×16 bf16) and N/2 biases, named like
 an MoE's experts, with no config.json (the name rules plan it, no library is imported). Each command runs
@@ -68,6 +69,7 @@ def main() -> int:
     parser.add_argument("--counts", default="1000,50000,200000")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--verbs", default=",".join(COMMANDS), help="comma-separated: quantize, inspect, footprint")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
@@ -76,7 +78,7 @@ def main() -> int:
     results: dict[str, dict[int, float | None]] = {}
     try:
         sources = {n: checkpoint(work / f"src-{n}", n) for n in counts}
-        for command in COMMANDS:
+        for command in args.verbs.split(","):
             results[command] = {n: timed(command, sources[n], work / "out", args.timeout) for n in counts}
     finally:
         if args.workdir is None:

@@ -1,6 +1,11 @@
 """Where the start of `bnb quantize --backend cuda` goes on this machine, each case in a fresh interpreter.
 
     python bench/bench_startup.py SRC [--runs 2]      # SRC: a local checkpoint folder (for the hashing cases)
+    python bench/bench_startup.py SRC --first-run [--runs 3]   # the CPU first run against the import floor
+
+--first-run: taking turns, `python -c "import torch, safetensors"` and `bnb quantize SRC OUT --config
+nf4-dq` (the CPU here) with an empty plan cache (BNB_CACHE_DIR a fresh folder each round), whole
+processes; prints each wall time and the median ratio (issue 17's target: at most 2).
 
 Prints one JSON line of seconds per case and run: importing torch; then CUDA's context, CuPy's import,
 our kernels (from CuPy's cache once compiled), pinned host memory; the CUDA driver's context made on a
@@ -12,8 +17,13 @@ source hashing of SRC running in its child process. BENCHMARKS.md has the figure
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 
 CASES = {
     "import torch": """
@@ -60,11 +70,40 @@ t = time.perf_counter(); import bnbcli.pipeline.quantize; r['import_library'] = 
 }
 
 
+def _wall(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    return time.perf_counter() - started
+
+
+def first_run(src: str, runs: int) -> None:
+    floor_command = [sys.executable, "-c", "import torch, safetensors"]
+    ratios = []
+    for round_ in range(runs):
+        work = tempfile.mkdtemp(prefix="bnb-first-")
+        env = dict(os.environ, BNB_CACHE_DIR=os.path.join(work, "cache"))
+        try:
+            floor = _wall(floor_command, env)
+            out = os.path.join(work, "out")
+            run = _wall([sys.executable, "-m", "bnbcli", "quantize", src, out, "--config", "nf4-dq", "-q"], env)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        ratios.append(run / floor)
+        print(
+            f"round {round_ + 1}: import torch, safetensors {floor:.2f} s; bnb quantize {run:.2f} s; {run / floor:.2f}x"
+        )
+    print(f"median ratio {statistics.median(ratios):.2f}x over {runs} rounds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="a local checkpoint folder")
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--first-run", action="store_true", help="the CPU first run against the import floor")
     args = parser.parse_args()
+    if args.first_run:
+        first_run(args.src, args.runs)
+        return
     for name, body in CASES.items():
         for _ in range(args.runs):
             code = (

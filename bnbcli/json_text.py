@@ -1,8 +1,11 @@
-"""``json.loads`` for documents that come from outside (checkpoints, caches, journals)."""
+"""``json.loads`` for documents that come from outside (checkpoints, caches, journals), and
+``dumps_indented`` for the large documents bnb writes (a manifest with a record per tensor)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 
@@ -14,3 +17,52 @@ def loads(text: str | bytes, **kwargs: Any) -> Any:
         return json.loads(text, **kwargs)
     except RecursionError:
         raise ValueError("nested too deeply") from None
+
+
+def dumps_indented(value: Any) -> str:
+    """``json.dumps(value, indent=2)``, byte for byte, faster: with ``indent`` the standard library falls
+    back to its pure-Python encoder, which took seconds for a manifest of 50,000 tensors. Documents with
+    keys other than str, or values other than JSON's own types, take that encoder."""
+    parts: list[str] = []
+    try:
+        _indented(value, "\n", parts.append)
+    except _Unusual:
+        return json.dumps(value, indent=2)
+    return "".join(parts)
+
+
+class _Unusual(Exception):
+    """A key or value the fast path does not render exactly as json.dumps would."""
+
+
+_CONSTANTS = {None: "null", True: "true", False: "false"}
+
+
+def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
+    kind = type(value)
+    if kind is str:
+        out(encode_basestring_ascii(value))
+    elif kind is dict or kind is list or kind is tuple:
+        if not value:
+            out("{}" if kind is dict else "[]")
+            return
+        inner = newline + "  "
+        separator = "[" if kind is not dict else "{"
+        for item in value:
+            out(separator + inner)
+            separator = ","
+            if kind is dict:
+                if type(item) is not str:
+                    raise _Unusual
+                out(encode_basestring_ascii(item) + ": ")
+                item = value[item]
+            _indented(item, inner, out)
+        out(newline + ("}" if kind is dict else "]"))
+    elif kind is int:
+        out(int.__repr__(value))
+    elif kind is float:
+        out(float.__repr__(value) if value - value == 0 else json.dumps(value))  # inf and NaN as json spells them
+    elif value is None or kind is bool:
+        out(_CONSTANTS[value])
+    else:
+        raise _Unusual

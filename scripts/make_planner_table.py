@@ -464,7 +464,9 @@ def make() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check-only", action="store_true", help="check the existing table; write nothing")
-    parser.add_argument("--record", action="store_true", help="with --check-only: add these releases; mark the entries that differ under them")
+    parser.add_argument(
+        "--record", action="store_true", help="with --check-only: add these releases; mark the entries that differ"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     return check(args.record) if args.check_only else make()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -749,6 +751,26 @@ def test_early_hashing_only_for_runs_that_write(tmp_path: Path, monkeypatch: pyt
     assert started == [str(src)]
 
 
+def test_small_writes_are_gathered_into_few_writeback_requests(tmp_path: Path, monkeypatch) -> None:
+    """A request per tiny tensor cost more than writing it: small writes are asked for together, as one
+    span once they add up to WRITEBACK_SPAN, and that span covers them."""
+    from bnbcli.checkpoint import writer
+
+    if writer._sync_file_range() is None:
+        pytest.skip("no sync_file_range on this platform: nothing is requested")
+    made: list[tuple[int, int]] = []
+    monkeypatch.setattr(writer, "start_writeback", lambda fd, offset, length: made.append((offset, length)))
+    count, numel = 1000, 1024  # 4 KiB each: 4 MB in all
+    planned = [writer.PlannedTensor(f"t{i:04d}", torch.float32, (numel,)) for i in range(count)]
+    shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
+    for i in range(count):
+        shard.write(f"t{i:04d}", torch.full((numel,), float(i)))
+    shard.close()
+    assert 1 <= len(made) <= count * numel * 4 // writer.WRITEBACK_SPAN
+    first = [shard.data_start + shard.offsets[f"t{i:04d}"][0] for i in range(256)]  # the first span's tensors
+    assert made[0][0] <= min(first) and max(first) + numel * 4 <= made[0][0] + made[0][1]
+
+
 def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(tmp_path: Path, monkeypatch) -> None:
     """sync_file_range can block on a busy disk: the writer hands the requests to a thread of its own,
     and the file's fsync and close come only after the last request was made."""
@@ -767,10 +789,11 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
     real_fsync = os.fsync
     monkeypatch.setattr(writer, "start_writeback", slow_writeback)
     monkeypatch.setattr(writer.os, "fsync", lambda fd: (closed.append(len(made)), real_fsync(fd)))
-    planned = [writer.PlannedTensor(f"t{i}", torch.float32, (1000,)) for i in range(5)]
+    numel = writer.WRITEBACK_SPAN // 4  # a request each: smaller writes are gathered (next test)
+    planned = [writer.PlannedTensor(f"t{i}", torch.float32, (numel,)) for i in range(5)]
     shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
     for i in range(5):
-        shard.write(f"t{i}", torch.full((1000,), float(i)))
+        shard.write(f"t{i}", torch.full((numel,), float(i)))
     assert made == []  # all five tensors were written while every writeback request was still blocked
     disk_free.set()
     shard.close()
@@ -780,3 +803,65 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
 
     loaded = load_file(tmp_path / "out.safetensors")
     assert [loaded[f"t{i}"][0].item() for i in range(5)] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_indented_json_is_byte_for_byte_what_json_dumps_writes() -> None:
+    """The manifest's fast writer against json.dumps(indent=2) on random documents: every JSON type,
+    escapes, non-ASCII, inf/NaN, empty containers, tuples, and a non-str key (which takes json.dumps)."""
+    from bnbcli.json_text import dumps_indented
+
+    rng = random.Random(17)
+    leaves = [
+        None,
+        True,
+        False,
+        0,
+        -7,
+        2**70,
+        0.1,
+        -0.0,
+        1e-310,
+        math.inf,
+        -math.inf,
+        math.nan,
+        "",
+        'a"\\\n\t',
+        "é☃\U0001f600",
+    ]
+
+    def value(depth: int) -> object:
+        kind = rng.randrange(4) if depth < 4 else 3
+        if kind == 0:
+            return {
+                rng.choice(["k", "ü", 'q"', "x" * rng.randrange(3)]) + str(i): value(depth + 1)
+                for i in range(rng.randrange(4))
+            }
+        if kind == 1:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        if kind == 2:
+            return tuple(value(depth + 1) for _ in range(rng.randrange(3)))
+        return rng.choice(leaves)
+
+    for _ in range(300):
+        document = value(0)
+        assert dumps_indented(document) == json.dumps(document, indent=2)
+    odd = {"a": {1: "int key"}, "b": [1]}
+    assert dumps_indented(odd) == json.dumps(odd, indent=2)
+
+
+def test_batches_keep_the_order_and_send_a_large_tensor_alone() -> None:
+    """Tiny tensors travel between the stages together; one of BATCH_BYTES or more always alone."""
+    from types import SimpleNamespace
+
+    from bnbcli.pipeline import executor
+
+    sizes = (
+        [10] * 1300 + [executor.BATCH_BYTES] + [5] * 3 + [executor.BATCH_BYTES * 3] + [executor.BATCH_BYTES // 2] * 3
+    )
+    jobs = [SimpleNamespace(source=SimpleNamespace(nbytes=n), index=i) for i, n in enumerate(sizes)]
+    groups = list(executor.batches(jobs))  # type: ignore[arg-type]
+    assert [j.index for g in groups for j in g] == list(range(len(sizes)))
+    assert all(len(g) <= executor.BATCH_TENSORS for g in groups)
+    assert all(sum(j.source.nbytes for j in g) <= executor.BATCH_BYTES or len(g) == 1 for g in groups)
+    assert [len(g) for g in groups][:3] == [512, 512, 276]
+    assert [len(g) for g in groups if g[0].source.nbytes >= executor.BATCH_BYTES] == [1, 1]

@@ -45,6 +45,28 @@ def test_env_json_is_one_document() -> None:
     assert isinstance(document["gpus"], list)
 
 
+def test_env_without_a_driver_reports_torch_as_torch_does_without_importing_it() -> None:
+    """No NVIDIA driver, no GPU: `bnb env` reads the versions from the installed packages (torch's import
+    alone took seconds on a 2-core machine), and they are the ones the imported modules give."""
+    code = (
+        "import json, sys\n"
+        "from bnbcli.environment import describe_environment, nvidia_driver_present\n"
+        "found = describe_environment()\n"
+        "imported = sorted({'torch', 'cupy', 'numpy'} & set(sys.modules))\n"
+        "import numpy, torch\n"
+        "print(json.dumps([nvidia_driver_present(), imported, found.torch, torch.__version__,"
+        " found.torch_cuda, torch.version.cuda, found.numpy, numpy.__version__, found.gpus]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=HANG_SECONDS)
+    assert result.returncode == 0, result.stderr
+    driver, imported, torch_seen, torch_version, cuda_seen, cuda, numpy_seen, numpy_version, gpus = json.loads(
+        result.stdout
+    )
+    assert (torch_seen, cuda_seen, numpy_seen) == (torch_version, cuda, numpy_version)
+    if not driver:
+        assert imported == [] and gpus == []
+
+
 def test_env_table() -> None:
     result = bnb("env")
     assert result.returncode == 0

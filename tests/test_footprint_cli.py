@@ -272,3 +272,31 @@ def test_usage_errors(args: list[str], code: int, words: tuple[str, ...], capsys
 def test_quantized_source_is_refused(capsys, monkeypatch) -> None:
     code, stdout, stderr = bnb(["footprint", str(MODELS / "llama" / "nf4")], capsys, monkeypatch)
     assert code == 1 and stdout == "" and "already quantized" in stderr and "dequantize" in stderr
+
+
+def test_a_second_footprint_of_an_unchanged_checkpoint_comes_from_the_cache_without_torch(tmp_path: Path) -> None:
+    """The report is kept (BNB_CACHE_DIR/footprints): asked again, the same document comes back and
+    neither torch nor transformers is imported; a changed config.json or other arguments compute afresh."""
+    from bnb_process import run_bnb
+
+    src = tmp_path / "gpt2"
+    shutil.copytree(MODELS / "gpt2" / "src", src)
+    env = {"BNB_CACHE_DIR": str(tmp_path / "cache"), "BNB_PLAN_CACHE": "on"}
+
+    def report(*args: str) -> tuple[dict, bool]:
+        ran = run_bnb("footprint", str(src), "--json", *args, env=env | {"PYTHONPROFILEIMPORTTIME": "1"})
+        assert ran.returncode == 0, ran.stderr
+        imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "|" in line}
+        return json.loads(ran.stdout), bool({"torch", "transformers"} & imported)
+
+    first, heavy = report()
+    assert heavy
+    again, heavy = report()
+    assert again == first and not heavy
+    assert len(list((tmp_path / "cache" / "footprints").glob("*.json"))) == 1
+    other, heavy = report("--seq-len", "128")
+    assert heavy and other["settings"]["seq_len"] == 128
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps(config | {"dtype": "float16"}))
+    changed, heavy = report()
+    assert heavy and changed != first

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bnbcli import __version__
-from bnbcli.checkpoint.durable import write_json
+from bnbcli import __version__, json_text
+from bnbcli.checkpoint.durable import write_atomically
 
 MANIFEST_NAME = "bnb_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -44,4 +44,5 @@ def manifest_document(
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    write_json(out_dir / MANIFEST_NAME, manifest, indent=2)
+    # json.dumps(indent=2)'s exact text, faster for the tens of thousands of tensors of an MoE checkpoint
+    write_atomically(out_dir / MANIFEST_NAME, json_text.dumps_indented(manifest) + "\n")

@@ -46,6 +46,7 @@ def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE_WRITE = 2
+WRITEBACK_SPAN = 1 << 20  # writes smaller than this are asked for together, once they add up to it
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
@@ -71,6 +72,8 @@ class _Writeback:
         self.fd = fd
         self.requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
+        self.span: tuple[int, int] | None = None  # small writes not yet asked for: [start, end)
+        self.gathered = 0  # their bytes
         if _sync_file_range() is not None:
             self.thread = threading.Thread(target=self._run, name="bnb-writeback", daemon=True)
             self.thread.start()
@@ -80,8 +83,19 @@ class _Writeback:
             start_writeback(self.fd, *request)
 
     def request(self, offset: int, length: int) -> None:
-        if self.thread is not None:
-            self.requests.put((offset, length))
+        """Ask for these bytes; small writes are gathered into one span first (a request each for 10,000
+        tiny tensors cost more than writing them)."""
+        if self.thread is None:
+            return
+        if length < WRITEBACK_SPAN:
+            start, end = self.span or (offset, offset + length)
+            self.span = (min(start, offset), max(end, offset + length))
+            self.gathered += length
+            if self.gathered < WRITEBACK_SPAN:
+                return
+            (offset, end), self.span, self.gathered = self.span, None, 0
+            length = end - offset
+        self.requests.put((offset, length))
 
     def close(self) -> None:
         if self.thread is not None:

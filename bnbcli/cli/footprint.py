@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
@@ -75,6 +76,42 @@ def footprint_command(
 ) -> None:
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
     loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
+    arguments = {k: v for k, v in locals().items() if k != "json_output"}  # as given: the cached report's key
+    from bnbcli.cli import footprint_cache
+
+    entry = footprint_cache.key(src, arguments, text_file if calibrate else None)
+    report = footprint_cache.load(entry)
+    if report is None:
+        report = _computed(**arguments)
+        footprint_cache.store(entry, report)
+    output.warnings(report["warnings"])
+    if json_output:
+        output.emit_json(report)
+    else:
+        _render(report)
+
+
+def _computed(
+    src: str,
+    schemes: str,
+    gpu_memory: int | None,
+    seq_len: int,
+    batch: int,
+    dtype: str | None,
+    skip: list[str] | None,
+    blocksize: int,
+    compute_dtype: str | None,
+    quant_storage: str,
+    max_shard_size: int | None,
+    components: Components | None,
+    revision: str | None,
+    planner: str,
+    keep_budget: str | None,
+    target_size: int | None,
+    calibrate: bool,
+    text_file: Path | None,
+) -> dict[str, Any]:
+    """The report, from the library (torch, and transformers or diffusers when they know the model)."""
     from bnbcli.footprint import FootprintRequest, footprint, make_schemes
     from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
     from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
@@ -100,12 +137,7 @@ def footprint_command(
         gpu_memory=gpu_memory,
         keep=_keeper(budget_request(keep_budget, target_size, calibrate, text_file, "auto")),
     )
-    report = footprint(request).as_dict()
-    output.warnings(report["warnings"])
-    if json_output:
-        output.emit_json(report)
-    else:
-        _render(report)
+    return footprint(request).as_dict()
 
 
 def human_count(n: int) -> str:

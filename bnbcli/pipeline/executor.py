@@ -1,10 +1,12 @@
 """The streaming executor: read → convert → write, as three overlapping stages, obeying a QuantizePlan.
 
-A reader thread reads the next tensor while the calling thread converts the current one (on the CPU,
-or queued on a GPU) and a writer thread waits for the previous one and puts its entries at their
-planned offsets. One-slot queues between the stages keep a few tensors in memory, whatever the model
-size. The sha256 of each source file is computed beside all this (checkpoint/hashing.py). It decides
-nothing: every size, offset and action comes from the plan.
+A reader thread reads the next tensors while the calling thread converts the current ones (on the CPU,
+or queued on a GPU) and a writer thread waits for the previous ones and puts their entries at their
+planned offsets. Tensors travel between the stages in batches (a large tensor alone, small ones
+together up to BATCH_BYTES), through one-slot handoffs (pipeline/stages.py), so a few MB stay in memory
+whatever the model size and a checkpoint of 200,000 tiny tensors does not pay a thread handoff for each.
+The sha256 of each source file is computed beside all this (checkpoint/hashing.py). It decides nothing:
+every size, offset and action comes from the plan.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import queue
 import shutil
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import RoundTripError
 from bnbcli.pipeline.convert import Converted, Converter, make_converters
+from bnbcli.pipeline.stages import END, Cancellation, Cancelled, Handoff, Stage, StageSeconds, Stopped
 from bnbcli.plan.quantize_layout import (
     SHARD_METADATA,
     ComponentPlan,
@@ -43,9 +43,15 @@ from bnbcli.plan.quantize_layout import (
     weights_layout,
 )
 
+__all__ = ["Cancellation", "Cancelled", "ComponentResult", "StageSeconds", "write_other_files", "write_weights"]
+
 Progress = Callable[[int], None]
-POLL_SECONDS = 0.1  # how often a blocked stage looks whether another one failed
 OUTPUT_WORKERS = 3  # threads hashing outputs and syncing finished shards
+# A batch closes once it holds this many source bytes or tensors: a tensor of 1 MiB or more travels
+# alone (as before batching; a GPU overlaps its copy with the previous kernels), tiny ones share the
+# handoffs, hashing tasks and progress updates that cost ~1 ms each on a busy 2-core machine.
+BATCH_BYTES = 1 << 20
+BATCH_TENSORS = 512
 
 
 @dataclass
@@ -53,31 +59,6 @@ class TensorRecord:
     job: TensorJob
     outputs: dict[str, str] = field(default_factory=dict)  # key -> sha256
     error: RoundTripError | None = None
-
-
-@dataclass
-class StageSeconds:
-    """Seconds each stage spent working rather than waiting for another: the largest one bounds the
-    run. ``results`` is the writer waiting for a GPU's results (kernels and device→host copies);
-    ``hashing`` is the wait at the end for the source sha256s that ran beside everything."""
-
-    read: float = 0.0
-    convert: float = 0.0
-    results: float = 0.0
-    write: float = 0.0
-    hashing: float = 0.0
-
-    @contextmanager
-    def timing(self, stage: str) -> Iterator[None]:
-        # Each stage's field is only ever written by its own thread.
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            setattr(self, stage, getattr(self, stage) + time.perf_counter() - started)
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -90,102 +71,35 @@ class ComponentResult:
     resumed_shards: int = 0  # shards kept from an interrupted run (--resume)
 
 
-class _Stopped(Exception):
-    """Another stage failed; this one leaves quietly."""
+def batches(jobs: Iterable[TensorJob]) -> Iterator[list[TensorJob]]:
+    """``jobs`` in order, grouped: see BATCH_BYTES."""
+    batch: list[TensorJob] = []
+    size = 0
+    for job in jobs:
+        if batch and (size + job.source.nbytes > BATCH_BYTES or len(batch) >= BATCH_TENSORS):
+            yield batch
+            batch, size = [], 0
+        batch.append(job)
+        size += job.source.nbytes
+    if batch:
+        yield batch
 
 
-class Cancelled(Exception):
-    """The caller cancelled the run (``Cancellation.cancel()``); what it wrote is to be discarded."""
+def _sha256_all(views: list[memoryview]) -> list[str]:
+    return [hashlib.sha256(data).hexdigest() for data in views]
 
 
-class Cancellation:
-    """Lets another thread stop a run: it stops the stages of the component being written, as a
-    failed stage would, and the run raises ``Cancelled``."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requested = False
-        self._stops: list[threading.Event] = []
-
-    def watch(self, stop: threading.Event) -> None:
-        with self._lock:
-            self._stops.append(stop)
-            if self._requested:
-                stop.set()
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._requested = True
-            for stop in self._stops:
-                stop.set()
-
-
-_END = object()
-
-
-class _Handoff:
-    """A one-slot queue between two stages that gives up when ``stop`` is set, so a failed stage
-    never leaves the others blocked forever."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
-        self._stop = stop
-
-    def put(self, item: Any) -> None:
-        while True:
-            if self._stop.is_set():
-                raise _Stopped
-            try:
-                self._queue.put(item, timeout=POLL_SECONDS)
-                return
-            except queue.Full:
-                continue
-
-    def get(self) -> Any:
-        while True:
-            if self._stop.is_set():
-                raise _Stopped
-            try:
-                return self._queue.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-
-    def items(self) -> Iterator[Any]:
-        while (item := self.get()) is not _END:
-            yield item
-
-
-class _Stage(threading.Thread):
-    """A daemon thread whose exception is kept for the caller, and which stops the others on failure."""
-
-    def __init__(self, name: str, target: Callable[[], None], stop: threading.Event) -> None:
-        super().__init__(name=name, daemon=True)
-        self._target_fn = target
-        self._stop_all = stop
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._target_fn()
-        except _Stopped:
-            pass
-        except BaseException as exc:  # handed to the calling thread, which raises it
-            self.error = exc
-            self._stop_all.set()
-
-
-def _sha256(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+Written = list[tuple[TensorRecord, str, memoryview]]  # what one hashing task hashes: record, key, bytes
 
 
 class _ShardWriters:
     """Opens each output shard when its first tensor arrives and finishes it after its last.
 
-    The writer thread only places bytes: the sha256 of each output and the final fsync of each shard
-    run on a small pool beside it (hashlib and fsync release the GIL), so hashing 2 GB/s per core and
-    waiting for the disk never hold up the next tensor. Once a shard is on disk it goes into the
-    journal (what ``--resume`` keeps). Shards the journal already had are not written again.
-    ``wait()`` collects hashes and syncs.
+    The writer thread only places bytes: the sha256 of the outputs (one task per batch and shard) and
+    the final fsync of each shard run on a small pool beside it (hashlib and fsync release the GIL), so
+    hashing 2 GB/s per core and waiting for the disk never hold up the next tensor. Once a shard is on
+    disk it goes into the journal (what ``--resume`` keeps). Shards the journal already had are not
+    written again. ``wait()`` collects hashes and syncs.
     """
 
     def __init__(self, component: ComponentPlan, out_dir: Path, journal: Journal, sources: Callable[[], dict]) -> None:
@@ -193,26 +107,43 @@ class _ShardWriters:
         self.out_dir = out_dir
         self.journal = journal
         self.sources = sources
-        self.remaining = {s: 0 if s in journal.finished else len(component.shard_jobs(s)) for s in component.shards}
+        counts = {s: 0 for s in component.shards}
+        for job in component.jobs:
+            counts[job.shard] += 1
+        self.remaining = {s: 0 if s in journal.finished else n for s, n in counts.items()}
         self.open: dict[str, ShardWriter] = {}
         self.data_bytes = {s: done.data_bytes for s, done in journal.finished.items()}
         self.sizes = {s: done.size for s, done in journal.finished.items()}
         self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
-        self._hashes: dict[str, list[tuple[TensorRecord, str, Future[str]]]] = {}
+        self._hashes: dict[str, list[tuple[Written, Future[list[str]]]]] = {}
         self._syncs: list[Future[None]] = []
 
-    def write(self, converted: Converted, record: TensorRecord) -> None:
-        shard = converted.job.shard
-        if shard not in self.open:
-            jobs = self.component.shard_jobs(shard)
-            self.open[shard] = ShardWriter(self.out_dir / shard, [e for j in jobs for e in j.entries], SHARD_METADATA)
-        writer = self.open[shard]
-        for key, value in converted.entries.items():
-            data = writer.write(key, value)  # a view of ``value``'s memory, which it keeps alive
-            self._hashes.setdefault(shard, []).append((record, key, self._pool.submit(_sha256, data)))
-        self.remaining[shard] -= 1
-        if self.remaining[shard] == 0:
-            self._finish(shard, self.open.pop(shard))
+    def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
+        """Place a batch's entries; their hashes are queued per shard, before a finished shard's sync."""
+        written: dict[str, Written] = {}
+        for converted, record in done:
+            shard = converted.job.shard
+            if shard not in self.open:
+                entries = [e for j in self.component.shard_jobs(shard) for e in j.entries]
+                self.open[shard] = ShardWriter(self.out_dir / shard, entries, SHARD_METADATA)
+            writer = self.open[shard]
+            for key, value in converted.entries.items():  # a view of ``value``'s memory, which it keeps alive
+                written.setdefault(shard, []).append((record, key, writer.write(key, value)))
+            self.remaining[shard] -= 1
+            if self.remaining[shard] == 0:
+                self._hash(shard, written.pop(shard))
+                self._finish(shard, self.open.pop(shard))
+        for shard, items in written.items():
+            self._hash(shard, items)
+
+    def _hash(self, shard: str, items: Written) -> None:
+        task = self._pool.submit(_sha256_all, [data for _, _, data in items])
+        self._hashes.setdefault(shard, []).append((items, task))
+
+    def _digests(self, shard: str) -> Iterator[tuple[TensorRecord, str, str]]:
+        for items, task in self._hashes.get(shard, []):
+            for (record, key, _), digest in zip(items, task.result(), strict=True):
+                yield record, key, digest
 
     def _finish(self, shard: str, writer: ShardWriter) -> None:
         self.data_bytes[shard] = writer.finish()
@@ -223,11 +154,9 @@ class _ShardWriters:
         writer.sync()
         # The shard's hashes were queued before this task on the same pool: they are done or running.
         records: dict[str, dict[str, Any]] = {}
-        for record, key, digest in self._hashes.get(shard, []):
+        for record, key, digest in self._digests(shard):
             error = record.error.as_dict() if record.error else None
-            records.setdefault(record.job.source.name, {"outputs": {}, "error": error})["outputs"][key] = (
-                digest.result()
-            )
+            records.setdefault(record.job.source.name, {"outputs": {}, "error": error})["outputs"][key] = digest
         self.journal.record_shard(shard, self.data_bytes[shard], self.sizes[shard], records)
         self.journal.record_sources(self.sources())
 
@@ -241,9 +170,9 @@ class _ShardWriters:
         """Every output hashed into its record and every shard on disk."""
         for sync in self._syncs:
             sync.result()
-        for entries in self._hashes.values():
-            for record, key, digest in entries:
-                record.outputs[key] = digest.result()
+        for shard in self._hashes:
+            for record, key, digest in self._digests(shard):
+                record.outputs[key] = digest
         self._pool.shutdown()
 
     def abort(self) -> None:
@@ -260,110 +189,137 @@ def _resumed_record(job: TensorJob, shard: FinishedShard) -> TensorRecord:
     return TensorRecord(job, dict(saved["outputs"]), error)
 
 
-def _run_component(
-    component: ComponentPlan,
-    out_dir: Path,
-    converters: list[Converter],
-    progress: Progress,
-    journal: Journal,
-    cancellation: Cancellation,
-) -> ComponentResult:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hashes = FileHashes(list(component.source.weight_files))
-    stop = threading.Event()
-    cancellation.watch(stop)
-    to_convert, to_write = _Handoff(stop), _Handoff(stop)
-    records: list[TensorRecord] = []
-    shards = _ShardWriters(component, out_dir, journal, hashes.finished)
-    pin = converters[0].pin_memory
-    seconds = StageSeconds()
-    resumed = {
-        j.source.name: _resumed_record(j, journal.finished[j.shard])
-        for j in component.jobs
-        if j.shard in journal.finished
-    }
-    for record in resumed.values():
-        progress(record.job.source.nbytes)
+class _ComponentRun:
+    """One component's weight files written by the three stages: ``run()`` returns its result."""
 
-    def read() -> None:
-        for job in component.jobs:
-            if job.source.name in resumed:
-                continue
-            with seconds.timing("read"):
-                tensor = read_tensor(job.source, pin_memory=pin and job.quantized)
+    def __init__(
+        self,
+        component: ComponentPlan,
+        out_dir: Path,
+        converters: list[Converter],
+        progress: Progress,
+        journal: Journal,
+        cancellation: Cancellation,
+    ) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.component, self.out_dir, self.converters = component, out_dir, converters
+        self.progress, self.journal = progress, journal
+        self.hashes = FileHashes(list(component.source.weight_files))
+        self.stop = threading.Event()
+        cancellation.watch(self.stop)
+        self.to_convert, self.to_write = Handoff(self.stop), Handoff(self.stop)
+        self.records: list[TensorRecord] = []
+        self.shards = _ShardWriters(component, out_dir, journal, self.hashes.finished)
+        self.seconds = StageSeconds()
+        self.resumed = {
+            j.source.name: _resumed_record(j, journal.finished[j.shard])
+            for j in component.jobs
+            if j.shard in journal.finished
+        }
+
+    def read(self) -> None:
+        """The reader thread: each batch of tensors still to convert, from the source files."""
+        pin = self.converters[0].pin_memory
+        for batch in batches(j for j in self.component.jobs if j.source.name not in self.resumed):
+            with self.seconds.timing("read"):
+                tensors = [read_tensor(job.source, pin_memory=pin and job.quantized) for job in batch]
             timeline.mark("first tensor read")
             timeline.mark_again("last tensor read")
-            to_convert.put((job, tensor))
-        to_convert.put(_END)
+            self.to_convert.put(list(zip(batch, tensors, strict=True)))
+        self.to_convert.put(END)
 
-    def write() -> None:
-        for converted in to_write.items():
-            record = TensorRecord(converted.job)
-            with seconds.timing("results"):
-                record.error = converted.finish()
+    def convert(self) -> None:
+        """The calling thread: each batch through the converters (round-robin over the GPUs)."""
+        count = 0
+        for batch in self.to_convert.items():
+            interrupts.check()  # a Ctrl-C whose KeyboardInterrupt got lost stops the run here
+            converted = []
+            with self.seconds.timing("convert"):
+                for job, tensor in batch:
+                    converted.append(self.converters[count % len(self.converters)](job, tensor))
+                    count += 1
+            timeline.mark("first tensor queued")
+            self.to_write.put(converted)
+        self.to_write.put(END)
+
+    def write(self) -> None:
+        """The writer thread: each batch's results into their shards, then the empty shards."""
+        for batch in self.to_write.items():
+            done = []
+            for converted in batch:
+                record = TensorRecord(converted.job)
+                with self.seconds.timing("results"):
+                    record.error = converted.finish()
+                done.append((converted, record))
             timeline.mark("first results on the host")
-            with seconds.timing("write"):
-                shards.write(converted, record)
+            with self.seconds.timing("write"):
+                self.shards.write(done)
             timeline.mark("first tensor written")
             timeline.mark_again("last tensor written")
-            records.append(record)
-            progress(converted.job.source.nbytes)
-        with seconds.timing("write"):
-            shards.close_empty()
+            self.records.extend(record for _, record in done)
+            self.progress(sum(converted.job.source.nbytes for converted in batch))
+        with self.seconds.timing("write"):
+            self.shards.close_empty()
 
-    stages = [_Stage("bnb-read", read, stop), _Stage("bnb-write", write, stop)]
-    for stage in stages:
-        stage.start()
-    finished = False
-    try:
-        for i, (job, tensor) in enumerate(to_convert.items()):
-            interrupts.check()  # a Ctrl-C whose KeyboardInterrupt got lost stops the run here
-            with seconds.timing("convert"):
-                converted = converters[i % len(converters)](job, tensor)
-            timeline.mark("first tensor queued")
-            to_write.put(converted)
-        to_write.put(_END)
-        stages[1].join()
-        finished = True
-    except _Stopped:
-        pass
-    finally:
-        stop.set()  # after success a no-op; after a failure here (Ctrl-C included) it releases the stages
-        for stage in stages:
-            stage.join()
-        if not finished or any(stage.error for stage in stages):
-            shards.abort()
-            hashes.cancel()
-    for stage in stages:
-        if stage.error is not None:
-            raise stage.error
-    if not finished:  # stopped from outside, not by a failed stage
-        raise Cancelled
-    with seconds.timing("write"):
-        shards.wait()
-    timeline.mark_again("outputs on disk")
-    if len(component.shards) > 1:
-        index = out_dir / f"{component.weights_stem}.safetensors.index.json"
-        write_atomically(index, index_document(component, shards.data_bytes))
-    with seconds.timing("hashing"):
-        source_sha256 = hashes.result()
-    timeline.mark_again("sources hashed")
-    changed = [p for p, h in journal.source_sha256.items() if source_sha256.get(p, h) != h]
-    if resumed and changed:
-        raise InputError(
-            f"{changed[0]} changed since the interrupted run (same size and time, other bytes)",
-            hint="run again without --resume",
+    def run(self) -> ComponentResult:
+        for record in self.resumed.values():
+            self.progress(record.job.source.nbytes)
+        self._stream()
+        with self.seconds.timing("write"):
+            self.shards.wait()
+        timeline.mark_again("outputs on disk")
+        if len(self.component.shards) > 1:
+            index = self.out_dir / f"{self.component.weights_stem}.safetensors.index.json"
+            write_atomically(index, index_document(self.component, self.shards.data_bytes))
+        with self.seconds.timing("hashing"):
+            source_sha256 = self.hashes.result()
+        timeline.mark_again("sources hashed")
+        self._check_sources(source_sha256)
+        self.journal.remove()
+        by_name = {r.job.source.name: r for r in self.records} | self.resumed
+        return ComponentResult(
+            plan=self.component,
+            records=[by_name[job.source.name] for job in self.component.jobs],
+            resumed_shards=len(self.journal.finished),
+            shard_sizes=self.shards.sizes,
+            source_sha256=source_sha256,
+            stage_seconds=self.seconds,
         )
-    journal.remove()
-    by_name = {r.job.source.name: r for r in records} | resumed
-    return ComponentResult(
-        plan=component,
-        records=[by_name[job.source.name] for job in component.jobs],
-        resumed_shards=len(journal.finished),
-        shard_sizes=shards.sizes,
-        source_sha256=source_sha256,
-        stage_seconds=seconds,
-    )
+
+    def _stream(self) -> None:
+        """The three stages to their end; a stage's error (or a cancellation) is raised here, after
+        every stage stopped and what they wrote was abandoned."""
+        stages = [Stage("bnb-read", self.read, self.stop), Stage("bnb-write", self.write, self.stop)]
+        for stage in stages:
+            stage.start()
+        finished = False
+        try:
+            self.convert()
+            stages[1].join()
+            finished = True
+        except Stopped:
+            pass
+        finally:
+            self.stop.set()  # after success a no-op; after a failure here (Ctrl-C included) it releases the stages
+            for stage in stages:
+                stage.join()
+            if not finished or any(stage.error for stage in stages):
+                self.shards.abort()
+                self.hashes.cancel()
+        for stage in stages:
+            if stage.error is not None:
+                raise stage.error
+        if not finished:  # stopped from outside, not by a failed stage
+            raise Cancelled
+
+    def _check_sources(self, source_sha256: dict[str, str]) -> None:
+        """A resumed run's kept shards came from the same source bytes as the rest."""
+        changed = [p for p, h in self.journal.source_sha256.items() if source_sha256.get(p, h) != h]
+        if self.resumed and changed:
+            raise InputError(
+                f"{changed[0]} changed since the interrupted run (same size and time, other bytes)",
+                hint="run again without --resume",
+            )
 
 
 def copy_file(src: Path, dst: Path) -> None:
@@ -399,7 +355,8 @@ def write_weights(
         sources = list(component.source.weight_files)
         journal = Journal(target, fingerprint(weights_layout(component), settings, sources), resume)
         journal.require_sources(sources)
-        results.append(_run_component(component, target, converters, progress, journal, cancellation or Cancellation()))
+        run = _ComponentRun(component, target, converters, progress, journal, cancellation or Cancellation())
+        results.append(run.run())
     return results
 
 

@@ -22,36 +22,24 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Callable, Mapping
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 
 from bnbcli import json_text
 from bnbcli.checkpoint.durable import write_json
 from bnbcli.formats.dtypes import dtype_name
+from bnbcli.plan.planners.cache_folder import enabled, folder
 from bnbcli.plan.planners.common import ModuleVerdict, PlannerResult, Tensors
 from bnbcli.plan.planners.hf_transformers import NotImportable, NotKnown
 from bnbcli.plan.scheme import QuantScheme
 
 FORMAT = 1  # bump when the entry layout changes
 _PLANNING_CODE = ("common.py", "hf_transformers.py", "hf_diffusers.py", "cache.py")
-
-
-def enabled() -> bool:
-    return os.environ.get("BNB_PLAN_CACHE", "").strip().lower() not in ("0", "off", "false", "no")
-
-
-def folder() -> Path:
-    root = os.environ.get("BNB_CACHE_DIR")
-    if root:
-        return Path(root) / "plans"
-    return Path(platformdirs.user_cache_dir("bnbcli", appauthor=False)) / "plans"
 
 
 @cache
@@ -64,15 +52,6 @@ def _code_digest() -> str:
     except OSError:  # sources not readable as files (a zipped install): bnbcli's version stands for them
         return "bnbcli " + str(_library_version("bnbcli"))
     return digest.hexdigest()
-
-
-def status() -> dict[str, Any]:
-    """Where the cache is, whether it is on, and how many answers it holds (for `bnb env`)."""
-    try:
-        plans = sum(1 for _ in folder().glob("*.json"))
-    except OSError:
-        plans = 0
-    return {"folder": str(folder()), "enabled": enabled(), "plans": plans}
 
 
 def _library_version(library: str) -> str | None:
