@@ -115,7 +115,7 @@ class _ShardWriters:
         self.data_bytes = {s: done.data_bytes for s, done in journal.finished.items()}
         self.sizes = {s: done.size for s, done in journal.finished.items()}
         self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
-        self._hashes: dict[str, list[tuple[Written, Future[list[str]]]]] = {}
+        self._hashes: dict[str, list[tuple[list[tuple[TensorRecord, str]], Future[list[str]]]]] = {}
         self._syncs: list[Future[None]] = []
 
     def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
@@ -138,11 +138,12 @@ class _ShardWriters:
 
     def _hash(self, shard: str, items: Written) -> None:
         task = self._pool.submit(_sha256_all, [data for _, _, data in items])
-        self._hashes.setdefault(shard, []).append((items, task))
+        # Only the task holds the bytes: once hashed they are freed, not kept until the shard is synced.
+        self._hashes.setdefault(shard, []).append(([(record, key) for record, key, _ in items], task))
 
     def _digests(self, shard: str) -> Iterator[tuple[TensorRecord, str, str]]:
-        for items, task in self._hashes.get(shard, []):
-            for (record, key, _), digest in zip(items, task.result(), strict=True):
+        for names, task in self._hashes.get(shard, []):
+            for (record, key), digest in zip(names, task.result(), strict=True):
                 yield record, key, digest
 
     def _finish(self, shard: str, writer: ShardWriter) -> None:
