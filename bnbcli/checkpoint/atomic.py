@@ -182,8 +182,9 @@ class AtomicOutputDir:
             if self.adopted is not None:
                 os.rename(self.adopted, self.tmp)
             else:
-                self.tmp.mkdir()
-                made = True
+                with interrupts.held():  # made and known as made, or neither: a signal waits for both
+                    self.tmp.mkdir()
+                    made = True
         except BaseException as exc:
             if made:
                 shutil.rmtree(self.tmp, ignore_errors=True)
