@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from bnbcli.codes import FLT_MIN
+from bnbcli.formats import parts
 from bnbcli.formats.gpu_math import flush_subnormals, gpu_nan, rcp_approx
 
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -269,27 +270,17 @@ def _ordinary_absmax(body: torch.Tensor, scratch: _Scratch, rows: int) -> tuple[
     return absmax, ordinary
 
 
-def quantize_blocks(
-    x: torch.Tensor, blocksize: int, table: CodeTable, pack: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_quantize_blocks(x, blocksize, table.encoder, pack)``, byte for byte, faster."""
-    encoder = table.encoder
-    if x.dtype not in _BITS or x.numel() < blocksize:
-        return reference_quantize_blocks(x, blocksize, encoder, pack)
-    flat = x.reshape(-1)
-    n = flat.numel()
-    nfull = n // blocksize
-    per_block = blocksize // 2 if pack else blocksize
-    codes = torch.empty((n + 1) // 2 if pack else n, dtype=torch.uint8)
-    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
-
-    body = flat[: nfull * blocksize].view(nfull, blocksize)
-    out = codes[: nfull * per_block].view(nfull, per_block)
+def _quantize_ordinary(
+    body: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, ordinary: torch.Tensor, table: CodeTable, pack: bool
+) -> None:
+    """Full blocks ``body`` [nb, bs] into ``out`` [nb, bs or bs/2], ``absmax`` [nb] and ``ordinary``
+    [nb], chunk by chunk, assuming every block is ordinary; the caller redoes the others."""
+    nb, blocksize = body.shape
     rows = max(1, CHUNK_ELEMENTS // blocksize)
-    scratch = _Scratch(rows * blocksize, _BITS[x.dtype][0])
-    absmax[:nfull], ordinary = _ordinary_absmax(body, scratch, rows)
-    scale = rcp_approx(absmax[:nfull])
-    for b0 in range(0, nfull, rows):
+    scratch = _Scratch(min(rows, nb) * blocksize, _BITS[body.dtype][0])
+    absmax[:], ordinary[:] = _ordinary_absmax(body, scratch, rows)
+    scale = rcp_approx(absmax)
+    for b0 in range(0, nb, rows):
         chunk = body[b0 : b0 + rows]
         e = chunk.numel()
         # Exactly scale_blocks: x widens to float32 exactly, then a float32 multiply.
@@ -303,6 +294,31 @@ def quantize_blocks(
         pairs = scratch.codes[:e].view(torch.int16)
         packed = torch.bitwise_left_shift(pairs, 4, out=scratch.pairs[: e // 2]).bitwise_or_(pairs >> 8)
         out[b0 : b0 + rows].view(-1).copy_(packed.view(torch.uint8)[0::2])
+
+
+def quantize_blocks(
+    x: torch.Tensor, blocksize: int, table: CodeTable, pack: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_quantize_blocks(x, blocksize, table.encoder, pack)``, byte for byte, faster."""
+    encoder = table.encoder
+    if x.dtype not in _BITS or x.numel() < blocksize:
+        return reference_quantize_blocks(x, blocksize, encoder, pack)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nfull = n // blocksize
+    per_block = blocksize // 2 if pack else blocksize
+    codes = torch.empty((n + 1) // 2 if pack else n, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
+    ordinary = torch.empty(nfull, dtype=torch.bool)
+
+    body = flat[: nfull * blocksize].view(nfull, blocksize)
+    out = codes[: nfull * per_block].view(nfull, per_block)
+
+    def blocks(start: int, stop: int) -> None:
+        part = slice(start, stop)
+        _quantize_ordinary(body[part], out[part], absmax[part], ordinary[part], table, pack)
+
+    parts.for_each_part(blocks, nfull, max(1, CHUNK_ELEMENTS // blocksize))
 
     unusual = torch.nonzero(~ordinary).reshape(-1)
     if unusual.numel():
