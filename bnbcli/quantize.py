@@ -182,7 +182,7 @@ def quantize_while_planning(request: QuantizeRequest, checkpoint: Checkpoint, pr
             cancellation.cancel()
             drafted.wait()
             _empty(tmp)
-            again = _Resumed(progress, reported.total)
+            again = _Resumed(progress, reported)
             results = write_weights(plan, tmp, backend, request.allow_nonfinite, again, devices)
         planning["draft"] = "kept" if same else "discarded"
         return _complete(plan, results, output, started, planning)
@@ -238,30 +238,37 @@ def _empty(folder: Path) -> None:
 
 
 class _Counted:
-    """Progress that also counts what it reported."""
+    """Progress that also counts what it reported: bytes, and tensors (one call each)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.total = 0
+        self.tensors = 0
 
     def __call__(self, nbytes: int) -> None:
         self.total += nbytes
+        self.tensors += 1
         self.progress(nbytes)
 
 
 class _Resumed:
-    """Progress for a run that starts again: it moves the bar only past where the first run left it."""
+    """Progress for a run that starts again: it reports nothing until it has done more tensors than the
+    first run reported, then what goes past the first run's bytes, so that neither the bar nor the
+    count of tensors runs past where the first run left it and the bytes still add up to the total."""
 
-    def __init__(self, progress: Progress, high: int) -> None:
+    def __init__(self, progress: Progress, first: _Counted) -> None:
         self.progress = progress
         self.done = 0
-        self.high = high  # bytes the first run reported
+        self.tensors = 0
+        self.high = first.total  # bytes the first run reported
+        self.high_tensors = first.tensors
 
     def __call__(self, nbytes: int) -> None:
         self.done += nbytes
-        if self.done > self.high:
-            self.progress(self.done - self.high)
-            self.high = self.done
+        self.tensors += 1
+        if self.tensors > self.high_tensors:
+            self.progress(max(0, self.done - self.high))
+            self.high = max(self.high, self.done)
 
 
 class _Background(threading.Thread):

@@ -92,11 +92,12 @@ def test_kept_draft_gives_the_planned_files(reference: Path, tmp_path: Path) -> 
     assert outcome.manifest["run"]["planning"]["planned_in"] == "a child process"
     _same_checkpoint(outcome.out, reference)
     assert sum(seen) == checkpoint.tensor_bytes
+    assert len(seen) == sum(len(source.tensors) for source in checkpoint.components.values())  # a call a tensor
 
 
 def test_wrong_draft_is_thrown_away(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A draft that keeps one weight the real plan quantizes: its files are discarded, the real plan's
-    written, and the progress bar never runs past the total."""
+    written, and neither the progress bar nor its count of tensors runs past the total."""
     real_plan_model = output_plan.plan_model
     drafts = []
 
@@ -119,6 +120,7 @@ def test_wrong_draft_is_thrown_away(reference: Path, tmp_path: Path, monkeypatch
     assert outcome.manifest["run"]["planning"]["draft"] == "discarded"
     _same_checkpoint(outcome.out, reference)
     assert sum(seen) == checkpoint.tensor_bytes
+    assert len(seen) == sum(len(source.tensors) for source in checkpoint.components.values())  # a call a tensor
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder or lock left
 
 

@@ -66,7 +66,8 @@ def dequantize(
         else:
             _render_plan(summary)
         return
-    with output.ByteProgress(plan.bytes_in, "dequantizing", enabled=not (json_output or quiet or no_progress)) as bar:
+    enabled = not (quiet or no_progress)
+    with output.ByteProgress(plan.bytes_in, "dequantizing", enabled=enabled, bar=not json_output) as bar:
         outcome = run_dequantize(request, plan, bar.advance)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})

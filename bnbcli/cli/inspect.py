@@ -105,8 +105,8 @@ def inspect_command(
     )
     texts = _texts(text_file) if text_file is not None else None
     checkpoint = open_source(request)
-    enabled = not (json_output or quiet or no_progress)
-    with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
+    enabled = not (quiet or no_progress)
+    with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled, bar=not json_output) as bar:
         report = inspect(request, checkpoint, bar.advance)
     if activations:
         report = _with_activations(report, texts, activation_threshold)

@@ -130,8 +130,8 @@ def quantize(
         return
     warm_up_backend(request)
     checkpoint = open_source(request)
-    enabled = not (json_output or quiet or no_progress)
-    with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
+    enabled = not (quiet or no_progress)
+    with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled, bar=not json_output) as bar:
         if can_start_before_planning(request, checkpoint):
             outcome = quantize_while_planning(request, checkpoint, bar.advance)
         else:
