@@ -206,18 +206,17 @@ class CodeTable:
         e = scaled.numel()
         bits = scaled.view(torch.int32)
         v = torch.bitwise_right_shift(bits, 31, out=scratch.v[:e]).bitwise_xor_(bits)
-        # The high half of each float32 is its odd uint16 (little-endian).
-        bucket = scratch.bucket[:e]
-        bucket.copy_(scaled.view(torch.uint16)[1::2])
+        # The bucket is the high half of each float32, as an unsigned 16-bit number.
+        bucket = torch.bitwise_right_shift(bits, 16, out=scratch.bucket[:e]).bitwise_and_(0xFFFF)
         total = torch.index_select(self.offset, 0, bucket, out=scratch.total[:e]).add_(v)
-        interval = total.view(torch.uint8)[2::4]  # byte 2, little-endian
+        interval = total.bitwise_right_shift_(16)  # byte 2 of total is now its low byte
         if self.codes is None:
-            out.copy_(interval)
+            out.copy_(interval)  # int32 to uint8 keeps the low byte
         else:
-            torch.index_select(self.codes, 0, interval.to(torch.int64), out=out)
+            torch.index_select(self.codes, 0, interval.bitwise_and_(0xFF), out=out)
 
 
-assert sys.byteorder == "little", "CodeTable.encode_into reads bytes of float32 and int32 values"
+assert sys.byteorder == "little", "the nibble packing reads pairs of uint8 codes as int16 values"
 
 
 class _Scratch:
@@ -227,7 +226,7 @@ class _Scratch:
         self.bits = torch.empty(elements, dtype=bits_dtype)
         self.scaled = torch.empty(elements, dtype=torch.float32)
         self.v = torch.empty(elements, dtype=torch.int32)
-        self.bucket = torch.empty(elements, dtype=torch.int64)
+        self.bucket = torch.empty(elements, dtype=torch.int32)
         self.total = torch.empty(elements, dtype=torch.int32)
         self.codes = torch.empty(elements, dtype=torch.uint8)
         self.pairs = torch.empty(elements // 2, dtype=torch.int16)
