@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -29,6 +30,8 @@ class Environment:
     backends: list[str] = field(default_factory=list)
     planners: dict[str, str | None] = field(default_factory=dict)  # the model-aware planners' libraries
     plan_cache: dict[str, object] = field(default_factory=dict)  # planning/cache.py: folder, enabled, plans
+    # torch's intra-op threads, and how OpenMP threads wait (the `bnb` command sets PASSIVE: bnbcli/entry.py)
+    cpu_threads: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -60,4 +63,5 @@ def describe_environment() -> Environment:
         backends=["cpu"] if cuda_unavailable() else ["cpu", "cuda"],
         planners={library: _installed(library) for library in ("transformers", "diffusers")},
         plan_cache=plan_cache.status(),
+        cpu_threads={"torch": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
     )

@@ -16,6 +16,7 @@ def env(json_output: JsonFlag = False) -> None:
     none = "-"
     planners = ", ".join(f"{library} {version}" for library, version in found.planners.items() if version)
     cache = found.plan_cache
+    threads = found.cpu_threads
     plans = f"{cache['folder']} ({cache['plans']} plans)" if cache["enabled"] else "off (BNB_PLAN_CACHE)"
     output.emit_table(
         "bnb environment",
@@ -31,5 +32,9 @@ def env(json_output: JsonFlag = False) -> None:
             ("backends", ", ".join(found.backends)),
             ("planners", planners or "name rules only (neither transformers nor diffusers is installed)"),
             ("plan cache", plans),
+            (
+                "CPU threads",
+                f"{threads['torch']} (torch), OpenMP wait policy {threads['omp_wait_policy'] or 'default'}",
+            ),
         ],
     )
