@@ -7,15 +7,14 @@ from __future__ import annotations
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 from golden import golden_dir
 from rich.console import Console
+from test_dequantize_cli import bnb
 
 from bnbcli import output
-from bnbcli.cli.main import main
 
 GPT2 = golden_dir() / "models" / "gpt2"
 DESCRIPTIONS = {"quantize": "quantizing", "dequantize": "dequantizing", "inspect": "inspecting"}
@@ -100,16 +99,7 @@ def test_line_without_progress_yet() -> None:
 def _bnb(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
     """`bnb ARGS` in this process, stderr not a terminal, a progress line after every tensor."""
     monkeypatch.setattr(output, "PROGRESS_LINE_SECONDS", 0.0)
-    monkeypatch.setattr(sys, "argv", ["bnb", *args])
-    monkeypatch.delenv("BNB_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return bnb(args, capsys, monkeypatch)
 
 
 def _progress_lines(stderr: str) -> list[str]:
