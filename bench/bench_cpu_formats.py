@@ -1,16 +1,17 @@
 """Time bnbcli's CPU quantization against bitsandbytes' own CPU path, format by format, quiet or busy.
 
-    python bench/bench_cpu_formats.py [--repeats 5] [--warmup 2] [--busy] [--baseline DIR] [--json]
+    python bench/bench_cpu_formats.py [--repeats 5] [--warmup 2] [--rounds 1] [--busy] [--baseline DIR] [--json]
 
 One seeded 4096x4096 bf16 tensor. For each format the sides take turns, each in a fresh process of its
 own (so neither side's OpenMP runtime or threads meet the other's), which times ``repeats`` calls after
-``warmup`` and reports the median. The table gives the medians, the speed-up (theirs / ours), whether
-our timed (fast) path gave the bytes of our whole-tensor reference (the specification that
-tests/test_conformance.py holds to bitsandbytes' CUDA bytes on every golden case), and whether
-bitsandbytes' CPU output equals ours. bitsandbytes' CPU path is not its CUDA path, so its bytes often
-differ from ours (which are the CUDA kernels' bytes). int8: bitsandbytes gets x.to(float16), as
-transformers' Int8Params gives it, and that cast is inside its timing; ours takes the bf16 tensor and
-casts inside. If bitsandbytes is not importable, only ours is timed.
+``warmup``; with ``--rounds N`` the turns repeat N times and a side's figure is the median of all its
+calls. The table gives the medians, the speed-up (theirs / ours), whether our timed (fast) path gave
+the bytes of our whole-tensor reference (the specification that tests/test_conformance.py holds to
+bitsandbytes' CUDA bytes on every golden case), and whether bitsandbytes' CPU output equals ours.
+bitsandbytes' CPU path is not its CUDA path, so its bytes often differ from ours (which are the CUDA
+kernels' bytes). int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and that
+cast is inside its timing; ours takes the bf16 tensor and casts inside. If bitsandbytes is not
+importable, only ours is timed.
 
 --busy        run the comparison twice: quiet, then with a CPU burner process on every core (started
               and stopped here), as on a shared CI runner.
@@ -174,6 +175,14 @@ def run_side(side: str, name: str, args: argparse.Namespace, pythonpath: str | N
     return json.loads(lines[-1])
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One side's processes over the rounds as one: the median of all their calls."""
+    if any("missing" in run for run in runs):
+        return next(run for run in runs if "missing" in run)
+    every = [ms for run in runs for ms in run["all_ms"]]
+    return runs[-1] | {"ms": statistics.median(every), "all_ms": every, "round_ms": [run["ms"] for run in runs]}
+
+
 def burners() -> list[subprocess.Popen]:
     """A process spinning on every core."""
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
@@ -185,10 +194,13 @@ def compare(args: argparse.Namespace, busy: bool) -> list[dict]:
         time.sleep(0.5 if busy else 0.0)  # the burners running before the first timing
         rows = []
         for name in FORMATS:
-            row: dict = {"format": name, "ours": run_side("ours", name, args), "bnb": run_side("bnb", name, args)}
-            if args.baseline:
-                row["before"] = run_side("ours", name, args, pythonpath=args.baseline)
-            rows.append(row)
+            sides: dict[str, list[dict]] = {}
+            for _ in range(args.rounds):
+                sides.setdefault("ours", []).append(run_side("ours", name, args))
+                sides.setdefault("bnb", []).append(run_side("bnb", name, args))
+                if args.baseline:
+                    sides.setdefault("before", []).append(run_side("ours", name, args, pythonpath=args.baseline))
+            rows.append({"format": name} | {side: pooled(runs) for side, runs in sides.items()})
         return rows
     finally:
         for process in spinning:
@@ -247,6 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and format (the median)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="turns of every side per format (a fresh process each)")
     parser.add_argument("--busy", action="store_true", help="also run with a CPU burner on every core")
     parser.add_argument("--baseline", type=str, default=None, help="a folder holding an older bnbcli package")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
@@ -259,6 +272,7 @@ def main() -> None:
         parser.error(f"--baseline {args.baseline}: no bnbcli package in that folder")
 
     info: dict = {"shape": list(SHAPE), "dtype": "bfloat16", "cpu": cpu_model(), "repeats": args.repeats}
+    info["rounds"] = args.rounds
     info["load_before"] = loadavg()
     runs = {"quiet": compare(args, busy=False)}
     if args.busy:
@@ -272,7 +286,8 @@ def main() -> None:
     bnb = runs["quiet"][0]["bnb"].get("bitsandbytes", "NOT importable")
     print(
         f"4096x4096 bf16, torch {first.get('torch')}, {first.get('torch_threads')} torch threads, bitsandbytes {bnb}; "
-        f"each side in its own process, median of {args.repeats} after {args.warmup} warm-up calls"
+        f"each side in its own process ({args.rounds} per side and format, taking turns), "
+        f"median of {args.repeats * args.rounds} calls after {args.warmup} warm-up calls each"
     )
     print(f"{info['cpu']}; load average before {info['load_before']}, after {info['load_after']}")
     if args.baseline:
