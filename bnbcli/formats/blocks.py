@@ -234,7 +234,7 @@ class _Scratch:
 
 # Per input dtype: the integer type of the same width and its magnitude mask (the bits without the
 # sign); for dtypes that can hold float32 subnormals, the bit pattern of the smallest normal float32.
-_BITS = {
+BITS = {
     torch.float16: (torch.int16, 0x7FFF, None),
     torch.bfloat16: (torch.int16, 0x7FFF, 0x0080),
     torch.float32: (torch.int32, 0x7FFFFFFF, 0x00800000),
@@ -248,7 +248,7 @@ def _ordinary_absmax(body: torch.Tensor, scratch: _Scratch, rows: int) -> tuple[
     bits is the absmax exactly (and any NaN shows up as a NaN absmax). A block holds a float32
     subnormal iff its smallest nonzero magnitude is below the smallest normal.
     """
-    bits_dtype, mask, min_normal = _BITS[body.dtype]
+    bits_dtype, mask, min_normal = BITS[body.dtype]
     bits = body.view(bits_dtype)
     nb, bs = bits.shape
     max_bits = torch.empty(nb, dtype=bits_dtype)
@@ -276,7 +276,7 @@ def _quantize_ordinary(
     [nb], chunk by chunk, assuming every block is ordinary; the caller redoes the others."""
     nb, blocksize = body.shape
     rows = max(1, CHUNK_ELEMENTS // blocksize)
-    scratch = _Scratch(min(rows, nb) * blocksize, _BITS[body.dtype][0])
+    scratch = _Scratch(min(rows, nb) * blocksize, BITS[body.dtype][0])
     absmax[:], ordinary[:] = _ordinary_absmax(body, scratch, rows)
     scale = rcp_approx(absmax)
     for b0 in range(0, nb, rows):
@@ -300,7 +300,7 @@ def quantize_blocks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_quantize_blocks(x, blocksize, table.encoder, pack)``, byte for byte, faster."""
     encoder = table.encoder
-    if x.dtype not in _BITS or x.numel() < blocksize:
+    if x.dtype not in BITS or x.numel() < blocksize:
         return reference_quantize_blocks(x, blocksize, encoder, pack)
     flat = x.reshape(-1)
     n = flat.numel()

@@ -99,19 +99,26 @@ def _quantize_ordinary_rows(rows: torch.Tensor, cb: torch.Tensor, scb: torch.Ten
     ordinary; the caller redoes the others."""
     nrows, ncols = rows.shape
     chunk_shape = (min(step, nrows), ncols)
+    bits_dtype, mask, _ = blocks.BITS[rows.dtype]
+    magnitude = torch.empty(chunk_shape, dtype=bits_dtype)
+    max_bits = torch.empty(nrows, dtype=bits_dtype)
+    # Row absmax on the input's bits without the sign: they order like the magnitudes (NaN above inf).
+    for r0 in range(0, nrows, step):
+        k = min(step, nrows - r0)
+        m = torch.bitwise_and(rows[r0 : r0 + k].view(bits_dtype), mask, out=magnitude[:k])
+        torch.amax(m, dim=1, out=max_bits[r0 : r0 + k])
+    # The reference takes the absmax of the fp16 values; rounding to fp16 keeps the order of values, so
+    # that is the input's absmax rounded to fp16.
+    scb[:] = max_bits.view(rows.dtype).to(torch.float16).to(torch.float32)
+    scale = INT8_SCALE_NUMERATOR * rcp_approx(scb)
+
     half = torch.empty(chunk_shape, dtype=torch.float16)
-    magnitude = torch.empty(chunk_shape, dtype=torch.int16)
     scaled = torch.empty(chunk_shape, dtype=torch.float32)
     for r0 in range(0, nrows, step):
         k = min(step, nrows - r0)
         h = rows[r0 : r0 + k] if rows.dtype == torch.float16 else half[:k].copy_(rows[r0 : r0 + k])
-        # Row absmax on the fp16 bits without the sign: they order like the magnitudes (NaN above inf).
-        m = torch.bitwise_and(h.view(torch.int16), 0x7FFF, out=magnitude[:k])
-        row_scb = torch.amax(m, dim=1).view(torch.float16).to(torch.float32)
-        scb[r0 : r0 + k] = row_scb
-        scale = INT8_SCALE_NUMERATOR * rcp_approx(row_scb)
         # fp16 widens exactly, so this is the reference's float32 multiply; then round half to even.
-        s = scaled[:k].copy_(h).mul_(scale[:, None]).round_()
+        s = scaled[:k].copy_(h).mul_(scale[r0 : r0 + k, None]).round_()
         cb[r0 : r0 + k].copy_(s)  # whole numbers in [-127, 127] on ordinary rows
 
 
