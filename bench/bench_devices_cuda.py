@@ -98,9 +98,9 @@ def main() -> int:
 
     from bnbcli.checkpoint.safetensors_file import read_tensor
     from bnbcli.checkpoint.source import open_checkpoint
-    from bnbcli.convert import make_converters
-    from bnbcli.output_plan import plan_quantize
-    from bnbcli.scheme import QuantScheme
+    from bnbcli.pipeline.convert import make_converters
+    from bnbcli.plan.quantize_layout import plan_quantize
+    from bnbcli.plan.scheme import QuantScheme
 
     gpus = torch.cuda.device_count()
     src = args.work / f"llama8b-shaped-{args.layers}L"

@@ -61,7 +61,7 @@ _OURS = (
     _REPORT
     + """
 import sys, time
-from bnbcli.cli.main import main
+from bnbcli.cli.app import main
 started = time.perf_counter()
 try:
     main()

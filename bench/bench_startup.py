@@ -5,9 +5,8 @@
 Prints one JSON line of seconds per case and run: importing torch; then CUDA's context, CuPy's import,
 our kernels (from CuPy's cache once compiled), pinned host memory; the CUDA driver's context made on a
 thread while torch imports (and what CUDA's initialisation costs afterwards); importing the `bnb`
-command alone, with the early source hashing of SRC running (a child process since 2026-12-06; threads
-of this process before, which slowed the import by 0.4-1.4 s on an H100 machine), and with the
-planner's child started too. BENCHMARKS.md has the figures.
+command (no torch since 2026-12-06), then the quantize library (torch), with and without the early
+source hashing of SRC running in its child process. BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -45,22 +44,18 @@ thread.join()
 t = time.perf_counter(); torch.cuda.init(); torch.empty(1, device='cuda'); torch.cuda.synchronize()
 r['cuda_init'] = time.perf_counter() - t
 """,
-    "bnb command import alone": """
-t = time.perf_counter(); from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+    "bnb command import alone (no torch)": """
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
 """,
-    "bnb command import, early hashing of SRC": """
-t = time.perf_counter()
-from bnbcli.checkpoint.hashing import hash_sources_early
-hash_sources_early(['quantize', SRC, '/tmp/unused-out'])
-from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+    "command, then the quantize library (torch)": """
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
+t = time.perf_counter(); import bnbcli.pipeline.quantize; r['import_library'] = time.perf_counter() - t
 """,
-    "bnb command import, early hashing and planner child": """
-t = time.perf_counter()
+    "command, early hashing of SRC, then the library": """
+t = time.perf_counter(); from bnbcli.cli.app import main; r['import_command'] = time.perf_counter() - t
 from bnbcli.checkpoint.hashing import hash_sources_early
-from bnbcli.planning.isolated import start_early
-start_early(['quantize', SRC, '/tmp/unused-out'])
-hash_sources_early(['quantize', SRC, '/tmp/unused-out'])
-from bnbcli.cli.main import main; r['import_command'] = time.perf_counter() - t
+hash_sources_early(SRC)
+t = time.perf_counter(); import bnbcli.pipeline.quantize; r['import_library'] = time.perf_counter() - t
 """,
 }
 

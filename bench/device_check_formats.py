@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import bnbcli
-from bnbcli.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
+from bnbcli.formats.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 
 BLOCKS4 = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 BLOCKS8 = (64, 128, 256, 512, 1024, 2048, 4096)

@@ -1,7 +1,10 @@
 """On a GPU machine: load what `bnb quantize` wrote with a plain from_pretrained(OUT) on the GPU and
 compare its logits with the golden logits bitsandbytes + transformers produced (H100, same ids).
 
-    PYTHONPATH=. python bench/device_check_models.py GOLDEN_MODELS_DIR WORK_DIR
+    PYTHONPATH=. python bench/device_check_models.py WORK_DIR [GOLDEN_MODELS_DIR]
+
+GOLDEN_MODELS_DIR defaults to the project's own golden set (tests/golden.py: tests/data/golden, its outputs
+rebuilt and verified byte for byte).
 
 Prints one line per family/variant and `models: M/T logits identical`; exits 1 on any difference.
 """
@@ -16,16 +19,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 
-VARIANT_FLAGS = {
-    "nf4-dq": ["--scheme", "nf4", "--double-quant"],
-    "nf4": ["--scheme", "nf4", "--no-double-quant"],
-    "fp4-dq": ["--scheme", "fp4", "--double-quant", "--compute-dtype", "float32"],
-    "nf4-storage-bf16": ["--scheme", "nf4", "--quant-storage", "bfloat16", "--compute-dtype", "float32"],
-    "int8": ["--scheme", "int8"],
-    "int8-skip-down": ["--scheme", "int8", "--skip", "down_proj", "--skip", "fc2", "--skip", "c_proj"],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from golden import VARIANT_FLAGS, golden_dir
 
 
 def main(models: Path, work: Path) -> int:
@@ -59,7 +56,7 @@ def main(models: Path, work: Path) -> int:
             key = f"{family.name}__{variant.name}"
             total += 1
             if family.name == "flux_tiny":
-                ok, note = check_flux(out, variant)
+                ok, note = check_flux(out, variant)  # the golden variant's folder
             else:
                 model = AutoModelForCausalLM.from_pretrained(out)
                 with torch.no_grad():
@@ -104,4 +101,5 @@ def check_flux(out: Path, golden: Path) -> tuple[bool, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]), Path(sys.argv[2])))
+    work_dir = Path(sys.argv[1])
+    sys.exit(main(Path(sys.argv[2]) if len(sys.argv) > 2 else golden_dir() / "models", work_dir))

@@ -12,7 +12,7 @@ import torch
 
 from bnbcli import __version__
 from bnbcli.backends import cuda_status, cuda_unavailable
-from bnbcli.planning import cache as plan_cache
+from bnbcli.plan.planners import cache as plan_cache
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Environment:
     backends: list[str] = field(default_factory=list)
     planners: dict[str, str | None] = field(default_factory=dict)  # the model-aware planners' libraries
     plan_cache: dict[str, object] = field(default_factory=dict)  # planning/cache.py: folder, enabled, plans
-    # torch's intra-op threads, and how OpenMP threads wait (the `bnb` command sets PASSIVE: bnbcli/entry.py)
+    # torch's intra-op threads, and how OpenMP threads wait (the `bnb` command sets PASSIVE: bnbcli/cli/entry.py)
     cpu_threads: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:

@@ -25,10 +25,25 @@ stdout = Console(
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+_emitted = False  # whether this run printed its JSON document (an error after it must not print a second)
+
+
 def emit_json(document: dict[str, Any]) -> None:
     """Print exactly one JSON document with a schema_version, no color, raw numbers."""
+    global _emitted
+    _emitted = True
     sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **document}, indent=2) + "\n")
     sys.stdout.flush()
+
+
+def json_emitted() -> bool:
+    return _emitted
+
+
+def new_run() -> None:
+    """Nothing printed yet: main() may run more than once in one process (tests do)."""
+    global _emitted
+    _emitted = False
 
 
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -70,6 +85,11 @@ def emit_tensor_table(
 def warning(message: str) -> None:
     """`warning: …`, one line on stderr: something worth a look that does not stop the run."""
     stderr.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def warnings(messages: list[str]) -> None:
+    for message in messages:
+        warning(message)
 
 
 def failure(message: str) -> None:
@@ -116,23 +136,19 @@ class ByteProgress:
         self._progress: Any = None
         self._task: Any = None
 
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
+
+        return BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
+
     def __enter__(self) -> ByteProgress:
         self._started = self._last_line = self.clock()
         if self.enabled and not self.lines:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
+            from rich.progress import Progress
 
             self._progress = Progress(
                 "[progress.description]{task.description}",
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                *self._columns(),
                 console=stderr,
                 transient=True,
             )
@@ -153,22 +169,45 @@ class ByteProgress:
             if now - self._last_line < self.interval:
                 return
             self._last_line = now
-            line = progress_line(self.description, self.done_tensors, self.done_bytes, self.total, now - self._started)
+            line = self._line(now - self._started)
         stderr.print(line, markup=False, highlight=False)
+
+    def _line(self, seconds: float) -> str:
+        return progress_line(self.description, self.done_tensors, self.done_bytes, self.total, seconds)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
 
 
+class CountProgress(ByteProgress):
+    """The same progress, counting things (tokens) rather than bytes in tensors."""
+
+    def _columns(self) -> tuple[Any, ...]:
+        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        return BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+
+    def _line(self, seconds: float) -> str:
+        done, total = self.done_bytes, self.total
+        share = f" ({done / total:.0%})" if total else ""
+        rate = done / seconds if seconds > 0 else 0.0
+        return f"{self.description}: {done} of {total}{share}, {rate:.0f}/s, ETA {_eta(done, total, rate)}"
+
+
 def progress_line(description: str, tensors: int, done: int, total: int, seconds: float) -> str:
     """``quantizing: 12 tensors, 1.20 GB of 16.06 GB (7%), 210.00 MB/s, ETA 1m10s``."""
-    from bnbcli.units import human_bytes, human_seconds
+    from bnbcli.units import human_bytes
 
     share = f" ({done / total:.0%})" if total else ""
     rate = done / seconds if seconds > 0 else 0.0
-    eta = human_seconds((total - done) / rate) if rate > 0 and total >= done else "unknown"
     return (
         f"{description}: {tensors} tensor{'s' if tensors != 1 else ''}, {human_bytes(done)} of {human_bytes(total)}"
-        f"{share}, {human_bytes(round(rate))}/s, ETA {eta}"
+        f"{share}, {human_bytes(round(rate))}/s, ETA {_eta(done, total, rate)}"
     )
+
+
+def _eta(done: int, total: int, rate: float) -> str:
+    from bnbcli.units import human_seconds
+
+    return human_seconds((total - done) / rate) if rate > 0 and total >= done else "unknown"

@@ -7,7 +7,6 @@ import re
 from bnbcli.errors import UsageError
 
 _UNITS = {
-    "": 1,
     "B": 1,
     "KB": 10**3,
     "MB": 10**6,
@@ -20,11 +19,24 @@ _UNITS = {
 }
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "size") -> int:
+    """A size with its unit: "5GB", "500MiB", "2.5GB", "100B". A bare number is refused, never read as
+    bytes (`--gpu-memory 24` meant 24 GB), and so is a size of zero bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not match or match.group(2) not in _UNITS:
-        raise UsageError(f"cannot read size {text!r}", hint="write it like 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
+    if not match or match.group(2) not in (*_UNITS, ""):
+        raise UsageError(f"cannot read {what} {text!r}", hint="write it like 5GB, 500MB or 2GiB")
+    number, unit = match.groups()
+    if unit and float(number) > 0:
+        return positive_size(int(float(number) * _UNITS[unit]), what)
+    positive_size(int(float(number)), what)  # zero is refused as zero, with or without a unit
+    raise UsageError(f"{what} {text!r} has no unit", hint=f"write {number}GB or {number}GiB ({number}B for bytes)")
+
+
+def positive_size(n: int, what: str) -> int:
+    """``n`` bytes, refused unless positive: the one rule for --max-shard-size and --gpu-memory."""
+    if n <= 0:
+        raise UsageError(f"{what} must be more than 0 bytes, not {n}", hint="give a size like 5GB or 500MB")
+    return n
 
 
 def human_bytes(n: int) -> str:

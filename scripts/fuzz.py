@@ -1,7 +1,8 @@
 """The long fuzz run: `make fuzz` (or python scripts/fuzz.py --cases 10000 --seed 1).
 
-Mutates small real checkpoints and runs every reading command on each; see tests/fuzz_harness.py for
-what counts as a crash. Prints progress, a summary, the first findings, and exits 1 if there are any.
+Mutates small real checkpoints and runs every reading command on each, and runs a share of hostile OUT
+paths, links and signals; see tests/fuzz_harness.py for what counts as a finding. Prints progress, a
+summary, the first findings, and exits 1 if there are any.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bnb-fuzz-") as work:
         tally = fuzz(args.cases, args.seed, Path(work), progress)
     exits = ", ".join(f"exit {code}: {n}" for code, n in sorted(tally.exits.items()))
+    classes = ", ".join(f"{n} {label}" for label, n in tally.classes.items())
+    paths = ", ".join(f"{kind} {n}" for kind, n in sorted(tally.paths.items()))
     print(
-        f"{tally.cases} cases (seed {args.seed}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
-        f"{exits}; {len(tally.findings)} findings"
+        f"{tally.cases} cases (seed {args.seed}; {classes}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
+        f"{exits}; hostile paths: {sum(tally.paths.values())} ({paths}); {len(tally.findings)} findings"
     )
     for finding in tally.findings[:10]:
         print(f"--- case {finding.case}, {finding.verb}: {finding.kind}\n{finding.detail}")

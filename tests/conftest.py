@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Every test plans afresh (and writes nothing under ~/.cache), in this process and in the `bnb` processes
 # it starts; tests/test_plan_cache.py turns the plan cache on where it is the subject.
 os.environ["BNB_PLAN_CACHE"] = "off"
+# One table width whatever runs the tests (a terminal, a pipe, pytest-xdist's workers, which set COLUMNS=80):
+# Rich shortens cells to fit, and tests read words in those cells.
+os.environ["COLUMNS"] = "200"
 
 
 def _gpu_missing() -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from bnbcli.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
+from bnbcli.formats.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

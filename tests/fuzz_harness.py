@@ -3,15 +3,27 @@
 Each case starts from a small real checkpoint (a few bf16 weights, config.json, and for some cases an
 index over two shards, or a bnb checkpoint made by `bnb quantize`), applies one or two seeded mutations
 — the header length field, bytes and structure of the header JSON, dtypes, shapes, offsets, index files,
-truncation, random bytes anywhere — and runs `bnb footprint`, `bnb quantize`, `bnb dequantize` and,
-when the command exists, `bnb inspect` on it, in this process (a subprocess per run would spend its
-time importing torch).
+truncation, random bytes anywhere, a config.json that is valid JSON but nonsense (negative or huge sizes,
+an unknown model_type) — and runs `bnb footprint`, `bnb quantize`, `bnb dequantize` and, when the command
+exists, `bnb inspect` on it, in this process (a subprocess per run would spend its time importing torch).
+Some cases are served as a Hub repo id from a Hugging Face cache, offline (HF_HUB_OFFLINE), the cache
+itself sometimes damaged (a file or a blob missing, no refs/main).
 
 A run is a **crash** when it ends in anything but a typed bnb error, a usage error or success: an
 unexpected exception (what the CLI would print as "internal error"), an exit code other than 0/1/2, a
 signal, a run longer than ``CASE_SECONDS`` (a hang), a read outside the file (every ``os.preadv`` and
 ``os.pread`` is checked against the file's size), or peak memory growing by more than
-``MAX_GROWTH_BYTES`` (a hostile header must be refused before anything is allocated for it).
+``MAX_GROWTH_BYTES`` (a hostile header must be refused before anything is allocated for it). A case with a
+nonsense config.json is also planned with the default planner (`quantize --dry-run --json`): when name rules
+stand in for transformers, a run that says nothing about it is a **silent fallback**.
+
+A share of the cases (``PATH_SHARE``) are **hostile paths** instead (issue 16): OUT is "", ".", "..",
+the home folder, a device, a FIFO, a socket, a file, a link, someone's folder or a name too long; SRC has a
+file that links out of it; `inspect --report` points at something that is not a report; or a signal
+(SIGINT, SIGTERM) reaches a real `bnb` process group at a random moment. Each runs in a sandbox folder of
+its own, and besides the crashes above, a **finding** is any entry that existed before the run and was
+replaced or changed, a file from outside SRC found under the sandbox, anything bnb left beside OUT, and
+for a signal anything but "exit 0 with OUT whole" or "exit 130/143, one line, no OUT".
 
     python scripts/fuzz.py --cases 10000      # or: make fuzz
 """
@@ -25,7 +37,10 @@ import os
 import random
 import shutil
 import signal
+import socket
+import stat
 import struct
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,9 +49,11 @@ from typing import Any
 
 import torch
 import typer
+from bnb_process import HANG_SECONDS, debris, interruptible_bnb, snapshot, wait_for_handlers
+from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 from bnbcli.errors import BnbError
 
 CASE_SECONDS = 20
@@ -63,7 +80,8 @@ class CaseTimeout(BaseException):
 class Finding:
     case: int
     verb: str
-    kind: str  # crash | hang | out-of-file read | memory
+    # crash | hang | out-of-file read | memory | silent fallback | replaced | copied from outside SRC | debris | signal
+    kind: str
     detail: str
 
 
@@ -72,7 +90,9 @@ class Tally:
     cases: int = 0
     runs: int = 0
     exits: dict[int, int] = field(default_factory=dict)
+    classes: dict[str, int] = field(default_factory=dict)  # cases of the classes that are not every case's
     findings: list[Finding] = field(default_factory=list)
+    paths: dict[str, int] = field(default_factory=dict)  # hostile-path cases run, by kind
 
 
 # ------------------------------------------------------------------------------------------ seeds
@@ -292,6 +312,29 @@ def _mutate_config(rng: random.Random, path: Path) -> str:
     return f"config {key}"
 
 
+# Sizes a config.json may hold that no model has: negative, zero, absurdly large (a trillion parameters).
+NONSENSE_SIZES = (-1, 0, 3, 2**31, 10**7, 10**12)
+SIZE_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _nonsense_config(rng: random.Random, path: Path) -> str:
+    """Valid JSON, but no model: a size no model has, or a model_type/architecture transformers does not know
+    (or one it knows, that the checkpoint is not)."""
+    doc = _json_or_none(path)
+    if doc is None:
+        return "config already broken"
+    kind = rng.choice(["size", "size", "model_type", "architectures"])
+    if kind == "size":
+        doc[rng.choice(SIZE_KEYS)] = rng.choice(NONSENSE_SIZES)
+    elif kind == "model_type":
+        doc.pop("architectures", None)
+        doc["model_type"] = rng.choice(["frobnik", "", "bert", "t5"])
+    else:
+        doc["architectures"] = [rng.choice(["FrobnikForCausalLM", "BertModel", "GPT2LMHeadModel"])]
+    path.write_text(json.dumps(doc))
+    return f"nonsense config {kind}"
+
+
 SAFETENSORS_MUTATIONS: list[Callable[[random.Random, Path], str]] = [
     _mutate_header_json,
     _mutate_header_json,
@@ -309,13 +352,50 @@ def mutate(rng: random.Random, folder: Path) -> list[str]:
         files = sorted(folder.glob("*.safetensors"))
         others = [p for p in (folder / "model.safetensors.index.json", folder / "config.json") if p.exists()]
         roll = rng.random()
-        if others and roll < 0.2:
+        if (folder / "config.json").exists() and roll < 0.1:
+            done.append(_nonsense_config(rng, folder / "config.json"))
+        elif others and roll < 0.25:
             target = rng.choice(others)
             mutation = _mutate_index if target.name.endswith("index.json") else _mutate_config
             done.append(mutation(rng, target))
         elif files:
             done.append(rng.choice(SAFETENSORS_MUTATIONS)(rng, rng.choice(files)))
     return done
+
+
+# ------------------------------------------------------------------------------------------ the Hub, offline
+
+HUB_REPO = "fuzz/case"
+HUB_SHARE = 0.15  # of the cases, served as HUB_REPO from an offline Hugging Face cache
+
+
+def into_hub_cache(rng: random.Random, case: Path, cache: Path) -> str:
+    """The case as a Hugging Face cache holds a downloaded repo (HUB_REPO), sometimes damaged the way a
+    cache gets damaged: a file or a blob missing, no refs/main. Returns what was done."""
+    shutil.rmtree(cache, ignore_errors=True)
+    snapshot = make_hub_cache(cache, HUB_REPO, {p.name: p.read_bytes() for p in sorted(case.iterdir()) if p.is_file()})
+    damage = rng.choice(["none", "none", "missing file", "missing blob", "no ref"])
+    files = sorted(snapshot.iterdir())
+    if damage == "missing file" and files:
+        rng.choice(files).unlink()
+    elif damage == "missing blob" and files:
+        rng.choice(files).resolve().unlink()
+    elif damage == "no ref":
+        (snapshot.parent.parent / "refs" / "main").unlink()
+    return f"served offline from the Hub cache ({damage})"
+
+
+@contextlib.contextmanager
+def offline_hub(cache: Path) -> Iterator[None]:
+    """HF_HUB_OFFLINE and HF_HUB_CACHE as huggingface_hub sees them (it reads the variables at import)."""
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = True, str(cache)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = saved
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -355,13 +435,14 @@ def _on_alarm(signum: int, frame: object) -> None:
     raise CaseTimeout
 
 
-def run_verb(args: list[str]) -> tuple[int | None, str | None]:
-    """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang."""
-    out = io.StringIO()
+def run_verb(args: list[str], out: io.StringIO | None = None) -> tuple[int | None, str | None]:
+    """(exit code, None) for an orderly end, or (None, what went wrong) for a crash or a hang; ``out``
+    receives what the run printed on stdout."""
+    out = out or io.StringIO()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(CASE_SECONDS)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             code = app(args, standalone_mode=False)
         return (int(code) if isinstance(code, int) else 0), None
     except BnbError as exc:
@@ -379,15 +460,205 @@ def run_verb(args: list[str]) -> tuple[int | None, str | None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def verbs(src: Path, out: Path) -> list[tuple[str, list[str]]]:
+def verbs(src: str, out: Path) -> list[tuple[str, list[str]]]:
     runs = [
-        ("footprint", ["footprint", str(src), "--json", "--planner", "name-rules"]),
-        ("quantize", ["quantize", str(src), str(out / "q"), "--config", "nf4-dq", "-q", "--planner", "name-rules"]),
-        ("dequantize", ["dequantize", str(src), str(out / "d"), "-q"]),
+        ("footprint", ["footprint", src, "--json", "--planner", "name-rules"]),
+        ("quantize", ["quantize", src, str(out / "q"), "--config", "nf4-dq", "-q", "--planner", "name-rules"]),
+        ("dequantize", ["dequantize", src, str(out / "d"), "-q"]),
     ]
     if "inspect" in {c.name or c.callback.__name__ for c in app.registered_commands}:  # type: ignore[union-attr]
-        runs.append(("inspect", ["inspect", str(src), "--json", "--schemes", "nf4"]))
+        runs.append(("inspect", ["inspect", src, "--json", "--schemes", "nf4"]))
     return runs
+
+
+def silent_fallback(case: Path, printed: str) -> str | None:
+    """What a `quantize --dry-run --json` run printed: a component that name rules planned although
+    config.json is there, with no warning saying so, is a finding."""
+    try:
+        plan = json.loads(printed)
+    except ValueError:
+        return "stdout is not one JSON document"
+    if not (case / "config.json").is_file() or "components" not in plan:
+        return None  # no config to fall back from, or an error document
+    if any(c["planner"] == "name-rules" for c in plan["components"]) and not plan.get("warnings"):
+        return "planned by name rules with config.json present, and no warning"
+    return None
+
+
+# ------------------------------------------------------------------------------- hostile paths (issue 16)
+
+PATH_SHARE = 0.25  # of the cases
+SECRET = b"a file outside SRC: never to be found in an output\n"
+PATH_KINDS = (
+    "out-empty",
+    "out-dot",
+    "out-parent",
+    "out-home",
+    "out-device",
+    "out-fifo",
+    "out-socket",
+    "out-file",
+    "out-link",
+    "out-dangling-link",
+    "out-foreign-folder",
+    "out-long-name",
+    "src-link-out",
+    "report-not-ours",
+    "signal",
+)
+
+
+def _bnb_like(folder: Path) -> None:
+    """A folder that looks like bnb's output: only the rules about places keep it from being replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bnb_manifest.json").write_text("{}")
+    (folder / "precious.txt").write_text("an earlier result")
+
+
+def _not_ours(rng: random.Random, sandbox: Path, kind: str) -> Path:
+    """Make, at ``sandbox / "target"``, something of ``kind`` that bnb did not write."""
+    target = sandbox / "target"
+    if kind == "device":
+        try:
+            os.mknod(target, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null, never /dev/null itself
+            return target
+        except PermissionError:
+            kind = "fifo"  # not root: a FIFO stands for it
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "socket":
+        with contextlib.chdir(sandbox):  # a socket's path is limited to ~100 bytes
+            server = socket.socket(socket.AF_UNIX)
+            server.bind("target")
+            server.close()
+    elif kind == "file":
+        target.write_text(rng.choice(["someone's notes", "<!DOCTYPE html><p>mine</p>"]))
+    elif kind == "link":
+        _bnb_like(sandbox / "linked")
+        target.symlink_to(sandbox / "linked")
+    elif kind == "dangling-link":
+        target.symlink_to(sandbox / "nowhere")
+    else:  # "foreign-folder"
+        target.mkdir()
+        (target / "precious.txt").write_text("someone's work")
+    return target
+
+
+def path_case(rng: random.Random, seeds: dict[str, Path], sandbox: Path) -> tuple[str, list[str], Path, Path]:
+    """Build one hostile situation in ``sandbox``: (what, arguments, the folder to run in, OUT)."""
+    kind = rng.choice(PATH_KINDS)
+    verb = rng.choice(["quantize", "dequantize"])
+    src = sandbox / "src"
+    shutil.copytree(seeds["bnb" if verb == "dequantize" else rng.choice(["single", "sharded", "bare"])], src)
+    secret = sandbox / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o640)
+    cwd = sandbox / "cwd"
+    _bnb_like(cwd)
+    out: Path | str = sandbox / "out"
+    if kind == "out-empty":
+        out = ""
+    elif kind == "out-dot":
+        out = "."
+    elif kind == "out-parent":
+        (cwd / "inner").mkdir()
+        cwd, out = cwd / "inner", ".."
+    elif kind == "out-home":
+        _bnb_like(sandbox / "home")
+        out = sandbox / "home"  # and HOME points there (``run_path_case``)
+    elif kind == "out-long-name":
+        out = sandbox / ("o" * rng.randint(200, 300))
+    elif kind.startswith("out-"):
+        out = _not_ours(rng, sandbox, kind.removeprefix("out-"))
+    elif kind == "src-link-out":
+        name = rng.choice(["tokenizer.json", "config.json", "vocab.txt", "sub/leak.txt", "model.safetensors"])
+        (src / name).parent.mkdir(exist_ok=True)
+        (src / name).unlink(missing_ok=True)
+        (src / name).symlink_to(secret)
+    elif kind == "report-not-ours":
+        report = rng.choice(["", ".", "not ours"])
+        if report == "not ours":
+            report = str(_not_ours(rng, sandbox, rng.choice(["device", "fifo", "file", "link"])))
+        args = ["inspect", str(src), "--schemes", "nf4", "--planner", "name-rules", "-q", "--report", report]
+        return f"{kind} {report!r}", args, cwd, sandbox / "out"
+    flags = ["-q", "--overwrite"] if rng.random() < 0.8 else ["-q"]
+    if verb == "quantize":
+        flags += ["--planner", "name-rules"]
+    args = [verb, str(src), str(out), *flags]
+    return f"{kind} ({verb} … {str(out)[-40:]!r} {' '.join(flags)})", args, cwd, Path(os.path.normpath(cwd / out))
+
+
+def _leaks(sandbox: Path) -> list[str]:
+    """Files under ``sandbox``, other than the secret itself, that hold its bytes."""
+    found = []
+    for dirpath, _, filenames in os.walk(sandbox):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path != sandbox / "secret" and path.is_file() and not path.is_symlink() and SECRET in path.read_bytes():
+                found.append(str(path.relative_to(sandbox)))
+    return found
+
+
+def run_path_case(rng: random.Random, seeds: dict[str, Path], sandbox: Path) -> tuple[str, str, list[tuple[str, str]]]:
+    """One hostile-path case: (what, verb, findings as (kind, detail))."""
+    what, args, cwd, out = path_case(rng, seeds, sandbox)
+    before = snapshot(sandbox)
+    if what.startswith("signal"):
+        return what, "signal", _signal_run(rng, args, out)
+    home = os.environ.get("HOME")
+    os.environ["HOME"] = str(sandbox / "home")
+    try:
+        with contextlib.chdir(cwd):
+            code, problem = run_verb(args)
+    finally:
+        if home is None:
+            del os.environ["HOME"]
+        else:
+            os.environ["HOME"] = home
+    findings = []
+    if problem is not None:
+        findings.append(("hang" if problem.startswith("hang") else "crash", problem))
+    elif code not in (0, 1, 2):
+        findings.append(("crash", f"exit code {code}"))
+    after = snapshot(sandbox)
+    changed = sorted(k for k, v in before.items() if after.get(k) != v)
+    if changed:
+        findings.append(("replaced", f"exit {code}; changed or gone: {changed[:5]}"))
+    if leaks := _leaks(sandbox):
+        findings.append(("copied from outside SRC", f"exit {code}; the secret's bytes in {leaks[:5]}"))
+    if left := debris(out):
+        findings.append(("debris", f"exit {code}; left beside OUT: {left}"))
+    return what, args[0], findings
+
+
+def _signal_run(rng: random.Random, args: list[str], out: Path) -> list[tuple[str, str]]:
+    """A real `bnb` process; SIGINT or SIGTERM to its process group at a random moment after its
+    handlers are in place."""
+    signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+    delay = rng.uniform(0.0, 3.0)
+    proc = interruptible_bnb(*args)
+    try:
+        wait_for_handlers(proc)
+        time.sleep(delay)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    code = proc.returncode
+    expected = {signal.SIGINT: (130, "error: interrupted"), signal.SIGTERM: (143, "error: terminated (SIGTERM)")}
+    detail = f"{signal.Signals(signum).name} after {delay:.2f} s: exit {code}\n{stderr[-2000:]}"
+    findings = []
+    if code == 0:
+        if not (out / "bnb_manifest.json").is_file():
+            findings.append(("signal", detail + "\nexit 0 without a whole OUT"))
+    elif (code, stderr.splitlines()) != (expected[signum][0], [expected[signum][1]]) or stdout or out.exists():
+        findings.append(("signal", detail))
+    if left := debris(out):
+        findings.append(("debris", f"{detail}\nleft beside OUT: {left}"))
+    return findings
 
 
 def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | None = None) -> Tally:
@@ -398,6 +669,19 @@ def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | 
     os.environ["HF_HUB_OFFLINE"] = "1"
     for case in range(cases):
         rng = random.Random(seed * 1_000_003 + case)
+        if random.Random(f"paths {seed} {case}").random() < PATH_SHARE:
+            sandbox = work / "sandbox"
+            shutil.rmtree(sandbox, ignore_errors=True)
+            sandbox.mkdir()
+            what, verb, findings = run_path_case(rng, seeds, sandbox)
+            kind = what.split()[0]
+            tally.paths[kind] = tally.paths.get(kind, 0) + 1
+            tally.runs += 1
+            tally.findings.extend(Finding(case, verb, kind, f"{what}\n{detail}") for kind, detail in findings)
+            tally.cases += 1
+            if progress:
+                progress(tally)
+            continue
         name = rng.choice(sorted(seeds))
         src = work / "case"
         shutil.rmtree(src, ignore_errors=True)
@@ -406,27 +690,39 @@ def fuzz(cases: int, seed: int, work: Path, progress: Callable[[Tally], None] | 
         out = work / "out"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        for verb, args in verbs(src, out):
-            violations: list[str] = []
-            with _checked_reads(violations):
-                code, problem = run_verb(args)
-            tally.runs += 1
-            if problem is not None:
-                kind = "hang" if problem.startswith("hang") else "crash"
-                tally.findings.append(Finding(case, verb, kind, f"{what}\n{problem}"))
-            else:
-                assert code is not None
-                tally.exits[code] = tally.exits.get(code, 0) + 1
-                if code not in (0, 1, 2):
-                    tally.findings.append(Finding(case, verb, "crash", f"{what}\nexit code {code}"))
-            if violations:
-                tally.findings.append(Finding(case, verb, "out-of-file read", f"{what}\n{violations[0]}"))
-            if _vm_hwm() - baseline > MAX_GROWTH_BYTES:
-                tally.findings.append(Finding(case, verb, "memory", f"{what}\npeak RSS grew past the cap"))
-                baseline = _vm_hwm()
+        hub = rng.random() < HUB_SHARE
+        if hub:
+            what += "; " + into_hub_cache(rng, src, work / "hub")
+        runs = verbs(HUB_REPO if hub else str(src), out)
+        if "nonsense config" in what and not hub:
+            runs.append(("plan", ["quantize", str(src), str(out / "p"), "--dry-run", "--json"]))
+        for label, member in (("offline Hub", hub), ("nonsense config", "nonsense config" in what)):
+            tally.classes[label] = tally.classes.get(label, 0) + member
+        with offline_hub(work / "hub") if hub else contextlib.nullcontext():
+            for verb, args in runs:
+                violations: list[str] = []
+                printed = io.StringIO()
+                with _checked_reads(violations):
+                    code, problem = run_verb(args, printed)
+                tally.runs += 1
+                if problem is not None:
+                    kind = "hang" if problem.startswith("hang") else "crash"
+                    tally.findings.append(Finding(case, verb, kind, f"{what}\n{problem}"))
+                else:
+                    assert code is not None
+                    tally.exits[code] = tally.exits.get(code, 0) + 1
+                    if code not in (0, 1, 2):
+                        tally.findings.append(Finding(case, verb, "crash", f"{what}\nexit code {code}"))
+                    if verb == "plan" and code == 0 and (why := silent_fallback(src, printed.getvalue())):
+                        tally.findings.append(Finding(case, verb, "silent fallback", f"{what}\n{why}"))
+                if violations:
+                    tally.findings.append(Finding(case, verb, "out-of-file read", f"{what}\n{violations[0]}"))
+                if _vm_hwm() - baseline > MAX_GROWTH_BYTES:
+                    tally.findings.append(Finding(case, verb, "memory", f"{what}\npeak RSS grew past the cap"))
+                    baseline = _vm_hwm()
         tally.cases += 1
         if progress:
             progress(tally)
-    shutil.rmtree(work / "case", ignore_errors=True)
-    shutil.rmtree(work / "out", ignore_errors=True)
+    for left in ("case", "out", "hub", "sandbox"):
+        shutil.rmtree(work / left, ignore_errors=True)
     return tally

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bnb_process import HANG_SECONDS
 from safetensors.torch import save_file
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/test_quantize_memory.py
@@ -20,7 +21,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/test_quantize
 # The child runs the CLI as `bnb` does and reports its own peak RSS however main() ends.
 CHILD = """
 import os
-from bnbcli.cli.main import main
+from bnbcli.cli.app import main
 try:
     main()
 finally:
@@ -58,7 +59,7 @@ def peak_rss(peak_file: Path, *args: str) -> tuple[int, dict]:
         [sys.executable, "-c", CHILD, *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_SECONDS,
         env={**os.environ, **MALLOC_ENV, "BNB_TEST_PEAK_FILE": str(peak_file)},
     )
     assert result.returncode == 0, result.stderr

@@ -12,13 +12,15 @@ import os
 import struct
 import subprocess
 import sys
-import time
+import threading
 import tracemalloc
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from bnb_process import HANG_SECONDS
+from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
@@ -270,21 +272,6 @@ def test_diffusers_ambiguous_component(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- the Hub cache
 
 
-def make_hub_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str = "a" * 40) -> Path:
-    """The HF cache layout: refs/main → commit, snapshots/<commit>/<file> → ../../blobs/<id> links."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs/main").write_text(commit)
-    (repo / "blobs").mkdir()
-    for i, (name, data) in enumerate(files.items()):
-        blob = repo / "blobs" / f"blob{i}"
-        blob.write_bytes(data)
-        link = repo / "snapshots" / commit / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    return repo / "snapshots" / commit
-
-
 @pytest.fixture
 def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     from huggingface_hub import constants
@@ -328,7 +315,7 @@ def test_hub_env_variables_in_a_fresh_process(tmp_path: Path) -> None:
     make_hub_cache(cache, "org/name", {"model.safetensors": (tmp_path / "model.safetensors").read_bytes()}, "b" * 40)
     code = "from bnbcli.checkpoint.source import open_checkpoint as o; c = o('org/name'); print(c.revision, c.kind)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_SECONDS)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["b" * 40, "model"]
 
@@ -372,7 +359,8 @@ def test_hub_errors_become_input_errors(monkeypatch: pytest.MonkeyPatch) -> None
         (hf_error(RevisionNotFoundError), "revision 'v9' not found", "branch, tag or commit"),
         (LocalEntryNotFoundError("no"), "Hugging Face cache", "hf download org/name"),
         (hf_error(HfHubHTTPError, "500 Server Error\nmore"), "Hub request failed: 500 Server Error", "network"),
-        (ConnectionError("refused"), "cannot fetch", "network"),
+        (ConnectionError("refused"), "the Hub cannot be reached", "HF_HUB_OFFLINE=1"),
+        (OSError("something else"), "cannot fetch", "network"),
     ]
     for error, words, hint in cases:
 
@@ -624,24 +612,21 @@ def llama70b_header() -> tuple[dict[str, Any], int]:
     return header, offset
 
 
-def test_huge_sparse_checkpoint_opens_fast_without_reading_data(tmp_path: Path) -> None:
+def test_huge_sparse_checkpoint_opens_without_reading_data(tmp_path: Path) -> None:
     header, data_len = llama70b_header()
     path = raw_file(tmp_path / "model.safetensors", header)
     os.truncate(path, path.stat().st_size + data_len)  # ~141 GB, sparse: no block is written
     assert data_len > 140e9
 
     tracemalloc.start()
-    t0 = time.perf_counter()
     try:
         ckpt = open_checkpoint(str(tmp_path))
-        elapsed = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     tensors = ckpt.components[""].tensors
     assert len(tensors) == 80 * 9 + 3
     assert sum(t.numel for t in tensors.values()) > 70e9
-    assert elapsed < 2.0, elapsed
     assert peak < 20_000_000, peak  # the header and its records, nothing sized by the data
     norm = read_tensor(tensors["model.norm.weight"])  # one small tensor from the middle of 141 GB
     assert norm.shape == (8192,) and not norm.any()
@@ -667,9 +652,9 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
     kept, changed = src / "model.safetensors", src / "unet" / "diffusion.safetensors"
     kept.write_bytes(b"a" * 100_000)
     changed.write_bytes(b"b" * 50_000)
-    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out"), "--backend", "cpu"])
+    hashing.hash_sources_early(str(src))
     for _, future in list(hashing._early.values()):
-        future.result(timeout=30)
+        future.result(timeout=HANG_SECONDS)
     changed.write_bytes(b"c" * 50_001)  # other bytes and size after the early digest
 
     read_again = []
@@ -683,12 +668,12 @@ def test_source_hashes_started_at_start_up_are_taken_once_and_only_while_the_fil
 
 
 def _early_digests(hashing: Any, src: Path, tmp_path: Path) -> dict[str, Any]:
-    hashing.hash_sources_early(["quantize", str(src), str(tmp_path / "out")])
+    hashing.hash_sources_early(str(src))
     outcomes: dict[str, Any] = {}
     for path in sorted(src.glob("*.safetensors")):
         _, future = hashing._early.pop(os.path.realpath(path))
         try:
-            outcomes[path.name] = future.result(timeout=60)
+            outcomes[path.name] = future.result(timeout=HANG_SECONDS)
         except Exception as exc:
             outcomes[path.name] = exc
     return outcomes
@@ -706,7 +691,7 @@ def test_early_source_hashes_come_from_a_child_interpreter(tmp_path: Path, monke
     (src / "odd\tname\n.safetensors").write_bytes(b"z" * 10)  # not a line or column of the protocol
     (src / "dir.safetensors").mkdir()  # unreadable as a file
     monkeypatch.setattr(hashing, "sha256_of", lambda p: pytest.fail("hashed in this process"))
-    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read")))
+    monkeypatch.setattr(hashing, "file_sha256", lambda p: (_ for _ in ()).throw(InputError(f"{p}: cannot read", "x")))
     outcomes = _early_digests(hashing, src, tmp_path)
     for path in src.glob("*.safetensors"):
         if path.is_file():
@@ -746,14 +731,22 @@ def test_early_source_hashes_survive_a_child_that_talks_nonsense_and_dies(
     }
 
 
-def test_no_early_hashing_for_runs_that_plan_only(tmp_path: Path) -> None:
-    from bnbcli.checkpoint import hashing
+def test_early_hashing_only_for_runs_that_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
 
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    before = dict(hashing._early)
-    hashing.hash_sources_early(["quantize", str(tmp_path), str(tmp_path / "out"), "--dry-run"])
-    hashing.hash_sources_early(["footprint", str(tmp_path), "x"])
-    assert hashing._early == before
+    from bnbcli.checkpoint import hashing
+    from bnbcli.cli.app import app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": torch.zeros(4, 4)}, src / "model.safetensors")
+    started: list[str] = []
+    monkeypatch.setattr(hashing, "hash_sources_early", started.append)
+    for args in (["quantize", str(src), str(tmp_path / "o"), "--dry-run"], ["footprint", str(src)]):
+        assert CliRunner().invoke(app, args).exit_code == 0, args
+    assert started == []
+    assert CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "o"), "-q"]).exit_code == 0
+    assert started == [str(src)]
 
 
 def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(tmp_path: Path, monkeypatch) -> None:
@@ -765,9 +758,10 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
         pytest.skip("no sync_file_range on this platform: nothing is requested")
     made: list[tuple[int, int, int]] = []
     closed: list[int] = []
+    disk_free = threading.Event()
 
     def slow_writeback(fd: int, offset: int, length: int) -> None:
-        time.sleep(0.2)  # a disk whose queue is full
+        disk_free.wait(timeout=HANG_SECONDS)  # a disk whose queue stays full until the test frees it
         made.append((fd, offset, length))
 
     real_fsync = os.fsync
@@ -775,10 +769,10 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
     monkeypatch.setattr(writer.os, "fsync", lambda fd: (closed.append(len(made)), real_fsync(fd)))
     planned = [writer.PlannedTensor(f"t{i}", torch.float32, (1000,)) for i in range(5)]
     shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
-    started = time.monotonic()
     for i in range(5):
         shard.write(f"t{i}", torch.full((1000,), float(i)))
-    assert time.monotonic() - started < 0.5  # five requests of 0.2 s each did not wait on the writer
+    assert made == []  # all five tensors were written while every writeback request was still blocked
+    disk_free.set()
     shard.close()
     assert closed == [5]  # every request was made before the fsync
     assert sorted(offset for _, offset, _ in made) == sorted(shard.data_start + b for b, _ in shard.offsets.values())

@@ -6,15 +6,18 @@ import json
 import subprocess
 import sys
 
+import pytest
+from bnb_process import HANG_SECONDS
+
 import bnbcli
 
 
 def bnb(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", "from bnbcli.cli.main import main; main()", *args],
+        [sys.executable, "-c", "from bnbcli.cli.app import main; main()", *args],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
 
 
@@ -67,7 +70,7 @@ def test_console_script_is_installed() -> None:
 
     script = Path(sys.executable).parent / "bnb"
     assert script.exists(), "`pip install -e .` should install the bnb console script"
-    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=HANG_SECONDS)
     assert result.returncode == 0 and bnbcli.__version__ in result.stdout
 
 
@@ -91,9 +94,48 @@ def test_the_command_lets_openmp_threads_sleep_when_they_wait() -> None:
 
     def policy(**extra: str) -> object:
         env = {k: v for k, v in bnb_env().items() if k != "OMP_WAIT_POLICY"} | extra
-        done = subprocess.run([*COMMAND, "env", "--json"], capture_output=True, text=True, env=env, timeout=120)
+        done = subprocess.run([*COMMAND, "env", "--json"], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["cpu_threads"]["omp_wait_policy"]
 
     assert policy() == "PASSIVE"
     assert policy(OMP_WAIT_POLICY="active") == "active"
+
+
+# What the command line imports before a verb needs the library: help, the version and usage errors come
+# without torch, transformers or CuPy (a verb imports them when it runs).
+_HEAVY = ("torch", "transformers", "diffusers", "cupy", "accelerate", "bitsandbytes")
+_IMPORTS_AT_EXIT = (
+    "import atexit, sys\n"
+    f"atexit.register(lambda: print('imported:', sorted(m for m in {_HEAVY!r} if m in sys.modules)))\n"
+    "sys.argv = ['bnb', *sys.argv[1:]]\n"
+    "from bnbcli.cli.entry import main\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["--version"],
+        ["quantize", "--help"],
+        ["dequantize", "--help"],
+        ["inspect", "--help"],
+        ["footprint", "--help"],
+        ["eval", "--help"],
+        ["env", "--help"],
+        ["quantize"],  # a missing argument
+        ["quantize", "a", "b", "--frobnicate"],
+        ["quantize", "a", "b", "--blocksize", "abc"],
+        ["footprint", "a", "--gpu-memory", "24"],
+        ["frobnicate"],
+    ],
+    ids=" ".join,
+)
+def test_help_version_and_usage_errors_import_no_heavy_library(args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AT_EXIT, *args], capture_output=True, text=True, timeout=HANG_SECONDS
+    )
+    assert done.returncode in (0, 2), done.stderr
+    assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-500:]

@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from bnbcli.codes import (
+from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FP4_CODE,
     FP4_MAGNITUDE_BITS,

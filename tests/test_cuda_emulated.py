@@ -23,11 +23,11 @@ import pytest
 import torch
 from cuda_cases import assert_same, inputs
 
-from bnbcli import convert
 from bnbcli.backends import cuda, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import _rcp_correction
+from bnbcli.pipeline import convert
 
 pytestmark = pytest.mark.slow
 

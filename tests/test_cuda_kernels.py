@@ -15,8 +15,8 @@ from cuda_cases import assert_same, inputs
 
 import bnbcli
 from bnbcli.backends import resolve_backend
-from bnbcli.codes import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
 from bnbcli.formats import blockwise8, fourbit, int8
+from bnbcli.formats.codes import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
 
 pytestmark = pytest.mark.gpu
 

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from golden import golden_dir
-from test_quantize_golden import VARIANT_FLAGS, golden_variants, run_quantize
+from golden import VARIANT_FLAGS, golden_dir, golden_variants
+from test_quantize_golden import run_quantize
 
 pytestmark = pytest.mark.gpu
 

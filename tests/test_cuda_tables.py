@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from bnbcli.backends import cuda_tables
-from bnbcli.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 from bnbcli.formats import blockwise8, fourbit
+from bnbcli.formats.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 
 
 def reference(kind: str, s: np.ndarray) -> np.ndarray:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir, kernel_cases, kernel_outputs, tensor_bytes
+from golden import VARIANT_FLAGS, golden_dir, golden_variants, kernel_cases, kernel_outputs, tensor_bytes
 from safetensors.torch import load_file, save_file
-from test_quantize_golden import VARIANT_FLAGS, golden_variants, run_quantize
+from test_quantize_golden import run_quantize
 
-from bnbcli.dequantize import DequantizeRequest, dequantize, plan_request
+from bnbcli.pipeline.dequantize import DequantizeRequest, dequantize, plan_request
 
 MODELS = golden_dir() / "models"
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

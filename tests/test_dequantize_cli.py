@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bnb_process import run_main as bnb
 from golden import golden_dir, tensor_bytes
 from safetensors.torch import load_file, save_file
 from test_quantize_golden import run_quantize
 
-from bnbcli.cli.main import main
-
 MODELS = golden_dir() / "models"
-
-
-def bnb(args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """`bnb ARGS` in this process, through main() and its error boundary: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["bnb", *args])
-    monkeypatch.delenv("BNB_DEBUG", raising=False)
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bnbcli.devices import cuda_devices, parse_devices
+from bnbcli.backends.devices import cuda_devices, parse_devices
 from bnbcli.errors import UsageError
 
 

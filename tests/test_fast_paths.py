@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from bnbcli.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 from bnbcli.formats import blocks, blockwise8, fourbit, int8
 from bnbcli.formats.blocks import CodeTable, quantize_blocks, reference_quantize_blocks
+from bnbcli.formats.codes import DYNAMIC_CODE, FP4_THRESHOLDS, NF4_THRESHOLDS
 
 TABLES = {
     "nf4": lambda: fourbit.code_table("nf4"),

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir
+from golden import VARIANT_FLAGS, golden_dir, golden_variants
 from safetensors.torch import load_file
-from test_quantize_golden import VARIANT_FLAGS, golden_variants, run_quantize
+from test_quantize_golden import run_quantize
 
 from bnbcli.footprint import FootprintRequest, footprint, make_schemes
 from bnbcli.footprint.schemes import FootprintScheme
 from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.scheme import QuantScheme
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from fuzz_harness import fuzz
+from fuzz_harness import fuzz, silent_fallback
 
 
 @pytest.mark.slow
@@ -16,3 +17,14 @@ def test_mutated_checkpoints_never_crash_hang_or_read_outside(tmp_path: Path) ->
     assert tally.cases == 150
     # The mutations do reach past the first check: some runs succeed, most are refused as bad input.
     assert tally.exits.get(0, 0) > 0 and tally.exits.get(1, 0) > tally.runs // 4, tally.exits
+    # and the slice holds cases of every class: served from an offline Hub cache, a nonsense config.json
+    assert tally.classes["offline Hub"] > 0 and tally.classes["nonsense config"] > 0, tally.classes
+
+
+def test_a_silent_fallback_is_a_finding(tmp_path: Path) -> None:
+    """The fuzzer's check for nonsense configs can fail: name rules with config.json and no warning."""
+    (tmp_path / "config.json").write_text("{}")
+    plan = {"components": [{"planner": "name-rules"}], "warnings": []}
+    assert silent_fallback(tmp_path, json.dumps(plan)) is not None
+    assert silent_fallback(tmp_path, json.dumps({**plan, "warnings": ["planned by name rules because …"]})) is None
+    assert silent_fallback(tmp_path, json.dumps({"components": [{"planner": "transformers"}], "warnings": []})) is None

@@ -10,7 +10,7 @@ from bnbcli.formats.gpu_math import _rcp_correction, gpu_nan, mul_ftz, rcp_appro
 
 
 def test_correction_table_decodes_to_the_measured_counts() -> None:
-    """../shared/hw/README.md: 733,799 mantissas are +1 ulp and 374,723 are -1 ulp, none further."""
+    """As measured on the H100: 733,799 mantissas are +1 ulp and 374,723 are -1 ulp, none further."""
     step = _rcp_correction()
     assert step.numel() == 1 << 23
     assert int((step == 1).sum()) == 733_799

@@ -20,13 +20,14 @@ from safetensors.torch import save_file
 
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
-from bnbcli.dequantize import restore
-from bnbcli.dequantize_plan import plan_component
+from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates
-from bnbcli.inspect.outliers import OutlierCriteria, layer_of
+from bnbcli.inspect.outliers import layer_of
 from bnbcli.inspect.report import AGAINST, InspectReport
 from bnbcli.inspect.run import InspectRequest, inspect, open_source
 from bnbcli.inspect.stats import tensor_stats
+from bnbcli.pipeline.dequantize import restore
+from bnbcli.plan.dequantize_layout import plan_component
 
 MODELS = golden_dir() / "models"
 FAMILIES = ("llama", "gpt2", "opt", "qwen2_tied", "flux_tiny")

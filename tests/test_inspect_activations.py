@@ -260,7 +260,7 @@ def test_bad_folders_are_input_errors(tmp_path: Path, models: dict[str, Path], m
 
 
 def _bnb(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
-    from bnbcli.cli.main import main
+    from bnbcli.cli.app import main
 
     monkeypatch.delenv("BNB_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["bnb", "inspect", *args, "--schemes", "int8", "--backend", "cpu"])

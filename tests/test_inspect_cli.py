@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import EXIT_FAILED, EXIT_USAGE, run_bnb
+from bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
 from golden import golden_dir
 from safetensors.torch import save_file
 
@@ -113,7 +113,7 @@ def test_golden_llama_html_has_bars_and_heatmap(tmp_path: Path) -> None:
 def test_usage_errors_exit_2(
     model: Path, args: tuple[str, ...], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bnbcli.cli.main import main
+    from bnbcli.cli.app import main
 
     monkeypatch.chdir(model)  # "." for --against: an unquantized folder
     monkeypatch.delenv("BNB_DEBUG", raising=False)
@@ -185,7 +185,7 @@ def _fake_activations(calls: _Calls) -> types.ModuleType:
 def test_activations_are_wired_into_json_and_html(
     model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from bnbcli.cli.main import main
+    from bnbcli.cli.app import main
 
     calls = _Calls()
     monkeypatch.setitem(sys.modules, "bnbcli.inspect.activations", _fake_activations(calls))
@@ -221,11 +221,13 @@ def test_activations_are_wired_into_json_and_html(
 
 def test_without_activations_the_module_is_not_imported(model: Path) -> None:
     code = (
-        "import sys; from bnbcli.cli.main import main; sys.argv=['bnb','inspect',sys.argv[1],'--schemes','int8','-q']\n"
+        "import sys; from bnbcli.cli.app import main; sys.argv=['bnb','inspect',sys.argv[1],'--schemes','int8','-q']\n"
         "try:\n    main()\nfinally:\n    assert 'bnbcli.inspect.activations' not in sys.modules\n"
         "    assert 'transformers' not in sys.modules"
     )
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(model)], capture_output=True, text=True, timeout=HANG_SECONDS
+    )
     assert result.returncode == 0, result.stderr

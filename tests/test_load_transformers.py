@@ -1,13 +1,15 @@
 """Interop: what `bnb quantize` writes loads with a plain `from_pretrained(OUT)` and gives the same model
 as the checkpoint transformers + bitsandbytes' CUDA kernels wrote (golden/models/<family>/<variant>).
 
-On the CPU (bitsandbytes 0.50.2, transformers 5.x):
-- int8 variants run: ours and golden give identical logits (torch.equal). The GPU logits in
-  golden/models/logits.safetensors come from other kernels; their distance is recorded, not asserted equal.
-- 4-bit variants: bitsandbytes' CPU 4-bit matmul repacks weights in rows of 32 and fails with
-  "N must be divisible by block_n" when a Linear4bit has out_features % 32 != 0 (the 344-wide MLPs).
-  The loaded models' state is compared instead (Params4bit bytes, every QuantState field, the rest of the
-  state_dict); where every Linear4bit is a multiple of 32 wide (gpt2) the forward pass runs and is compared too.
+On the CPU (bitsandbytes 0.50.2, transformers 5.x), for every variant:
+- the loaded models' state is compared: Params4bit/Int8Params bytes, every QuantState field, the settings
+  each layer computes with, and the rest of the state_dict;
+- the forward pass runs on both, and gives identical logits (torch.equal), or fails the same way on both.
+  Which forwards bitsandbytes' CPU kernels can run depends on the CPU: with AVX512-BF16 its fused 4-bit
+  kernel repacks weights in rows of 32 and refuses the 344-wide MLPs ("N must be divisible by block_n");
+  elsewhere it dequantizes and multiplies. The test finds out by running, never by assuming.
+  The GPU logits in golden/models/logits.safetensors come from other kernels; their distance is recorded,
+  with only a loose bound.
 - flux_tiny: diffusers refuses any bitsandbytes checkpoint without a GPU, so that test is marked gpu.
 """
 
@@ -19,9 +21,9 @@ from typing import Any
 
 import pytest
 import torch
-from golden import golden_dir, tensor_bytes
+from golden import VARIANT_FLAGS, golden_dir, golden_variants, tensor_bytes
 from safetensors.torch import load_file
-from test_quantize_golden import VARIANT_FLAGS, golden_variants, run_quantize
+from test_quantize_golden import run_quantize
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -29,7 +31,6 @@ transformers = pytest.importorskip("transformers")
 MODELS = golden_dir() / "models"
 CAUSAL_LM = [(f, v) for f, v in golden_variants() if f != "flux_tiny"]
 FLUX = [(f, v) for f, v in golden_variants() if f == "flux_tiny"]
-CPU_4BIT_ROW = 32  # bitsandbytes' CPU gemm_4bit repacks weights in rows of 32 (block_n)
 # CPU vs GPU logits are recorded, not asserted equal: LLM.int8's CPU path is other arithmetic (outlier
 # decomposition included) on a lossy format. Measured 2026-11-23, max |diff| / max |GPU logit|: llama 0.05,
 # qwen2_tied 0.29 (its int8 model is itself 0.50 away from bf16, on the GPU too), gpt2 0.08, opt 0.04.
@@ -135,13 +136,17 @@ def tied(model: torch.nn.Module) -> bool:
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
-def cpu_4bit_forward_works(model: torch.nn.Module) -> bool:
-    return all(m.out_features % CPU_4BIT_ROW == 0 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
-
-
 def forward(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits
+
+
+def forward_or_error(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | str:
+    """The logits, or the error this CPU's bitsandbytes kernels raise for the model (as "Type: message")."""
+    try:
+        return forward(model, ids)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
 
 
 def record_gpu_distance(record_property, family: str, variant: str, logits: torch.Tensor, gpu: dict) -> float:
@@ -169,18 +174,18 @@ def test_loads_like_golden(family, variant, quantized, input_ids, gpu_logits, re
     assert_same_state(module_state(ours, exclude), module_state(theirs, exclude), "modules")
     assert_same_state(state_dict_bytes(ours, exclude), state_dict_bytes(theirs, exclude), "state_dict")
 
-    is_4bit = any(isinstance(m, bnb.nn.Linear4bit) for m in ours.modules())
-    if is_4bit and not cpu_4bit_forward_works(ours):
-        with pytest.raises(AssertionError, match="block_n"):  # still true? then the state above is the check
-            forward(ours, input_ids)
-        return
     if variant == "int8-skip-down":
         with torch.no_grad():
             hidden_ours = ours.get_decoder()(input_ids).last_hidden_state
             hidden_theirs = theirs.get_decoder()(input_ids).last_hidden_state
         assert torch.equal(hidden_ours, hidden_theirs)
         return
-    logits_ours, logits_theirs = forward(ours, input_ids), forward(theirs, input_ids)
+    logits_ours, logits_theirs = forward_or_error(ours, input_ids), forward_or_error(theirs, input_ids)
+    if isinstance(logits_theirs, str):  # bitsandbytes cannot run this model on this CPU: nor ours, the same way
+        assert logits_ours == logits_theirs
+        print(f"\n{family}/{variant}: no CPU forward here ({logits_theirs}); the loaded state above is the check")
+        return
+    assert isinstance(logits_ours, torch.Tensor), logits_ours
     assert torch.isfinite(logits_ours).all()
     assert torch.equal(logits_ours, logits_theirs)
     diff = record_gpu_distance(record_property, family, variant, logits_ours, gpu_logits)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from bnbcli import metrics
+from bnbcli.formats import metrics
 
 
 def test_roundtrip_error_matches_a_direct_float64_computation(monkeypatch) -> None:

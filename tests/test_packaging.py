@@ -16,8 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_package_is_listed_for_the_wheel():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bnbcli").rglob("__init__.py")}
-    assert set(setuptools["packages"]) == on_disk | {"bnbcli.cuda_kernels"}
+    assert set(setuptools["packages"]) == on_disk | {"bnbcli.cuda_kernels", "bnbcli.configs"}
     assert setuptools["package-dir"]["bnbcli.cuda_kernels"] == "cuda_kernels"
+    assert setuptools["package-dir"]["bnbcli.configs"] == "configs"
+
+
+def test_every_data_file_is_packaged():
+    """Files the package reads at run time (the planner table, the reciprocal table, bnb eval's texts) match
+    a package-data pattern, or a wheel would lack them while an editable install works."""
+    from fnmatch import fnmatch
+
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    folders = {"bnbcli.data": ROOT / "bnbcli" / "data", "bnbcli.eval": ROOT / "bnbcli" / "eval"}
+    folders |= {"bnbcli.configs": ROOT / "configs", "bnbcli.cuda_kernels": ROOT / "cuda_kernels"}
+    for package, folder in folders.items():
+        data = [p.name for p in folder.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
+        assert data, package
+        for name in data:
+            assert any(fnmatch(name, pattern) for pattern in patterns[package]), f"{package}/{name} is not packaged"
 
 
 def test_kernel_sources_match_the_packaged_patterns():

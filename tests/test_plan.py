@@ -18,9 +18,9 @@ import torch
 from golden import golden_dir
 
 from bnbcli.errors import InputError, UsageError
-from bnbcli.plan import QuantPlan, plan_quantization, quantization_config
-from bnbcli.planning.common import pattern_matches
-from bnbcli.scheme import QuantScheme, available_presets, load_preset, scheme_from_dict
+from bnbcli.plan.decisions import QuantPlan, plan_quantization, quantization_config
+from bnbcli.plan.planners.common import pattern_matches
+from bnbcli.plan.scheme import QuantScheme, available_presets, load_preset, scheme_from_dict
 
 MODELS = golden_dir() / "models"
 pytestmark = pytest.mark.skipif(not MODELS.is_dir(), reason=f"no golden models at {MODELS}")
@@ -138,7 +138,12 @@ def test_reasons_and_skip_modules() -> None:
     pytest.importorskip("transformers")
     llama = plan("llama", "nf4-dq")
     version = __import__("transformers").__version__
-    assert llama.reason == f"transformers {version} built LlamaForCausalLM on the meta device"
+    assert llama.planner == "transformers"
+    assert llama.reason.startswith("transformers' rules for LlamaForCausalLM, from bnb's planner table")
+    config, tensors = source("llama")
+    real = plan_quantization(config, tensors, VARIANTS["nf4-dq"], planner="transformers")
+    assert real.reason == f"transformers {version} built LlamaForCausalLM on the meta device"
+    assert dict(real.decisions) == dict(llama.decisions) and real.skip_modules == llama.skip_modules
     assert llama.skip_modules == ("lm_head",)
     assert list(llama.decisions) == list(source("llama")[1])  # every tensor, in checkpoint order
     assert llama.decision("model.norm.weight").reason == "norm"
@@ -170,7 +175,7 @@ def test_explicit_skip_list_reloads_to_the_same_decisions(family: str) -> None:
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.auto import AutoHfQuantizer
 
-    from bnbcli.planning.hf_transformers import quiet
+    from bnbcli.plan.planners.hf_transformers import quiet
 
     config, _ = source(family)
     for variant in ("nf4-dq", "int8-skip-down") if family == "llama" else ("nf4-dq", "int8"):
@@ -192,7 +197,7 @@ def test_diffusers_explicit_skip_list_reloads_to_the_same_decisions() -> None:
     from diffusers import BitsAndBytesConfig as DiffusersBnbConfig
     from diffusers.quantizers.bitsandbytes.utils import replace_with_bnb_linear
 
-    from bnbcli.planning.hf_diffusers import _resolve_class, quiet
+    from bnbcli.plan.planners.hf_diffusers import _resolve_class, quiet
 
     config, tensors = source("flux_tiny")
     p = plan_quantization(config, tensors, QuantScheme(method="nf4", skip=("proj_out",)))
@@ -411,7 +416,7 @@ def test_preset_errors(tmp_path: Path) -> None:
 
 def test_skip_list_entries_that_catch_other_modules_on_reload_keep_them_too() -> None:
     """transformers also matches llm_int8_skip_modules by suffix: "lm_head" catches "vision.lm_head"."""
-    from bnbcli.planning.common import ModuleVerdict, settle_skip_list
+    from bnbcli.plan.planners.common import ModuleVerdict, settle_skip_list
 
     verdicts = {
         "lm_head": ModuleVerdict("lm_head", False, "output embedding"),

@@ -1,31 +1,33 @@
-"""The plan cache (bnbcli/planning/cache.py): a second run with the same inputs gets the library planner's
+"""The plan cache (bnbcli/plan/planners/cache.py): a second run with the same inputs gets the library planner's
 answer without asking the library; any change of input asks again; a broken entry is made again."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from golden import golden_dir
 from test_plan import source
 
-from bnbcli.plan import plan_is_cached, plan_quantization
-from bnbcli.planning import cache, hf_diffusers, hf_transformers
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.decisions import plan_quantization
+from bnbcli.plan.planners import cache, hf_diffusers, hf_transformers, table
+from bnbcli.plan.scheme import QuantScheme
 
 SCHEME = QuantScheme(method="nf4", double_quant=True)
 
 
 @pytest.fixture
 def asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
-    """The plan cache on, in a folder of its own; the list of library planner calls made."""
+    """The plan cache on, in a folder of its own, and the planner table out of the way (the cache keeps the
+    real planners' answers: architectures the table does not describe); the list of library planner calls."""
+
+    def not_in_table(*args: Any) -> Any:
+        raise table.NotInTable("not in this test's table")
+
+    monkeypatch.setattr(table, "plan_modules", not_in_table)
     monkeypatch.setenv("BNB_PLAN_CACHE", "on")
     monkeypatch.setenv("BNB_CACHE_DIR", str(tmp_path / "cache"))
     calls: list[str] = []
@@ -38,6 +40,12 @@ def asked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
 
         monkeypatch.setattr(module, "plan_modules", counted)
     return calls
+
+
+def plan_is_cached(config: dict | None, tensors: Any, scheme: QuantScheme) -> bool:
+    """Whether the cache holds the library planner's answer for this component."""
+    library = "diffusers" if config and "_class_name" in config else "transformers"
+    return config is None or cache.lookup(library, config, tensors, scheme)
 
 
 def _same(a: Any, b: Any) -> None:
@@ -127,39 +135,6 @@ def test_off_and_unwritable(asked: list[str], monkeypatch: pytest.MonkeyPatch, t
     (tmp_path / "cache").write_text("a file where the folder would go")
     plan_quantization(config, tensors, SCHEME)  # plans anyway
     assert len(asked) == 3 and not plan_is_cached(config, tensors, SCHEME)
-
-
-def test_bnb_quantize_with_a_cached_plan_starts_no_planner(tmp_path: Path) -> None:
-    """Two `bnb quantize` runs of one model: the second plans from the cache, in its own process, and
-    writes the same files (its manifest says where the plan came from)."""
-    src = golden_dir() / "models" / "llama" / "src"
-    env = {"BNB_PLAN_CACHE": "on", "BNB_CACHE_DIR": str(tmp_path / "cache")}
-    script = (
-        "import sys, bnbcli.quantize as q, bnbcli.planning.isolated as iso\n"
-        "iso.SPECULATE_MIN_BYTES = 0\n"  # this small model speculates like a large one would
-        "asked = []\n"
-        "real = iso.plan_in_child\n"
-        "q.plan_in_child = lambda *a: asked.append(1) or real(*a)\n"
-        "sys.argv = ['bnb', 'quantize', sys.argv[1], sys.argv[2], '--backend', 'cpu', '--config', 'nf4-dq', '-q']\n"
-        "from bnbcli.cli.main import main\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-        "print('asked the child' if asked else 'no child')\n"
-    )
-    runs = []
-    for out in ("first", "second"):
-        done = subprocess.run(
-            [sys.executable, "-c", script, str(src), str(tmp_path / out)],
-            env={**os.environ, **env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr
-        runs.append(done.stdout.strip().splitlines()[-1])
-    assert runs == ["asked the child", "no child"]
-    for path in (tmp_path / "first").rglob("*"):
-        if path.is_file() and path.name != "bnb_manifest.json":
-            assert path.read_bytes() == (tmp_path / "second" / path.relative_to(tmp_path / "first")).read_bytes()
 
 
 def test_bnb_env_shows_the_planners_and_the_cache(tmp_path: Path) -> None:

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bnbcli
-from bnbcli.codes import (
+from bnbcli.formats.blocks import pack_nibbles, unpack_nibbles
+from bnbcli.formats.codes import (
     BLOCKWISE8_BLOCKSIZES,
     DYNAMIC_CODE,
     FOUR_BIT_BLOCKSIZES,
@@ -21,7 +22,6 @@ from bnbcli.codes import (
     NF4_CODE,
     NF4_THRESHOLDS,
 )
-from bnbcli.formats.blocks import pack_nibbles, unpack_nibbles
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # Relative rounding of one conversion to the output dtype.

@@ -31,6 +31,7 @@ from bnb_process import (  # tests/ is on sys.path (conftest.py)
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    HANG_SECONDS,
     assert_no_debris,
     interruptible_bnb,
     long_checkpoint,
@@ -208,11 +209,15 @@ def _pickle_only(root: Path) -> list[str]:
     return [str(root / "src"), str(root / "out")]
 
 
-def _out_exists(*flags: str) -> Callable[[Path], list[str]]:
+def _out_exists(*flags: str, ours: bool = True) -> Callable[[Path], list[str]]:
+    """OUT holds an earlier result: bnb's (its manifest is there), or someone else's."""
+
     def build(root: Path) -> list[str]:
         write_model(root / "src")
         (root / "out").mkdir()
         (root / "out" / "precious.txt").write_text("an earlier result\n")
+        if ours:
+            (root / "out" / "bnb_manifest.json").write_text("{}\n")
         return [str(root / "src"), str(root / "out"), *flags]
 
     return build
@@ -298,6 +303,13 @@ CASES: dict[str, Case] = {
     "pickle-only": Case(_pickle_only, EXIT_FAILED, ("pytorch_model.bin", "pickle"), ("safetensors",)),
     "out-exists": Case(_out_exists(), EXIT_FAILED, ("out", "already exists"), ("--overwrite",), out_exists=True),
     "out-exists-overwrite": Case(_out_exists("--overwrite"), 0, out_exists=True),
+    "out-not-ours-overwrite": Case(
+        _out_exists("--overwrite", ours=False),
+        EXIT_FAILED,
+        ("out", "already exists", "bnb did not write it"),
+        ("choose another OUT", "bnb_manifest.json"),
+        out_exists=True,
+    ),
     "unknown-scheme": Case(_with_flags("--scheme", "nf5"), EXIT_USAGE, ("'nf5'",), ("nf4", "int8")),
     "bad-blocksize": Case(_with_flags("--blocksize", "48"), EXIT_USAGE, ("blocksize 48",), ("64",)),
     "bad-max-shard-size": Case(_with_flags("--max-shard-size", "5XB"), EXIT_USAGE, ("'5XB'",), ("5GB",)),
@@ -393,16 +405,16 @@ def test_every_error_case_names_its_file_or_tensor() -> None:
 
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
 def test_sigint_while_starting_or_planning(tmp_path: Path, delay: float) -> None:
-    """Ctrl-C while Python imports torch, or while the planner imports transformers as the draft's weights
-    are being written: still one line, exit 130 and nothing left behind (an interrupted import must not
-    turn into a traceback, nor its half-made native threads into an abort at exit)."""
+    """Ctrl-C while Python imports torch, or while the planner imports transformers: still one line, exit
+    130 and nothing left behind (an interrupted import must not turn into a traceback, nor its half-made
+    native threads into an abort at exit)."""
     src, out = tmp_path / "src", tmp_path / "out"
-    long_checkpoint(src, count=130)  # 260 MiB, and a config.json: the draft starts before the plan
-    (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # planned by name rules
+    long_checkpoint(src, count=130)  # 260 MiB
+    (src / "config.json").write_text('{"model_type": "not-in-transformers"}')  # transformers asked, then name rules
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--no-progress")
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     shown = f"exit {proc.returncode}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     assert proc.returncode == EXIT_INTERRUPTED, shown
     assert stderr.splitlines() == ["error: interrupted"], shown
@@ -421,7 +433,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
     before = tree_digest(tmp_path)
     proc = interruptible_bnb("quantize", str(src), str(out), "--scheme", "nf4", "--double-quant", "--no-progress")
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_SECONDS
         tmp_dir = tmp_path / f".out.bnb-tmp-{proc.pid}"
         shard = tmp_dir / "model.safetensors"
         while True:
@@ -435,7 +447,7 @@ def test_sigint_leaves_nothing_behind(tmp_path: Path) -> None:
             time.sleep(0.02)
         assert (tmp_path / ".out.bnb-lock").is_file()
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=HANG_SECONDS)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,5 +1,6 @@
 """`bnb quantize` on every golden family and variant writes tensors byte-identical to what
-transformers + bitsandbytes' CUDA kernels wrote (golden/models/<family>/<variant>)."""
+transformers + bitsandbytes' CUDA kernels wrote (golden/models/<family>/<variant>): every tensor's dtype,
+shape and sha256 against the vendored records, and the config transformers wrote."""
 
 from __future__ import annotations
 
@@ -8,29 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir, tensor_bytes
+from golden import VARIANT_FLAGS, differs_from_record, golden_dir, golden_variants, variant_records
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
-
-VARIANT_FLAGS = {
-    "nf4-dq": ["--scheme", "nf4", "--double-quant"],
-    "nf4": ["--scheme", "nf4", "--no-double-quant"],
-    "fp4-dq": ["--scheme", "fp4", "--double-quant", "--compute-dtype", "float32"],
-    "nf4-storage-bf16": ["--scheme", "nf4", "--quant-storage", "bfloat16", "--compute-dtype", "float32"],
-    "int8": ["--scheme", "int8"],
-    "int8-skip-down": ["--scheme", "int8", "--skip", "down_proj", "--skip", "fc2", "--skip", "c_proj"],
-}
-
-
-def golden_variants() -> list[tuple[str, str]]:
-    models = golden_dir() / "models"
-    return [
-        (family.name, variant.name)
-        for family in sorted(p for p in models.iterdir() if p.is_dir())
-        for variant in sorted(p for p in family.iterdir() if p.is_dir() and p.name != "src")
-    ]
+from bnbcli.cli.app import app
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -47,30 +30,24 @@ def run_quantize(src: Path, out: Path, flags: list[str]) -> None:
 
 @pytest.mark.parametrize(("family", "variant"), golden_variants(), ids=lambda v: v)
 def test_quantize_matches_golden(family: str, variant: str, tmp_path: Path) -> None:
-    golden = golden_dir() / "models" / family
     out = tmp_path / "out"
-    run_quantize(golden / "src", out, VARIANT_FLAGS[variant])
-    ours, theirs = weights(out), weights(golden / variant)
+    run_quantize(golden_dir() / "models" / family / "src", out, VARIANT_FLAGS[variant])
+    ours = weights(out)
+    theirs = {name: t for record in variant_records(family, variant).values() for name, t in record["tensors"].items()}
     if variant == "int8-skip-down":
         # The one deliberate difference: transformers let the user's list replace its defaults and
         # quantized lm_head; ours adds to the defaults, so lm_head stays 16-bit.
         lm_head = {"lm_head.weight", "lm_head.SCB", "lm_head.weight_format"}
         assert set(theirs) - set(ours) == {"lm_head.SCB", "lm_head.weight_format"}
-        assert ours["lm_head.weight"].dtype == torch.bfloat16 and theirs["lm_head.weight"].dtype == torch.int8
+        assert ours["lm_head.weight"].dtype == torch.bfloat16 and theirs["lm_head.weight"]["dtype"] == "I8"
         ours = {k: v for k, v in ours.items() if k not in lm_head}
         theirs = {k: v for k, v in theirs.items() if k not in lm_head}
     assert set(ours) == set(theirs)
-    differing = [
-        k
-        for k in theirs
-        if ours[k].dtype != theirs[k].dtype
-        or ours[k].shape != theirs[k].shape
-        or tensor_bytes(ours[k]) != tensor_bytes(theirs[k])
-    ]
-    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+    differing = {k: why for k in theirs if (why := differs_from_record(ours[k], theirs[k]))}
+    assert not differing, f"{len(differing)} of {len(theirs)} tensors differ, e.g. {list(differing.items())[:3]}"
 
     config = json.loads((out / "config.json").read_text())
-    theirs_config = json.loads(next((golden / variant).glob("config.json")).read_text())
+    theirs_config = json.loads((golden_dir() / "models" / family / variant / "config.json").read_text())
     ours_q, theirs_q = config.pop("quantization_config"), theirs_config.pop("quantization_config")
     # An explicit, complete skip list instead of null; everything else as transformers wrote it.
     assert isinstance(ours_q.pop("llm_int8_skip_modules"), list)

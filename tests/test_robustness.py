@@ -15,10 +15,19 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bnb_process import COMMAND, EXIT_FAILED, assert_no_debris, bnb_env, long_checkpoint, run_bnb, tree_digest
+from bnb_process import (
+    COMMAND,
+    EXIT_FAILED,
+    HANG_SECONDS,
+    assert_no_debris,
+    bnb_env,
+    long_checkpoint,
+    run_bnb,
+    tree_digest,
+)
 from typer.testing import CliRunner
 
-from bnbcli.cli.main import app
+from bnbcli.cli.app import app
 
 QUANTIZE = ("--scheme", "nf4", "--double-quant", "--no-progress")
 
@@ -100,7 +109,7 @@ def test_second_run_on_the_same_out_fails_cleanly(tmp_path: Path) -> None:
     )
     try:
         lock, shard = tmp_path / ".out.bnb-lock", tmp_path / f".out.bnb-tmp-{first.pid}" / "model.safetensors"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG_SECONDS
         while not (lock.exists() and shard.exists() and shard.stat().st_size > 0):
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first run never started writing"
@@ -113,7 +122,7 @@ def test_second_run_on_the_same_out_fails_cleanly(tmp_path: Path) -> None:
         assert second.exit_code == EXIT_FAILED, second.output
         message = second.exception.message  # type: ignore[union-attr]
         assert message == f"another bnb (pid {first.pid}) is writing {out}", message
-        _, stderr = first.communicate(timeout=120)
+        _, stderr = first.communicate(timeout=HANG_SECONDS)
     finally:
         if first.poll() is None:
             first.kill()
@@ -186,7 +195,7 @@ def test_same_input_same_bytes(threads: str | None, reference: tuple[Path, Path,
     assert manifest_without_run(out) == manifest_without_run(ref_out)
 
 
-def test_config_describing_a_huge_model_is_refused_quickly(tmp_path: Path) -> None:
+def test_config_describing_a_huge_model_is_refused(tmp_path: Path) -> None:
     """config.json says 2**31 layers for a one-layer checkpoint: building that model on the meta device
     would run for hours (found by the fuzzer); it stops at a budget and the planners fall back."""
     from fuzz_harness import LLAMA_CONFIG, llama_tensors
@@ -194,10 +203,8 @@ def test_config_describing_a_huge_model_is_refused_quickly(tmp_path: Path) -> No
 
     save_file(llama_tensors(0), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "num_hidden_layers": 2**31}))
-    started = time.monotonic()
     plan = CliRunner().invoke(app, ["quantize", str(tmp_path), str(tmp_path.parent / "q"), "--dry-run", "--json"])
     footprint = CliRunner().invoke(app, ["footprint", str(tmp_path), "--json"])
-    assert time.monotonic() - started < 30
     assert plan.exit_code == 0, plan.output
     component = json.loads(plan.stdout)["components"][0]
     assert component["planner"] == "name-rules" and "more than" in component["planner_reason"]
@@ -219,7 +226,7 @@ def _killed_after_shards(src: Path, out: Path, shards: int) -> None:
         env=bnb_env(),
     )
     journal = out.parent / f".{out.name}.bnb-tmp-{proc.pid}" / ".bnb-journal.json"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_SECONDS
     try:
         while True:
             assert proc.poll() is None, "the run finished before it could be killed"
@@ -336,7 +343,7 @@ def test_only_lost_keyboardinterrupts_are_kept_quiet(
     import sys
     from types import SimpleNamespace
 
-    from bnbcli.entry import _unraisable
+    from bnbcli.cli.entry import _unraisable
 
     passed_on: list[BaseException] = []
     monkeypatch.setattr(sys, "__unraisablehook__", lambda args: passed_on.append(args.exc_value))

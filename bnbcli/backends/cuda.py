@@ -31,11 +31,11 @@ from bnbcli.backends.cuda_runtime import (
     resident_ctas,
     sm_count,
 )
-from bnbcli.codes import DYNAMIC_CODE, FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
-from bnbcli.errors import UsageError
+from bnbcli.errors import InputError, InternalError, UsageError
 from bnbcli.formats import blockwise8, fourbit
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
+from bnbcli.formats.codes import DYNAMIC_CODE, FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.cuda_mean import reduce_config
 from bnbcli.formats.fourbit import FLOAT_DTYPES, QuantState4bit, dtype_name
 from bnbcli.formats.int8 import Int8Rowwise
@@ -46,11 +46,13 @@ TILE_ELEMENTS = THREADS * 16  # quantize_blockwise.cu: 16 elements per thread
 def _check(t: torch.Tensor, what: str, dtype: torch.dtype, device: torch.device, numel: int | None = None) -> None:
     """The contract of a kernel argument: its dtype, contiguous, on the kernel's device, its size."""
     if t.dtype != dtype:
-        raise UsageError(f"{what} must be {dtype_name(dtype)}, not {dtype_name(t.dtype)}")
+        raise UsageError(
+            f"{what} must be {dtype_name(dtype)}, not {dtype_name(t.dtype)}", hint=f"cast it to {dtype_name(dtype)}"
+        )
     if t.get_device() != (device.index if device.type == "cuda" else -1):  # get_device() is -1 on the CPU
         raise UsageError(f"{what} is on {t.device}, the kernel runs on {device}", hint="move every tensor to one GPU")
     if not t.is_contiguous():
-        raise UsageError(f"{what} must be contiguous")
+        raise UsageError(f"{what} must be contiguous", hint="pass .contiguous()")
     if numel is not None and t.numel() != numel:
         raise UsageError(f"{what} has {t.numel()} elements, expected {numel}", hint="the state is inconsistent")
 
@@ -114,7 +116,7 @@ def _torch_mean(x: torch.Tensor) -> _TorchMean:
     _check(x, "mean input", torch.float32, device)
     n = x.numel()
     if not 0 < n < 2**31 or x.data_ptr() % 16 or not x.is_contiguous():
-        raise UsageError(f"kTorchMeanPartials: needs a contiguous, aligned tensor of 1 ... 2**31-1 floats, not {n}")
+        raise InternalError(f"kTorchMeanPartials: needs a contiguous, aligned tensor of 1 ... 2**31-1 floats, not {n}")
     config = reduce_config(n, *reduce_geometry(device.index))
     partials = torch.empty(config["ctas"], dtype=torch.float32, device=device)
     width, vectorized = np.int32(config["block_width"]), np.int32(config["vectorize_input"])
@@ -146,10 +148,10 @@ def _quantize_blockwise(
     absmax into absmax, and the encoder's code map into code_map when given (the record's own copy)."""
     device = _on_gpu(x)
     if x.dtype not in ELEMENT_TYPES or x.data_ptr() % 16 or not x.is_contiguous():
-        raise UsageError("kQuantizeBlockwise takes a contiguous, 16-byte aligned fp16/bf16/fp32 tensor")
+        raise InternalError("kQuantizeBlockwise takes a contiguous, 16-byte aligned fp16/bf16/fp32 tensor")
     n = x.numel()
     if n == 0 or n >= 2**62 or blocksize not in (16 << k for k in range(1, 9)):
-        raise UsageError(f"kQuantizeBlockwise: n={n}, blocksize={blocksize} out of range")
+        raise InternalError(f"kQuantizeBlockwise: n={n}, blocksize={blocksize} out of range")
     _check(out, "codes", torch.uint8, device, n if encoder.startswith("Dyn8") else (n + 1) // 2)
     _check(absmax, "absmax", torch.float32, device, num_blocks(n, blocksize))
     mean_args: tuple = (NULL, np.int32(1), np.int32(1), np.float32(0.0), NULL)
@@ -188,11 +190,11 @@ def _dequantize_blockwise(
     n_codes = (n + 1) // 2 if bits == 4 else n
     _check(codes, "codes", torch.uint8, device, n_codes)
     if codes.data_ptr() % 16:
-        raise UsageError("kDequantize: codes must be 16-byte aligned")
+        raise InternalError("kDequantize: codes must be 16-byte aligned")
     _check(table, "code table", torch.float32, device, 16 if bits == 4 else 256)
     _check(out, "output", out.dtype, device, n)
     if out.dtype not in ELEMENT_TYPES or out.data_ptr() % 16:
-        raise UsageError("kDequantize: the output must be a 16-byte aligned fp16/bf16/fp32 tensor")
+        raise InternalError("kDequantize: the output must be a 16-byte aligned fp16/bf16/fp32 tensor")
     blocks = num_blocks(n, blocksize)
     # Kernel parameters after the code table: 4-bit (absmax, qabsmax, nested_absmax, nested_code,
     # log2_nested, offset, offset_at); 8-bit the same without nested_code (it reads the nested codes
@@ -227,10 +229,10 @@ def _int8_row_quant(
     """kInt8RowQuant<In>: one CTA per row of the 2-D ``rows``."""
     device = _on_gpu(rows)
     if rows.dim() != 2 or rows.dtype not in ELEMENT_TYPES or not rows.is_contiguous():
-        raise UsageError("kInt8RowQuant takes a contiguous 2-D fp16/bf16/fp32 tensor")
+        raise InternalError("kInt8RowQuant takes a contiguous 2-D fp16/bf16/fp32 tensor")
     nrows, cols = rows.shape
     if nrows >= 2**31 or cols >= 2**31 or nrows * cols == 0:
-        raise UsageError(f"kInt8RowQuant: {nrows} x {cols} is out of range")
+        raise InternalError(f"kInt8RowQuant: {nrows} x {cols} is out of range")
     _check(cb, "CB", torch.int8, device, nrows * cols)
     _check(scb, "SCB", torch.float32, device, nrows)
     if col_flags is not None:
@@ -249,7 +251,7 @@ def _int8_row_dequant(cb: torch.Tensor, scb: torch.Tensor, cols: int, out: torch
     _check(scb, "SCB", torch.float32, device, n // cols)
     _check(out, "output", torch.float32, device, n)
     if cb.data_ptr() % 16 or out.data_ptr() % 16 or n % cols:
-        raise UsageError("kInt8RowDequant: CB and the output must be 16-byte aligned whole rows")
+        raise InternalError("kInt8RowDequant: CB and the output must be 16-byte aligned whole rows")
     grid = -(-n // (THREADS * 16))
     launch(device, "int8_rowwise.cu", "kInt8RowDequant", grid, (cb, scb, np.int64(n), np.int32(cols), out))
 
@@ -346,9 +348,14 @@ def dequantize_4bit(q: QuantState4bit, offset: torch.Tensor | None = None) -> to
     packed = q.packed.contiguous().view(torch.uint8).reshape(-1)
     needed = (n + 1) // 2
     if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
-        raise UsageError(f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent")
+        raise InputError(
+            f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent; export it again"
+        )
     if q.dtype not in FLOAT_DTYPES or q.blocksize not in FOUR_BIT_BLOCKSIZES:
-        raise UsageError(f"cannot dequantize to {dtype_name(q.dtype)} with blocksize {q.blocksize}")
+        raise UsageError(
+            f"cannot dequantize to {dtype_name(q.dtype)} with blocksize {q.blocksize}",
+            hint="dtype float16, bfloat16 or float32; blocksize one of " + ", ".join(map(str, FOUR_BIT_BLOCKSIZES)),
+        )
     if packed.numel() < needed:  # a 2- or 4-byte quant_storage dropped the last partial element's bytes
         packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
     out = torch.empty(n, dtype=q.dtype, device=device)
@@ -366,7 +373,10 @@ def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = F
     """``blockwise8.quantize_blockwise8`` on the GPU."""
     blockwise8._check_blocksize(blocksize)
     if x.dtype not in FLOAT_DTYPES or x.numel() == 0:
-        raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor of {x.numel()} elements")
+        raise UsageError(
+            f"cannot quantize a {dtype_name(x.dtype)} tensor of {x.numel()} elements",
+            hint="give a non-empty fp16, bf16 or fp32 tensor",
+        )
     device = _on_gpu(x)
     x = _aligned(x)
     codes = torch.empty(x.numel(), dtype=torch.uint8, device=device)
@@ -405,7 +415,7 @@ def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwis
     if x.dtype not in FLOAT_DTYPES:
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if x.numel() == 0:
-        raise UsageError("cannot quantize an empty tensor")
+        raise UsageError("cannot quantize an empty tensor", hint="give a tensor with elements")
     device = _on_gpu(x)
     rows = _aligned(x.reshape(-1, x.shape[-1]) if x.dim() > 0 else x.reshape(1, 1))
     nrows, cols = rows.shape

@@ -13,8 +13,8 @@ from functools import cache
 import numpy as np
 import torch
 
-from bnbcli.codes import FP4_MAGNITUDE_BITS, FP4_THRESHOLDS, NF4_THRESHOLDS
 from bnbcli.formats import blockwise8, fourbit
+from bnbcli.formats.codes import FP4_MAGNITUDE_BITS, FP4_THRESHOLDS, NF4_THRESHOLDS
 
 # --------------------------------------------------------------------------------------------------
 # 4-bit: 31 buckets of width 1/15 over the scaled value, one per lane of a warp (LaneLut in the .cu).

@@ -1,8 +1,11 @@
-"""An output folder that appears whole or not at all.
+"""An output folder that appears whole or not at all, and what an output may replace.
 
 Everything is written into a temporary folder beside OUT (same filesystem, so the final rename is
 atomic); a lock file keeps a second run off the same OUT; an interrupted run leaves no OUT, and its
-temporary folder is swept away by the next run.
+temporary folder is swept away by the next run. An existing OUT is replaced (with --overwrite) only
+when it is a folder bnb wrote, recognised by its manifest, or an empty folder: never a file, a link, a
+device, someone's folder, the current folder or the home folder (``check_replaceable``). A single
+output file (`bnb inspect --report`) follows the same rule through ``write_file``.
 """
 
 from __future__ import annotations
@@ -11,15 +14,29 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 from types import TracebackType
 
 from bnbcli import interrupts
 from bnbcli.checkpoint.journal import JOURNAL_NAME
+from bnbcli.checkpoint.manifest import MANIFEST_NAME
 from bnbcli.errors import BnbError, InputError, OutputError
 
 TMP_MARK = ".bnb-tmp-"
 LOCK_MARK = ".bnb-lock"
+OLD_MARK = "old-"  # the replaced OUT, renamed aside until it is removed: .OUT.bnb-tmp-old-PID
+PID_DIGITS = 7  # Linux's largest pid (4194304) has 7 digits
+
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFLNK: "a link",
+    stat.S_IFREG: "a file",
+    stat.S_IFCHR: "a device",
+    stat.S_IFBLK: "a device",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -41,6 +58,119 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def check_name_length(path: Path) -> None:
+    """bnb writes beside ``path`` under a longer name (``.NAME.bnb-tmp-old-PID``): refuse a name that
+    leaves no room for it, before anything looks at the path (the filesystem answers ENAMETOOLONG)."""
+    try:
+        name_max = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - len(f".{TMP_MARK}{OLD_MARK}") - PID_DIGITS
+    if len(os.fsencode(path.name)) > room:
+        raise OutputError(
+            f"cannot write {path}: name too long",
+            hint=f"choose a name of at most {room} bytes (bnb writes beside it under the name plus "
+            f"{name_max - room} bytes)",
+        )
+
+
+def _protected() -> dict[Path, str]:
+    """Folders never replaced, whatever they hold, with the reason."""
+    found = {Path("/"): "is the root folder"}
+    with contextlib.suppress(RuntimeError, KeyError, OSError):  # no home folder to be found
+        found[Path.home().resolve()] = "is the home folder"
+    with contextlib.suppress(OSError):  # the current folder was removed
+        cwd = Path.cwd().resolve()
+        found[cwd] = "is the current folder"
+        for parent in cwd.parents:
+            found.setdefault(parent, "holds the current folder")
+    return found
+
+
+def check_replaceable(path: Path, signature: bytes | None = None) -> None:
+    """Raise unless ``path``, which exists, is an output bnb may replace. A folder (``signature``
+    None): one that holds bnb's manifest, or an empty one. A file: a regular file that is empty or
+    begins with ``signature``. Never anything else: a link (it would be replaced, not followed), a
+    device, a FIFO, a socket, the current folder, one that holds it, the home folder."""
+    folder = signature is None
+    try:
+        why = _why_not_replaceable(path, signature)
+    except OSError as e:
+        why = f"cannot be read ({e.strerror or e})"
+    if why is None:
+        return
+    hint = (
+        f"choose another OUT: --overwrite replaces only a folder bnb wrote (with its {MANIFEST_NAME}) or an empty one"
+        if folder
+        else "choose another file name: bnb replaces only a file it wrote, or an empty one"
+    )
+    raise InputError(f"{path} already exists and {why}", hint=hint)
+
+
+def _why_not_replaceable(path: Path, signature: bytes | None) -> str | None:
+    mode = os.lstat(path).st_mode
+    if signature is None:
+        if not stat.S_ISDIR(mode):
+            return f"is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}, not a folder"
+        if why := _protected().get(path.resolve()):
+            return why
+        manifest = path / MANIFEST_NAME
+        if (manifest.is_file() and not manifest.is_symlink()) or not any(path.iterdir()):
+            return None
+        return f"bnb did not write it (no {MANIFEST_NAME} in it)"
+    if not stat.S_ISREG(mode):
+        return f"is {_KINDS.get(stat.S_IFMT(mode), 'a special file')}, not a file"
+    with open(path, "rb") as f:
+        head = f.read(len(signature))
+    return None if head in (b"", signature) else "bnb did not write it"
+
+
+def check_output_file(path: Path, signature: bytes, option: str) -> None:
+    """Raise unless ``write_file(path, …, signature, option)`` may write there: before the work, to fail
+    early. The only true test of the folder (read-only, permissions, missing) is to make the temporary
+    file there."""
+    check_name_length(path)
+    if os.path.lexists(path):
+        check_replaceable(path, signature)
+    probe = _tmp_file(path)
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        raise _cannot_write(path, option, exc) from exc
+
+
+def write_file(path: Path, data: bytes, signature: bytes, option: str) -> None:
+    """Write ``path`` (given as ``option``) whole or not at all: into a temporary file beside it, renamed
+    onto it. An existing ``path`` is replaced only when bnb wrote it (it begins with ``signature``) or it
+    is empty."""
+    check_output_file(path, signature, option)
+    tmp = _tmp_file(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, option, exc) from exc
+        raise
+
+
+def _tmp_file(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}"
+
+
+def _cannot_write(path: Path, option: str, exc: OSError) -> OutputError:
+    return OutputError(
+        f"{option} {path}: cannot write it: {_why(exc)}", hint=f"give {option} a file in a folder you can write"
+    )
+
+
 class AtomicOutputDir:
     """``with AtomicOutputDir(out, overwrite) as tmp: …write into tmp…; commit()`` renames tmp to out."""
 
@@ -52,27 +182,42 @@ class AtomicOutputDir:
         self.parent = self.out.parent
         self.lock = self.parent / f".{self.out.name}{LOCK_MARK}"
         self.tmp = self.parent / f".{self.out.name}{TMP_MARK}{os.getpid()}"
+        self.trash = self.parent / f".{self.out.name}{TMP_MARK}{OLD_MARK}{os.getpid()}"
         self.committed = False
         self.locked = False
 
     def __enter__(self) -> Path:
+        check_name_length(self.out)
         if not self.parent.is_dir():
             raise InputError(f"the folder for {self.out} does not exist", hint=f"create {self.parent} first")
-        if self.out.exists() and not self.overwrite:
-            raise InputError(f"{self.out} already exists", hint="pass --overwrite to replace it, or choose another OUT")
-        self._take_lock()
-        try:
+        self._check_out()
+        made = False
+        try:  # nothing of ours stays if this is cut short (a signal comes back once an import ends)
+            self._take_lock()
             self._sweep_stale()
             if self.adopted is not None:
                 os.rename(self.adopted, self.tmp)
             else:
                 self.tmp.mkdir()
-        except OSError as exc:
+                made = True
+        except BaseException as exc:
+            if made:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             self._release_lock()
-            raise InputError(
-                f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions and free space"
-            ) from exc
+            if isinstance(exc, OSError):
+                raise InputError(
+                    f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions and free space"
+                ) from exc
+            raise
         return self.tmp
+
+    def _check_out(self) -> None:
+        """OUT must not exist, or with --overwrite be a folder bnb may replace."""
+        if not os.path.lexists(self.out):
+            return
+        check_replaceable(self.out)
+        if not self.overwrite:
+            raise InputError(f"{self.out} already exists", hint="pass --overwrite to replace it, or choose another OUT")
 
     def _take_lock(self) -> None:
         for _ in range(2):
@@ -92,9 +237,9 @@ class AtomicOutputDir:
                 continue
             except OSError as exc:
                 raise InputError(f"cannot write in {self.parent}: {exc.strerror}", hint="check permissions") from exc
+            self.locked = True  # ours from here, even if a signal cuts the write short
             with os.fdopen(fd, "w") as f:
                 f.write(str(os.getpid()))
-            self.locked = True
             return
         raise InputError(f"cannot lock {self.out}", hint=f"remove {self.lock} if no bnb is running")
 
@@ -107,12 +252,14 @@ class AtomicOutputDir:
         """Temporary folders of earlier runs on this OUT that died without cleaning up. With ``resume``
         the newest one that kept a journal is adopted instead (see checkpoint/journal.py)."""
         stale = []
-        for folder in self.parent.glob(f".{self.out.name}{TMP_MARK}*"):
+        prefix = f".{self.out.name}{TMP_MARK}"
+        for folder in (p for p in self.parent.iterdir() if p.name.startswith(prefix)):  # the name is no pattern
             pid = folder.name.rsplit("-", 1)[-1]
             if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
                 stale.append(folder)
         if self.resume:
-            resumable = [f for f in stale if "-old-" not in f.name and any(f.rglob(JOURNAL_NAME))]
+            runs = [f for f in stale if not f.name[len(prefix) :].startswith(OLD_MARK)]  # not a replaced OUT
+            resumable = [f for f in runs if any(f.rglob(JOURNAL_NAME))]
             if resumable:
                 self.adopted = max(resumable, key=lambda f: f.stat().st_mtime_ns)
         for folder in stale:
@@ -130,11 +277,11 @@ class AtomicOutputDir:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        if self.out.exists():
-            trash = self.parent / f".{self.out.name}{TMP_MARK}old-{os.getpid()}"
-            os.rename(self.out, trash)
+        self._check_out()  # again: OUT may have appeared or changed while this run wrote
+        if os.path.lexists(self.out):
+            os.rename(self.out, self.trash)
             os.rename(self.tmp, self.out)
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(self.trash, ignore_errors=True)
         else:
             os.rename(self.tmp, self.out)
         _fsync_dir(self.parent)

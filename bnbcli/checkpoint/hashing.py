@@ -5,7 +5,8 @@ which has to see every byte in file order. One stream runs at ~2 GB/s on a core,
 GPU conversion reads its input, so each file is hashed by its own worker, in parallel with the
 pipeline and with the other files; hashlib releases the GIL on large updates. The workers read the
 same files the pipeline reads, so with a warm page cache the second read costs memory bandwidth only.
-`bnb quantize` starts them before it imports torch, in a child interpreter (``hash_sources_early``).
+`bnb quantize` starts them as soon as it has read its arguments, before it imports torch, in a child
+interpreter (``hash_sources_early``).
 """
 
 from __future__ import annotations
@@ -45,18 +46,16 @@ def _stamp(path: str | Path) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def hash_sources_early(argv: list[str]) -> None:
-    """Start hashing the shards of ``bnb quantize SRC OUT ...`` now, when SRC is a local folder: the
-    `bnb` command calls this before it imports torch (seconds), and the digests are often ready before
-    the last tensor is written. The hashing runs in a child interpreter (``sha256_worker``), which
-    shares no lock with that import; if the child cannot run, threads of this process take over. A
-    guess from the command line alone: the pipeline takes the digests of the files it reads and
-    ignores the others. Nothing here is waited for when a run ends early (an error, --help)."""
-    if len(argv) < 3 or argv[0] != "quantize" or any(a in ("--dry-run", "--help", "-h") for a in argv):
-        return
-    src = Path(argv[1])
+def hash_sources_early(src: str) -> None:
+    """Start hashing the shards of SRC now, when it is a local folder: `bnb quantize` calls this before it
+    imports torch (seconds), and the digests are often ready before the last tensor is written. The
+    hashing runs in a child interpreter (``sha256_worker``), which shares no lock with that import; if the
+    child cannot run, threads of this process take over. A guess from SRC alone: the pipeline takes the
+    digests of the files it reads and ignores the others. Nothing here is waited for when a run ends
+    early (an error)."""
+    folder = Path(src)
     try:
-        files = sorted({os.path.realpath(f) for f in [*src.glob("*.safetensors"), *src.glob("*/*.safetensors")]})
+        files = sorted({os.path.realpath(f) for f in [*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors")]})
     except OSError:
         return
     pending: dict[str, Future[str]] = {}

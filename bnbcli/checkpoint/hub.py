@@ -8,13 +8,13 @@ are never fetched.
 from __future__ import annotations
 
 import glob
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bnbcli import json_text
 from bnbcli.checkpoint.shards import CANONICAL_STEMS, INDEX_SUFFIX, SAFETENSORS_SUFFIX, WEIGHT_SUFFIXES
-from bnbcli.errors import InputError
+from bnbcli.errors import BnbError, InputError, InternalError
 
 # Configs, indexes, model_index.json, tokenizer vocabularies and templates, model cards. No *.py: remote code
 # is not ours to run or to ship.
@@ -46,7 +46,7 @@ def resolve(repo_id: str, revision: str | None) -> HubSnapshot:
         first = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(METADATA_PATTERNS)))
         patterns = [*METADATA_PATTERNS, *weight_patterns(first)]
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except (OSError, ValueError) as e:  # every huggingface_hub error we can explain derives from one of them
+    except Exception as e:
         raise hub_error(e, repo_id, revision) from e
     in_cache = folder.parent.name == "snapshots"
     return HubSnapshot(folder=folder, repo_folder=folder.parent.parent if in_cache else folder, commit=folder.name)
@@ -58,7 +58,7 @@ def weight_patterns(snapshot: Path) -> list[str]:
     model_index = snapshot / "model_index.json"
     if model_index.is_file():  # a diffusers pipeline: weights live in the component folders it names
         try:
-            names = json.loads(model_index.read_text(encoding="utf-8"))
+            names = json_text.loads(model_index.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             names = {}  # open_checkpoint reports the broken file; fetch no weights for it
         prefixes = [f"{k}/" for k, v in names.items() if not k.startswith("_") and isinstance(v, list)]
@@ -82,7 +82,7 @@ def _indexed_shards(folder: Path) -> list[str] | None:
     for path in candidates:
         if path.is_file():
             try:
-                weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+                weight_map = json_text.loads(path.read_text(encoding="utf-8")).get("weight_map")
             except (OSError, ValueError, AttributeError):
                 return None  # validated (and reported) later, when the checkpoint is opened
             if isinstance(weight_map, dict):
@@ -91,8 +91,24 @@ def _indexed_shards(folder: Path) -> list[str] | None:
     return None
 
 
-def hub_error(e: Exception, repo_id: str, revision: str | None) -> InputError:
-    """huggingface_hub's exceptions → one-line InputErrors with a hint."""
+# The network errors of huggingface_hub's HTTP client, which is requests, httpx or httpx2 by its version.
+_TRANSPORT_ERRORS = frozenset({"TransportError", "ConnectionError", "Timeout"})
+_HTTP_CLIENTS = frozenset({"requests", "httpx", "httpx2"})
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether the Hub could not be asked at all: offline mode (HF_HUB_OFFLINE), or no network."""
+    from huggingface_hub.utils import OfflineModeIsEnabled
+
+    if isinstance(e, (OfflineModeIsEnabled, ConnectionError, TimeoutError)):
+        return True
+    return any(
+        c.__name__ in _TRANSPORT_ERRORS and c.__module__.partition(".")[0] in _HTTP_CLIENTS for c in type(e).__mro__
+    )
+
+
+def hub_error(e: Exception, repo_id: str, revision: str | None) -> BnbError:
+    """huggingface_hub's exceptions → one-line InputErrors with a hint; a bug of ours stays an internal error."""
     from huggingface_hub import constants
     from huggingface_hub.utils import (
         GatedRepoError,
@@ -113,15 +129,27 @@ def hub_error(e: Exception, repo_id: str, revision: str | None) -> InputError:
         return InputError(f"{at}: revision {revision!r} not found", "pass a branch, tag or commit that exists")
     if isinstance(e, LocalEntryNotFoundError):
         # Offline (HF_HUB_OFFLINE=1 or no network) and not (completely) in the cache.
-        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
         incomplete = "incompletely " if hasattr(e, "snapshot_path") else "not "  # IncompleteSnapshotError (hf>=1.x)
+        cached = f"{at}: {incomplete}in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+        fetch = f"`hf download {repo_id}` into that cache"
+        if constants.HF_HUB_OFFLINE:
+            return InputError(f"{cached} and HF_HUB_OFFLINE is set", f"unset HF_HUB_OFFLINE to download it, or {fetch}")
         return InputError(
-            f"{at}: {incomplete}in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}",
-            f"download it where the Hub is reachable (`hf download {repo_id}`) into that cache, or pass a local folder",
+            f"{cached} and the Hub cannot be reached",
+            f"where the Hub is reachable, {fetch}; then HF_HUB_OFFLINE=1 reads it from there without the network",
+        )
+    if unreachable(e):
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        return InputError(
+            f"{at}: the Hub cannot be reached ({type(e).__name__}: {first_line})",
+            f"check the network (HF_ENDPOINT is {constants.ENDPOINT}); HF_HUB_OFFLINE=1 reads what the Hugging Face "
+            f"cache ({constants.HF_HUB_CACHE}) holds without asking the Hub",
         )
     if isinstance(e, HFValidationError):
         return InputError(f"{repo_id!r} is not a valid Hub repo id: {e}", "a repo id looks like org/name")
     if isinstance(e, HfHubHTTPError):
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         return InputError(f"{at}: Hub request failed: {first_line}", "check your network, or try again later")
-    return InputError(f"{at}: cannot fetch from the Hub: {type(e).__name__}: {e}", "check your network and the id")
+    if isinstance(e, (OSError, ValueError)):  # every huggingface_hub error we can explain derives from one of them
+        return InputError(f"{at}: cannot fetch from the Hub: {type(e).__name__}: {e}", "check your network and the id")
+    return InternalError(f"internal error: {at}: {type(e).__name__}: {e}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bnbcli import __version__
+from bnbcli import __version__, json_text
 
 JOURNAL_NAME = ".bnb-journal.json"
 JOURNAL_VERSION = 1
@@ -71,7 +71,7 @@ class Journal:
 
     def _load(self, folder: Path) -> None:
         try:
-            document = json.loads(self.path.read_text())
+            document = json_text.loads(self.path.read_text())
         except (OSError, ValueError):
             return
         if (

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import stat
 import struct
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from bnbcli import json_text
 from bnbcli.errors import InputError
 
 # safetensors refuses headers over 100 MB (its MAX_HEADER_SIZE); a real 70B checkpoint's header is ~100 KB,
@@ -180,7 +180,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _parse_header(path: Path, raw: bytes) -> tuple[dict[str, str], dict[str, Any]]:
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+        header = json_text.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: header is not valid UTF-8 ({e.reason} at byte {e.start})", _NOT_ST) from e
     except ValueError as e:  # json.JSONDecodeError is a ValueError, as is a duplicate key
@@ -294,7 +294,10 @@ def _read_part(fd: int, info: TensorInfo, view: memoryview, begin: int) -> None:
                 )
             done += n
     except OSError as e:
-        raise InputError(f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}") from e
+        raise InputError(
+            f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+            "check that the file is still there and readable, then run again",
+        ) from e
 
 
 def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
@@ -309,7 +312,10 @@ def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
         try:
             fd = os.open(info.path, os.O_RDONLY)
         except OSError as e:
-            raise InputError(f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}") from e
+            raise InputError(
+                f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+                "check that the file is still there and readable, then run again",
+            ) from e
         try:
             parts = range(0, info.nbytes, READ_PART_BYTES)
             if len(parts) == 1:

@@ -7,12 +7,13 @@ have read: ``model.safetensors``, then ``model.safetensors.index.json`` (likewis
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from bnbcli import json_text
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
 from bnbcli.errors import InputError
 
@@ -101,6 +102,7 @@ class LoadedWeights:
     files: tuple[Path, ...]
     index: dict[str, Any] | None
     tensors: dict[str, TensorInfo]
+    unlisted: dict[str, tuple[str, ...]] = field(default_factory=dict)  # see _unlisted_shards
 
 
 def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
@@ -110,10 +112,12 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
     folder itself, or for a Hub snapshot the repo's cache folder (whose files link to ``../../blobs``).
     """
     if choice.single is not None:
+        refuse_link_out(choice.single, trusted_root)
         shard = SafetensorsFile.open(choice.single)
         return LoadedWeights(files=(choice.single,), index=None, tensors=dict(shard.tensors))
     assert choice.index is not None
     index_path = choice.index
+    refuse_link_out(index_path, trusted_root)
     index, weight_map = read_index(index_path)
     shard_names = list(dict.fromkeys(weight_map.values()))  # index order, each shard once
     shards = {name: SafetensorsFile.open(shard_path(index_path, name, trusted_root)) for name in shard_names}
@@ -150,13 +154,30 @@ def load_weights(choice: WeightChoice, trusted_root: Path) -> LoadedWeights:
                 "the index and the shards disagree; re-export the checkpoint or fix the index",
             )
     files = tuple(shard.path for shard in shards.values())
-    return LoadedWeights(files=files, index=index, tensors=tensors)
+    return LoadedWeights(files, index, tensors, _unlisted_shards(index_path, shard_names))
+
+
+def _unlisted_shards(index_path: Path, listed: list[str]) -> dict[str, tuple[str, ...]]:
+    """Shards beside the index (``model-00003-of-00003.safetensors``) that its weight_map never names, and
+    the tensors each holds. They are not part of the model (transformers does not load them either), but
+    an export that lost index entries looks exactly like this, so they are named. A shard that cannot be
+    read is named without its tensors."""
+    stem = re.escape(index_path.name.removesuffix(INDEX_SUFFIX))
+    shard_name = re.compile(rf"{stem}-\d+-of-\d+{re.escape(SAFETENSORS_SUFFIX)}")
+    found: dict[str, tuple[str, ...]] = {}
+    for path in sorted(index_path.parent.iterdir()):
+        if shard_name.fullmatch(path.name) and path.name not in listed and path.is_file():
+            try:
+                found[path.name] = tuple(SafetensorsFile.open(path).tensors)
+            except InputError:
+                found[path.name] = ()
+    return found
 
 
 def read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Parse a ``*.safetensors.index.json``; returns the index and its validated ``weight_map``."""
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
+        index = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: index is not valid JSON: {e}", "re-download or re-export the checkpoint") from e
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -188,18 +209,31 @@ def shard_path(index_path: Path, name: str, trusted_root: Path) -> Path:
             f"{index_path}: shard {name} does not exist",
             "the download is incomplete; fetch the missing shard",
         )
-    if not path.resolve().is_relative_to(trusted_root.resolve()):
-        raise InputError(
-            f"{index_path}: shard {name} is a link to {path.resolve()}, outside the model folder",
-            "copy the shard into the folder; links out of it are refused",
-        )
+    refuse_link_out(path, trusted_root)
     return path
 
 
+def refuse_link_out(path: Path, trusted_root: Path) -> None:
+    """Every file bnb reads or copies from a folder must stay inside ``trusted_root`` once links are
+    resolved: a ``tokenizer.json`` linking to /etc/shadow would otherwise be copied into OUT."""
+    target = path.resolve()
+    if not target.is_relative_to(trusted_root.resolve()):
+        raise InputError(
+            f"{path} is a link to {target}, outside the model folder",
+            "copy the file into the folder (cp -L) or remove the link: links out of the folder are refused",
+        )
+
+
 def copy_files(
-    folder: Path, *, keep_weights: frozenset[Path] = frozenset(), all_weights: bool = False, recursive: bool = True
+    folder: Path,
+    trusted_root: Path,
+    *,
+    keep_weights: frozenset[Path] = frozenset(),
+    all_weights: bool = False,
+    recursive: bool = True,
 ) -> tuple[Path, ...]:
-    """Every non-hidden file under ``folder`` to copy as-is, in sorted order.
+    """Every non-hidden file under ``folder`` to copy as-is, in sorted order; a link out of
+    ``trusted_root`` is refused (``refuse_link_out``).
 
     Weight files are left out (see WEIGHT_SUFFIXES) unless listed in ``keep_weights`` or ``all_weights`` is set.
     """
@@ -213,5 +247,6 @@ def copy_files(
             if is_weight_file(filename) and not all_weights and path not in keep_weights:
                 continue
             if path.is_file():  # skips dangling links
+                refuse_link_out(path, trusted_root)
                 out.append(path)
     return tuple(out)

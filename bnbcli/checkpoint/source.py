@@ -7,11 +7,13 @@ so that a bad checkpoint fails before any output is written. Pickle weights are 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
+from bnbcli import json_text
 from bnbcli.checkpoint import hub
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, TensorInfo
 from bnbcli.checkpoint.shards import (
@@ -23,6 +25,7 @@ from bnbcli.checkpoint.shards import (
     is_pickle_file,
     load_weights,
     pickle_error,
+    refuse_link_out,
     refuse_pickle,
 )
 from bnbcli.errors import InputError, UsageError
@@ -42,6 +45,7 @@ class ModelSource:
     index: dict[str, Any] | None  # the parsed *.safetensors.index.json
     tensors: dict[str, TensorInfo]  # over all shards; each tensor in exactly one shard
     other_files: tuple[Path, ...]  # files under root to copy as-is (tokenizer, generation_config.json, …)
+    unlisted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard → tensors the index leaves out
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,19 @@ class Checkpoint:
     pipeline_files: tuple[Path, ...]  # diffusers: files outside the selected components, to copy as-is
     repo_id: str | None = None
     revision: str | None = None  # for a Hub repo: the commit its snapshot was resolved to
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know that does not stop a run: shards their index leaves out."""
+        found = []
+        for name, source in sorted(self.components.items()):
+            for file, tensors in source.unlisted.items():
+                shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
+                found.append(
+                    f"{name + '/' if name else ''}{file} is not in the index, so its tensors are left out "
+                    f"(transformers leaves them out too): {shown or 'it cannot be read'}"
+                )
+        return found
 
     @property
     def tensor_bytes(self) -> int:
@@ -109,36 +126,47 @@ def _open_local(path: Path, components: Sequence[str] | None, trusted_root: Path
         source = _model_source(path.parent, "", WeightChoice(index=path), trusted_root)
         return Checkpoint(kind="model", root=path.parent, components={"": source}, pipeline_files=())
     if name.endswith(SAFETENSORS_SUFFIX):
-        # A bare file: no config and nothing beside it to copy (its folder may be any folder, ~/Downloads).
-        shard = SafetensorsFile.open(path)
-        source = ModelSource(
-            root=path.parent,
-            name="",
-            config=None,
-            weight_files=(path,),
-            index=None,
-            tensors=dict(shard.tensors),
-            other_files=(),
-        )
+        source = _file_source(path, trusted_root)
         return Checkpoint(kind="file", root=path.parent, components={"": source}, pipeline_files=())
     if is_pickle_file(name):
         raise pickle_error(path)
     raise InputError(f"{path}: not a .safetensors file", "give a .safetensors file, a model folder or a Hub repo id")
 
 
-def _model_source(folder: Path, name: str, choice: WeightChoice, trusted_root: Path) -> ModelSource:
+def _model_source(
+    folder: Path, name: str, choice: WeightChoice, trusted_root: Path, other: tuple[Path, ...] | None = None
+) -> ModelSource:
+    """``other``: the files to copy beside the weights; by default every file of the folder."""
     loaded = load_weights(choice, trusted_root)
     config_path = folder / CONFIG_NAME
-    other = tuple(p for p in copy_files(folder) if p != config_path)
+    other = tuple(p for p in (copy_files(folder, trusted_root) if other is None else other) if p != config_path)
     return ModelSource(
         root=folder,
         name=name,
-        config=_checked_config(config_path, _read_json_object(config_path)),
+        config=_checked_config(config_path, _read_json_object(config_path, trusted_root)),
         weight_files=loaded.files,
         index=loaded.index,
         tensors=loaded.tensors,
         other_files=other,
+        unlisted=loaded.unlisted,
     )
+
+
+def _file_source(path: Path, trusted_root: Path) -> ModelSource:
+    """A single weight file. With a config.json beside it, it is the weights of the model in that folder:
+    the config is used, and the small files a loader reads beside the weights (tokenizer, generation
+    config, chat template: what the Hub download fetches besides weights) are copied. Without one, the
+    folder may be any folder (~/Downloads): nothing else is taken."""
+    folder = path.parent
+    if not (folder / CONFIG_NAME).is_file():
+        tensors = dict(SafetensorsFile.open(path).tensors)
+        return ModelSource(folder, "", config=None, weight_files=(path,), index=None, tensors=tensors, other_files=())
+    beside = tuple(
+        p
+        for p in copy_files(folder, trusted_root, recursive=False)
+        if any(fnmatch(p.name, m) for m in hub.METADATA_PATTERNS)
+    )
+    return _model_source(folder, "", WeightChoice(single=path), trusted_root, beside)
 
 
 # The config.json fields every planner branches on, and the JSON type each must have.
@@ -171,11 +199,12 @@ def _checked_config(path: Path, config: dict[str, Any] | None) -> dict[str, Any]
     return config
 
 
-def _read_json_object(path: Path) -> dict[str, Any] | None:
+def _read_json_object(path: Path, trusted_root: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
+    refuse_link_out(path, trusted_root)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json_text.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise InputError(f"{path}: not valid JSON: {e}", "fix or re-download the file") from e
     if not isinstance(value, dict):
@@ -184,7 +213,7 @@ def _read_json_object(path: Path) -> dict[str, Any] | None:
 
 
 def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: Path) -> Checkpoint:
-    _read_json_object(root / MODEL_INDEX_NAME)  # a broken model_index.json would break the output too
+    _read_json_object(root / MODEL_INDEX_NAME, trusted_root)  # a broken model_index.json would break the output too
     subfolders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     available: dict[str, WeightChoice] = {}
     unusable: dict[str, InputError] = {}  # folders with weights we cannot convert: pickle only, or ambiguous
@@ -224,27 +253,28 @@ def _open_diffusers(root: Path, components: Sequence[str] | None, trusted_root: 
                 )
 
     sources = {name: _model_source(root / name, name, available[name], trusted_root) for name in selected}
-    return Checkpoint(
-        kind="diffusers", root=root, components=sources, pipeline_files=_pipeline_files(root, selected, available)
-    )
+    pipeline_files = _pipeline_files(root, selected, available, trusted_root)
+    return Checkpoint(kind="diffusers", root=root, components=sources, pipeline_files=pipeline_files)
 
 
-def _pipeline_files(root: Path, selected: Sequence[str], available: dict[str, WeightChoice]) -> tuple[Path, ...]:
+def _pipeline_files(
+    root: Path, selected: Sequence[str], available: dict[str, WeightChoice], trusted_root: Path
+) -> tuple[Path, ...]:
     """Files outside the selected components, to copy as-is, listed file by file (never whole folders).
 
     Root-level weight files (single-file pipeline checkpoints such as v1-5-pruned.ckpt) are duplicates and left
     out. A component that is not selected keeps exactly the weights diffusers loads, not variants beside them;
     any other folder (scheduler, tokenizer, a pickle or ambiguous component left out on request) is copied whole.
     """
-    files = list(copy_files(root, recursive=False))
+    files = list(copy_files(root, trusted_root, recursive=False))
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name in selected:
             continue
         choice = available.get(folder.name)
         if choice is None:
-            files.extend(copy_files(folder, all_weights=True))
+            files.extend(copy_files(folder, trusted_root, all_weights=True))
         else:
-            files.extend(copy_files(folder, keep_weights=_weights_of(choice)))
+            files.extend(copy_files(folder, trusted_root, keep_weights=_weights_of(choice)))
     return tuple(files)
 
 
@@ -254,7 +284,7 @@ def _weights_of(choice: WeightChoice) -> frozenset[Path]:
         return frozenset({choice.single})
     assert choice.index is not None
     try:
-        weight_map = json.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json_text.loads(choice.index.read_text(encoding="utf-8"))["weight_map"]
         return frozenset({choice.index, *(choice.index.parent / shard for shard in weight_map.values())})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return frozenset({choice.index})  # copied as broken as it came: only selected components are validated

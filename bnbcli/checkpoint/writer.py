@@ -26,7 +26,7 @@ from typing import cast
 
 import torch
 
-from bnbcli.errors import BnbError
+from bnbcli.errors import InternalError
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -201,11 +201,11 @@ class ShardWriter:
         """Write one planned tensor; returns its bytes (a view of the tensor's memory, for hashing)."""
         planned = self.planned.get(key)
         if planned is None or key in self.written:
-            raise BnbError(f"internal error: {key} is not planned for {self.path.name} or written twice")
+            raise InternalError(f"internal error: {key} is not planned for {self.path.name} or written twice")
         shape = tuple(tensor.shape)
         fits = shape == planned.shape or (planned.variable and len(shape) == 1 and shape[0] <= planned.shape[0])
         if tensor.dtype != planned.dtype or not fits:
-            raise BnbError(
+            raise InternalError(
                 f"internal error: {key} is {tensor.dtype} {list(shape)}, planned {planned.dtype} {list(planned.shape)}"
             )
         data = tensor_bytes(tensor)
@@ -233,7 +233,7 @@ class ShardWriter:
         complete but maybe not on disk yet: ``sync`` does that (and may run on another thread)."""
         missing = set(self.planned) - self.written
         if missing:
-            raise BnbError(f"internal error: {len(missing)} planned tensors never written to {self.path.name}")
+            raise InternalError(f"internal error: {len(missing)} planned tensors never written to {self.path.name}")
         entries = [(k, self.planned[k].dtype, self.planned[k].shape, *self.offsets[k]) for k in self.offsets]
         position = self.fixed_end
         tail = bytearray()
@@ -245,7 +245,7 @@ class ShardWriter:
         entries.sort(key=lambda e: e[3])
         header = _header_bytes(entries, self.metadata)
         if len(header) > self.header_size:
-            raise BnbError(f"internal error: header of {self.path.name} outgrew its reservation")
+            raise InternalError(f"internal error: header of {self.path.name} outgrew its reservation")
         header += b" " * (self.header_size - len(header))
         os.pwrite(self.fd, tail, self.data_start + self.fixed_end)
         os.pwrite(self.fd, len(header).to_bytes(8, "little") + header, 0)

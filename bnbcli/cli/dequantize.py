@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
-from bnbcli.dequantize import DequantizeRequest, plan_request
-from bnbcli.dequantize import dequantize as run_dequantize
-from bnbcli.dequantize_plan import plan_summary
-from bnbcli.scheme import FLOAT_DTYPES, parse_dtype
-from bnbcli.units import human_bytes, parse_size
+from bnbcli.cli.options import (
+    JsonFlag,
+    NoProgressFlag,
+    OutArgument,
+    OverwriteFlag,
+    QuietFlag,
+    VerboseFlag,
+    output_path,
+    size_option,
+)
+from bnbcli.units import human_bytes
 
 
 def dequantize(
@@ -24,7 +28,7 @@ def dequantize(
             "folder, or a Hub repo id."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    out: OutArgument,
     dtype: Annotated[
         str | None,
         typer.Option(
@@ -34,32 +38,37 @@ def dequantize(
         ),
     ] = None,
     max_shard_size: Annotated[
-        str | None,
-        typer.Option("--max-shard-size", help="Re-shard the output, e.g. 5GB (default: the source's shards)."),
+        int | None, size_option("--max-shard-size", "Re-shard the output, e.g. 5GB (default: the source's shards).")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     backend: Annotated[
         str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     verbose: VerboseFlag = False,
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a plain checkpoint (no quantization_config) that from_pretrained(OUT) loads as an ordinary model."""
+    from bnbcli.pipeline.dequantize import DequantizeRequest, plan_request
+    from bnbcli.pipeline.dequantize import dequantize as run_dequantize
+    from bnbcli.plan.dequantize_layout import plan_summary
+    from bnbcli.plan.scheme import FLOAT_DTYPES, parse_dtype
+
     request = DequantizeRequest(
         src=src,
-        out=out,
+        out=output_path(out),
         dtype=parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype is not None else None,
-        max_shard_size=parse_size(max_shard_size) if max_shard_size is not None else None,
+        max_shard_size=max_shard_size,
         revision=revision,
         backend=backend,
         overwrite=overwrite,
     )
     plan = plan_request(request)
     summary = plan_summary(plan)
+    output.warnings(summary["warnings"])
     if dry_run:
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from bnbcli import output
 from bnbcli.cli.options import JsonFlag
-from bnbcli.environment import describe_environment
 
 
 def env(json_output: JsonFlag = False) -> None:
     """Show the versions bnb runs with and the GPUs it can use."""
+    from bnbcli.environment import describe_environment
+
     found = describe_environment()
     if json_output:
         output.emit_json(found.as_dict())

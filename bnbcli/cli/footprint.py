@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag
-from bnbcli.footprint import DEFAULT_SCHEMES, FootprintRequest, footprint, make_schemes
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
-from bnbcli.units import human_bytes, parse_size
+from bnbcli.cli.options import Components, JsonFlag, components_option, size_option
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES
+from bnbcli.units import human_bytes
+
+if TYPE_CHECKING:
+    from bnbcli.plan.decisions import PlannerName
 
 
 def footprint_command(
@@ -31,7 +31,7 @@ def footprint_command(
         ),
     ] = ",".join(DEFAULT_SCHEMES),
     gpu_memory: Annotated[
-        str | None, typer.Option("--gpu-memory", help="A GPU's memory, e.g. 24GiB or 80GB: a verdict per scheme.")
+        int | None, size_option("--gpu-memory", "A GPU's memory, e.g. 24GiB or 80GB: a verdict per scheme.")
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence, for the KV cache (decoders).")] = 4096,
     batch: Annotated[int, typer.Option("--batch", help="Sequences at once, for the KV cache (decoders).")] = 1,
@@ -49,11 +49,9 @@ def footprint_command(
     quant_storage: Annotated[
         str, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as.")
     ] = "uint8",
-    max_shard_size: Annotated[
-        str | None, typer.Option("--max-shard-size", help="As in bnb quantize (default 50GB).")
-    ] = None,
+    max_shard_size: Annotated[int | None, size_option("--max-shard-size", "As in bnb quantize (default 50GB).")] = None,
     components: Annotated[
-        str | None, typer.Option("--components", help="diffusers: the components to count, comma-separated.")
+        Components | None, components_option("diffusers: the components to count, comma-separated.")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     planner: Annotated[
@@ -63,6 +61,10 @@ def footprint_command(
 ) -> None:
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
     loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
+    from bnbcli.footprint import FootprintRequest, footprint, make_schemes
+    from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+    from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(
         src=src,
@@ -75,15 +77,16 @@ def footprint_command(
             skip=tuple(skip or ()),
         ),
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        components=components,
         dtype=load_dtype,
-        max_shard_size=parse_size(max_shard_size) if max_shard_size else DEFAULT_MAX_SHARD_SIZE,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        max_shard_size=DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size,
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         seq_len=seq_len,
         batch=batch,
-        gpu_memory=parse_size(gpu_memory) if gpu_memory else None,
+        gpu_memory=gpu_memory,
     )
     report = footprint(request).as_dict()
+    output.warnings(report["warnings"])
     if json_output:
         output.emit_json(report)
     else:

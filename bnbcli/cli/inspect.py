@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, cast
+from typing import TYPE_CHECKING, Annotated, cast
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag
-from bnbcli.errors import GateFailed, OutputError, UsageError
-from bnbcli.inspect.gates import Gates
-from bnbcli.inspect.outliers import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
-from bnbcli.inspect.report import InspectReport
-from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, SCHEME_NAMES
-from bnbcli.inspect.run import InspectRequest, inspect, open_source
-from bnbcli.plan import PlannerName
+from bnbcli.cli.options import Components, JsonFlag, NoProgressFlag, QuietFlag, components_option, output_path
+from bnbcli.errors import GateFailed, UsageError
+from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
+
+if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
+    from bnbcli.inspect.activations import ActivationCriteria
+    from bnbcli.inspect.report import InspectReport
+    from bnbcli.plan.decisions import PlannerName
 
 
 def inspect_command(
@@ -28,15 +29,15 @@ def inspect_command(
         ),
     ],
     schemes: Annotated[
-        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(SCHEME_NAMES)}: the round trips.")
-    ] = ",".join(DEFAULT_SCHEMES),
+        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(ROUNDTRIP_SCHEMES)}: the round trips.")
+    ] = ",".join(DEFAULT_ROUNDTRIPS),
     blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size of the schemes.")] = 64,
     against: Annotated[
         str | None, typer.Option("--against", help="A bnb checkpoint's original: its weights' error against it.")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     components: Annotated[
-        str | None, typer.Option("--components", help="diffusers: the components to inspect, comma-separated.")
+        Components | None, components_option("diffusers: the components to inspect, comma-separated.")
     ] = None,
     backend: Annotated[
         str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
@@ -70,9 +71,14 @@ def inspect_command(
         str | None, typer.Option("--gate-scheme", help="The scheme the error gates check (default: every scheme).")
     ] = None,
     report_file: Annotated[
-        Path | None, typer.Option("--report", help="Write a self-contained HTML report (inline SVG, no network).")
+        str | None,
+        typer.Option(
+            "--report",
+            help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
+            "when it is a report bnb wrote (or empty).",
+        ),
     ] = None,
-    top: Annotated[int, typer.Option("--top", help="Tensors in the terminal table, worst first (0: all).")] = 20,
+    top: Annotated[int, typer.Option("--top", min=0, help="Tensors in the terminal table, worst first (0: all).")] = 20,
     activations: Annotated[
         bool, typer.Option("--activations", help="Also run the model (transformers) and find activation outliers.")
     ] = False,
@@ -80,8 +86,9 @@ def inspect_command(
         Path | None, typer.Option("--text-file", help="--activations: one text per line (default: built-in texts).")
     ] = None,
     activation_threshold: Annotated[
-        float, typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude.")
-    ] = 6.0,
+        float | None,
+        typer.Option("--activation-threshold", help="--activations: an activation outlier's magnitude (6.0)."),
+    ] = None,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     no_progress: NoProgressFlag = False,
@@ -89,17 +96,28 @@ def inspect_command(
     """Per tensor: dtype, shape, absmax, std, kurtosis, share beyond 6σ, zeros, NaN/Inf; per weight matrix: outlier
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
-    if text_file is not None and not activations:
-        raise UsageError("--text-file goes with --activations", hint="add --activations")
+    from bnbcli.inspect.gates import Gates
+    from bnbcli.inspect.run import InspectRequest, inspect, open_source
+
+    # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
+    for option, value in (("--text-file", text_file), ("--activation-threshold", activation_threshold)):
+        if value is not None and not activations:
+            raise UsageError(f"{option} goes with --activations", hint="add --activations")
+    criteria = _activation_criteria(activation_threshold) if activations else None
+    report_path = output_path(report_file, "--report", "file") if report_file is not None else None
+    if report_path is not None:
+        from bnbcli.inspect.html import check_report_path
+
+        check_report_path(report_path)
     request = InspectRequest(
         src=src,
         schemes=tuple(s.strip() for s in schemes.split(",") if s.strip()),
         blocksize=blocksize,
         against=against,
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        components=components,
         backend=backend,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )
@@ -108,10 +126,13 @@ def inspect_command(
     enabled = not (quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled, bar=not json_output) as bar:
         report = inspect(request, checkpoint, bar.advance)
-    if activations:
-        report = _with_activations(report, texts, activation_threshold)
-    if report_file is not None:
-        _write_html(report, report_file)
+    output.warnings(list(report.warnings))
+    if criteria is not None:
+        report = _with_activations(report, texts, criteria)
+    if report_path is not None:
+        from bnbcli.inspect.html import write_report
+
+        write_report(report, report_path)
     if json_output:
         output.emit_json(report.as_dict())
     elif not quiet:
@@ -122,39 +143,37 @@ def inspect_command(
         output.failure(failure.line())
     if report.failures:
         tensors = len({f.tensor for f in report.failures})
-        raise GateFailed(f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates", hint=None)
+        raise GateFailed(
+            f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates",
+            hint="each `fail:` line above names a tensor and the gate it missed",
+        )
 
 
 def _texts(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--text-file {path}: cannot read it: {e}") from None
+        raise UsageError(
+            f"--text-file {path}: cannot read it: {e}", hint="give a UTF-8 text file, one text per line"
+        ) from None
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise UsageError(f"--text-file {path} holds no text", hint="one text per line")
     return texts
 
 
-def _with_activations(report: InspectReport, texts: list[str] | None, threshold: float) -> InspectReport:
-    """Activation outliers through transformers: imported only here, when --activations asks for them."""
-    from bnbcli.inspect.activations import ActivationCriteria, find_activation_outliers
+def _activation_criteria(threshold: float | None) -> ActivationCriteria:
+    """Checked when the command starts; the module is imported only when --activations asks for it."""
+    from bnbcli.inspect.activations import ActivationCriteria
+
+    return ActivationCriteria() if threshold is None else ActivationCriteria(threshold=threshold)
+
+
+def _with_activations(report: InspectReport, texts: list[str] | None, criteria: ActivationCriteria) -> InspectReport:
+    """Activation outliers through transformers (imported only when --activations asks for them)."""
+    from bnbcli.inspect.activations import find_activation_outliers
 
     if report.root is None:
-        raise UsageError("--activations needs a model folder")
-    found = find_activation_outliers(
-        report.root,
-        texts,
-        ActivationCriteria(threshold=threshold),
-        device="cuda" if report.backend == "cuda" else "cpu",
-    )
+        raise UsageError("--activations needs a model folder", hint="give the model's folder as SRC")
+    found = find_activation_outliers(report.root, texts, criteria, device="cuda" if report.backend == "cuda" else "cpu")
     return replace(report, activations=found.as_dict())
-
-
-def _write_html(report: InspectReport, path: Path) -> None:
-    from bnbcli.inspect.html import render_html
-
-    try:
-        path.write_text(render_html(report), encoding="utf-8")
-    except OSError as e:
-        raise OutputError(f"--report {path}: cannot write it: {e.strerror or e}") from None

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag
-from bnbcli.devices import parse_devices
-from bnbcli.output_plan import QuantizePlan, plan_summary
-from bnbcli.plan import PlannerName
-from bnbcli.quantize import (
-    QuantizeRequest,
-    can_start_before_planning,
-    open_source,
-    plan_request,
-    quantize_while_planning,
-    warm_up_backend,
+from bnbcli.cli.options import (
+    Components,
+    JsonFlag,
+    NoProgressFlag,
+    OutArgument,
+    OverwriteFlag,
+    QuietFlag,
+    VerboseFlag,
+    components_option,
+    output_path,
+    size_option,
 )
-from bnbcli.quantize import quantize as quantize_on_plan
-from bnbcli.scheme import load_preset, resolve_scheme
-from bnbcli.units import human_bytes, parse_size
+from bnbcli.units import human_bytes
+
+if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
+    from bnbcli.plan.decisions import PlannerName
+    from bnbcli.plan.quantize_layout import QuantizePlan
 
 
 def quantize(
@@ -32,7 +34,7 @@ def quantize(
             help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id."
         ),
     ],
-    out: Annotated[Path, typer.Argument(help="The folder to write (must not exist unless --overwrite).")],
+    out: OutArgument,
     scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
@@ -56,10 +58,10 @@ def quantize(
         typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file."),
     ] = None,
     max_shard_size: Annotated[
-        str | None, typer.Option("--max-shard-size", help="Largest output shard, e.g. 5GB (default 50GB).")
+        int | None, size_option("--max-shard-size", "Largest output shard, e.g. 5GB (default 50GB).")
     ] = None,
     components: Annotated[
-        str | None, typer.Option("--components", help="diffusers: the components to quantize, comma-separated.")
+        Components | None, components_option("diffusers: the components to quantize, comma-separated.")
     ] = None,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
     backend: Annotated[
@@ -73,7 +75,7 @@ def quantize(
         str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
     ] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    overwrite: OverwriteFlag = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -92,6 +94,15 @@ def quantize(
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Write a pre-quantized bitsandbytes checkpoint that from_pretrained(OUT) loads as it is."""
+    if not dry_run:  # the sha256 of the source shards, recorded in the manifest, start now (while torch imports)
+        from bnbcli.checkpoint.hashing import hash_sources_early
+
+        hash_sources_early(src)
+    from bnbcli.backends.devices import parse_devices
+    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, plan_request, warm_up_backend
+    from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+    from bnbcli.plan.scheme import load_preset, resolve_scheme
+
     preset: dict[str, Any] = dict(load_preset(config)) if config else {}
     given = {
         "method": scheme,
@@ -106,19 +117,19 @@ def quantize(
         flags["skip"] = [*preset.get("skip", []), *skip]
     request_kwargs: dict[str, Any] = {}
     if max_shard_size is not None:
-        request_kwargs["max_shard_size"] = parse_size(max_shard_size)
+        request_kwargs["max_shard_size"] = max_shard_size
     request = QuantizeRequest(
         src=src,
-        out=out,
+        out=output_path(out),
         scheme=resolve_scheme(preset, flags),
         revision=revision,
-        components=tuple(c.strip() for c in components.split(",") if c.strip()) if components else None,
+        components=components,
         backend=backend,
         devices=parse_devices(device, devices),
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
         resume=resume,
-        planner=None if planner == "auto" else cast(PlannerName, planner),  # checked by the planner
+        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
         **request_kwargs,
     )
     if dry_run:
@@ -132,10 +143,7 @@ def quantize(
     checkpoint = open_source(request)
     enabled = not (quiet or no_progress)
     with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled, bar=not json_output) as bar:
-        if can_start_before_planning(request, checkpoint):
-            outcome = quantize_while_planning(request, checkpoint, bar.advance)
-        else:
-            outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
+        outcome = quantize_on_plan(request, plan_request(request, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
@@ -148,10 +156,11 @@ def quantize(
 
 
 def _summary(plan: QuantizePlan) -> dict[str, Any]:
-    """The plan as data, after warning of --skip patterns that matched nothing (likely typos)."""
+    """The plan as data, after printing its warnings (a planner that fell back, a --skip typo, …)."""
+    from bnbcli.plan.quantize_layout import plan_summary
+
     summary = plan_summary(plan)
-    for pattern in summary["unmatched_skip"]:
-        output.warning(f"--skip {pattern!r} matches no module; it changes nothing")
+    output.warnings(summary["warnings"])
     return summary
 
 
@@ -177,12 +186,6 @@ def _render_timing(run: dict[str, Any]) -> None:
     if run.get("timeline"):
         marks = ", ".join(f"{name} {value:.1f}" for name, value in run["timeline"].items())
         output.stdout.print(f"timeline (s since start): {marks}")
-    planning = run.get("planning") or {}
-    if planning.get("draft"):
-        output.stdout.print(
-            f"weights started on the name-rules draft ({planning['draft']}); the real plan, made in "
-            f"{planning['planned_in']}, came after {planning['plan_seconds']:.1f} s"
-        )
 
 
 def _render_result(summary: dict[str, Any], out: Path) -> None:

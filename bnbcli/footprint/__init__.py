@@ -19,15 +19,16 @@ import torch
 
 from bnbcli.checkpoint import hub as checkpoint_hub
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
-from bnbcli.errors import InputError, UsageError
-from bnbcli.footprint.hub import remote_headers
+from bnbcli.errors import UsageError
+from bnbcli.footprint.hub import hub_api, remote_headers, repo_listing
 from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings, component_footprint
 from bnbcli.footprint.runtime import Runtime, combine
 from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
-from bnbcli.output_plan import DEFAULT_MAX_SHARD_SIZE
-from bnbcli.plan import PlannerName
-from bnbcli.quantize import source_label
-from bnbcli.scheme import dtype_name
+from bnbcli.pipeline.quantize import source_label
+from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
+from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+from bnbcli.plan.scheme import dtype_name
+from bnbcli.units import positive_size
 
 __all__ = [
     "DEFAULT_SCHEMES",
@@ -141,6 +142,7 @@ class FootprintReport:
     source: dict[str, Any]
     request: FootprintRequest
     schemes: tuple[SchemeFootprint, ...]
+    warnings: tuple[str, ...] = ()  # also printed on stderr
 
     def as_dict(self) -> dict[str, Any]:
         r = self.request
@@ -154,19 +156,24 @@ class FootprintReport:
                 "max_shard_size": r.max_shard_size,
             },
             "schemes": [s.as_dict() for s in self.schemes],
+            "warnings": list(self.warnings),
         }
 
 
 @contextlib.contextmanager
 def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, dict[Path, int]]]:
-    """The checkpoint's headers (and each weight file's size), local or from the Hub."""
+    """The checkpoint's headers (and each weight file's size): local, from the Hub, or, when the Hub cannot
+    be asked (HF_HUB_OFFLINE, no network), from the Hugging Face cache."""
     path = Path(request.src).expanduser()
-    if path.exists() or not checkpoint_hub.looks_like_repo_id(request.src):
+    remote = not path.exists() and checkpoint_hub.looks_like_repo_id(request.src)
+    api = hub_api(api) if remote else None
+    info = repo_listing(request.src, request.revision, api) if remote else None
+    if info is None:
         checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
         sizes = {p: p.stat().st_size for c in checkpoint.components.values() for p in c.weight_files}
         yield checkpoint, sizes
         return
-    with remote_headers(request.src, request.revision, api) as repo:
+    with remote_headers(request.src, request.revision, info, api) as repo:
         checkpoint = open_checkpoint(str(repo.folder), components=request.components)
         yield (
             Checkpoint(
@@ -184,15 +191,17 @@ def _opened(request: FootprintRequest, api: Any) -> Iterator[tuple[Checkpoint, d
 def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
     """The report for ``request``; ``api`` replaces huggingface_hub's HfApi for a Hub repo id (tests)."""
     if request.seq_len < 1 or request.batch < 1:
-        raise UsageError("--seq-len and --batch must be at least 1")
+        raise UsageError(
+            "--seq-len and --batch must be at least 1", hint="for example --seq-len 4096 --batch 1 (the defaults)"
+        )
     if not request.schemes:
         raise UsageError("no scheme to estimate", hint="name at least one with --schemes")
+    positive_size(request.max_shard_size, "--max-shard-size")
+    if request.gpu_memory is not None:
+        positive_size(request.gpu_memory, "--gpu-memory")
     with _opened(request, api) as (checkpoint, sizes):
-        if any((s.config or {}).get("quantization_config") for s in checkpoint.components.values()):
-            raise InputError(
-                f"{request.src} is already quantized (config.json has a quantization_config)",
-                hint="footprint predicts from the unquantized checkpoint; `bnb dequantize` makes one",
-            )
+        for source in checkpoint.components.values():  # footprint predicts from the unquantized checkpoint
+            refuse_quantized(source.config, source.tensors)
         settings = Settings(request.dtype, request.max_shard_size, request.planner, request.seq_len, request.batch)
         models = [ComponentModel(source) for _, source in sorted(checkpoint.components.items())]
         results = []
@@ -204,4 +213,6 @@ def footprint(request: FootprintRequest, api: Any = None) -> FootprintReport:
         label = source_label(checkpoint)
         if checkpoint.repo_id:
             label = {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}
-    return FootprintReport(source=label, request=request, schemes=tuple(results))
+        fallbacks = {(c.name, c.planner_fallback) for s in results for c in s.components if c.planner_fallback}
+        warnings = [*checkpoint.warnings, *(fallback_warning(name, why) for name, why in sorted(fallbacks))]
+    return FootprintReport(source=label, request=request, schemes=tuple(results), warnings=tuple(warnings))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bnbcli.checkpoint.hub import hub_error
+from bnbcli.checkpoint.hub import hub_error, unreachable
 from bnbcli.checkpoint.safetensors_file import SafetensorsFile, headers_from
 from bnbcli.checkpoint.shards import INDEX_SUFFIX, SAFETENSORS_SUFFIX, is_weight_file
 
@@ -47,18 +47,29 @@ def _header_bytes(metadata: Any) -> tuple[bytes, int]:
     return json.dumps(header).encode("utf-8"), end
 
 
-@contextlib.contextmanager
-def remote_headers(repo_id: str, revision: str | None, api: Any = None) -> Iterator[RemoteRepo]:
-    """The mirror of ``repo_id`` at ``revision`` (HF_TOKEN, the cache and HF_HUB_OFFLINE as huggingface_hub
-    handles them); ``api`` is an ``HfApi`` (tests pass a stand-in)."""
+def hub_api(api: Any = None) -> Any:
+    """``api``, or huggingface_hub's ``HfApi`` (HF_TOKEN and HF_ENDPOINT as it reads them); tests pass a stand-in."""
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi()
+    return api
+
+
+def repo_listing(repo_id: str, revision: str | None, api: Any) -> Any | None:
+    """The repo's files as the Hub lists them, or None when the Hub cannot be asked (HF_HUB_OFFLINE, or no
+    network): the caller then reads what the Hugging Face cache holds, as the other verbs do."""
     try:
-        info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    except (OSError, ValueError) as e:  # every huggingface_hub error we can explain derives from one of them
+        return api.model_info(repo_id, revision=revision, files_metadata=True)
+    except Exception as e:
+        if unreachable(e):
+            return None
         raise hub_error(e, repo_id, revision) from e
+
+
+@contextlib.contextmanager
+def remote_headers(repo_id: str, revision: str | None, info: Any, api: Any) -> Iterator[RemoteRepo]:
+    """The mirror of ``repo_id`` at ``revision``, from its listing ``info`` (``repo_listing``)."""
     commit = info.sha or revision or "main"
     listed = {s.rfilename: getattr(s, "size", None) for s in info.siblings or []}
     with tempfile.TemporaryDirectory(prefix="bnb-footprint-") as tmp:
@@ -71,7 +82,7 @@ def remote_headers(repo_id: str, revision: str | None, api: Any = None) -> Itera
             if _needed(name):
                 try:
                     local = api.hf_hub_download(repo_id, name, revision=commit)
-                except (OSError, ValueError) as e:
+                except Exception as e:
                     raise hub_error(e, repo_id, revision) from e
                 shutil.copyfile(local, path)
             elif is_weight_file(name):

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnbcli.planning import hf_diffusers, hf_transformers
-from bnbcli.planning.hf_transformers import module_budget, quiet
-from bnbcli.scheme import QuantScheme
+from bnbcli.plan.planners import hf_diffusers, hf_transformers
+from bnbcli.plan.planners.hf_transformers import module_budget, quiet
+from bnbcli.plan.scheme import QuantScheme
 
 
 @dataclass(frozen=True)

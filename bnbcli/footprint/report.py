@@ -4,7 +4,6 @@ so the files predicted are the files written."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,9 +16,10 @@ from bnbcli.footprint.model import LoadedModel, build, deserialized_dtypes, laye
 from bnbcli.footprint.runtime import Runtime, activation_bytes, kv_cache_bytes
 from bnbcli.footprint.schemes import FootprintScheme
 from bnbcli.formats.layout import MAX_FLOAT_REPR
-from bnbcli.output_plan import ComponentPlan, plan_component
-from bnbcli.plan import PlannerName
-from bnbcli.scheme import FLOAT_DTYPES, QuantScheme
+from bnbcli.plan.decisions import PlannerName
+from bnbcli.plan.dtype import model_dtype
+from bnbcli.plan.quantize_layout import ComponentPlan, plan_component
+from bnbcli.plan.scheme import QuantScheme
 
 # A double-quantized weight's quant_state JSON ends in its nested_offset, a float whose repr takes 3
 # ("0.0") to MAX_FLOAT_REPR characters: the one part of a file that depends on the weights' values.
@@ -49,6 +49,7 @@ class ComponentFootprint:
     exact: bool  # False: an approximation (see notes)
     notes: tuple[str, ...]
     runtime: Runtime | None
+    planner_fallback: str | None = None  # why config.json's library could not plan it (QuantPlan.fallback)
 
 
 @dataclass(frozen=True)
@@ -60,28 +61,15 @@ class Settings:
     batch: int
 
 
-def auto_dtype(config: Mapping | None, first_file: list[tuple[str, torch.dtype]]) -> torch.dtype:
-    """transformers v5 `_get_dtype(dtype="auto")`: config.json's dtype (or torch_dtype), else the first
-    floating, non-fp8 tensor of the first weight file in key order (safetensors lists keys sorted)."""
-    for key in ("dtype", "torch_dtype"):
-        name = (config or {}).get(key)
-        if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-    for _, dtype in sorted(first_file):
-        if dtype.is_floating_point and "float8" not in str(dtype):
-            return dtype
-    return torch.float32
-
-
 def load_dtype(source: ModelSource, config: Mapping | None, first_file, settings: Settings) -> torch.dtype:
-    if settings.dtype is not None:
-        return settings.dtype
+    """The dtype from_pretrained loads in, by the one model-dtype rule (plan/dtype.py) over the tensors each
+    library looks at: transformers v5's `dtype="auto"` (`_get_dtype`) takes the first floating, non-fp8
+    tensor of the first weight file in key order; diffusers has no "auto", and we assume torch_dtype= the
+    weights' dtype (--dtype says otherwise)."""
     if "_class_name" in (config or {}):
-        # diffusers has no "auto": we assume torch_dtype= the weights' dtype (without one it loads float32,
-        # or float16 for bitsandbytes models); --dtype says otherwise
-        counts = Counter(t.dtype for t in source.tensors.values() if t.dtype in FLOAT_DTYPES)
-        return counts.most_common(1)[0][0] if counts else torch.float32
-    return auto_dtype(config, first_file)
+        return model_dtype(config, (t.dtype for t in source.tensors.values()), settings.dtype)
+    first = [dtype for _, dtype in sorted(first_file) if dtype.is_floating_point and "float8" not in str(dtype)]
+    return model_dtype(config, first[:1], settings.dtype)
 
 
 class ComponentModel:
@@ -239,6 +227,7 @@ def _quantized(
         exact=exact,
         notes=_notes(loaded if exact else None),
         runtime=_runtime(loaded, after, state, transient, dtype, settings),
+        planner_fallback=plan.planner_fallback,
     )
 
 

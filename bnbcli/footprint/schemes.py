@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from bnbcli.errors import UsageError
-from bnbcli.scheme import QuantScheme
-
-Kind = Literal["stored", "fp8", "bnb"]
-
-# name → (kind, method, double quant); "stored" is bf16/fp16/fp32 as the checkpoint holds it.
-KNOWN: dict[str, tuple[Kind, str | None, bool]] = {
-    "stored": ("stored", None, False),
-    "fp8": ("fp8", None, False),
-    "int8": ("bnb", "int8", False),
-    "nf4": ("bnb", "nf4", False),
-    "nf4-dq": ("bnb", "nf4", True),
-    "fp4": ("bnb", "fp4", False),
-    "fp4-dq": ("bnb", "fp4", True),
-}
-DEFAULT_SCHEMES = ("stored", "fp8", "int8", "nf4", "nf4-dq", "fp4")
+from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES, KNOWN, Kind
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from bnbcli.codes import FLT_MIN
 from bnbcli.formats import parts
+from bnbcli.formats.codes import FLT_MIN
 from bnbcli.formats.gpu_math import flush_subnormals, gpu_nan, rcp_approx
 
 _FLT_MAX = float(np.finfo(np.float32).max)

@@ -11,9 +11,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from bnbcli.codes import BLOCKWISE8_BLOCKSIZES, DYNAMIC_CODE
 from bnbcli.errors import UsageError
 from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks
+from bnbcli.formats.codes import BLOCKWISE8_BLOCKSIZES, DYNAMIC_CODE
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import gpu_cast
 

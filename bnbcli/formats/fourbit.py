@@ -14,7 +14,10 @@ from functools import cache
 import numpy as np
 import torch
 
-from bnbcli.codes import (
+from bnbcli.errors import InputError, UsageError
+from bnbcli.formats import blockwise8
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
+from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FLT_MIN,
     FOUR_BIT_BLOCKSIZES,
@@ -26,9 +29,6 @@ from bnbcli.codes import (
     NF4_CODE,
     NF4_THRESHOLDS,
 )
-from bnbcli.errors import UsageError
-from bnbcli.formats import blockwise8
-from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import gpu_cast
 
@@ -132,9 +132,9 @@ def _check_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_storage:
     if x.dtype not in FLOAT_DTYPES:
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if quant_storage.is_complex:
-        raise UsageError(f"quant_storage {quant_storage} is not a real dtype")
+        raise UsageError(f"quant_storage {quant_storage} is not a real dtype", hint="use torch.uint8 (the default)")
     if x.numel() == 0:
-        raise UsageError("cannot quantize an empty tensor")
+        raise UsageError("cannot quantize an empty tensor", hint="give a tensor with elements")
 
 
 def _encode_nf4(scaled: torch.Tensor) -> torch.Tensor:
@@ -217,7 +217,9 @@ def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
     needed = (n + 1) // 2
     # A 2- or 4-byte quant_storage may have dropped the last partial element's bytes (see _as_storage).
     if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
-        raise UsageError(f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent")
+        raise InputError(
+            f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent; export it again"
+        )
     if packed.numel() < needed:
         packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
     _, lut = _tables(q.quant_type)

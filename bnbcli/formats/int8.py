@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bnbcli.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.errors import UsageError
 from bnbcli.formats import blocks, parts
+from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.formats.fourbit import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 
@@ -32,7 +32,7 @@ def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwis
     if x.dtype not in FLOAT_DTYPES:
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if x.numel() == 0:
-        raise UsageError("cannot quantize an empty tensor")
+        raise UsageError("cannot quantize an empty tensor", hint="give a tensor with elements")
     if threshold > 0.0 or x.dim() == 0:
         return reference_quantize_int8_rowwise(x, threshold)
     return _quantize_int8_rows(x)

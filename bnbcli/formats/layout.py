@@ -7,12 +7,24 @@ checks that what the formats produce matches them (``tests/test_layout.py`` chec
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from bnbcli.codes import NESTED_BLOCKSIZE
 from bnbcli.formats.blocks import num_blocks
+from bnbcli.formats.codes import NESTED_BLOCKSIZE
+
+# The keys only a bitsandbytes checkpoint holds: a 4-bit weight's packed quant_state, an int8 weight's SCB.
+QUANT_STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
+SCB_SUFFIX = ".SCB"
+
+
+def quantized_keys(keys: Iterable[str]) -> list[str]:
+    """The keys that mark a checkpoint as already quantized by bitsandbytes."""
+    return [k for k in keys if QUANT_STATE_KEY.match(k) or k.endswith(SCB_SUFFIX)]
+
 
 # The longest ``repr`` of a float32 value as a Python float ("-1.1754943508222875e-38" is 23
 # characters): the one part of a 4-bit quant_state whose length is unknown before quantizing.

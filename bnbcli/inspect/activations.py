@@ -129,6 +129,12 @@ class ActivationCriteria:
     min_layer_share: float = 0.25  # the dimension reaches it in ≥ 25% of the layers (transformer layers)
     min_position_share: float = 0.06  # ... and at ≥ 6% of the tokens, in one of them or another (module docstring)
 
+    def __post_init__(self) -> None:
+        if not self.threshold > 0:
+            raise UsageError(f"--activation-threshold must be above 0, not {self.threshold}", hint="6.0 is the default")
+        if not (0 <= self.min_layer_share <= 1 and 0 <= self.min_position_share <= 1):
+            raise UsageError("the activation criteria's shares must be within [0, 1]", hint="0.25 and 0.06 by default")
+
     def as_dict(self) -> dict[str, float]:
         return {
             "threshold": self.threshold,
@@ -406,12 +412,12 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
-def _import_transformers() -> Any:
+def _import_transformers(feature: str = "--activations") -> Any:
     try:
         import transformers
     except Exception as exc:
         raise BackendUnavailable(
-            f"--activations needs transformers, which cannot be imported ({type(exc).__name__})",
+            f"{feature} needs transformers, which cannot be imported ({type(exc).__name__})",
             hint="pip install 'bnbcli[hf]'",
         ) from None
     return transformers
@@ -420,7 +426,7 @@ def _import_transformers() -> Any:
 @contextlib.contextmanager
 def _silent(transformers: Any) -> Iterator[None]:
     """No config warnings and no "Loading weights" bar: output.py alone writes to the terminal."""
-    from bnbcli.planning.hf_transformers import quiet
+    from bnbcli.plan.planners.hf_transformers import quiet
 
     logging = transformers.utils.logging
     bars = logging.is_progress_bar_enabled()
@@ -498,15 +504,22 @@ def _load_tokenizer(transformers: Any, model_dir: Path) -> Any:
     return tokenizer
 
 
-def _max_length(config: Any, tokenizer: Any) -> int:
-    limits = [MAX_TOKENS]
+def model_context(config: Any, tokenizer: Any) -> int | None:
+    """The longest sequence the model takes: its position embeddings, or the tokenizer's limit (None: neither
+    says)."""
+    limits = []
     positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:
         limits.append(positions)
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 0 < model_max < 1_000_000:
         limits.append(model_max)
-    return min(limits)
+    return min(limits) if limits else None
+
+
+def _max_length(config: Any, tokenizer: Any) -> int:
+    limit = model_context(config, tokenizer)
+    return MAX_TOKENS if limit is None else min(MAX_TOKENS, limit)
 
 
 # --- the criteria -------------------------------------------------------------------------------------
@@ -617,10 +630,6 @@ def find_activation_outliers(
 ) -> ActivationReport:
     """Run the model in ``model_dir`` on ``texts`` (default: ``BUILTIN_TEXTS``) and apply the LLM.int8
     criteria to the inputs of its Linear layers (module docstring)."""
-    if not (criteria.threshold > 0 and 0 <= criteria.min_layer_share <= 1 and 0 <= criteria.min_position_share <= 1):
-        raise UsageError(
-            "--activation-threshold must be > 0 and the shares within [0, 1]", hint="LLM.int8's default is 6.0"
-        )
     texts = list(BUILTIN_TEXTS) if texts is None else [t for t in texts if t.strip()]
     if not texts:
         raise UsageError("--activations: no text to run the model on", hint="one text per line")
@@ -628,7 +637,7 @@ def find_activation_outliers(
     try:
         torch_device = torch.device(device)
     except RuntimeError as exc:
-        raise UsageError(f"--activations: unknown device {device!r} ({exc})") from None
+        raise UsageError(f"--activations: unknown device {device!r} ({exc})", hint="use cpu or cuda") from None
     transformers = _import_transformers()
     with _silent(transformers):
         config = _read_config(transformers, model_dir)
@@ -654,7 +663,10 @@ def _run(
         if type(module) in kinds
     ]
     if not handles:
-        raise InputError(f"--activations: {type(model).__name__} has no Linear layers to hook")
+        raise InputError(
+            f"--activations: {type(model).__name__} has no Linear layers to hook",
+            hint="leave out --activations: it measures the inputs of Linear layers",
+        )
     max_length = _max_length(config, tokenizer)
     accepted = set(signature(model.forward).parameters)
     keys = [k for k in MODEL_INPUTS if k == "input_ids" or k in accepted]

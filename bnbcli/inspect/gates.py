@@ -24,15 +24,17 @@ class Gates:
     scheme: str | None = None  # the scheme the error gates look at; None: every scheme
 
     def __post_init__(self) -> None:
-        for option, value in (
-            ("--max-rel-error", self.max_rel_error),
-            ("--max-outlier-dims", self.max_outlier_dims),
-            ("--max-nonfinite", self.max_nonfinite),
+        for option, value, example in (
+            ("--max-rel-error", self.max_rel_error, 0.15),  # NF4's error on most weights is 9-10%
+            ("--max-outlier-dims", self.max_outlier_dims, 8),
+            ("--max-nonfinite", self.max_nonfinite, 0),
         ):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UsageError(f"{option} must be a number >= 0, not {value}")
+                raise UsageError(f"{option} must be a number >= 0, not {value}", hint=f"for example {option} {example}")
         if self.min_sqnr is not None and not math.isfinite(self.min_sqnr):
-            raise UsageError(f"--min-sqnr must be a finite number of dB, not {self.min_sqnr}")
+            raise UsageError(
+                f"--min-sqnr must be a finite number of dB, not {self.min_sqnr}", hint="for example --min-sqnr 20"
+            )
 
     def check_scheme(self, schemes: tuple[str, ...]) -> None:
         if self.scheme is not None and self.scheme not in schemes:

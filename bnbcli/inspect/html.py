@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from html import escape
+from pathlib import Path
 from typing import Any
 
+from bnbcli.checkpoint.atomic import check_output_file, write_file
 from bnbcli.inspect.outliers import AXIS_WORDS, layer_of
 from bnbcli.inspect.report import InspectReport, TensorReport
 
@@ -136,9 +138,11 @@ def _summary(report: InspectReport) -> str:
         f"<td>{_pct(v['max_rel_error'])}</td><td>{_num(v['min_sqnr_db'])}</td><td>{escape(v['worst'] or '—')}</td></tr>"
         for k, v in report.summary().items()
     )
+    unmeasured = "".join(f"<li>{escape(t.label)}: {escape(t.note or '')}</li>" for t in report.unmeasured())
     return (
         "<table><tr><th>scheme</th><th>weights</th><th>mean rel. error</th><th>max rel. error</th>"
         f"<th>min SQNR dB</th><th>worst</th></tr>{rows}</table>"
+        + (f"<p>Not measured:</p><ul>{unmeasured}</ul>" if unmeasured else "")
     )
 
 
@@ -162,6 +166,19 @@ def _activations(activations: dict[str, Any] | None) -> str:
     )
 
 
+# How every report begins: what tells a report bnb wrote, which --report may replace, from any other file.
+HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>bnb inspect'
+
+
+def check_report_path(path: Path) -> None:
+    """Fail now, before the inspection, if the report could not be written to ``path``."""
+    check_output_file(path, HEAD.encode(), "--report")
+
+
+def write_report(report: InspectReport, path: Path) -> None:
+    write_file(path, render_html(report).encode(), HEAD.encode(), "--report")
+
+
 def render_html(report: InspectReport) -> str:
     source = report.source.get("repo_id") or report.source.get("path")
     failures = "".join(f"<li>{escape(f.line())}</li>" for f in report.failures)
@@ -172,8 +189,7 @@ def render_html(report: InspectReport) -> str:
         for r in report.recurring
     )
     return (
-        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>bnb inspect — {escape(str(source))}</title><style>{CSS}</style></head><body>"
+        f"{HEAD} — {escape(str(source))}</title><style>{CSS}</style></head><body>"
         f"<h1>bnb inspect — {escape(str(source))}</h1>"
         f"<p>{escape(report.kind)} checkpoint; {len(report.tensors)} tensors, {len(report.weights())} weights; "
         f"backend {escape(report.backend)}</p>{gates}"

@@ -3,7 +3,7 @@
 Every matrix is looked at as the model uses it, ``[out, in]`` (Conv1D weights, stored ``[in, out]``, are
 transposed first), in float64 row chunks so that memory stays about one tensor.
 
-**The column criterion** (``--outlier-factor K``, default ``DEFAULT_FACTOR``): the magnitude of input
+**The column criterion** (``--outlier-factor K``, default ``criteria.DEFAULT_FACTOR``): the magnitude of input
 column ``j`` is its mean absolute value ``mean_i |w[i, j]|``; column ``j`` is an *outlier input column*
 when that magnitude is at least ``K`` times the median magnitude over all columns. The same test over
 rows finds *outlier output rows*. A mean, not a max: one large value in a column of n rows raises the
@@ -11,7 +11,7 @@ column's mean by only value/n, so a single large entry is not mistaken for an ou
 reported on its own (below). For a column of Gaussian values the mean |w| of n ≥ 16 rows varies by
 ~0.75/√n around its expectation, so K = 5 leaves random columns far behind.
 
-**Isolated large values** (``--value-sigma Z``, default ``DEFAULT_VALUE_SIGMA``): entries outside the
+**Isolated large values** (``--value-sigma Z``, default ``criteria.DEFAULT_VALUE_SIGMA``): entries outside the
 outlier columns and rows whose distance from the mean is at least ``Z`` standard deviations, mean and
 standard deviation taken over the entries outside the outlier columns and rows (otherwise an outlier
 column would inflate σ and hide them). A Gaussian matrix of 16M entries reaches ~5.9σ; real weights
@@ -37,11 +37,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bnbcli.metrics import CHUNK
+from bnbcli.formats.metrics import CHUNK
+from bnbcli.inspect.criteria import OutlierCriteria
 
-DEFAULT_FACTOR = 5.0
-DEFAULT_VALUE_SIGMA = 10.0
-DEFAULT_MIN_LAYER_SHARE = 0.25
 TOP_VALUES = 5  # isolated values listed per matrix (all are counted)
 
 Axis = Literal["in", "out", "norm"]
@@ -49,16 +47,6 @@ AXES: tuple[Axis, ...] = ("in", "out", "norm")
 AXIS_WORDS = {"in": "input columns", "out": "output rows", "norm": "norm gains"}
 
 _NORM = re.compile(r"(?:^|\.)(?:[^.]*norm[^.]*|ln_?\w*)\.weight$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class OutlierCriteria:
-    factor: float = DEFAULT_FACTOR
-    value_sigma: float = DEFAULT_VALUE_SIGMA
-    min_layer_share: float = DEFAULT_MIN_LAYER_SHARE
-
-    def as_dict(self) -> dict[str, float]:
-        return {"factor": self.factor, "value_sigma": self.value_sigma, "min_layer_share": self.min_layer_share}
 
 
 @dataclass(frozen=True)

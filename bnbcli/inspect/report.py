@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from bnbcli.inspect.outliers import MatrixOutliers, OutlierCriteria, OutlierDim, RecurringDim
+from bnbcli.formats.metrics import RoundTripError
+from bnbcli.inspect.criteria import OutlierCriteria
+from bnbcli.inspect.outliers import MatrixOutliers, OutlierDim, RecurringDim
 from bnbcli.inspect.stats import TensorStats
-from bnbcli.metrics import RoundTripError
 
 Role = Literal["weight", "norm", "other"]
 AGAINST = "against"  # the error key of a bnb checkpoint's weight measured against --against SRC
@@ -34,7 +35,15 @@ class TensorReport:
     def label(self) -> str:
         return f"{self.component}/{self.name}" if self.component else self.name
 
+    @property
+    def unmeasured(self) -> bool:
+        """A weight whose round trip could not be measured (NaN/Inf values, a dtype bitsandbytes refuses)."""
+        return self.role == "weight" and self.note is not None
+
     def worst_rel_error(self, schemes: tuple[str, ...] | None = None) -> float:
+        """The largest relative error; inf for an unmeasured weight (worst first), -1 for no error at all."""
+        if self.unmeasured:
+            return math.inf
         values = [e.rel_fro for k, e in self.errors.items() if e is not None and (schemes is None or k in schemes)]
         return max(values, default=-1.0)
 
@@ -102,13 +111,19 @@ class InspectReport:
     gates: dict[str, float | str | None] = field(default_factory=dict)
     failures: tuple[GateFailure, ...] = ()
     root: Path | None = None  # the checkpoint's folder (a Hub snapshot's, too): where --activations loads from
+    warnings: tuple[str, ...] = ()  # a planner that fell back, shards the index leaves out (also on stderr)
 
     def weights(self) -> list[TensorReport]:
         return [t for t in self.tensors if t.role == "weight"]
 
+    def unmeasured(self) -> list[TensorReport]:
+        return [t for t in self.tensors if t.unmeasured]
+
     def summary(self) -> dict[str, Any]:
-        """Per scheme: tensors measured, mean and max relative error, the worst tensor, the lowest SQNR."""
+        """Per scheme: tensors measured, mean and max relative error, the worst tensor, the lowest SQNR, and
+        the weights that could not be measured (named: they are the ones to look at first)."""
         out: dict[str, Any] = {}
+        unmeasured = [t.label for t in self.unmeasured()]
         for scheme in self.schemes:
             measured = [(t, e) for t in self.tensors if (e := t.errors.get(scheme)) is not None]
             if not measured:
@@ -118,6 +133,7 @@ class InspectReport:
                     "max_rel_error": None,
                     "min_sqnr_db": None,
                     "worst": None,
+                    "not_measured": unmeasured,
                 }
                 continue
             worst, error = max(measured, key=lambda te: te[1].rel_fro)
@@ -128,6 +144,7 @@ class InspectReport:
                 "max_rel_error": finite(error.rel_fro),
                 "min_sqnr_db": finite(sqnr),
                 "worst": worst.label,
+                "not_measured": unmeasured,
             }
         return out
 
@@ -163,4 +180,5 @@ class InspectReport:
                 "passed": not self.failures,
                 "failures": [f.as_dict() for f in self.failures],
             },
+            "warnings": list(self.warnings),
         }

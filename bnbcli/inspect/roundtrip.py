@@ -1,6 +1,6 @@
 """The round-trip error of one weight under each scheme: quantize with the bit-exact formats of
 ``bnbcli.api`` (the bytes bitsandbytes' CUDA kernels write), dequantize, and measure with
-``bnbcli.metrics`` — the same measure ``bnb quantize`` records in its manifest.
+``bnbcli.formats.metrics`` — the same measure ``bnb quantize`` records in its manifest.
 
 The weight is taken as the model holds it, ``[out, in]`` (the caller transposes Conv1D weights), in its
 own dtype: int8 casts it to fp16 first, as transformers does; 4-bit keeps it. On the cuda backend the
@@ -15,13 +15,12 @@ import torch
 
 from bnbcli import api
 from bnbcli.errors import UsageError
-from bnbcli.footprint.schemes import KNOWN, make_schemes
-from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.scheme import QuantScheme
+from bnbcli.footprint.schemes import make_schemes
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme_names import ROUNDTRIP_SCHEMES
 
 # The bitsandbytes formats by the names `bnb footprint` uses; inspect's default is one of each method.
-SCHEME_NAMES = tuple(name for name, (kind, _, _) in KNOWN.items() if kind == "bnb")
-DEFAULT_SCHEMES = ("nf4", "fp4", "int8")
 
 
 @dataclass(frozen=True)
@@ -32,11 +31,11 @@ class NamedScheme:
 
 def parse_schemes(names: tuple[str, ...], blocksize: int = 64) -> tuple[NamedScheme, ...]:
     """``--schemes``: named bitsandbytes formats (4-bit ones with ``blocksize``)."""
-    unknown = [n for n in names if n not in SCHEME_NAMES]
+    unknown = [n for n in names if n not in ROUNDTRIP_SCHEMES]
     if unknown or not names:
         raise UsageError(
             f"unknown scheme {unknown[0]!r}" if unknown else "no scheme given",
-            hint="choose from " + ", ".join(SCHEME_NAMES),
+            hint="choose from " + ", ".join(ROUNDTRIP_SCHEMES),
         )
     made = make_schemes(tuple(dict.fromkeys(names)), blocksize=blocksize)
     return tuple(NamedScheme(s.name, s.quant) for s in made if s.quant is not None)

@@ -3,8 +3,8 @@ tensor once (read, measure, drop), and build one frozen report.
 
 An unquantized checkpoint's weights are the tensors `bnb quantize` would quantize (the same planners:
 transformers' or diffusers' own rules, else name rules); each is measured under every scheme. A
-bitsandbytes checkpoint is recognised from its keys and quant_state JSONs (``bnbcli.dequantize_plan``),
-every weight is restored with the bit-exact dequantization (``bnbcli.dequantize.restore``), and with
+bitsandbytes checkpoint is recognised from its keys and quant_state JSONs (``bnbcli.plan.dequantize_layout``),
+every weight is restored with the bit-exact dequantization (``bnbcli.pipeline.dequantize.restore``), and with
 ``against`` it is compared with the original. Memory holds one tensor (and its float64 chunks).
 """
 
@@ -19,18 +19,21 @@ import torch
 from bnbcli.backends import resolve_backend
 from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
-from bnbcli.dequantize import restore
-from bnbcli.dequantize_plan import DequantComponent, OutputTensor, plan_component
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
-from bnbcli.inspect.outliers import OutlierCriteria, Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
+from bnbcli.inspect.outliers import Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
 from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
-from bnbcli.inspect.roundtrip import DEFAULT_SCHEMES, NamedScheme, parse_schemes, roundtrip_errors
+from bnbcli.inspect.roundtrip import NamedScheme, parse_schemes, roundtrip_errors
 from bnbcli.inspect.stats import tensor_stats
-from bnbcli.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.plan import PlannerName, plan_quantization
-from bnbcli.quantize import source_label
-from bnbcli.scheme import QuantScheme, dtype_name
+from bnbcli.pipeline.dequantize import restore
+from bnbcli.pipeline.quantize import source_label
+from bnbcli.plan.decisions import PlannerName, QuantPlan, fallback_warning, plan_quantization
+from bnbcli.plan.dequantize_layout import DequantComponent, OutputTensor, plan_component
+from bnbcli.plan.quantize_layout import tensor_shapes
+from bnbcli.plan.scheme import FLOAT_DTYPES, QuantScheme, dtype_name
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS
 
 Progress = Callable[[int], None]
 
@@ -38,7 +41,7 @@ Progress = Callable[[int], None]
 @dataclass(frozen=True)
 class InspectRequest:
     src: str
-    schemes: tuple[str, ...] = DEFAULT_SCHEMES
+    schemes: tuple[str, ...] = DEFAULT_ROUNDTRIPS
     blocksize: int = 64
     against: str | None = None
     revision: str | None = None
@@ -64,7 +67,9 @@ def _check_criteria(criteria: OutlierCriteria) -> None:
     if not criteria.value_sigma > 0:
         raise UsageError(f"--value-sigma must be positive, not {criteria.value_sigma}", hint="10 is the default")
     if not 0 < criteria.min_layer_share <= 1:
-        raise UsageError(f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}")
+        raise UsageError(
+            f"--min-layer-share must be in (0, 1], not {criteria.min_layer_share}", hint="0.25 is the default"
+        )
 
 
 def open_source(request: InspectRequest) -> Checkpoint:
@@ -91,9 +96,16 @@ def inspect(request: InspectRequest, checkpoint: Checkpoint, progress: Progress 
     ctx = _Context(backend, schemes, request.criteria, Recurrence(request.criteria), progress)
     rows: list[TensorReport] = []
     planners: dict[str, str] = {}
+    warnings = checkpoint.warnings
     for name, source in sorted(checkpoint.components.items()):
         if plans[name].copy_as_is:
-            planners[name] = "" if quantized else _plain(source, request.planner, ctx, rows, measure=not quantized)
+            # an unquantized model's weights are measured under --schemes; a component that a bnb
+            # pipeline left unquantized is only described
+            plan = None if quantized else _weights_of(source, request.planner)
+            planners[name] = plan.reason if plan is not None else ""
+            if plan is not None and plan.fallback:
+                warnings.append(fallback_warning(name, plan.fallback))
+            _plain(source, plan, ctx, rows)
         else:
             planners[name] = "bitsandbytes checkpoint: quant_state and SCB keys"
             # the weights are measured against the original, not re-quantized under --schemes
@@ -113,6 +125,7 @@ def inspect(request: InspectRequest, checkpoint: Checkpoint, progress: Progress 
         gates=request.gates.as_dict(),
         failures=check(request.gates, tensors),
         root=checkpoint.root,
+        warnings=tuple(warnings),
     )
 
 
@@ -124,16 +137,16 @@ def _original(originals: dict[str, ModelSource], name: str, against: str | None)
     return originals[name]
 
 
-def _plain(
-    source: ModelSource, planner: PlannerName | None, ctx: _Context, rows: list[TensorReport], measure: bool
-) -> str:
-    """Every tensor of an unquantized model (or of a component left unquantized in a bnb pipeline)."""
-    decisions = {}
-    reason = ""
-    if measure:
-        shapes = {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
-        plan = plan_quantization(source.config, shapes, QuantScheme(), planner)
-        decisions, reason = dict(plan.decisions), plan.reason
+def _weights_of(source: ModelSource, planner: PlannerName | None) -> QuantPlan:
+    """The tensors `bnb quantize` would quantize; those it would refuse (an int64 weight) are measured as far
+    as they can be, and say why not further (``_measure``)."""
+    return plan_quantization(source.config, tensor_shapes(source), QuantScheme(), planner, strict=False)
+
+
+def _plain(source: ModelSource, plan: QuantPlan | None, ctx: _Context, rows: list[TensorReport]) -> None:
+    """Every tensor of an unquantized model, its weights as ``plan`` decides them (or of a component left
+    unquantized in a bnb pipeline: ``plan`` None, nothing is a weight)."""
+    decisions = dict(plan.decisions) if plan is not None else {}
     file_order = {path: i for i, path in enumerate(source.weight_files)}
     for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
         decision = decisions.get(info.name)
@@ -143,7 +156,6 @@ def _plain(
         rows.append(_measure(source.name, info.name, values, dtype_name(info.dtype), quantize, transpose, ctx))
         del values
         ctx.progress(info.nbytes)
-    return reason
 
 
 def _bnb(component: DequantComponent, original: ModelSource | None, ctx: _Context, rows: list[TensorReport]) -> None:
@@ -207,6 +219,10 @@ def _measure(
         return replace(row, norm_dims=dims)
     if role != "weight":
         return row
+    not_measured = dict.fromkeys((s.name for s in ctx.schemes), None)
+    if values.dtype not in FLOAT_DTYPES or values.numel() == 0:  # what bnb quantize refuses to quantize
+        what = "empty" if values.numel() == 0 else f"{dtype}: bitsandbytes quantizes float16, bfloat16 or float32"
+        return replace(row, errors=not_measured, note=f"{what}; round trip not measured")
     w = values.t() if transpose else values  # as the model holds it: [out, in]
     found = matrix_outliers(w, ctx.criteria)
     ctx.recurrence.add(label, "in", found.in_dims)
@@ -214,7 +230,7 @@ def _measure(
     row = replace(row, outliers=found)
     if stats is not None and stats.nonfinite:
         note = f"{stats.nan} NaN and {stats.inf} Inf values: round trip not measured"
-        return replace(row, errors=dict.fromkeys((s.name for s in ctx.schemes), None), note=note)
+        return replace(row, errors=not_measured, note=note)
     return replace(row, errors=dict(roundtrip_errors(w.contiguous(), ctx.schemes, ctx.backend)))
 
 

@@ -1,6 +1,6 @@
 """Per-tensor statistics, computed in float64 chunks so that memory stays about one tensor.
 
-Three passes over the tensor, chunk by chunk (``bnbcli.metrics.CHUNK`` elements at a time): the first counts
+Three passes over the tensor, chunk by chunk (``bnbcli.formats.metrics.CHUNK`` elements at a time): the first counts
 NaN, Inf and zeros and sums the finite values for the mean and absmax; the second sums central moments
 (2nd and 4th); the third counts values beyond ``SIGMAS`` standard deviations. Central moments from a second pass
 avoid the cancellation of the one-pass formula (E[x⁴] − 4μE[x³] + …) when the mean is far from zero.
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from bnbcli.metrics import CHUNK
+from bnbcli.formats.metrics import CHUNK
 
 SIGMAS = 6.0  # "beyond 6σ": LLM.int8's outlier threshold is 6.0 too, in activation units
 

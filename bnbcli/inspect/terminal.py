@@ -11,6 +11,8 @@ from bnbcli import output
 from bnbcli.inspect.outliers import AXIS_WORDS
 from bnbcli.inspect.report import InspectReport, TensorReport
 
+SHOWN_UNMEASURED = 5  # weights named under the summary as not measured; --json has them all
+
 
 def _pct(x: float | None) -> str:
     return "—" if x is None or not math.isfinite(x) else f"{100 * x:.2f}%"
@@ -74,6 +76,11 @@ def _summary_table(report: InspectReport) -> None:
             s["worst"] or "—",
         )
     output.stdout.print(table)
+    unmeasured = report.unmeasured()
+    for t in unmeasured[:SHOWN_UNMEASURED]:
+        output.stdout.print(f"not measured: {t.label}: {t.note}")
+    if len(unmeasured) > SHOWN_UNMEASURED:
+        output.stdout.print(f"… and {len(unmeasured) - SHOWN_UNMEASURED} more weights not measured (--json lists them)")
 
 
 def render(report: InspectReport, top: int) -> None:

@@ -1,0 +1,1 @@
+"""Planners behind bnbcli.plan.decisions: transformers, diffusers and name rules, with their shared records."""

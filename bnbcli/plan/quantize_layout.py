@@ -1,0 +1,299 @@
+"""Where every output tensor goes: the jobs of each component, their entries, shards and exact sizes.
+
+Built from headers only. ``bnb quantize --dry-run`` renders it, the pipeline executes it, and nothing
+is re-decided during execution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from bnbcli.checkpoint.safetensors_file import TensorInfo
+from bnbcli.checkpoint.source import Checkpoint, ModelSource
+from bnbcli.checkpoint.writer import PlannedTensor, shard_size
+from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
+from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_model, quantization_config
+from bnbcli.plan.dtype import config_dtype
+from bnbcli.plan.scheme import QuantScheme
+from bnbcli.units import positive_size
+
+SHARD_METADATA = {"format": "pt"}
+DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # transformers v5's save_pretrained default, "50GB"
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One source tensor and what becomes of it."""
+
+    source: TensorInfo
+    decision: TensorDecision
+    dtype: torch.dtype  # the dtype it is quantized or kept in
+    entries: tuple[PlannedTensor, ...]
+    shard: str
+
+    @property
+    def quantized(self) -> bool:
+        return self.decision.action == "quantize"
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    name: str  # "" for a plain model, else the diffusers component folder
+    source: ModelSource
+    planner: str
+    planner_reason: str
+    jobs: tuple[TensorJob, ...]
+    shards: tuple[str, ...]
+    skip_modules: tuple[str, ...]
+    config: dict | None  # the output config.json
+    weights_stem: str  # "model" or "diffusion_pytorch_model"
+    unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no module of this component
+    planner_fallback: str | None = None  # why config.json's library could not plan it (QuantPlan.fallback)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(j.source.nbytes for j in self.jobs)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(j.bytes_out for j in self.jobs)
+
+    def shard_jobs(self, shard: str) -> list[TensorJob]:
+        return [j for j in self.jobs if j.shard == shard]
+
+    def shard_bytes(self, shard: str) -> int:
+        entries = [e for j in self.shard_jobs(shard) for e in j.entries]
+        return shard_size(entries, SHARD_METADATA)
+
+
+@dataclass(frozen=True)
+class QuantizePlan:
+    checkpoint: Checkpoint
+    scheme: QuantScheme
+    components: tuple[ComponentPlan, ...]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(c.bytes_in for c in self.components)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(c.bytes_out for c in self.components)
+
+
+def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
+    if scheme.method == "int8":
+        return layout_int8(shape)
+    return layout_4bit(shape, dtype, scheme.method, scheme.blocksize, scheme.double_quant, scheme.quant_storage)
+
+
+def _target_dtype(info: TensorInfo, scheme: QuantScheme) -> torch.dtype:
+    """--dtype casts floating-point tensors (as transformers loads them with dtype=...); others keep theirs."""
+    if scheme.dtype is not None and info.dtype.is_floating_point:
+        return scheme.dtype
+    return info.dtype
+
+
+def _job_entries(info: TensorInfo, decision: TensorDecision, dtype: torch.dtype, scheme: QuantScheme):
+    if decision.action != "quantize":
+        return (PlannedTensor(info.name, dtype, info.shape),)
+    shape = tuple(reversed(info.shape)) if decision.transpose else info.shape
+    return tuple(
+        PlannedTensor(e.key(info.name), e.dtype, e.shape, e.variable) for e in _entry_layouts(scheme, shape, dtype)
+    )
+
+
+def _weights_stem(source: ModelSource) -> str:
+    names = [p.name for p in source.weight_files]
+    return "diffusion_pytorch_model" if any(n.startswith("diffusion_pytorch_model") for n in names) else "model"
+
+
+def assign_shards(sizes: list[int], max_shard_size: int, stem: str) -> tuple[list[str], list[int]]:
+    """save_pretrained's rule over items of ``sizes`` bytes, in order: fill a shard until the next item
+    would overflow it (an item is never split: all pieces of one weight stay in one shard, which
+    transformers v4 needs to load them). Returns the shard names and each item's shard index."""
+    groups: list[int] = []
+    size = 0
+    for nbytes in sizes:
+        if not groups or (size + nbytes > max_shard_size and size > 0):
+            groups.append(0)
+            size = 0
+        groups[-1] += 1
+        size += nbytes
+    total = len(groups)
+    if total <= 1:
+        names = [f"{stem}.safetensors"]
+    else:
+        names = [f"{stem}-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    assignment: list[int] = []
+    for index, count in enumerate(groups):
+        assignment.extend([index] * count)
+    return names, assignment
+
+
+def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+    """Record the dtype the weights now have: the keys the config already has (`dtype` in v5,
+    `torch_dtype` in v4), and `dtype` for transformers configs (diffusers configs have none)."""
+    for key in ("dtype", "torch_dtype"):
+        if key in config or (key == "dtype" and "_class_name" not in config):
+            config[key] = str(dtype).removeprefix("torch.")
+
+
+def _output_config(
+    source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
+) -> dict | None:
+    config = dict(source.config) if source.config is not None else {}
+    if source.config is not None and config_dtype(config) != model_dtype:
+        # from_pretrained(OUT) loads in the dtype the config names (or guesses one from the first file's
+        # tensors): name the model's dtype, as transformers' save_pretrained writes the loaded model's
+        set_config_dtype(config, model_dtype)
+    config["quantization_config"] = quantization_config(scheme, skip_modules, model_dtype)
+    return config
+
+
+def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What the planners see of a component's tensors: name → (shape, dtype)."""
+    return {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
+
+
+def plan_component(
+    source: ModelSource,
+    scheme: QuantScheme,
+    max_shard_size: int,
+    planner: PlannerName | None = None,
+) -> ComponentPlan:
+    """The component's output plan: its tensors' decisions, and where each output goes."""
+    decided = plan_model(source.config, tensor_shapes(source), scheme, planner=planner)
+    stem = _weights_stem(source)
+    rows = []
+    # Source order (file, then offset): shards stream sequentially and hash as they are read.
+    file_order = {path: i for i, path in enumerate(source.weight_files)}
+    for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
+        decision = decided.decisions[info.name]
+        dtype = _target_dtype(info, scheme)
+        rows.append((info, decision, dtype, _job_entries(info, decision, dtype, scheme)))
+    shards, assignment = assign_shards([sum(e.nbytes for e in row[3]) for row in rows], max_shard_size, stem)
+    jobs = tuple(
+        TensorJob(source=info, decision=decision, dtype=dtype, entries=entries, shard=shards[assignment[i]])
+        for i, (info, decision, dtype, entries) in enumerate(rows)
+    )
+    model_dtype = decided.model_dtype
+    return ComponentPlan(
+        name=source.name,
+        source=source,
+        planner=decided.planner,
+        planner_reason=decided.reason,
+        jobs=jobs,
+        shards=tuple(shards),
+        skip_modules=decided.skip_modules,
+        config=_output_config(source, scheme, decided.skip_modules, model_dtype),
+        weights_stem=stem,
+        unmatched_skip=decided.unmatched_skip,
+        planner_fallback=decided.fallback,
+    )
+
+
+def plan_quantize(
+    checkpoint: Checkpoint,
+    scheme: QuantScheme,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    planner: PlannerName | None = None,
+) -> QuantizePlan:
+    positive_size(max_shard_size, "--max-shard-size")
+    components = tuple(
+        plan_component(source, scheme, max_shard_size, planner) for _, source in sorted(checkpoint.components.items())
+    )
+    return QuantizePlan(checkpoint=checkpoint, scheme=scheme, components=components)
+
+
+def index_document(component: ComponentPlan, actual_sizes: dict[str, int]) -> str:
+    """model.safetensors.index.json of a component. ``actual_sizes``: tensor bytes written per shard."""
+    weight_map = {e.key: j.shard for j in component.jobs for e in j.entries}
+    total_parameters = sum(j.source.numel for j in component.jobs)
+    return index_json(weight_map, total_parameters, sum(actual_sizes.values()))
+
+
+def index_json(weight_map: dict[str, str], total_parameters: int, total_size: int) -> str:
+    """An index as transformers writes it (sorted keys, indent 2, newline); total_size counts tensor
+    data, not headers."""
+    document = {
+        "metadata": {"total_parameters": total_parameters, "total_size": total_size},
+        "weight_map": weight_map,
+    }
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
+
+
+def describe_action(plan: QuantizePlan, job: TensorJob) -> str:
+    scheme = plan.scheme
+    if not job.quantized:
+        return f"keep ({job.decision.reason})"
+    if scheme.method == "int8":
+        fmt = "int8 row-wise"
+    else:
+        fmt = f"{scheme.method}{'+dq' if scheme.double_quant else ''} b{scheme.blocksize}"
+    return f"quantize as {fmt}" + (" (Conv1D, transposed)" if job.decision.transpose else "")
+
+
+def weights_layout(component: ComponentPlan) -> list:
+    """What decides the bytes of a component's weight files, as plain data: each tensor's action, dtype,
+    orientation, shard and entries, in order. Not which planner decided, nor its reasons: two plans with
+    the same layout write the same files (--resume and the speculative start rely on it)."""
+    jobs = [
+        [j.source.name, j.decision.action, j.decision.transpose, str(j.dtype), j.shard, [repr(e) for e in j.entries]]
+        for j in component.jobs
+    ]
+    return [component.name, component.weights_stem, list(component.shards), jobs]
+
+
+def plan_summary(plan: QuantizePlan) -> dict:
+    """The plan as plain data: what `--dry-run --json` prints and the dry-run table shows."""
+    components = []
+    for c in plan.components:
+        components.append(
+            {
+                "name": c.name,
+                "planner": c.planner,
+                "planner_reason": c.planner_reason,
+                "skip_modules": list(c.skip_modules),
+                "shards": [{"file": s, "bytes": c.shard_bytes(s)} for s in c.shards],
+                "tensors": [
+                    {
+                        "name": j.source.name,
+                        "shape": list(j.source.shape),
+                        "dtype": str(j.source.dtype).removeprefix("torch."),
+                        "action": j.decision.action,
+                        "reason": j.decision.reason,
+                        "description": describe_action(plan, j),
+                        "transpose": j.decision.transpose,
+                        "bytes_in": j.source.nbytes,
+                        "bytes_out": j.bytes_out,
+                        "shard": j.shard,
+                    }
+                    for j in c.jobs
+                ],
+                "quantized": sum(1 for j in c.jobs if j.quantized),
+                "kept": sum(1 for j in c.jobs if not j.quantized),
+                "bytes_in": c.bytes_in,
+                "bytes_out": c.bytes_out,
+            }
+        )
+    unmatched = [p for p in plan.scheme.skip if all(p in c.unmatched_skip for c in plan.components)]
+    warnings = [
+        *plan.checkpoint.warnings,
+        *(fallback_warning(c.name, c.planner_fallback) for c in plan.components if c.planner_fallback),
+        *(f"--skip {pattern!r} matches no module; it changes nothing" for pattern in unmatched),
+    ]
+    return {
+        "components": components,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+        "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
+        "warnings": warnings,  # also printed on stderr
+    }
