@@ -94,7 +94,8 @@ def test_the_command_lets_openmp_threads_sleep_when_they_wait() -> None:
 
     def policy(**extra: str) -> object:
         env = {k: v for k, v in bnb_env().items() if k != "OMP_WAIT_POLICY"} | extra
-        done = subprocess.run([*COMMAND, "env", "--json"], capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
+        command = [*COMMAND, "env", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)["cpu_threads"]["omp_wait_policy"]
 
