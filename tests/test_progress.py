@@ -7,18 +7,26 @@ from __future__ import annotations
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from golden import golden_dir
 from rich.console import Console
-from test_dequantize_cli import bnb
+from bnb_process import HANG_SECONDS, bnb_env
+from bnb_process import run_main as bnb
 
 from bnbcli import output
 
 GPT2 = golden_dir() / "models" / "gpt2"
 DESCRIPTIONS = {"quantize": "quantizing", "dequantize": "dequantizing", "inspect": "inspecting"}
 LINE = re.compile(r"^(quantizing|dequantizing|inspecting): \d+ tensors?, .+ of .+ \(\d+%\), .+/s, ETA \S+$")
+# One line's figures: tensors done, bytes done and in all, the share, the rate and the ETA.
+FIGURES = re.compile(
+    r"^quantizing: (?P<tensors>\d+) tensors?, (?P<done>[\d.]+ [KMG]?B) of (?P<total>[\d.]+ [KMG]?B) "
+    r"\((?P<share>\d+)%\), (?P<rate>[\d.]+ [KMG]?B)/s, ETA (?P<eta>\d+s|\d+m\d\ds|\d+h\d\dm|unknown)$"
+)
 
 
 class FakeClock:
@@ -132,3 +140,63 @@ def test_quiet_and_no_progress_silence_the_lines(flag: str, tmp_path: Path, caps
     code, _, stderr = _bnb(["quantize", str(GPT2 / "src"), str(tmp_path / "out"), flag], capsys, monkeypatch)
     assert code == 0, stderr
     assert not [line for line in stderr.splitlines() if "tensor" in line and "ETA" in line]
+
+
+def _figures(stderr: str) -> list[dict[str, str]]:
+    found = [FIGURES.match(line) for line in stderr.splitlines()]
+    return [m.groupdict() for m in found if m]
+
+
+def _check_a_line_per_tensor(figures: list[dict[str, str]], tensors: int) -> None:
+    """At interval 0 every finished tensor gives a line: the count goes 1, 2, ..., the share only grows,
+    the total stays, and the last line is the whole checkpoint with nothing left to wait for."""
+    assert [int(f["tensors"]) for f in figures] == list(range(1, tensors + 1))
+    shares = [int(f["share"]) for f in figures]
+    assert shares == sorted(shares) and shares[-1] == 100
+    assert len({f["total"] for f in figures}) == 1 and figures[-1]["done"] == figures[-1]["total"]
+    assert figures[-1]["eta"] == "0s"
+
+
+def test_a_plain_run_in_a_ci_log_prints_lines(tmp_path: Path, capsys, monkeypatch) -> None:
+    """No --json: stderr is not a terminal (captured), so the lines come instead of the bar, and stdout
+    keeps its one summary line."""
+    out = tmp_path / "out"
+    code, stdout, stderr = _bnb(["quantize", str(GPT2 / "src"), str(out)], capsys, monkeypatch)
+    assert code == 0, stderr
+    assert stdout.startswith(f"wrote {out}") and len(stdout.splitlines()) == 1
+    manifest = json.loads((out / "bnb_manifest.json").read_text())
+    tensors = sum(len(component["tensors"]) for component in manifest["components"])
+    _check_a_line_per_tensor(_figures(stderr), tensors)
+
+
+# The real command in its own process, stderr a pipe, with a small interval (0: a line per tensor).
+_WITH_INTERVAL_0 = (
+    "import sys; sys.argv = ['bnb', *sys.argv[1:]]\n"
+    "from bnbcli import output; output.PROGRESS_LINE_SECONDS = 0.0\n"
+    "from bnbcli.cli.entry import main; main()\n"
+)
+
+
+@pytest.mark.parametrize("flag", [None, "-v", "-q"])
+def test_the_command_in_a_pipe_prints_lines_unless_quiet(flag: str | None, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["quantize", str(GPT2 / "src"), str(out), *([flag] if flag else [])]
+    command = [sys.executable, "-c", _WITH_INTERVAL_0, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=HANG_SECONDS, env=bnb_env())
+    assert done.returncode == 0, done.stderr
+    figures = _figures(done.stderr)
+    if flag == "-q":
+        assert done.stderr == "" and done.stdout == ""  # -q: nothing but errors
+        return
+    manifest = json.loads((out / "bnb_manifest.json").read_text())
+    _check_a_line_per_tensor(figures, sum(len(c["tensors"]) for c in manifest["components"]))
+
+
+def test_eval_counts_tokens_in_its_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    console, buffer = _console(terminal=False)
+    monkeypatch.setattr(output, "stderr", console)
+    clock = FakeClock()
+    with output.CountProgress(1000, "tokens", enabled=True, clock=clock) as progress:
+        clock.now += output.PROGRESS_LINE_SECONDS
+        progress.advance(250)
+    assert buffer.getvalue().splitlines() == ["tokens: 250 of 1000 (25%), 25/s, ETA 30s"]
