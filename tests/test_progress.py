@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from golden import golden_dir
-from rich.console import Console
 from bnb_process import HANG_SECONDS, bnb_env
 from bnb_process import run_main as bnb
+from golden import golden_dir
+from rich.console import Console
 
 from bnbcli import output
 
