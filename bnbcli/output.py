@@ -44,6 +44,16 @@ def new_run() -> None:
     """Nothing printed yet: main() may run more than once in one process (tests do)."""
     global _emitted
     _emitted = False
+    set_quiet(False)
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q: nothing on stdout but a JSON document (written past the console), and no progress."""
+    stdout.quiet = quiet
+
+
+def quiet() -> bool:
+    return stdout.quiet
 
 
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -112,7 +122,7 @@ PROGRESS_LINE_SECONDS = 10.0
 class ByteProgress:
     """Progress on stderr over ``total`` bytes, advanced once per tensor: a Rich bar when stderr is a
     terminal, else a plain line (``progress_line``) when a tensor finishes and ``PROGRESS_LINE_SECONDS``
-    have passed since the last one; nothing when disabled (-q, --no-progress). ``bar=False`` (--json)
+    have passed since the last one; nothing when disabled (--no-progress) or quiet (-q). ``bar=False`` (--json)
     gives the lines on a terminal too. ``clock`` is for tests."""
 
     def __init__(
@@ -123,7 +133,7 @@ class ByteProgress:
         bar: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.enabled = enabled
+        self.enabled = enabled = enabled and not quiet()
         self.lines = enabled and not (bar and stderr.is_terminal)
         self.total = total
         self.description = description

@@ -258,6 +258,14 @@ CATALOG: dict[str, HintCase] = {
     "planner-needs-config": HintCase("quantize", _no_config),
     "quant-storage-too-wide": HintCase("quantize", _odd_weight("--quant-storage", "float32")),
     "revision-on-a-path": HintCase("quantize", _out("--revision", "v1")),
+    # a value outside an option's choices: Click refuses it before the command runs
+    "backend-unknown": HintCase("quantize", _out("--backend", "gpu")),
+    "scheme-unknown": HintCase("quantize", _out("--scheme", "nf5")),
+    "dtype-unknown": HintCase("quantize", _out("--dtype", "float8")),
+    "quant-storage-unknown": HintCase("quantize", _out("--quant-storage", "int4")),
+    "planner-unknown": HintCase("footprint", _with("--planner", "transformer")),
+    "compute-dtype-unknown": HintCase("footprint", _with("--compute-dtype", "fp8")),
+    "gate-scheme-unknown": HintCase("inspect", _with("--schemes", "nf4", "--gate-scheme", "nf4-dq")),
 }
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag
+from bnbcli.cli.options import JsonFlag, QuietFlag, VerboseFlag
 
 
-def env(json_output: JsonFlag = False) -> None:
-    """Show the versions bnb runs with and the GPUs it can use."""
+def env(json_output: JsonFlag = False, quiet: QuietFlag = False, verbose: VerboseFlag = False) -> None:
+    """Show the versions bnb runs with and the GPUs it can use (-v shows no more: it is all here)."""
     from bnbcli.environment import describe_environment
 
     found = describe_environment()

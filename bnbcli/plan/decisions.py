@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -38,6 +38,7 @@ from bnbcli.plan.planners.common import (
 )
 from bnbcli.plan.planners.hf_transformers import NotKnown
 from bnbcli.plan.scheme import QuantScheme, dtype_name
+from bnbcli.plan.scheme_names import PlannerName
 
 __all__ = [
     "ModulePlan",
@@ -48,8 +49,6 @@ __all__ = [
     "plan_quantization",
     "quantization_config",
 ]
-
-PlannerName = Literal["auto", "transformers", "diffusers", "name-rules"]
 
 
 @dataclass(frozen=True)
