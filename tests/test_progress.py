@@ -29,6 +29,12 @@ FIGURES = re.compile(
 )
 
 
+@pytest.fixture(autouse=True)
+def _not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier in-process run with -q leaves the terminal quiet until the next run starts."""
+    monkeypatch.setattr(output.stdout, "quiet", False)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 100.0
