@@ -1,53 +1,84 @@
-"""Time bnbcli's CPU quantization against bitsandbytes' own CPU path, format by format.
+"""Time bnbcli's CPU quantization against bitsandbytes' own CPU path, format by format, quiet or busy.
 
-    python bench/bench_cpu_formats.py [--repeats 15] [--warmup 3] [--json]
+    python bench/bench_cpu_formats.py [--repeats 5] [--warmup 2] [--rounds 1] [--busy] [--baseline DIR] [--json]
 
-One seeded 4096x4096 bf16 tensor; for each format both sides quantize it, warm-up runs first, then
-``repeats`` rounds that time ours and theirs back to back (so machine noise hits both alike); the
-table gives the medians, the speed-up (theirs / ours), whether our timed (fast) path gave the bytes of
-our whole-tensor reference (the specification that tests/test_conformance.py holds to bitsandbytes'
-CUDA bytes on every golden case), and whether bitsandbytes' CPU output equals ours. bitsandbytes' CPU
-path is not its CUDA path, so its bytes often differ from ours (which are the CUDA kernels' bytes).
-int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and that cast is inside
-its timing; ours takes the bf16 tensor and casts inside. If bitsandbytes is not
+One seeded 4096x4096 bf16 tensor. For each format the sides take turns, each in a fresh process of its
+own (so neither side's OpenMP runtime or threads meet the other's), which times ``repeats`` calls after
+``warmup``; with ``--rounds N`` the turns repeat N times and a side's figure is the median of all its
+calls. The table gives the medians, the speed-up (theirs / ours), whether our timed (fast) path gave
+the bytes of our whole-tensor reference (the specification that tests/test_conformance.py holds to
+bitsandbytes' CUDA bytes on every golden case), and whether bitsandbytes' CPU output equals ours.
+bitsandbytes' CPU path is not its CUDA path, so its bytes often differ from ours (which are the CUDA
+kernels' bytes). int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and that
+cast is inside its timing; ours takes the bf16 tensor and casts inside. If bitsandbytes is not
 importable, only ours is timed.
+
+--busy        run the comparison twice: quiet, then with a CPU burner process on every core (started
+              and stopped here), as on a shared CI runner.
+--baseline D  also time the bnbcli package in folder D (e.g. ``git archive OLD bnbcli | tar -x -C D``)
+              as "before", in the same turns: a before/after from one run.
+
+The machine's load average is printed before and after: on a shared machine, read the figures with it.
 """
 
 from __future__ import annotations
 
-import os
-
-# Both sides run OpenMP regions, from two copies of libgomp (torch's and the system one bitsandbytes
-# links). After a region each copy's idle threads busy-wait for the next one, by default long enough
-# to halve the other library's speed on a 2-core machine. A short spin keeps the two out of each
-# other's way (measured: ours 26 ms alone, 55 ms right after bitsandbytes, 28 ms with this setting;
-# bitsandbytes 74 ms either way). It must be set before torch loads libgomp.
-os.environ.setdefault("GOMP_SPINCOUNT", "1000")
-
 import argparse
+import hashlib
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-import bnbcli
-
-try:
-    import bitsandbytes
-    import bitsandbytes.functional as F
-except Exception as exc:  # not installed, or its import fails on this machine
-    bitsandbytes = None
-    BNB_MISSING = f"{type(exc).__name__}: {exc}"
+if TYPE_CHECKING:  # the parent never imports torch: only the timed children do
+    import torch
 
 SHAPE = (4096, 4096)
 SEED = 0
+FORMATS = ("nf4", "nf4 + double quant", "fp4", "int8 row-wise", "blockwise8 (4096)")
 
 
-def ours_and_theirs(x: torch.Tensor) -> dict[str, tuple[Callable, Callable | None]]:
-    """format -> (ours, theirs); each returns the tensors that a checkpoint stores, in one order."""
+# ------------------------------------------------------------------------------------------------------
+# One side, one format, in a process of its own (``--child SIDE FORMAT``)
+
+
+def side_function(side: str, name: str, x: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
+    """A call that quantizes ``x`` as ``name`` and returns the tensors that a checkpoint stores."""
+    import torch
+
+    if side == "bnb":
+        import bitsandbytes.functional as F
+
+        def theirs_4bit(quant_type: str, dq: bool) -> Callable:
+            def run() -> list:
+                packed, s = F.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=dq)
+                return [packed, s.absmax] + ([s.state2.absmax, s.offset.reshape(())] if dq else [])
+
+            return run
+
+        def theirs_int8() -> list:
+            cb, scb, _ = F.int8_vectorwise_quant(x.to(torch.float16))
+            return [cb, scb]
+
+        def theirs_bw8() -> list:
+            q, s = F.quantize_blockwise(x, blocksize=4096)
+            return [q, s.absmax]
+
+        return {
+            "nf4": theirs_4bit("nf4", False),
+            "nf4 + double quant": theirs_4bit("nf4", True),
+            "fp4": theirs_4bit("fp4", False),
+            "int8 row-wise": theirs_int8,
+            "blockwise8 (4096)": theirs_bw8,
+        }[name]
+
+    import bnbcli
 
     def ours_4bit(quant_type: str, dq: bool) -> Callable:
         def run() -> list:
@@ -56,139 +87,214 @@ def ours_and_theirs(x: torch.Tensor) -> dict[str, tuple[Callable, Callable | Non
 
         return run
 
-    def theirs_4bit(quant_type: str, dq: bool) -> Callable:
-        def run() -> list:
-            packed, s = F.quantize_4bit(x, blocksize=64, quant_type=quant_type, compress_statistics=dq)
-            return [packed, s.absmax] + ([s.state2.absmax, s.offset.reshape(())] if dq else [])
-
-        return run
-
     def ours_int8() -> list:
         q = bnbcli.quantize_int8_rowwise(x)
         return [q.CB, q.SCB]
-
-    def theirs_int8() -> list:
-        cb, scb, _ = F.int8_vectorwise_quant(x.to(torch.float16))
-        return [cb, scb]
 
     def ours_bw8() -> list:
         q = bnbcli.quantize_blockwise8(x, 4096)
         return [q.q, q.absmax]
 
-    def theirs_bw8() -> list:
-        q, s = F.quantize_blockwise(x, blocksize=4096)
-        return [q, s.absmax]
-
-    have = bitsandbytes is not None
     return {
-        "nf4": (ours_4bit("nf4", False), theirs_4bit("nf4", False) if have else None),
-        "nf4 + double quant": (ours_4bit("nf4", True), theirs_4bit("nf4", True) if have else None),
-        "fp4": (ours_4bit("fp4", False), theirs_4bit("fp4", False) if have else None),
-        "int8 row-wise": (ours_int8, theirs_int8 if have else None),
-        "blockwise8 (4096)": (ours_bw8, theirs_bw8 if have else None),
-    }
+        "nf4": ours_4bit("nf4", False),
+        "nf4 + double quant": ours_4bit("nf4", True),
+        "fp4": ours_4bit("fp4", False),
+        "int8 row-wise": ours_int8,
+        "blockwise8 (4096)": ours_bw8,
+    }[name]
 
 
-def reference_bytes(x: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """format -> the codes and scales of the whole-tensor reference (the specification that the golden
-    CUDA vectors test), to show that the fast path timed here gives the same bytes on this tensor."""
+def reference_bytes(name: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """The codes and scales of the whole-tensor reference (the specification that the golden CUDA
+    vectors test), to show that the fast path timed here gives the same bytes on this tensor."""
     from bnbcli.formats import blockwise8, fourbit, int8
     from bnbcli.formats.blocks import reference_quantize_blocks
 
-    def four(quant_type: str) -> list[torch.Tensor]:
-        return list(reference_quantize_blocks(x, 64, fourbit.code_table(quant_type).encoder, pack=True))
-
-    cb = int8.reference_quantize_int8_rowwise(x)
-    return {
-        "nf4": four("nf4"),
-        "nf4 + double quant": four("nf4")[:1],  # the packed codes; its absmax is itself quantized
-        "fp4": four("fp4"),
-        "int8 row-wise": [cb.CB, cb.SCB],
-        "blockwise8 (4096)": list(reference_quantize_blocks(x, 4096, blockwise8.code_table().encoder)),
-    }
+    if name.startswith(("nf4", "fp4")):
+        codes, absmax = reference_quantize_blocks(x, 64, fourbit.code_table(name[:3]).encoder, pack=True)
+        return [codes] if "double" in name else [codes, absmax]  # double quant: its absmax is quantized again
+    if name.startswith("int8"):
+        cb = int8.reference_quantize_int8_rowwise(x)
+        return [cb.CB, cb.SCB]
+    return list(reference_quantize_blocks(x, 4096, blockwise8.code_table().encoder))
 
 
-def identical(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    def raw(t: torch.Tensor) -> bytes:
-        return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+def raw(tensors: list[torch.Tensor]) -> bytes:
+    import torch
 
-    return len(a) == len(b) and all(x.dtype == y.dtype and raw(x) == raw(y) for x, y in zip(a, b, strict=True))
-
-
-def yes(flag: bool) -> str:
-    return "yes" if flag else "NO"
+    return b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
 
 
-def timed(fn: Callable) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+def child(side: str, name: str, repeats: int, warmup: int) -> None:
+    import torch
+
+    torch.manual_seed(SEED)
+    x = torch.randn(SHAPE, dtype=torch.float32).to(torch.bfloat16)
+    try:
+        fn = side_function(side, name, x)
+    except ImportError as exc:
+        print(json.dumps({"missing": f"{type(exc).__name__}: {exc}"}))
+        return
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    out = fn()
+    report = {"ms": statistics.median(times), "all_ms": times, "sha256": hashlib.sha256(raw(out)).hexdigest()}
+    if side != "bnb":
+        import bnbcli
+
+        expected = reference_bytes(name, x)
+        report["equals_reference"] = raw(out[: len(expected)]) == raw(expected)
+        report["module"] = str(Path(bnbcli.__file__).parent)
+        report["torch_threads"] = torch.get_num_threads()
+        report["torch"] = torch.__version__
+    else:
+        import bitsandbytes
+
+        report["bitsandbytes"] = bitsandbytes.__version__
+    print(json.dumps(report))
+
+
+# ------------------------------------------------------------------------------------------------------
+# The parent: turns, burners, tables
+
+
+def run_side(side: str, name: str, args: argparse.Namespace, pythonpath: str | None = None) -> dict:
+    command = [sys.executable, __file__, "--child", side, name, "--repeats", str(args.repeats)]
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([*command, "--warmup", str(args.warmup)], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"missing": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+    return json.loads(lines[-1])
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One side's processes over the rounds as one: the median of all their calls."""
+    if any("missing" in run for run in runs):
+        return next(run for run in runs if "missing" in run)
+    every = [ms for run in runs for ms in run["all_ms"]]
+    return runs[-1] | {"ms": statistics.median(every), "all_ms": every, "round_ms": [run["ms"] for run in runs]}
+
+
+def burners() -> list[subprocess.Popen]:
+    """A process spinning on every core."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+
+
+def compare(args: argparse.Namespace, busy: bool) -> list[dict]:
+    spinning = burners() if busy else []
+    try:
+        time.sleep(0.5 if busy else 0.0)  # the burners running before the first timing
+        rows = []
+        for name in FORMATS:
+            sides: dict[str, list[dict]] = {}
+            for _ in range(args.rounds):
+                sides.setdefault("ours", []).append(run_side("ours", name, args))
+                sides.setdefault("bnb", []).append(run_side("bnb", name, args))
+                if args.baseline:
+                    sides.setdefault("before", []).append(run_side("ours", name, args, pythonpath=args.baseline))
+            rows.append({"format": name} | {side: pooled(runs) for side, runs in sides.items()})
+        return rows
+    finally:
+        for process in spinning:
+            process.kill()
+        for process in spinning:
+            process.wait()
+
+
+def cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    avx512 = sorted(f for f in flags if f.startswith("avx512"))
+    return f"{model}, {os.cpu_count()} cores, {'AVX512 (' + ' '.join(avx512) + ')' if avx512 else 'no AVX512'}"
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def print_table(title: str, rows: list[dict], baseline: bool) -> None:
+    print(title)
+    before = f" {'before ms':>10} {'before/ours':>11}" if baseline else ""
+    print(
+        f"  {'format':<20} {'ours ms':>9} {'bnb ms':>9} {'speed-up':>9}{before}  {'ours = reference':>16}  bnb = ours"
+    )
+    for r in rows:
+        ours, bnb = r["ours"], r["bnb"]
+        if "missing" in ours:
+            print(f"  {r['format']:<20} ours failed: {ours['missing']}")
+            continue
+        have_bnb = "missing" not in bnb
+        speedup = f"{bnb['ms'] / ours['ms']:8.2f}x" if have_bnb else f"{'-':>9}"
+        extra = ""
+        if baseline:
+            old = r["before"]
+            extra = (
+                f" {old['ms']:10.1f} {old['ms'] / ours['ms']:10.2f}x"
+                if "missing" not in old
+                else f" {'-':>10} {'-':>11}"
+            )
+        same = ("yes" if bnb["sha256"] == ours["sha256"] else "no") if have_bnb else "-"
+        print(
+            f"  {r['format']:<20} {ours['ms']:9.1f} {bnb['ms'] if have_bnb else float('nan'):9.1f} {speedup}{extra}  "
+            f"{'yes' if ours['equals_reference'] else 'NO':>16}  {same}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per side and format (the median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="turns of every side per format (a fresh process each)")
+    parser.add_argument("--busy", action="store_true", help="also run with a CPU burner on every core")
+    parser.add_argument("--baseline", type=str, default=None, help="a folder holding an older bnbcli package")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    parser.add_argument("--child", nargs=2, metavar=("SIDE", "FORMAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(*args.child, args.repeats, args.warmup)
+        return
+    if args.baseline and not (Path(args.baseline) / "bnbcli" / "__init__.py").is_file():
+        parser.error(f"--baseline {args.baseline}: no bnbcli package in that folder")
 
-    torch.manual_seed(SEED)
-    x = torch.randn(SHAPE, dtype=torch.float32).to(torch.bfloat16)
-    rows = []
-    spec = reference_bytes(x)
-    for name, (ours, theirs) in ours_and_theirs(x).items():
-        for _ in range(args.warmup):
-            ours()
-            if theirs:
-                theirs()
-        ours_ms, theirs_ms = [], []
-        for _ in range(args.repeats):
-            ours_ms.append(timed(ours))
-            if theirs:
-                theirs_ms.append(timed(theirs))
-        row = {"format": name, "ours_ms": statistics.median(ours_ms)}
-        expected = spec[name]
-        row["equals_reference"] = identical(ours()[: len(expected)], expected)
-        if theirs:
-            row["bnb_ms"] = statistics.median(theirs_ms)
-            row["speedup"] = row["bnb_ms"] / row["ours_ms"]
-            row["byte_identical"] = identical(ours(), theirs())
-        rows.append(row)
-
-    info = {
-        "shape": list(SHAPE),
-        "dtype": "bfloat16",
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "gomp_spincount": os.environ["GOMP_SPINCOUNT"],
-        "bitsandbytes": bitsandbytes.__version__ if bitsandbytes else None,
-        "machine": platform.machine(),
-        "repeats": args.repeats,
-        "results": rows,
-    }
-    if bitsandbytes is None:
-        info["bitsandbytes_missing"] = BNB_MISSING
+    info: dict = {"shape": list(SHAPE), "dtype": "bfloat16", "cpu": cpu_model(), "repeats": args.repeats}
+    info["rounds"] = args.rounds
+    info["load_before"] = loadavg()
+    runs = {"quiet": compare(args, busy=False)}
+    if args.busy:
+        runs["busy"] = compare(args, busy=True)
+    info["load_after"] = loadavg()
+    info["runs"] = runs
+    first = runs["quiet"][0]["ours"]
     if args.json:
         print(json.dumps(info, indent=2))
         return
-
-    bnb = f"bitsandbytes {info['bitsandbytes']}" if bitsandbytes else "bitsandbytes NOT importable"
+    bnb = runs["quiet"][0]["bnb"].get("bitsandbytes", "NOT importable")
     print(
-        f"4096x4096 bf16, torch {torch.__version__}, {info['torch_threads']} torch threads, {bnb}; "
-        f"median of {args.repeats}"
+        f"4096x4096 bf16, torch {first.get('torch')}, {first.get('torch_threads')} torch threads, bitsandbytes {bnb}; "
+        f"each side in its own process ({args.rounds} per side and format, taking turns), "
+        f"median of {args.repeats * args.rounds} calls after {args.warmup} warm-up calls each"
     )
-    if bitsandbytes is None:
-        print(f"  ({BNB_MISSING}): timing ours only")
-    print(f"{'format':<20} {'ours ms':>9} {'bnb ms':>9} {'speed-up':>9}  {'ours = reference':>16}  bnb = ours")
-    for r in rows:
-        if "bnb_ms" in r:
-            same = "yes" if r["byte_identical"] else "no"
-            print(
-                f"{r['format']:<20} {r['ours_ms']:9.1f} {r['bnb_ms']:9.1f} {r['speedup']:8.2f}x  "
-                f"{yes(r['equals_reference']):>16}  {same}"
-            )
-        else:
-            print(f"{r['format']:<20} {r['ours_ms']:9.1f} {'-':>9} {'-':>9}  {yes(r['equals_reference']):>16}  -")
+    print(f"{info['cpu']}; load average before {info['load_before']}, after {info['load_after']}")
+    if args.baseline:
+        print(f"before = the bnbcli in {runs['quiet'][0]['before'].get('module', args.baseline)}")
+    for load, rows in runs.items():
+        label = "quiet" if load == "quiet" else f"busy: a CPU burner process on each of the {os.cpu_count()} cores"
+        print_table(label, rows, bool(args.baseline))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes.util
 import importlib.util
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -32,6 +33,8 @@ class Environment:
     backends: list[str] = field(default_factory=list)
     planners: dict[str, str | None] = field(default_factory=dict)  # the model-aware planners' libraries
     plan_cache: dict[str, object] = field(default_factory=dict)  # planning/cache.py: folder, enabled, plans
+    # CPUs this process may use, OMP_NUM_THREADS, and how OpenMP threads wait (`bnb` sets PASSIVE: cli/entry.py)
+    cpu_threads: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -87,6 +90,17 @@ def describe_environment() -> Environment:
     return _describe(torch.__version__, torch.version.cuda, cuda_status(), gpus)
 
 
+def _cpu_threads() -> dict[str, object]:
+    """The CPUs this process may run on, the OpenMP settings torch's threads follow (torch is not imported
+    for this: without a GPU `bnb env` answers at once)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpus": cpus,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
 def _describe(torch_version: str, torch_cuda: str | None, cuda: CudaStatus, gpus: list[str]) -> Environment:
     return Environment(
         bnbcli=__version__,
@@ -102,4 +116,5 @@ def _describe(torch_version: str, torch_cuda: str | None, cuda: CudaStatus, gpus
         backends=["cpu"] if not gpus or cuda_unavailable() else ["cpu", "cuda"],
         planners={library: installed_version(library) for library in ("transformers", "diffusers")},
         plan_cache=cache_folder.status(),
+        cpu_threads=_cpu_threads(),
     )

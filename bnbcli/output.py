@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +44,16 @@ def new_run() -> None:
     """Nothing printed yet: main() may run more than once in one process (tests do)."""
     global _emitted
     _emitted = False
+    set_quiet(False)
+
+
+def set_quiet(quiet: bool) -> None:
+    """-q: nothing on stdout but a JSON document (written past the console), and no progress."""
+    stdout.quiet = quiet
+
+
+def quiet() -> bool:
+    return stdout.quiet
 
 
 def emit_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -102,13 +114,35 @@ def error(message: str, hint: str | None = None) -> None:
         stderr.print(f"[bold cyan]hint:[/] {hint}", markup=True, highlight=False)
 
 
-class ByteProgress:
-    """A Rich progress bar in bytes on stderr; a no-op when disabled (not a terminal, --json, -q)."""
+# A run whose stderr is not a terminal (a CI log) has no bar: it prints a plain progress line at most this
+# often instead, so that a long run shows it is alive.
+PROGRESS_LINE_SECONDS = 10.0
 
-    def __init__(self, total: int, description: str, enabled: bool) -> None:
-        self.enabled = enabled and stderr.is_terminal
+
+class ByteProgress:
+    """Progress on stderr over ``total`` bytes, advanced once per tensor: a Rich bar when stderr is a
+    terminal, else a plain line (``progress_line``) when a tensor finishes and ``PROGRESS_LINE_SECONDS``
+    have passed since the last one; nothing when disabled (--no-progress) or quiet (-q). ``bar=False`` (--json)
+    gives the lines on a terminal too. ``clock`` is for tests."""
+
+    def __init__(
+        self,
+        total: int,
+        description: str,
+        enabled: bool,
+        bar: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.enabled = enabled = enabled and not quiet()
+        self.lines = enabled and not (bar and stderr.is_terminal)
         self.total = total
         self.description = description
+        self.interval = PROGRESS_LINE_SECONDS
+        self.clock = clock
+        self.done_bytes = 0
+        self.done_tensors = 0
+        self._started = self._last_line = 0.0
+        self._lock = threading.Lock()  # advanced from a pipeline's writer thread
         self._progress: Any = None
         self._task: Any = None
 
@@ -118,7 +152,8 @@ class ByteProgress:
         return BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()
 
     def __enter__(self) -> ByteProgress:
-        if self.enabled:
+        self._started = self._last_line = self.clock()
+        if self.enabled and not self.lines:
             from rich.progress import Progress
 
             self._progress = Progress(
@@ -132,8 +167,23 @@ class ByteProgress:
         return self
 
     def advance(self, nbytes: int) -> None:
+        """One more tensor done, of ``nbytes``."""
         if self._progress is not None:
             self._progress.advance(self._task, nbytes)
+        if not self.lines:
+            return
+        with self._lock:
+            self.done_bytes += nbytes
+            self.done_tensors += 1
+            now = self.clock()
+            if now - self._last_line < self.interval:
+                return
+            self._last_line = now
+            line = self._line(now - self._started)
+        stderr.print(line, markup=False, highlight=False)
+
+    def _line(self, seconds: float) -> str:
+        return progress_line(self.description, self.done_tensors, self.done_bytes, self.total, seconds)
 
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
@@ -141,9 +191,33 @@ class ByteProgress:
 
 
 class CountProgress(ByteProgress):
-    """The same bar, counting things (tokens) rather than bytes."""
+    """The same progress, counting things (tokens) rather than bytes in tensors."""
 
     def _columns(self) -> tuple[Any, ...]:
         from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn, TimeRemainingColumn
 
         return BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()
+
+    def _line(self, seconds: float) -> str:
+        done, total = self.done_bytes, self.total
+        share = f" ({done / total:.0%})" if total else ""
+        rate = done / seconds if seconds > 0 else 0.0
+        return f"{self.description}: {done} of {total}{share}, {rate:.0f}/s, ETA {_eta(done, total, rate)}"
+
+
+def progress_line(description: str, tensors: int, done: int, total: int, seconds: float) -> str:
+    """``quantizing: 12 tensors, 1.20 GB of 16.06 GB (7%), 210.00 MB/s, ETA 1m10s``."""
+    from bnbcli.units import human_bytes
+
+    share = f" ({done / total:.0%})" if total else ""
+    rate = done / seconds if seconds > 0 else 0.0
+    return (
+        f"{description}: {tensors} tensor{'s' if tensors != 1 else ''}, {human_bytes(done)} of {human_bytes(total)}"
+        f"{share}, {human_bytes(round(rate))}/s, ETA {_eta(done, total, rate)}"
+    )
+
+
+def _eta(done: int, total: int, rate: float) -> str:
+    from bnbcli.units import human_seconds
+
+    return human_seconds((total - done) / rate) if rate > 0 and total >= done else "unknown"

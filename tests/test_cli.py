@@ -109,6 +109,22 @@ def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path) -> None:
         assert "Traceback" in result.stderr and "no such file or folder" in result.stderr
 
 
+def test_the_command_lets_openmp_threads_sleep_when_they_wait() -> None:
+    """`bnb` sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (its threads otherwise spin between
+    parallel regions, which collapses on a machine shared with other processes); a user's setting wins."""
+    from bnb_process import COMMAND, bnb_env
+
+    def policy(**extra: str) -> object:
+        env = {k: v for k, v in bnb_env().items() if k != "OMP_WAIT_POLICY"} | extra
+        command = [*COMMAND, "env", "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=HANG_SECONDS)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)["cpu_threads"]["omp_wait_policy"]
+
+    assert policy() == "PASSIVE"
+    assert policy(OMP_WAIT_POLICY="active") == "active"
+
+
 # What the command line imports before a verb needs the library: help, the version and usage errors come
 # without torch, transformers or CuPy (a verb imports them when it runs).
 _HEAVY = ("torch", "transformers", "diffusers", "cupy", "accelerate", "bitsandbytes")

@@ -270,6 +270,14 @@ CATALOG: dict[str, HintCase] = {
         "quantize",
         lambda root, model: [*_with_tokenizer("--text-file")(root, model), str(root / "out"), "--keep-budget", "20%"],
     ),
+    # a value outside an option's choices: Click refuses it before the command runs
+    "backend-unknown": HintCase("quantize", _out("--backend", "gpu")),
+    "scheme-unknown": HintCase("quantize", _out("--scheme", "nf5")),
+    "dtype-unknown": HintCase("quantize", _out("--dtype", "float8")),
+    "quant-storage-unknown": HintCase("quantize", _out("--quant-storage", "int4")),
+    "planner-unknown": HintCase("footprint", _with("--planner", "transformer")),
+    "compute-dtype-unknown": HintCase("footprint", _with("--compute-dtype", "fp8")),
+    "gate-scheme-unknown": HintCase("inspect", _with("--schemes", "nf4", "--gate-scheme", "nf4-dq")),
 }
 
 

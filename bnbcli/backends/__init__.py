@@ -12,10 +12,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal, get_args
 
 from bnbcli.errors import BackendUnavailable, UsageError
 
-BACKENDS = ("auto", "cpu", "cuda")
+BackendName = Literal["auto", "cpu", "cuda"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 MIN_CAPABILITY = (8, 0)  # Ampere: the kernels use its bf16 conversion instructions
 
 

@@ -13,9 +13,9 @@ from bnbcli import __version__, interrupts, output
 from bnbcli.cli.dequantize import dequantize
 from bnbcli.cli.entry import interrupted_exit
 from bnbcli.cli.env import env
-from bnbcli.cli.eval import eval_command
-from bnbcli.cli.footprint import footprint_command
-from bnbcli.cli.inspect import inspect_command
+from bnbcli.cli.eval import eval
+from bnbcli.cli.footprint import footprint
+from bnbcli.cli.inspect import inspect
 from bnbcli.cli.quantize import quantize
 from bnbcli.errors import EXIT_INTERRUPTED, EXIT_USAGE, REPORT_HINT, BnbError
 
@@ -52,12 +52,9 @@ def root(
         os.environ["BNB_DEBUG"] = "1"
 
 
-app.command(epilog=EPILOG)(quantize)
-app.command(epilog=EPILOG)(env)
-app.command(epilog=EPILOG)(dequantize)
-app.command("footprint", epilog=EPILOG)(footprint_command)
-app.command("inspect", epilog=EPILOG)(inspect_command)
-app.command("eval", epilog=EPILOG)(eval_command)
+# Each verb is the function of its own module, named as the verb.
+for verb in (quantize, dequantize, inspect, footprint, eval, env):
+    app.command(epilog=EPILOG)(verb)
 
 
 def _debugging() -> bool:

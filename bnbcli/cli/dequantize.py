@@ -8,14 +8,17 @@ import typer
 
 from bnbcli import output
 from bnbcli.cli.options import (
+    Backend,
+    Dtype,
     JsonFlag,
+    MaxShardSize,
     NoProgressFlag,
     OutArgument,
     OverwriteFlag,
     QuietFlag,
+    Revision,
     VerboseFlag,
     output_path,
-    size_option,
 )
 from bnbcli.units import human_bytes
 
@@ -25,25 +28,14 @@ def dequantize(
         str,
         typer.Argument(
             help="A bitsandbytes checkpoint: a folder, a .safetensors file, an index.json, a diffusers pipeline "
-            "folder, or a Hub repo id."
+            "folder, or a Hub repo id.",
         ),
     ],
     out: OutArgument,
-    dtype: Annotated[
-        str | None,
-        typer.Option(
-            "--dtype",
-            help="float16, bfloat16 or float32 for every floating tensor (default: each 4-bit weight's quant_state "
-            "dtype, int8 weights in the model's dtype, other tensors as they are).",
-        ),
-    ] = None,
-    max_shard_size: Annotated[
-        int | None, size_option("--max-shard-size", "Re-shard the output, e.g. 5GB (default: the source's shards).")
-    ] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
-    ] = "auto",
+    dtype: Dtype = None,
+    max_shard_size: MaxShardSize = None,
+    revision: Revision = None,
+    backend: Backend = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and write nothing.")] = False,
     overwrite: OverwriteFlag = False,
     json_output: JsonFlag = False,
@@ -75,7 +67,7 @@ def dequantize(
         else:
             _render_plan(summary)
         return
-    with output.ByteProgress(plan.bytes_in, "dequantizing", enabled=not (json_output or quiet or no_progress)) as bar:
+    with output.ByteProgress(plan.bytes_in, "dequantizing", enabled=not no_progress, bar=not json_output) as bar:
         outcome = run_dequantize(request, plan, bar.advance)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})

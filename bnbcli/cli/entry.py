@@ -88,6 +88,12 @@ def main() -> None:
     # torch's CUDA allocator grows segments in place instead of caching one block per size: weights of
     # many sizes stream through the GPU, and fixed blocks left hundreds of MB reserved and unused.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # torch's OpenMP threads busy-wait for the next parallel region by default (libgomp spins for
+    # milliseconds). On a machine shared with other processes that spinning takes the cores' time, and
+    # each region then waits for a thread the scheduler has put aside: 8 bf16 4096x4096 weights to
+    # nf4-dq took 92-106 s on a loaded 2-core machine, and 15-19 s with threads that sleep when they
+    # wait (BENCHMARKS.md, issue 17). It must be set before torch loads libgomp; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # A signal that was ignored when we started stays ignored (a shell's background job ignores SIGINT).
     for signum in SIGNALS:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):

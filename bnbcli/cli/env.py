@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag
+from bnbcli.cli.options import JsonFlag, QuietFlag, VerboseFlag
 
 
-def env(json_output: JsonFlag = False) -> None:
-    """Show the versions bnb runs with and the GPUs it can use."""
+def env(json_output: JsonFlag = False, quiet: QuietFlag = False, verbose: VerboseFlag = False) -> None:
+    """Show the versions bnb runs with and the GPUs it can use (-v shows no more: it is all here)."""
     from bnbcli.environment import describe_environment
 
     found = describe_environment()
@@ -17,6 +17,7 @@ def env(json_output: JsonFlag = False) -> None:
     none = "-"
     planners = ", ".join(f"{library} {version}" for library, version in found.planners.items() if version)
     cache = found.plan_cache
+    threads = found.cpu_threads
     plans = f"{cache['folder']} ({cache['plans']} plans)" if cache["enabled"] else "off (BNB_PLAN_CACHE)"
     output.emit_table(
         "bnb environment",
@@ -32,5 +33,10 @@ def env(json_output: JsonFlag = False) -> None:
             ("backends", ", ".join(found.backends)),
             ("planners", planners or "name rules only (neither transformers nor diffusers is installed)"),
             ("plan cache", plans),
+            (
+                "CPU threads",
+                f"{threads['cpus']} CPUs, OMP_NUM_THREADS {threads['omp_num_threads'] or 'unset'}, "
+                f"OpenMP wait policy {threads['omp_wait_policy'] or 'default'}",
+            ),
         ],
     )

@@ -23,24 +23,38 @@ FITS = (
 
 
 Quant = Annotated[
-    str, typer.Argument(help="A bitsandbytes checkpoint (folder or Hub repo id), e.g. bnb quantize's OUT.")
+    str,
+    typer.Argument(help="A bitsandbytes checkpoint (folder or Hub repo id), e.g. bnb quantize's OUT."),
 ]
 Against = Annotated[
     str | None,
-    typer.Option("--against", help="The original (folder or Hub repo id); default: the source in QUANT's manifest."),
+    typer.Option(
+        "--against",
+        metavar="ORIG",
+        help="The original (folder or Hub repo id); default: the source in QUANT's manifest.",
+    ),
 ]
 TextFile = Annotated[
-    Path | None, typer.Option("--text-file", help="One text per line (default: ~3,200 built-in tokens).")
+    Path | None,
+    typer.Option("--text-file", metavar="FILE", help="One text per line (default: ~3,200 built-in tokens)."),
 ]
 Context = Annotated[int | None, typer.Option("--context", help="Join the texts and run them in windows of N tokens.")]
 MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="Stop after N tokens.")]
-Device = Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or cuda:N.")]
+Device = Annotated[
+    str,
+    typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", help="auto: a GPU when torch sees one, else cpu."),
+]
 OneAtATime = Annotated[
     bool, typer.Option("--one-at-a-time", help="Run ORIG over every text first, keep its top-k, free it, then QUANT.")
 ]
-TopK = Annotated[str, typer.Option("--top-k", help="One at a time: ORIG's tokens kept per position (all: exact).")]
+TopK = Annotated[
+    str, typer.Option("--top-k", metavar="<N|all>", help="One at a time: ORIG's tokens kept per position (all: exact).")
+]
 MaxMemory = Annotated[
-    str | None, typer.Option("--max-memory", help="Memory the run may use on the device, e.g. 20GB (default: free).")
+    str | None,
+    typer.Option(
+        "--max-memory", metavar="SIZE", help="Memory the run may use on the device, e.g. 20GB (default: free)."
+    ),
 ]
 MaxKld = Annotated[float | None, typer.Option("--max-kld", help="Gate: mean KLD above X fails.")]
 MinTop1 = Annotated[float | None, typer.Option("--min-top1", help="Gate: same top-1 share (0-1) below X fails.")]
@@ -52,13 +66,14 @@ ReportFile = Annotated[
     str | None,
     typer.Option(
         "--report",
+        metavar="FILE.html",
         help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
         "when it is a report bnb wrote (or empty).",
     ),
 ]
 
 
-def eval_command(
+def eval(
     quant: Quant,
     against: Against = None,
     text_file: TextFile = None,
@@ -104,8 +119,7 @@ def eval_command(
         gates=EvalGates(max_kld, min_top1, max_ppl_ratio, min_cosine),
     )
     prepared = prepare(request)
-    enabled = not (json_output or quiet or no_progress)
-    with output.CountProgress(prepared.total_tokens, "tokens", enabled=enabled) as bar:
+    with output.CountProgress(prepared.total_tokens, "tokens", enabled=not no_progress, bar=not json_output) as bar:
         report = evaluate(prepared, bar.advance)
     _emit(report, report_path, json_output, quiet, verbose)
 
@@ -133,7 +147,7 @@ def _emit(report: EvalReport, report_path: Path | None, json_output: bool, quiet
         )
 
 
-eval_command.__doc__ = f"{eval_command.__doc__}\n\n    {FITS}"
+eval.__doc__ = f"{eval.__doc__}\n\n    {FITS}"
 
 
 def _top_k(text: str) -> int | None:

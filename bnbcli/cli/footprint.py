@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 
@@ -11,33 +11,42 @@ from bnbcli import output
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
     CalibrateFlag,
-    Components,
+    ComponentNames,
+    ComputeDtype,
+    Dtype,
     JsonFlag,
     KeepBudgetOption,
+    MaxShardSize,
+    Planner,
+    QuantStorage,
+    QuietFlag,
+    Revision,
+    Skip,
     TargetSizeOption,
     TextFileOption,
-    components_option,
+    VerboseFlag,
     size_option,
 )
-from bnbcli.plan.scheme_names import DEFAULT_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_SCHEMES, PlannerName
 from bnbcli.units import human_bytes
 
-if TYPE_CHECKING:
-    from bnbcli.plan.decisions import PlannerName
+# How the report is shown, not what it says: left out of the cached report's key.
+_PRESENTATION = ("json_output", "quiet", "verbose")
 
 
-def footprint_command(
+def footprint(
     src: Annotated[
         str,
         typer.Argument(
             help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id "
-            "(only headers and config.json are fetched)."
+            "(only headers and config.json are fetched).",
         ),
     ],
     schemes: Annotated[
         str,
         typer.Option(
             "--schemes",
+            metavar="A,B",
             help="Comma-separated: stored, fp8, int8, nf4, nf4-dq, fp4, fp4-dq (stored: as the files hold it).",
         ),
     ] = ",".join(DEFAULT_SCHEMES),
@@ -46,37 +55,27 @@ def footprint_command(
     ] = None,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sequence, for the KV cache (decoders).")] = 4096,
     batch: Annotated[int, typer.Option("--batch", help="Sequences at once, for the KV cache (decoders).")] = 1,
-    dtype: Annotated[
-        str | None,
-        typer.Option("--dtype", help="The dtype from_pretrained loads with (default: the checkpoint's)."),
-    ] = None,
-    skip: Annotated[
-        list[str] | None, typer.Option("--skip", help="As in bnb quantize: keep matching modules in 16-bit.")
-    ] = None,
+    dtype: Dtype = None,
+    skip: Skip = None,
     blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size, as in bnb quantize.")] = 64,
-    compute_dtype: Annotated[
-        str | None, typer.Option("--compute-dtype", help="4-bit bnb_4bit_compute_dtype (default: the model's).")
-    ] = None,
-    quant_storage: Annotated[
-        str, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as.")
-    ] = "uint8",
-    max_shard_size: Annotated[int | None, size_option("--max-shard-size", "As in bnb quantize (default 50GB).")] = None,
-    components: Annotated[
-        Components | None, components_option("diffusers: the components to count, comma-separated.")
-    ] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    planner: Annotated[
-        str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
-    ] = "auto",
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = "uint8",
+    max_shard_size: MaxShardSize = None,
+    components: ComponentNames = None,
+    revision: Revision = None,
+    planner: Planner = "auto",
     keep_budget: KeepBudgetOption = None,
     target_size: TargetSizeOption = None,
     calibrate: CalibrateFlag = False,
     text_file: TextFileOption = None,
     json_output: JsonFlag = False,
+    quiet: QuietFlag = False,
+    verbose: VerboseFlag = False,
 ) -> None:
     """Per scheme: parameters quantized and kept, the files bnb quantize writes, get_memory_footprint() after
-    loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data."""
-    arguments = {k: v for k, v in locals().items() if k != "json_output"}  # as given: the cached report's key
+    loading, GPU memory at run time, and with --gpu-memory whether it fits. Reads no tensor data. -v: the
+    settings each scheme was counted with."""
+    arguments = {k: v for k, v in locals().items() if k not in _PRESENTATION}  # as given: the cached report's key
     from bnbcli.cli import footprint_cache
 
     entry = footprint_cache.key(src, arguments, text_file if calibrate else None)
@@ -87,8 +86,10 @@ def footprint_command(
     output.warnings(report["warnings"])
     if json_output:
         output.emit_json(report)
-    else:
+    elif not quiet:
         _render(report)
+        if verbose:
+            output.emit_table("settings", [(key, _setting(key, value)) for key, value in report["settings"].items()])
 
 
 def _computed(
@@ -103,9 +104,9 @@ def _computed(
     compute_dtype: str | None,
     quant_storage: str,
     max_shard_size: int | None,
-    components: Components | None,
+    components: tuple[str, ...] | None,
     revision: str | None,
-    planner: str,
+    planner: PlannerName,
     keep_budget: str | None,
     target_size: int | None,
     calibrate: bool,
@@ -124,14 +125,14 @@ def _computed(
             dtype=load_dtype,
             blocksize=blocksize,
             compute_dtype=parse_dtype(compute_dtype, "--compute-dtype", FLOAT_DTYPES) if compute_dtype else None,
-            quant_storage=parse_dtype(quant_storage, "--quant-storage", STORAGE_DTYPES),
+            quant_storage=parse_dtype(quant_storage or "uint8", "--quant-storage", STORAGE_DTYPES),
             skip=tuple(skip or ()),
         ),
         revision=revision,
         components=components,
         dtype=load_dtype,
         max_shard_size=DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size,
-        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
+        planner=None if planner == "auto" else planner,
         seq_len=seq_len,
         batch=batch,
         gpu_memory=gpu_memory,
@@ -151,6 +152,12 @@ def _files(total: int | None, smallest: int | None) -> str:
     if total is None:
         return "—"
     return f"≤ {human_bytes(total)}" if smallest != total else human_bytes(total)
+
+
+def _setting(key: str, value: Any) -> str:
+    if value is None:
+        return "default"
+    return human_bytes(value) if key in ("gpu_memory", "max_shard_size") else str(value)
 
 
 def _maybe(n: int | None) -> str:

@@ -4,58 +4,59 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, cast
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from bnbcli import output
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
+    Backend,
     CalibrateFlag,
-    Components,
+    ComponentNames,
     JsonFlag,
     KeepBudgetOption,
     NoProgressFlag,
+    Planner,
     QuietFlag,
+    Revision,
     TargetSizeOption,
-    components_option,
+    VerboseFlag,
+    choice,
     output_path,
 )
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.inspect.criteria import DEFAULT_FACTOR, DEFAULT_MIN_LAYER_SHARE, DEFAULT_VALUE_SIGMA, OutlierCriteria
-from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES
+from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS, ROUNDTRIP_SCHEMES, Method
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.inspect.activations import ActivationCriteria
     from bnbcli.inspect.report import InspectReport
-    from bnbcli.plan.decisions import PlannerName
 
 
-def inspect_command(
+def inspect(
     src: Annotated[
         str,
         typer.Argument(
             help="A checkpoint (folder, .safetensors file, index.json, diffusers pipeline folder or Hub repo id), "
-            "unquantized or saved by bitsandbytes."
+            "unquantized or saved by bitsandbytes.",
         ),
     ],
     schemes: Annotated[
-        str, typer.Option("--schemes", help=f"Comma-separated, from {', '.join(ROUNDTRIP_SCHEMES)}: the round trips.")
+        str,
+        typer.Option(
+            "--schemes", metavar="A,B", help=f"Comma-separated, from {', '.join(ROUNDTRIP_SCHEMES)}: the round trips."
+        ),
     ] = ",".join(DEFAULT_ROUNDTRIPS),
     blocksize: Annotated[int, typer.Option("--blocksize", help="4-bit block size of the schemes.")] = 64,
     against: Annotated[
-        str | None, typer.Option("--against", help="A bnb checkpoint's original: its weights' error against it.")
+        str | None,
+        typer.Option("--against", metavar="ORIG", help="A bnb checkpoint's original: its weights' error against it."),
     ] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    components: Annotated[
-        Components | None, components_option("diffusers: the components to inspect, comma-separated.")
-    ] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
-    ] = "auto",
-    planner: Annotated[
-        str, typer.Option("--planner", help="How weights are told apart: auto (as bnb quantize) or name-rules.")
-    ] = "auto",
+    revision: Revision = None,
+    components: ComponentNames = None,
+    backend: Backend = "auto",
+    planner: Planner = "auto",
     outlier_factor: Annotated[
         float,
         typer.Option("--outlier-factor", help="A column/row is an outlier at this many times the median mean |w|."),
@@ -79,12 +80,13 @@ def inspect_command(
         int | None, typer.Option("--max-nonfinite", help="Gate: fail a tensor with more NaN/Inf values.")
     ] = None,
     gate_scheme: Annotated[
-        str | None, typer.Option("--gate-scheme", help="The scheme the error gates check (default: every scheme).")
+        Method | None, choice("--gate-scheme", Method, "The scheme the error gates check (default: every scheme).")
     ] = None,
     report_file: Annotated[
         str | None,
         typer.Option(
             "--report",
+            metavar="FILE.html",
             help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
             "when it is a report bnb wrote (or empty).",
         ),
@@ -94,7 +96,8 @@ def inspect_command(
         bool, typer.Option("--activations", help="Also run the model (transformers) and find activation outliers.")
     ] = False,
     text_file: Annotated[
-        Path | None, typer.Option("--text-file", help="--activations: one text per line (default: built-in texts).")
+        Path | None,
+        typer.Option("--text-file", metavar="FILE", help="--activations: one text per line (default: built-in texts)."),
     ] = None,
     activation_threshold: Annotated[
         float | None,
@@ -105,13 +108,16 @@ def inspect_command(
     calibrate: CalibrateFlag = False,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
+    verbose: VerboseFlag = False,
     no_progress: NoProgressFlag = False,
 ) -> None:
     """Per tensor: dtype, shape, absmax, std, kurtosis, share beyond 6σ, zeros, NaN/Inf; per weight matrix: outlier
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
-    dimensions that recur across layers. Gates exit 1 and name every tensor that fails."""
+    dimensions that recur across layers. Gates exit 1 and name every tensor that fails. -v: every tensor in the
+    table (as --top 0)."""
     from bnbcli.inspect.gates import Gates
-    from bnbcli.inspect.run import InspectRequest, inspect, open_source
+    from bnbcli.inspect.run import InspectRequest, open_source
+    from bnbcli.inspect.run import inspect as inspect_checkpoint
 
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
     if activation_threshold is not None and not activations:
@@ -133,15 +139,16 @@ def inspect_command(
         revision=revision,
         components=components,
         backend=backend,
-        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
+        planner=None if planner == "auto" else planner,
         criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )
     texts = _texts(text_file) if text_file is not None else None
     checkpoint = open_source(request)
-    enabled = not (json_output or quiet or no_progress)
-    with output.ByteProgress(checkpoint.tensor_bytes, "inspecting", enabled=enabled) as bar:
-        report = inspect(request, checkpoint, bar.advance)
+    with output.ByteProgress(
+        checkpoint.tensor_bytes, "inspecting", enabled=not no_progress, bar=not json_output
+    ) as bar:
+        report = inspect_checkpoint(request, checkpoint, bar.advance)
     output.warnings(list(report.warnings))
     if criteria is not None:
         report = _with_activations(report, texts, criteria)
@@ -158,11 +165,11 @@ def inspect_command(
     elif not quiet:
         from bnbcli.inspect.terminal import render
 
-        render(report, top)
-        for name, choice in (report.keep_budget or {}).items():
+        render(report, 0 if verbose else top)
+        for name, kept in (report.keep_budget or {}).items():
             from bnbcli.cli.budget import render_choice
 
-            render_choice(choice, title=f"{name}: kept in 16-bit by the budget")
+            render_choice(kept, title=f"{name}: kept in 16-bit by the budget")
     for failure in report.failures:
         output.failure(failure.line())
     if report.failures:

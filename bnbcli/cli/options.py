@@ -1,24 +1,55 @@
-"""Options shared by several verbs, declared once: each is parsed and checked by Click before the command
-runs, so a bad value fails at once, and the same way in every verb."""
+"""The command line's options, declared once: each is parsed and checked by Click before the command runs,
+so a bad value fails at once, and the same way in every verb. An option with a fixed set of values is
+typed by a Literal (its names live beside the library that uses them, in modules that import no torch)
+and shows them in --help. -q and -v mean the same in every verb (``QuietFlag``, ``VerboseFlag``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_args
 
 import typer
 
+from bnbcli import output
+from bnbcli.backends import BackendName
 from bnbcli.errors import UsageError
+from bnbcli.plan.scheme_names import DTYPE_NAMES, FloatDtypeName, PlannerName, StorageDtypeName
 from bnbcli.units import parse_size
 
 T = TypeVar("T")
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (no color, no progress).")]
-QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-VerboseFlag = Annotated[bool, typer.Option("--verbose", "-v", help="Print more detail.")]
+JsonFlag = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON document on stdout (no color; progress, if any, as lines on stderr)."),
+]
+
+
+def _quiet(value: bool) -> bool:
+    output.set_quiet(value)
+    return value
+
+
+# Click calls these callbacks on every run, given or not: the terminal's state is set for each run.
+QuietFlag = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        callback=_quiet,
+        help="Print nothing on stdout (--json's document excepted) and no progress: only warnings and errors.",
+    ),
+]
+VerboseFlag = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Print more detail, where the command has more (-q wins).")
+]
 NoProgressFlag = Annotated[
-    bool, typer.Option("--no-progress", help="No progress bar (it is off anyway when stderr is not a terminal).")
+    bool,
+    typer.Option(
+        "--no-progress",
+        help="No progress bar, nor the progress line printed every "
+        f"{output.PROGRESS_LINE_SECONDS:g} s when stderr is not a terminal.",
+    ),
 ]
 
 
@@ -59,9 +90,83 @@ def parse_components(text: str) -> Components:
     return names
 
 
-def components_option(help: str) -> Any:
-    """diffusers components, comma-separated; an empty list is refused (it would mean "all")."""
-    return typer.Option("--components", help=help, metavar="A,B", parser=_checked(parse_components))
+def choice(flag: str, names: Any, help: str, aliases: Mapping[str, str] | None = None) -> Any:
+    """An option whose value is one of the Literal ``names`` (shown in --help as <a|b|c>); ``aliases``
+    maps other spellings, in lower case, to one of them."""
+    choices: tuple[str, ...] = get_args(names)
+    listed = ", ".join(choices)
+
+    def parse(text: str) -> str:
+        value = aliases.get(text.lower(), text) if aliases else text
+        if value not in choices:
+            raise BadValue(f"{text!r} is not one of {listed}", hint=f"use one of {listed}")
+        return value
+
+    return typer.Option(flag, help=help, metavar=f"<{'|'.join(choices)}>", parser=parse)
+
+
+Backend = Annotated[
+    BackendName,
+    choice("--backend", BackendName, "auto is cuda when a GPU and CuPy are here, else cpu: the same bytes."),
+]
+Planner = Annotated[
+    PlannerName,
+    choice(
+        "--planner",
+        PlannerName,
+        "How weights are told apart. auto: the planner table, else transformers or diffusers when they know "
+        "the model, else name rules.",
+    ),
+]
+Dtype = Annotated[
+    FloatDtypeName | None,
+    choice(
+        "--dtype",
+        FloatDtypeName,
+        "The model's dtype (fp16, bf16, fp32 work too): quantize casts weights to it first, dequantize writes "
+        "floating tensors in it, footprint loads in it (default: as the checkpoint holds them).",
+        DTYPE_NAMES,
+    ),
+]
+ComputeDtype = Annotated[
+    FloatDtypeName | None,
+    choice(
+        "--compute-dtype", FloatDtypeName, "4-bit: bnb_4bit_compute_dtype (default: the model's dtype).", DTYPE_NAMES
+    ),
+]
+QuantStorage = Annotated[
+    StorageDtypeName | None,
+    choice(
+        "--quant-storage", StorageDtypeName, "4-bit: the dtype the packed bytes are stored as (uint8).", DTYPE_NAMES
+    ),
+]
+Revision = Annotated[
+    str | None, typer.Option("--revision", metavar="REV", help="Hub revision (branch, tag or commit).")
+]
+ComponentNames = Annotated[
+    Components | None,
+    typer.Option(
+        "--components",
+        help="diffusers: only these components, comma-separated (default: all).",
+        metavar="A,B",
+        parser=_checked(parse_components),
+    ),
+]
+MaxShardSize = Annotated[
+    int | None,
+    size_option(
+        "--max-shard-size",
+        "Largest output shard, e.g. 5GB (default: 50GB; dequantize keeps the source's shards).",
+    ),
+]
+Skip = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--skip",
+        metavar="PATTERN",
+        help="Keep modules matching PATTERN in 16-bit (repeatable; added to the planner's defaults).",
+    ),
+]
 
 
 OutArgument = Annotated[

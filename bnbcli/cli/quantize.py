@@ -3,35 +3,42 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from bnbcli import output
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
+    Backend,
     CalibrateFlag,
-    Components,
+    ComponentNames,
+    ComputeDtype,
+    Dtype,
     JsonFlag,
     KeepBudgetOption,
+    MaxShardSize,
     NoProgressFlag,
     OutArgument,
     OverwriteFlag,
+    Planner,
+    QuantStorage,
     QuietFlag,
+    Revision,
+    Skip,
     TargetSizeOption,
     TextFileOption,
     VerboseFlag,
-    components_option,
+    choice,
     output_path,
-    size_option,
 )
+from bnbcli.plan.scheme_names import Method
 from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.checkpoint.source import Checkpoint
     from bnbcli.pipeline.quantize import QuantizeRequest
     from bnbcli.plan.budget.choice import BudgetRequest
-    from bnbcli.plan.decisions import PlannerName
     from bnbcli.plan.quantize_layout import QuantizePlan
 
 
@@ -39,49 +46,38 @@ def quantize(
     src: Annotated[
         str,
         typer.Argument(
-            help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id."
+            help="A folder, a .safetensors file, an index.json, a diffusers pipeline folder, or a Hub repo id.",
         ),
     ],
     out: OutArgument,
-    scheme: Annotated[str | None, typer.Option("--scheme", help="nf4, fp4 or int8.")] = None,
+    scheme: Annotated[Method | None, choice("--scheme", Method, "The method (default: the preset's, nf4).")] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", help="4-bit: quantize the absmax too.")
     ] = None,
     blocksize: Annotated[int | None, typer.Option("--blocksize", help="4-bit block size (32…4096; 64).")] = None,
-    compute_dtype: Annotated[
-        str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype (default: the model's dtype).")
-    ] = None,
-    quant_storage: Annotated[
-        str | None, typer.Option("--quant-storage", help="dtype the packed 4-bit bytes are stored as (uint8).")
-    ] = None,
-    dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Cast weights to this dtype first (default: the checkpoint's).")
-    ] = None,
-    skip: Annotated[
-        list[str] | None,
-        typer.Option("--skip", help="Keep modules matching PATTERN in 16-bit (repeatable; added to the defaults)."),
-    ] = None,
+    compute_dtype: ComputeDtype = None,
+    quant_storage: QuantStorage = None,
+    dtype: Dtype = None,
+    skip: Skip = None,
     config: Annotated[
         str | None,
-        typer.Option("--config", help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file."),
+        typer.Option(
+            "--config",
+            metavar="PRESET|FILE",
+            help="A preset in configs/ (nf4-dq, nf4, fp4, fp4-dq, int8) or a TOML file.",
+        ),
     ] = None,
-    max_shard_size: Annotated[
-        int | None, size_option("--max-shard-size", "Largest output shard, e.g. 5GB (default 50GB).")
+    max_shard_size: MaxShardSize = None,
+    components: ComponentNames = None,
+    revision: Revision = None,
+    backend: Backend = "auto",
+    device: Annotated[
+        str | None, typer.Option("--device", metavar="cuda:N", help="cuda: the GPU to use, e.g. cuda:1.")
     ] = None,
-    components: Annotated[
-        Components | None, components_option("diffusers: the components to quantize, comma-separated.")
-    ] = None,
-    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help="auto (cuda when a GPU and CuPy are here), cpu or cuda: the same bytes.")
-    ] = "auto",
-    device: Annotated[str | None, typer.Option("--device", help="cuda: the GPU to use, e.g. cuda:1.")] = None,
     devices: Annotated[
-        str | None, typer.Option("--devices", help="cuda: spread tensors over these GPUs, e.g. 0,1.")
+        str | None, typer.Option("--devices", metavar="N,M", help="cuda: spread tensors over these GPUs, e.g. 0,1.")
     ] = None,
-    planner: Annotated[
-        str, typer.Option("--planner", help="auto (transformers/diffusers when they know the model) or name-rules.")
-    ] = "auto",
+    planner: Planner = "auto",
     keep_budget: KeepBudgetOption = None,
     target_size: TargetSizeOption = None,
     calibrate: CalibrateFlag = False,
@@ -142,7 +138,7 @@ def quantize(
         allow_nonfinite=allow_nonfinite,
         overwrite=overwrite,
         resume=resume,
-        planner=None if planner == "auto" else cast("PlannerName", planner),  # checked by the planner
+        planner=None if planner == "auto" else planner,
         **request_kwargs,
     )
     if dry_run:
@@ -154,8 +150,9 @@ def quantize(
         return
     warm_up_backend(request)
     checkpoint = open_source(request)
-    enabled = not (json_output or quiet or no_progress)
-    with output.ByteProgress(checkpoint.tensor_bytes, "quantizing", enabled=enabled) as bar:
+    with output.ByteProgress(
+        checkpoint.tensor_bytes, "quantizing", enabled=not no_progress, bar=not json_output
+    ) as bar:
         outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bnbcli.formats import parts
 from bnbcli.formats.codes import FLT_MIN
 from bnbcli.formats.gpu_math import flush_subnormals, gpu_nan, rcp_approx
 
@@ -205,18 +206,17 @@ class CodeTable:
         e = scaled.numel()
         bits = scaled.view(torch.int32)
         v = torch.bitwise_right_shift(bits, 31, out=scratch.v[:e]).bitwise_xor_(bits)
-        # The high half of each float32 is its odd uint16 (little-endian).
-        bucket = scratch.bucket[:e]
-        bucket.copy_(scaled.view(torch.uint16)[1::2])
+        # The bucket is the high half of each float32, as an unsigned 16-bit number.
+        bucket = torch.bitwise_right_shift(bits, 16, out=scratch.bucket[:e]).bitwise_and_(0xFFFF)
         total = torch.index_select(self.offset, 0, bucket, out=scratch.total[:e]).add_(v)
-        interval = total.view(torch.uint8)[2::4]  # byte 2, little-endian
+        interval = total.bitwise_right_shift_(16)  # byte 2 of total is now its low byte
         if self.codes is None:
-            out.copy_(interval)
+            out.copy_(interval)  # int32 to uint8 keeps the low byte
         else:
-            torch.index_select(self.codes, 0, interval.to(torch.int64), out=out)
+            torch.index_select(self.codes, 0, interval.bitwise_and_(0xFF), out=out)
 
 
-assert sys.byteorder == "little", "CodeTable.encode_into reads bytes of float32 and int32 values"
+assert sys.byteorder == "little", "the nibble packing reads pairs of uint8 codes as int16 values"
 
 
 class _Scratch:
@@ -226,7 +226,7 @@ class _Scratch:
         self.bits = torch.empty(elements, dtype=bits_dtype)
         self.scaled = torch.empty(elements, dtype=torch.float32)
         self.v = torch.empty(elements, dtype=torch.int32)
-        self.bucket = torch.empty(elements, dtype=torch.int64)
+        self.bucket = torch.empty(elements, dtype=torch.int32)
         self.total = torch.empty(elements, dtype=torch.int32)
         self.codes = torch.empty(elements, dtype=torch.uint8)
         self.pairs = torch.empty(elements // 2, dtype=torch.int16)
@@ -234,7 +234,7 @@ class _Scratch:
 
 # Per input dtype: the integer type of the same width and its magnitude mask (the bits without the
 # sign); for dtypes that can hold float32 subnormals, the bit pattern of the smallest normal float32.
-_BITS = {
+BITS = {
     torch.float16: (torch.int16, 0x7FFF, None),
     torch.bfloat16: (torch.int16, 0x7FFF, 0x0080),
     torch.float32: (torch.int32, 0x7FFFFFFF, 0x00800000),
@@ -248,7 +248,7 @@ def _ordinary_absmax(body: torch.Tensor, scratch: _Scratch, rows: int) -> tuple[
     bits is the absmax exactly (and any NaN shows up as a NaN absmax). A block holds a float32
     subnormal iff its smallest nonzero magnitude is below the smallest normal.
     """
-    bits_dtype, mask, min_normal = _BITS[body.dtype]
+    bits_dtype, mask, min_normal = BITS[body.dtype]
     bits = body.view(bits_dtype)
     nb, bs = bits.shape
     max_bits = torch.empty(nb, dtype=bits_dtype)
@@ -269,27 +269,17 @@ def _ordinary_absmax(body: torch.Tensor, scratch: _Scratch, rows: int) -> tuple[
     return absmax, ordinary
 
 
-def quantize_blocks(
-    x: torch.Tensor, blocksize: int, table: CodeTable, pack: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_quantize_blocks(x, blocksize, table.encoder, pack)``, byte for byte, faster."""
-    encoder = table.encoder
-    if x.dtype not in _BITS or x.numel() < blocksize:
-        return reference_quantize_blocks(x, blocksize, encoder, pack)
-    flat = x.reshape(-1)
-    n = flat.numel()
-    nfull = n // blocksize
-    per_block = blocksize // 2 if pack else blocksize
-    codes = torch.empty((n + 1) // 2 if pack else n, dtype=torch.uint8)
-    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
-
-    body = flat[: nfull * blocksize].view(nfull, blocksize)
-    out = codes[: nfull * per_block].view(nfull, per_block)
+def _quantize_ordinary(
+    body: torch.Tensor, out: torch.Tensor, absmax: torch.Tensor, ordinary: torch.Tensor, table: CodeTable, pack: bool
+) -> None:
+    """Full blocks ``body`` [nb, bs] into ``out`` [nb, bs or bs/2], ``absmax`` [nb] and ``ordinary``
+    [nb], chunk by chunk, assuming every block is ordinary; the caller redoes the others."""
+    nb, blocksize = body.shape
     rows = max(1, CHUNK_ELEMENTS // blocksize)
-    scratch = _Scratch(rows * blocksize, _BITS[x.dtype][0])
-    absmax[:nfull], ordinary = _ordinary_absmax(body, scratch, rows)
-    scale = rcp_approx(absmax[:nfull])
-    for b0 in range(0, nfull, rows):
+    scratch = _Scratch(min(rows, nb) * blocksize, BITS[body.dtype][0])
+    absmax[:], ordinary[:] = _ordinary_absmax(body, scratch, rows)
+    scale = rcp_approx(absmax)
+    for b0 in range(0, nb, rows):
         chunk = body[b0 : b0 + rows]
         e = chunk.numel()
         # Exactly scale_blocks: x widens to float32 exactly, then a float32 multiply.
@@ -303,6 +293,31 @@ def quantize_blocks(
         pairs = scratch.codes[:e].view(torch.int16)
         packed = torch.bitwise_left_shift(pairs, 4, out=scratch.pairs[: e // 2]).bitwise_or_(pairs >> 8)
         out[b0 : b0 + rows].view(-1).copy_(packed.view(torch.uint8)[0::2])
+
+
+def quantize_blocks(
+    x: torch.Tensor, blocksize: int, table: CodeTable, pack: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_quantize_blocks(x, blocksize, table.encoder, pack)``, byte for byte, faster."""
+    encoder = table.encoder
+    if x.dtype not in BITS or x.numel() < blocksize:
+        return reference_quantize_blocks(x, blocksize, encoder, pack)
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nfull = n // blocksize
+    per_block = blocksize // 2 if pack else blocksize
+    codes = torch.empty((n + 1) // 2 if pack else n, dtype=torch.uint8)
+    absmax = torch.empty(num_blocks(n, blocksize), dtype=torch.float32)
+    ordinary = torch.empty(nfull, dtype=torch.bool)
+
+    body = flat[: nfull * blocksize].view(nfull, blocksize)
+    out = codes[: nfull * per_block].view(nfull, per_block)
+
+    def blocks(start: int, stop: int) -> None:
+        part = slice(start, stop)
+        _quantize_ordinary(body[part], out[part], absmax[part], ordinary[part], table, pack)
+
+    parts.for_each_part(blocks, nfull, max(1, CHUNK_ELEMENTS // blocksize))
 
     unusual = torch.nonzero(~ordinary).reshape(-1)
     if unusual.numel():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from bnbcli.errors import UsageError
-from bnbcli.formats import blocks
+from bnbcli.formats import blocks, parts
 from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
 from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
@@ -82,21 +82,11 @@ def _quantize_int8_rows(x: torch.Tensor) -> Int8Rowwise:
     cb = torch.empty(nrows, ncols, dtype=torch.int8)
     scb = torch.empty(nrows, dtype=torch.float32)
     step = max(1, blocks.CHUNK_ELEMENTS // ncols)
-    chunk_shape = (min(step, nrows), ncols)
-    half = torch.empty(chunk_shape, dtype=torch.float16)
-    magnitude = torch.empty(chunk_shape, dtype=torch.int16)
-    scaled = torch.empty(chunk_shape, dtype=torch.float32)
-    for r0 in range(0, nrows, step):
-        k = min(step, nrows - r0)
-        h = rows[r0 : r0 + k] if x.dtype == torch.float16 else half[:k].copy_(rows[r0 : r0 + k])
-        # Row absmax on the fp16 bits without the sign: they order like the magnitudes (NaN above inf).
-        m = torch.bitwise_and(h.view(torch.int16), 0x7FFF, out=magnitude[:k])
-        row_scb = torch.amax(m, dim=1).view(torch.float16).to(torch.float32)
-        scb[r0 : r0 + k] = row_scb
-        scale = INT8_SCALE_NUMERATOR * rcp_approx(row_scb)
-        # fp16 widens exactly, so this is the reference's float32 multiply; then round half to even.
-        s = scaled[:k].copy_(h).mul_(scale[:, None]).round_()
-        cb[r0 : r0 + k].copy_(s)  # whole numbers in [-127, 127] on ordinary rows
+
+    def some_rows(start: int, stop: int) -> None:
+        _quantize_ordinary_rows(rows[start:stop], cb[start:stop], scb[start:stop], step)
+
+    parts.for_each_part(some_rows, nrows, step)
 
     unusual = torch.nonzero(~((scb > 0) & (scb <= torch.finfo(torch.float16).max))).reshape(-1)
     if unusual.numel():
@@ -104,6 +94,34 @@ def _quantize_int8_rows(x: torch.Tensor) -> Int8Rowwise:
         cb[unusual] = redo.CB
         scb[unusual] = redo.SCB
     return Int8Rowwise(CB=cb.reshape(x.shape), SCB=scb)
+
+
+def _quantize_ordinary_rows(rows: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, step: int) -> None:
+    """``rows`` [r, c] into ``cb`` [r, c] and ``scb`` [r], ``step`` rows at a time, assuming every row is
+    ordinary; the caller redoes the others."""
+    nrows, ncols = rows.shape
+    chunk_shape = (min(step, nrows), ncols)
+    bits_dtype, mask, _ = blocks.BITS[rows.dtype]
+    magnitude = torch.empty(chunk_shape, dtype=bits_dtype)
+    max_bits = torch.empty(nrows, dtype=bits_dtype)
+    # Row absmax on the input's bits without the sign: they order like the magnitudes (NaN above inf).
+    for r0 in range(0, nrows, step):
+        k = min(step, nrows - r0)
+        m = torch.bitwise_and(rows[r0 : r0 + k].view(bits_dtype), mask, out=magnitude[:k])
+        torch.amax(m, dim=1, out=max_bits[r0 : r0 + k])
+    # The reference takes the absmax of the fp16 values; rounding to fp16 keeps the order of values, so
+    # that is the input's absmax rounded to fp16.
+    scb[:] = max_bits.view(rows.dtype).to(torch.float16).to(torch.float32)
+    scale = INT8_SCALE_NUMERATOR * rcp_approx(scb)
+
+    half = torch.empty(chunk_shape, dtype=torch.float16)
+    scaled = torch.empty(chunk_shape, dtype=torch.float32)
+    for r0 in range(0, nrows, step):
+        k = min(step, nrows - r0)
+        h = rows[r0 : r0 + k] if rows.dtype == torch.float16 else half[:k].copy_(rows[r0 : r0 + k])
+        # fp16 widens exactly, so this is the reference's float32 multiply; then round half to even.
+        s = scaled[:k].copy_(h).mul_(scale[r0 : r0 + k, None]).round_()
+        cb[r0 : r0 + k].copy_(s)  # whole numbers in [-127, 127] on ordinary rows
 
 
 def dequantize_int8_rowwise(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -39,6 +39,7 @@ from bnbcli.plan.planners.common import (
 )
 from bnbcli.plan.planners.hf_transformers import NotKnown
 from bnbcli.plan.scheme import QuantScheme
+from bnbcli.plan.scheme_names import PlannerName
 
 __all__ = [
     "PlannerName",
@@ -47,8 +48,6 @@ __all__ = [
     "plan_quantization",
     "quantization_config",
 ]
-
-PlannerName = Literal["auto", "transformers", "diffusers", "name-rules"]
 
 
 @dataclass(frozen=True)

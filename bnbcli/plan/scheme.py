@@ -12,45 +12,23 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 
 from bnbcli.errors import UsageError
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
 from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.plan.scheme_names import DTYPE_NAMES, Method, StorageDtypeName
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
-Method = Literal["nf4", "fp4", "int8"]
 METHODS: tuple[str, ...] = get_args(Method)
-
-# transformers `BitsAndBytesConfig.__init__` accepts exactly these storage dtypes.
-STORAGE_DTYPES: tuple[torch.dtype, ...] = (
-    torch.uint8,
-    torch.int8,
-    torch.float16,
-    torch.bfloat16,
-    torch.float32,
-    torch.float64,
-)
-_DTYPE_ALIASES: dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-}
+STORAGE_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in get_args(StorageDtypeName))
+_DTYPE_ALIASES: dict[str, torch.dtype] = {alias: getattr(torch, name) for alias, name in DTYPE_NAMES.items()}
 AUTO = "auto"  # TOML has no null: "auto" stands for None (the model's dtype / each tensor's dtype)
 
 
