@@ -5,6 +5,7 @@ checkpoint to the real planner."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_what_the_table_does_not_describe_goes_to_the_real_planner(monkeypatch) 
 
 def test_an_entry_that_differs_under_the_installed_release_goes_to_the_real_planner(monkeypatch) -> None:
     config, tensors = source("llama")
-    data = table.table()
+    data = copy.deepcopy(table.table())  # the cached table itself stays as it is for the tests after this one
     data["models"]["LlamaForCausalLM"]["differs_with"] = [table.installed("transformers")]
     monkeypatch.setattr(table, "table", lambda: data)
     assert "built" in _plan(config, tensors)
