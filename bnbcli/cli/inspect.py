@@ -163,13 +163,21 @@ def inspect(
     if json_output:
         output.emit_json(report.as_dict())
     elif not quiet:
-        from bnbcli.inspect.terminal import render
+        _render(report, 0 if verbose else top)
+    _fail_on_gates(report)
 
-        render(report, 0 if verbose else top)
-        for name, kept in (report.keep_budget or {}).items():
-            from bnbcli.cli.budget import render_choice
 
-            render_choice(kept, title=f"{name}: kept in 16-bit by the budget")
+def _render(report: InspectReport, top: int) -> None:
+    from bnbcli.cli.budget import render_choice
+    from bnbcli.inspect.terminal import render
+
+    render(report, top)
+    for name, kept in (report.keep_budget or {}).items():
+        render_choice(kept, title=f"{name}: kept in 16-bit by the budget")
+
+
+def _fail_on_gates(report: InspectReport) -> None:
+    """A `fail:` line per tensor and gate missed, then exit 1."""
     for failure in report.failures:
         output.failure(failure.line())
     if report.failures:

@@ -109,28 +109,21 @@ def quantize(
     from bnbcli.backends.devices import parse_devices
     from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
     from bnbcli.pipeline.quantize import quantize as quantize_on_plan
-    from bnbcli.plan.scheme import load_preset, resolve_scheme
 
-    preset: dict[str, Any] = dict(load_preset(config)) if config else {}
-    given = {
-        "method": scheme,
-        "double_quant": double_quant,
-        "blocksize": blocksize,
-        "compute_dtype": compute_dtype,
-        "quant_storage": quant_storage,
-        "dtype": dtype,
-    }
-    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    if skip:
-        flags["skip"] = [*preset.get("skip", []), *skip]
     budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
-    request_kwargs: dict[str, Any] = {}
-    if max_shard_size is not None:
-        request_kwargs["max_shard_size"] = max_shard_size
     request = QuantizeRequest(
         src=src,
         out=output_path(out),
-        scheme=resolve_scheme(preset, flags),
+        scheme=_scheme(
+            config,
+            skip,
+            method=scheme,
+            double_quant=double_quant,
+            blocksize=blocksize,
+            compute_dtype=compute_dtype,
+            quant_storage=quant_storage,
+            dtype=dtype,
+        ),
         revision=revision,
         components=components,
         backend=backend,
@@ -139,7 +132,7 @@ def quantize(
         overwrite=overwrite,
         resume=resume,
         planner=None if planner == "auto" else planner,
-        **request_kwargs,
+        **({} if max_shard_size is None else {"max_shard_size": max_shard_size}),
     )
     if dry_run:
         summary = _summary(_plan(request, budget))
@@ -158,11 +151,26 @@ def quantize(
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
     elif not quiet:
-        if verbose:
-            _render_plan(summary, all_rows=True)
-        _render_result(summary, outcome.out)
-        if verbose:
-            _render_timing(outcome.manifest["run"])
+        _render_outcome(summary, outcome.out, outcome.manifest["run"], verbose)
+
+
+def _scheme(config: str | None, skip: list[str] | None, **given: Any) -> Any:
+    """The scheme: the flags given over --config's preset over the defaults; --skip adds to the preset's."""
+    from bnbcli.plan.scheme import load_preset, resolve_scheme
+
+    preset: dict[str, Any] = dict(load_preset(config)) if config else {}
+    flags: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if skip:
+        flags["skip"] = [*preset.get("skip", []), *skip]
+    return resolve_scheme(preset, flags)
+
+
+def _render_outcome(summary: dict[str, Any], out: Path, run: dict[str, Any], verbose: bool) -> None:
+    if verbose:
+        _render_plan(summary, all_rows=True)
+    _render_result(summary, out)
+    if verbose:
+        _render_timing(run)
 
 
 def _plan(request: QuantizeRequest, budget: BudgetRequest | None, checkpoint: Checkpoint | None = None) -> QuantizePlan:
