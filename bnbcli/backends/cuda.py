@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from bnbcli.backends import cuda_launches as launches
-from bnbcli.errors import InputError, UsageError
+from bnbcli.errors import UsageError
 from bnbcli.formats import blockwise8, fourbit
 from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
@@ -107,20 +107,13 @@ def dequantize_4bit(q: QuantState4bit, offset: torch.Tensor | None = None) -> to
     """``fourbit.dequantize_4bit`` on the GPU; ``offset``: the device offset of a record from
     ``quantize_4bit_queued``, used instead of its nested_offset."""
     device = launches.on_gpu(q.packed, "the packed 4-bit tensor")
-    n = q.numel
-    packed = q.packed.contiguous().view(torch.uint8).reshape(-1)
-    needed = (n + 1) // 2
-    if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
-        raise InputError(
-            f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent; export it again"
-        )
+    packed = fourbit.packed_bytes(q)
     if q.dtype not in FLOAT_DTYPES or q.blocksize not in FOUR_BIT_BLOCKSIZES:
         raise UsageError(
             f"cannot dequantize to {dtype_name(q.dtype)} with blocksize {q.blocksize}",
             hint="dtype float16, bfloat16 or float32; blocksize one of " + ", ".join(map(str, FOUR_BIT_BLOCKSIZES)),
         )
-    if packed.numel() < needed:  # a 2- or 4-byte quant_storage dropped the last partial element's bytes
-        packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
+    n = q.numel
     out = torch.empty(n, dtype=q.dtype, device=device)
     nested = None
     if q.nested_absmax is not None:

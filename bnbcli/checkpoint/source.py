@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatch
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,18 @@ class ModelSource:
     tensors: dict[str, TensorInfo]  # over all shards; each tensor in exactly one shard
     other_files: tuple[Path, ...]  # files under root to copy as-is (tokenizer, generation_config.json, …)
     unlisted: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # shard → tensors the index leaves out
+
+    @cached_property
+    def _file_index(self) -> dict[Path, int]:
+        return {path: i for i, path in enumerate(self.weight_files)}
+
+    def file_position(self, info: TensorInfo) -> tuple[int, int]:
+        """Where a tensor stands in the files: its shard, then its offset (read in this order, the shards
+        stream sequentially and hash as they are read)."""
+        return self._file_index[info.path], info.start
+
+    def in_file_order(self) -> list[TensorInfo]:
+        return sorted(self.tensors.values(), key=self.file_position)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bnbcli import output
-from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, VerboseFlag, output_path
+from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, ReportOption, VerboseFlag, output_path
 from bnbcli.errors import GateFailed, UsageError
 from bnbcli.eval import DEFAULT_TOP_K
 from bnbcli.units import parse_size
@@ -62,15 +62,6 @@ MaxPplRatio = Annotated[float | None, typer.Option("--max-ppl-ratio", help="Gate
 MinCosine = Annotated[
     float | None, typer.Option("--min-cosine", help="Gate: output cosine below X fails (encoders: embedding cosine).")
 ]
-ReportFile = Annotated[
-    str | None,
-    typer.Option(
-        "--report",
-        metavar="FILE.html",
-        help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
-        "when it is a report bnb wrote (or empty).",
-    ),
-]
 
 
 def eval(
@@ -87,7 +78,7 @@ def eval(
     min_top1: MinTop1 = None,
     max_ppl_ratio: MaxPplRatio = None,
     min_cosine: MinCosine = None,
-    report_file: ReportFile = None,
+    report_file: ReportOption = None,
     json_output: JsonFlag = False,
     quiet: QuietFlag = False,
     verbose: VerboseFlag = False,

@@ -19,6 +19,7 @@ from bnbcli.cli.options import (
     NoProgressFlag,
     Planner,
     QuietFlag,
+    ReportOption,
     Revision,
     TargetSizeOption,
     VerboseFlag,
@@ -82,15 +83,7 @@ def inspect(
     gate_scheme: Annotated[
         Method | None, choice("--gate-scheme", Method, "The scheme the error gates check (default: every scheme).")
     ] = None,
-    report_file: Annotated[
-        str | None,
-        typer.Option(
-            "--report",
-            metavar="FILE.html",
-            help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
-            "when it is a report bnb wrote (or empty).",
-        ),
-    ] = None,
+    report_file: ReportOption = None,
     top: Annotated[int, typer.Option("--top", min=0, help="Tensors in the terminal table, worst first (0: all).")] = 20,
     activations: Annotated[
         bool, typer.Option("--activations", help="Also run the model (transformers) and find activation outliers.")
@@ -115,6 +108,7 @@ def inspect(
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails. -v: every tensor in the
     table (as --top 0)."""
+    from bnbcli.eval.texts import read_text_file
     from bnbcli.inspect.gates import Gates
     from bnbcli.inspect.run import InspectRequest, open_source
     from bnbcli.inspect.run import inspect as inspect_checkpoint
@@ -143,7 +137,7 @@ def inspect(
         criteria=OutlierCriteria(outlier_factor, value_sigma, min_layer_share),
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )
-    texts = _texts(text_file) if text_file is not None else None
+    texts = read_text_file(text_file) if text_file is not None else None
     checkpoint = open_source(request)
     with output.ByteProgress(
         checkpoint.tensor_bytes, "inspecting", enabled=not no_progress, bar=not json_output
@@ -186,19 +180,6 @@ def _fail_on_gates(report: InspectReport) -> None:
             f"{tensors} tensor{'s' if tensors != 1 else ''} failed the gates",
             hint="each `fail:` line above names a tensor and the gate it missed",
         )
-
-
-def _texts(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(
-            f"--text-file {path}: cannot read it: {e}", hint="give a UTF-8 text file, one text per line"
-        ) from None
-    texts = [line.strip() for line in lines if line.strip()]
-    if not texts:
-        raise UsageError(f"--text-file {path} holds no text", hint="one text per line")
-    return texts
 
 
 def _activation_criteria(threshold: float | None) -> ActivationCriteria:

@@ -178,6 +178,17 @@ OutArgument = Annotated[
 ]
 
 
+ReportOption = Annotated[
+    str | None,
+    typer.Option(
+        "--report",
+        metavar="FILE.html",
+        help="Write a self-contained HTML report (inline SVG, no network); an existing FILE is replaced only "
+        "when it is a report bnb wrote (or empty).",
+    ),
+]
+
+
 OverwriteFlag = Annotated[
     bool, typer.Option("--overwrite", help="Replace OUT if it exists and bnb wrote it (or it is an empty folder).")
 ]

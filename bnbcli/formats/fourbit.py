@@ -206,18 +206,25 @@ def block_scales(q: QuantState4bit) -> torch.Tensor:
     return scales + torch.tensor(q.nested_offset, dtype=torch.float32)
 
 
-def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
-    """bitsandbytes ``functional.dequantize_4bit``: float32 LUT[code] * absmax, one rounding to ``dtype``."""
+def packed_bytes(q: QuantState4bit) -> torch.Tensor:
+    """The (n+1)//2 packed uint8 bytes of ``q``, checked against its shape and block count (both
+    backends' ``dequantize_4bit`` read them so). A 2- or 4-byte quant_storage may have dropped the last
+    partial element's bytes (see as_storage): they come back as zeros."""
     n = q.numel
     packed = q.packed.contiguous().view(torch.uint8).reshape(-1)
     needed = (n + 1) // 2
-    # A 2- or 4-byte quant_storage may have dropped the last partial element's bytes (see as_storage).
     if not 0 <= needed - packed.numel() < q.packed.element_size() or num_blocks(n, q.blocksize) != q.absmax.numel():
         raise InputError(
             f"4-bit state does not fit shape {list(q.shape)}", hint="the checkpoint is inconsistent; export it again"
         )
     if packed.numel() < needed:
         packed = torch.cat((packed, packed.new_zeros(needed - packed.numel())))
+    return packed
+
+
+def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
+    """bitsandbytes ``functional.dequantize_4bit``: float32 LUT[code] * absmax, one rounding to ``dtype``."""
+    packed = packed_bytes(q)
     _, lut = code_tables(q.quant_type)
-    values = lut[unpack_nibbles(packed, n).long()]
+    values = lut[unpack_nibbles(packed, q.numel).long()]
     return gpu_cast(expand_blocks(values, block_scales(q), q.blocksize), q.dtype).reshape(q.shape)

@@ -148,8 +148,7 @@ def _plain(source: ModelSource, plan: QuantPlan | None, ctx: _Context, rows: lis
     """Every tensor of an unquantized model, its weights as ``plan`` decides them (or of a component left
     unquantized in a bnb pipeline: ``plan`` None, nothing is a weight)."""
     decisions = dict(plan.decisions) if plan is not None else {}
-    file_order = {path: i for i, path in enumerate(source.weight_files)}
-    for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
+    for info in source.in_file_order():
         decision = decisions.get(info.name)
         quantize = decision is not None and decision.action == "quantize"
         transpose = decision is not None and decision.transpose

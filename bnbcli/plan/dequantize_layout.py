@@ -28,7 +28,7 @@ from bnbcli.formats.int8 import WEIGHT_FORMAT_ROW
 from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
-from bnbcli.plan.quantize_layout import assign_shards, set_config_dtype
+from bnbcli.plan.quantize_layout import ComponentTotals, assign_shards, set_config_dtype
 
 Kind = Literal["4bit", "int8", "copy"]
 
@@ -89,18 +89,10 @@ class DequantComponent:
 
 
 @dataclass(frozen=True)
-class DequantizePlan:
+class DequantizePlan(ComponentTotals):
     checkpoint: Checkpoint
     components: tuple[DequantComponent, ...]
     dtype: torch.dtype | None  # --dtype, or None: each weight's quant_state dtype
-
-    @property
-    def bytes_in(self) -> int:
-        return sum(c.bytes_in for c in self.components)
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(c.bytes_out for c in self.components)
 
 
 def _check_quantization_config(source: ModelSource) -> None:
@@ -148,8 +140,7 @@ def plan_component(source: ModelSource, dtype: torch.dtype | None, max_shard_siz
         elif name not in consumed:
             out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
             rows.append(OutputTensor(name, "copy", out_dtype, info.shape, (info,), shard=""))
-    file_order = {path: i for i, path in enumerate(source.weight_files)}
-    rows.sort(key=lambda t: (file_order[t.sources[0].path], t.sources[0].start))
+    rows.sort(key=lambda t: source.file_position(t.sources[0]))
     stem = "diffusion_pytorch_model" if source.weight_files[0].name.startswith("diffusion_") else "model"
     if max_shard_size is None:  # keep the source's sharding: each weight stays where its main tensor was
         shard_of = [t.sources[0].path.name for t in rows]

@@ -27,6 +27,20 @@ SHARD_METADATA = {"format": "pt"}
 DEFAULT_MAX_SHARD_SIZE = 50 * 10**9  # transformers v5's save_pretrained default, "50GB"
 
 
+class ComponentTotals:
+    """bytes_in and bytes_out of a plan, quantize's or dequantize's: the sums over its components."""
+
+    components: tuple[Any, ...]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(c.bytes_in for c in self.components)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(c.bytes_out for c in self.components)
+
+
 @dataclass(frozen=True)
 class TensorJob:
     """One source tensor and what becomes of it."""
@@ -77,19 +91,11 @@ class ComponentPlan:
 
 
 @dataclass(frozen=True)
-class QuantizePlan:
+class QuantizePlan(ComponentTotals):
     checkpoint: Checkpoint
     scheme: QuantScheme
     components: tuple[ComponentPlan, ...]
     keep_budget: Any = None  # a BudgetChoice (bnbcli/plan/budget) when --keep-budget or --target-size chose modules
-
-    @property
-    def bytes_in(self) -> int:
-        return sum(c.bytes_in for c in self.components)
-
-    @property
-    def bytes_out(self) -> int:
-        return sum(c.bytes_out for c in self.components)
 
     @property
     def file_bytes(self) -> int:
@@ -180,9 +186,7 @@ def plan_component(
     decided = plan_quantization(source.config, tensor_shapes(source), scheme, planner=planner)
     stem = _weights_stem(source)
     rows = []
-    # Source order (file, then offset): shards stream sequentially and hash as they are read.
-    file_order = {path: i for i, path in enumerate(source.weight_files)}
-    for info in sorted(source.tensors.values(), key=lambda t: (file_order[t.path], t.start)):
+    for info in source.in_file_order():
         decision = decided.decisions[info.name]
         dtype = _target_dtype(info, scheme)
         rows.append((info, decision, dtype, _job_entries(info, decision, dtype, scheme)))
