@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from bnbcli.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from golden import VARIANT_FLAGS, golden_dir
+from helpers.golden import VARIANT_FLAGS, golden_dir
 
 
 def main(models: Path, work: Path) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzz_harness import Tally, fuzz
+from helpers.fuzz_harness import Tally, fuzz
 
 
 def main() -> int:

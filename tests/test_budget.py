@@ -7,7 +7,6 @@ import itertools
 import random
 
 import pytest
-from golden import golden_dir
 
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.errors import UsageError
@@ -17,6 +16,8 @@ from bnbcli.plan.budget.spec import KeepBudget, one_budget, parse_keep_budget, p
 from bnbcli.plan.planners.common import pattern_matches
 from bnbcli.plan.quantize_layout import plan_quantize
 from bnbcli.plan.scheme import QuantScheme
+
+from helpers.golden import golden_dir
 
 LLAMA = golden_dir() / "models" / "llama" / "src"
 
@@ -171,9 +172,10 @@ def test_calibrated_score_is_the_expected_output_error_second_order(tmp_path) ->
     the second order, sets the width; a wrong unit, as a mean over tokens for their sum, falls far outside)."""
     import torch
     import transformers
-    from eval_models import with_tokenizer
 
     from bnbcli.budget.calibrate import output_errors
+
+    from helpers.eval_models import with_tokenizer
 
     src = with_tokenizer(golden_dir() / "models" / "llama" / "src", tmp_path / "src")
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.v_proj"]

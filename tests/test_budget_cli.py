@@ -10,9 +10,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from bnb_inprocess import Ran, bnb_here
-from eval_models import with_tokenizer
-from golden import golden_dir
+
+from helpers.bnb_inprocess import bnb_here, quantize
+from helpers.eval_models import with_tokenizer
+from helpers.golden import golden_dir
 
 MODELS = golden_dir() / "models"
 LLAMA = MODELS / "llama" / "src"
@@ -22,12 +23,6 @@ SCHEMES = {
     "fp4": ["--scheme", "fp4"],
     "int8": ["--scheme", "int8"],
 }
-
-
-def quantize(src: Path, out: Path, *flags: str) -> Ran:
-    ran = bnb_here("quantize", str(src), str(out), "-q", *flags)
-    assert ran.code == 0, ran
-    return ran
 
 
 def dry_run(src: Path, *flags: str) -> dict:

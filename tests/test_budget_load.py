@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir, tensor_bytes
-from test_budget_cli import quantize
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import golden_dir, tensor_bytes
+from helpers.model_state import assert_same_state, module_state, state_dict_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -75,8 +77,6 @@ def test_loads_as_transformers_quantizes_with_the_same_list(family: str, scheme:
 def test_gpu_state_is_byte_for_byte_transformers(family: str, scheme: str, tmp_path: Path) -> None:
     """On the GPU bitsandbytes quantizes with the CUDA kernels that bnb's bytes reproduce: the whole loaded
     state, quantized weights and quant states included, is equal."""
-    from test_load_transformers import assert_same_state, module_state, state_dict_bytes
-
     out = tmp_path / "out"
     quantize(MODELS / family / "src", out, *SCHEMES[scheme], "--keep-budget", "30%")
     ours, theirs, _ = load_pair(family, out, device_map={"": "cuda:0"})

@@ -21,14 +21,15 @@ from typing import Any
 
 import pytest
 import torch
-from bnb_process import HANG_SECONDS
-from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
 from bnbcli.checkpoint.safetensors_file import DTYPES, MAX_HEADER_BYTES, SafetensorsFile, TensorInfo, read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.errors import InputError, UsageError
+
+from helpers.bnb_process import HANG_SECONDS
+from helpers.hub_cache import make_hub_cache
 
 # ---------------------------------------------------------------------------------------------- helpers
 

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from bnb_process import HANG_SECONDS
 
 import bnbcli
+
+from helpers.bnb_process import HANG_SECONDS
 
 
 def bnb(*args: str) -> subprocess.CompletedProcess[str]:
@@ -112,7 +113,7 @@ def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path) -> None:
 def test_the_command_lets_openmp_threads_sleep_when_they_wait() -> None:
     """`bnb` sets OMP_WAIT_POLICY=PASSIVE before torch loads libgomp (its threads otherwise spin between
     parallel regions, which collapses on a machine shared with other processes); a user's setting wins."""
-    from bnb_process import COMMAND, bnb_env
+    from helpers.bnb_process import COMMAND, bnb_env
 
     def policy(**extra: str) -> object:
         env = {k: v for k, v in bnb_env().items() if k != "OMP_WAIT_POLICY"} | extra

@@ -9,13 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from bnb_process import run_main
-from eval_models import golden_pair
-from golden import golden_dir
 from typer.main import get_command
 
 from bnbcli import output
 from bnbcli.cli.app import app
+
+from helpers.bnb_process import run_main
+from helpers.eval_models import golden_pair
+from helpers.golden import golden_dir
 
 GPT2 = golden_dir() / "models" / "gpt2"
 VERBS = ("quantize", "dequantize", "inspect", "footprint", "eval", "env")

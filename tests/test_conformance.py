@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from golden import assert_matches, assert_same_tensor, kernel_cases, kernel_inputs, sha256_of
 
 import bnbcli
+
+from helpers.golden import assert_matches, assert_same_tensor, kernel_cases, kernel_inputs, sha256_of
 
 CASES = kernel_cases()["cases"]
 

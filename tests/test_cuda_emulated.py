@@ -15,13 +15,11 @@ import dataclasses
 import re
 import shutil
 import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from cuda_cases import assert_same, inputs
 
 from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
@@ -29,9 +27,12 @@ from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import _rcp_correction
 from bnbcli.pipeline import convert
 
+from helpers import REPO
+from helpers.cuda_cases import assert_same, inputs
+
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).resolve().parent
+SHIM = REPO / "tests" / "helpers" / "cuda_host_shim.h"
 CXX = shutil.which("g++")
 CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
 PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n"
@@ -87,7 +88,7 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     source = _harness()
     (work / "harness.cpp").write_text(source)
     kernel_dir = cuda_runtime.kernel_dir()
-    command = [CXX, *CXXFLAGS, "-include", str(TESTS / "cuda_host_shim.h"), f"-I{kernel_dir}", "harness.cpp"]
+    command = [CXX, *CXXFLAGS, "-include", str(SHIM), f"-I{kernel_dir}", "harness.cpp"]
     done = subprocess.run([*command, "-o", "kernels.so"], cwd=work, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(work / "kernels.so"))

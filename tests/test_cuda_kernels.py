@@ -11,12 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cuda_cases import assert_same, inputs
 
 import bnbcli
 from bnbcli.backends import resolve_backend
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.codes import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
+
+from helpers.cuda_cases import assert_same, inputs
 
 pytestmark = pytest.mark.gpu
 

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from golden import VARIANT_FLAGS, golden_dir, golden_variants
-from test_quantize_golden import run_quantize
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import VARIANT_FLAGS, golden_dir, golden_variants
 
 pytestmark = pytest.mark.gpu
 
@@ -27,8 +28,8 @@ def manifest_tensors(raw: bytes) -> list:
 @pytest.mark.parametrize(("family", "variant"), golden_variants(), ids=lambda v: v)
 def test_cuda_backend_writes_the_cpu_files(family: str, variant: str, tmp_path: Path) -> None:
     src = golden_dir() / "models" / family / "src"
-    run_quantize(src, tmp_path / "cpu", [*VARIANT_FLAGS[variant], "--backend", "cpu"])
-    run_quantize(src, tmp_path / "cuda", [*VARIANT_FLAGS[variant], "--backend", "cuda"])
+    quantize(src, tmp_path / "cpu", *VARIANT_FLAGS[variant], "--backend", "cpu")
+    quantize(src, tmp_path / "cuda", *VARIANT_FLAGS[variant], "--backend", "cuda")
     cpu, cuda = files(tmp_path / "cpu"), files(tmp_path / "cuda")
     assert sorted(cpu) == sorted(cuda)
     for name in cpu:
@@ -44,8 +45,8 @@ def test_two_gpus_write_the_one_gpu_files(tmp_path: Path) -> None:
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     src = golden_dir() / "models" / "llama" / "src"
-    run_quantize(src, tmp_path / "one", [*VARIANT_FLAGS["nf4-dq"], "--backend", "cuda", "--device", "cuda:0"])
-    run_quantize(src, tmp_path / "two", [*VARIANT_FLAGS["nf4-dq"], "--backend", "cuda", "--devices", "0,1"])
+    quantize(src, tmp_path / "one", *VARIANT_FLAGS["nf4-dq"], "--backend", "cuda", "--device", "cuda:0")
+    quantize(src, tmp_path / "two", *VARIANT_FLAGS["nf4-dq"], "--backend", "cuda", "--devices", "0,1")
     one, two = files(tmp_path / "one"), files(tmp_path / "two")
     assert sorted(one) == sorted(two)
     for name in one:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import VARIANT_FLAGS, golden_dir, golden_variants, kernel_cases, kernel_outputs, tensor_bytes
 from safetensors.torch import load_file, save_file
-from test_quantize_golden import run_quantize
 
 from bnbcli.pipeline.dequantize import DequantizeRequest, dequantize, plan_request
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import VARIANT_FLAGS, golden_dir, golden_variants, kernel_cases, kernel_outputs, tensor_bytes
 
 MODELS = golden_dir() / "models"
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -178,9 +179,9 @@ def test_quantize_dequantize_quantize_is_a_fixed_point(family: str, scheme: str,
     code 0 (+0.0): the first round changes exactly those nibbles, 8 -> 0 (equal values), and from then on
     it is a fixed point. With double quant there is none: the rebuilt absmax is not the stored one."""
     flags = ["--scheme", scheme, "--no-double-quant"]
-    run_quantize(MODELS / family / "src", tmp_path / "q1", flags)
+    quantize(MODELS / family / "src", tmp_path / "q1", *flags)
     run_dequantize(tmp_path / "q1", tmp_path / "d1")
-    run_quantize(tmp_path / "d1", tmp_path / "q2", flags)
+    quantize(tmp_path / "d1", tmp_path / "q2", *flags)
     first, second = (tmp_path / "q1" / "model.safetensors"), (tmp_path / "q2" / "model.safetensors")
     if scheme == "nf4":
         assert first.read_bytes() == second.read_bytes()
@@ -196,14 +197,14 @@ def test_quantize_dequantize_quantize_is_a_fixed_point(family: str, scheme: str,
         changed += int(moved.sum())
     assert changed > 0  # real weights do hit code 8
     run_dequantize(tmp_path / "q2", tmp_path / "d2")
-    run_quantize(tmp_path / "d2", tmp_path / "q3", flags)
+    quantize(tmp_path / "d2", tmp_path / "q3", *flags)
     assert second.read_bytes() == (tmp_path / "q3" / "model.safetensors").read_bytes()
 
 
 def test_round_trip_variants_are_the_golden_ones(tmp_path: Path) -> None:
     """The golden nf4 checkpoint (transformers + CUDA) is itself a fixed point of dequantize -> bnb quantize."""
     run_dequantize(MODELS / "llama" / "nf4", tmp_path / "d")
-    run_quantize(tmp_path / "d", tmp_path / "q", VARIANT_FLAGS["nf4"])
+    quantize(tmp_path / "d", tmp_path / "q", *VARIANT_FLAGS["nf4"])
     ours, golden = weights(tmp_path / "q"), weights(MODELS / "llama" / "nf4")
     assert set(ours) == set(golden)
     assert all(tensor_bytes(ours[k]) == tensor_bytes(golden[k]) for k in golden)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import run_main as bnb
-from golden import golden_dir, tensor_bytes
 from safetensors.torch import load_file, save_file
-from test_quantize_golden import run_quantize
+
+from helpers.bnb_inprocess import quantize
+from helpers.bnb_process import run_main as bnb
+from helpers.golden import golden_dir, tensor_bytes
 
 MODELS = golden_dir() / "models"
 
@@ -73,7 +74,7 @@ def test_dtype_casts_every_floating_tensor(tmp_path: Path, capsys, monkeypatch) 
 def test_sharding_is_kept_or_recut(tmp_path: Path, capsys, monkeypatch) -> None:
     transformers = pytest.importorskip("transformers")
     sharded = tmp_path / "sharded"
-    run_quantize(MODELS / "llama" / "src", sharded, ["--scheme", "nf4", "--max-shard-size", "150KB"])
+    quantize(MODELS / "llama" / "src", sharded, "--scheme", "nf4", "--max-shard-size", "150KB")
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert len(shards) > 1
     kept, recut = tmp_path / "kept", tmp_path / "recut"

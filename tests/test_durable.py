@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from bnb_process import HANG_SECONDS, bnb_env
 
 from bnbcli.checkpoint.durable import write_atomically, write_json
 from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.checkpoint.manifest import MANIFEST_NAME
+
+from helpers.bnb_process import HANG_SECONDS, bnb_env
 
 LIMIT = 4096  # bytes: the old content fits, the new one does not
 BIG = {f"key{i}": "x" * 64 for i in range(1000)}  # ~70 KB of JSON

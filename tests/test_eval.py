@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bnb_process import HANG_SECONDS, run_bnb
-from eval_models import GOLDEN_CAUSAL, forward_error, golden_pair, independent, with_tokenizer
-from golden import golden_dir
+
+from helpers import REPO
+from helpers.bnb_process import HANG_SECONDS, run_bnb
+from helpers.eval_models import GOLDEN_CAUSAL, forward_error, golden_pair, independent, with_tokenizer
+from helpers.golden import golden_dir
 
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -198,7 +200,7 @@ def test_builtin_texts_are_a_few_thousand_varied_tokens() -> None:
 
 
 def test_windows_cut_the_joined_stream() -> None:
-    from eval_models import tokenizer
+    from helpers.eval_models import tokenizer
 
     tok = tokenizer()
     texts = builtin_texts()[:3]
@@ -221,11 +223,10 @@ def test_builtin_texts_ship_in_the_wheel() -> None:
     else:  # pragma: no cover
         import tomli as tomllib
 
-    root = Path(__file__).resolve().parents[1]
-    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert "bnbcli.eval" in setuptools["packages"]
     patterns = setuptools["package-data"]["bnbcli.eval"]
-    shipped = [p.name for p in (root / "bnbcli" / "eval").iterdir() if p.suffix != ".py" and p.is_file()]
+    shipped = [p.name for p in (REPO / "bnbcli" / "eval").iterdir() if p.suffix != ".py" and p.is_file()]
     assert shipped == ["texts.txt"] and any(fnmatch.fnmatch("texts.txt", pattern) for pattern in patterns)
 
 

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
-from eval_models import golden_pair, tokenizer, with_tokenizer
-from golden import golden_dir
-from peak_rss import peak_rss
+
+from helpers.bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
+from helpers.eval_models import golden_pair, tokenizer, with_tokenizer
+from helpers.golden import golden_dir
+from helpers.peak_rss import peak_rss
 
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

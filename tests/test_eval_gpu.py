@@ -10,8 +10,9 @@ import math
 
 import numpy as np
 import pytest
-from bnb_process import run_bnb
-from eval_models import GOLDEN_CAUSAL, golden_pair, independent
+
+from helpers.bnb_process import run_bnb
+from helpers.eval_models import GOLDEN_CAUSAL, golden_pair, independent
 
 pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import VARIANT_FLAGS, golden_dir, golden_variants
 from safetensors.torch import load_file
-from test_quantize_golden import run_quantize
 
 from bnbcli.footprint import FootprintRequest, footprint, make_schemes
 from bnbcli.footprint.schemes import FootprintScheme
 from bnbcli.formats.layout import MAX_FLOAT_REPR
 from bnbcli.plan.scheme import QuantScheme
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import VARIANT_FLAGS, golden_dir, golden_variants
 
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
@@ -87,7 +88,7 @@ def test_golden_footprints_and_written_bytes(family: str, tmp_path: Path) -> Non
     for variant in variants:
         p = predicted[variant]
         out = tmp_path / variant
-        run_quantize(MODELS / family / "src", out, VARIANT_FLAGS[variant])
+        quantize(MODELS / family / "src", out, *VARIANT_FLAGS[variant])
         written = written_bytes(out)
         if VARIANT_SCHEMES[variant].double_quant:
             assert p["file_bytes_min"] <= written <= p["file_bytes"]
@@ -161,7 +162,7 @@ def test_unseen_families(model_type: str, tmp_path: Path) -> None:
     report = {s.scheme.name: s.as_dict() for s in footprint(FootprintRequest(str(src), schemes=schemes)).schemes}
     for name, args in flags.items():
         out = tmp_path / name
-        run_quantize(src, out, args)
+        quantize(src, out, *args)
         p = report[name]
         assert p["file_bytes_min"] <= written_bytes(out) <= p["file_bytes"]
         assert p["file_bytes"] - written_bytes(out) == offset_digits_saved(out)

@@ -15,11 +15,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from bnb_process import HANG_SECONDS
-from golden import golden_dir
-from test_dequantize_cli import bnb
 
 from bnbcli.footprint import FootprintRequest, footprint, make_schemes
+
+from helpers.bnb_process import HANG_SECONDS
+from helpers.bnb_process import run_main as bnb
+from helpers.golden import golden_dir
 
 pytest.importorskip("transformers")
 MODELS = golden_dir() / "models"
@@ -277,7 +278,7 @@ def test_quantized_source_is_refused(capsys, monkeypatch) -> None:
 def test_a_second_footprint_of_an_unchanged_checkpoint_comes_from_the_cache_without_torch(tmp_path: Path) -> None:
     """The report is kept (BNB_CACHE_DIR/footprints): asked again, the same document comes back and
     neither torch nor transformers is imported; a changed config.json or other arguments compute afresh."""
-    from bnb_process import run_bnb
+    from helpers.bnb_process import run_bnb
 
     src = tmp_path / "gpt2"
     shutil.copytree(MODELS / "gpt2" / "src", src)

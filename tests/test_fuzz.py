@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from fuzz_harness import fuzz, silent_fallback
+
+from helpers.fuzz_harness import fuzz, silent_fallback
 
 
 @pytest.mark.slow

@@ -12,8 +12,17 @@ import os
 
 import pytest
 import torch
-from golden import VENDORED, assert_matches, build_errors, golden_dir, kernel_cases, kernel_outputs, output_records
 from safetensors.torch import load_file
+
+from helpers.golden import (
+    VENDORED,
+    assert_matches,
+    build_errors,
+    golden_dir,
+    kernel_cases,
+    kernel_outputs,
+    output_records,
+)
 
 PROVENANCE = json.loads((VENDORED / "PROVENANCE.json").read_text())
 OUTPUT_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "q", "code", "CB", "SCB")
@@ -65,7 +74,7 @@ def test_one_flipped_bit_fails_and_says_where() -> None:
 def test_a_rebuilt_set_is_not_kept_when_bnb_gets_a_tensor_wrong(tmp_path, monkeypatch) -> None:
     """The rebuild writes a tensor only when its sha256 is the record's: a wrong byte from bnb leaves the
     file out and says which tensor, instead of a wrong "golden" file."""
-    import golden
+    from helpers import golden
 
     real = golden._kernel_case_outputs
 

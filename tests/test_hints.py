@@ -11,7 +11,6 @@ need a process of their own for HF_HUB_OFFLINE).
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -20,23 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_inprocess import Ran, bnb_here
-from fuzz_harness import LLAMA_CONFIG, llama_tensors
 from safetensors.torch import save_file
-from test_inspect_activations import _save_model as save_model_with_tokenizer
-from test_quantize_errors import CASES as QUANTIZE_CASES
 
-UP_PROJ = "model.layers.0.mlp.up_proj.weight"
-
-
-def write_llama(folder: Path, change: Callable[[dict[str, torch.Tensor]], None] = lambda t: None) -> Path:
-    """The fuzzer's tiny Llama (one layer, hidden 64), with ``change`` applied to its tensors."""
-    folder.mkdir(parents=True)
-    tensors = llama_tensors(0)
-    change(tensors)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG))
-    return folder
+from helpers.activation_model import save_model as save_model_with_tokenizer
+from helpers.bnb_inprocess import Ran, bnb_here
+from helpers.fuzz_harness import UP_PROJ, write_llama
+from helpers.quantize_cases import CASES as QUANTIZE_CASES
 
 
 def _cast_up_proj(dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], None]:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_inprocess import Ran, bnb_here
-from bnb_process import run_bnb
-from fuzz_harness import LLAMA_CONFIG, llama_tensors
-from golden import golden_dir
-from hub_cache import make_hub_cache
 from safetensors.torch import load_file, save_file
-from test_hints import UP_PROJ, write_llama
+
+from helpers.bnb_inprocess import Ran, bnb_here
+from helpers.bnb_process import run_bnb
+from helpers.fuzz_harness import LLAMA_CONFIG, UP_PROJ, llama_tensors, write_llama
+from helpers.golden import golden_dir
+from helpers.hub_cache import make_hub_cache
 
 LLAMA_SRC = golden_dir() / "models" / "llama" / "src"
 

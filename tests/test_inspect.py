@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint.safetensors_file import read_tensor
@@ -28,6 +27,8 @@ from bnbcli.inspect.run import InspectRequest, inspect, open_source
 from bnbcli.inspect.stats import tensor_stats
 from bnbcli.pipeline.dequantize import restore
 from bnbcli.plan.dequantize_layout import plan_component
+
+from helpers.golden import golden_dir
 
 MODELS = golden_dir() / "models"
 FAMILIES = ("llama", "gpt2", "opt", "qwen2_tied", "flux_tiny")

@@ -1,22 +1,12 @@
 """`bnb inspect --activations` (bnbcli/inspect/activations.py) on tiny generated Llama models whose activation
 outliers are known by construction, through the library call and the CLI, and on the real all-MiniLM-L6-v2.
 
-The injected model (hidden size 128, three layers):
-
-- the embedding of the word "zebra" holds 4.0 in dimension OUTLIER_DIM (others ~0.02), so after each
-  RMSNorm that dimension is ~11 (the bound is √128 ≈ 11.3) at exactly the "zebra" positions, in the inputs of
-  q/k/v, gate/up of every layer and of the LM head: an outlier feature whose position share is the share
-  of "zebra" tokens;
-- layer 1's post-attention norm gain is 30 in LOCAL_DIM: large at most positions, but only in that
-  layer's gate/up inputs (one layer of four);
-- layer 1's up_proj is scaled ×1000 and its down_proj ÷1000: the model computes the same function, but
-  the down projection's input spikes three orders of magnitude above its peers'.
+The models, and what is injected where: tests/helpers/activation_model.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,63 +23,27 @@ from bnbcli.inspect.activation_hooks import Positions, Recorder
 from bnbcli.inspect.activation_report import DECOMPOSITION_BUDGET, THRESHOLD_GRID, ActivationCriteria, ActivationReport
 from bnbcli.inspect.activations import BUILTIN_TEXTS, find_activation_outliers
 
-HIDDEN, INTERMEDIATE, LAYERS = 128, 256, 3
-OUTLIER_DIM, LOCAL_DIM = 17, 90
-MARKED = "zebra"
-SPIKE = "model.layers.1.mlp.down_proj"
-TEXTS = [
-    "A zebra and a horse walk along the river bank at dawn.",
-    "The zebra stops, looks around and drinks from the cold water.",
-    "Nobody else is awake yet, except an old heron watching the zebra from a rock.",
-]
-WORDS = re.compile(r"\w+|[^\w\s]+")
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted({w.lower() for text in (*BUILTIN_TEXTS, *TEXTS) for w in WORDS.findall(text)})
-    vocab = {w: i for i, w in enumerate(["[UNK]", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+|[^\w\s]+, as WORDS
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", model_max_length=256)
-
-
-def _save_model(folder: Path, inject: bool) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    if inject:
-        with torch.no_grad():
-            model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids(MARKED), OUTLIER_DIM] = 4.0
-            layer = model.model.layers[1]
-            layer.post_attention_layernorm.weight[LOCAL_DIM] = 30.0
-            layer.mlp.up_proj.weight *= 1000.0
-            layer.mlp.down_proj.weight /= 1000.0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from helpers.activation_model import (
+    HIDDEN,
+    INTERMEDIATE,
+    LAYERS,
+    LOCAL_DIM,
+    MARKED,
+    OUTLIER_DIM,
+    SPIKE,
+    TEXTS,
+    WORDS,
+    make_tokenizer,
+    save_model,
+)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("activations")
     out = {"injected": root / "injected", "clean": root / "clean"}
-    _save_model(out["injected"], inject=True)
-    _save_model(out["clean"], inject=False)
+    save_model(out["injected"], inject=True)
+    save_model(out["clean"], inject=False)
     return out
 
 
@@ -196,7 +150,7 @@ def test_gpt2_conv1d_inputs_are_hooked(tmp_path: Path) -> None:
     """GPT-2's projections are Conv1D (weight [in, out]); its LMHeadModel architecture is a causal LM."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = _tokenizer()
+    tokenizer = make_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
     config.bos_token_id = config.eos_token_id = 0

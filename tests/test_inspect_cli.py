@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
-from golden import golden_dir
 from safetensors.torch import save_file
+
+from helpers.bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
+from helpers.golden import golden_dir
 
 WEIGHTS = [f"model.layers.{i}.mlp.{p}.weight" for i in range(3) for p in ("up_proj", "down_proj")]
 OUTLIER = "model.layers.1.mlp.up_proj.weight"  # the one matrix with an outlier input column

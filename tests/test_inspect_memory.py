@@ -16,8 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from peak_rss import peak_rss, weights, write_sharded
 from safetensors.torch import save_file
+
+from helpers.peak_rss import peak_rss, weights, write_sharded
 
 SHAPE = (2048, 2048)  # 8 MiB in bf16
 LAYERS = 12

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from golden import VARIANT_FLAGS, golden_dir, golden_variants, tensor_bytes
 from safetensors.torch import load_file
-from test_quantize_golden import run_quantize
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import VARIANT_FLAGS, golden_dir, golden_variants, tensor_bytes
+from helpers.model_state import assert_same_state, module_state, state_dict_bytes
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -46,7 +47,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory):
     def ours(family: str, variant: str) -> Path:
         if (family, variant) not in cache:
             out = tmp_path_factory.mktemp(f"{family}-{variant}") / "out"
-            run_quantize(MODELS / family / "src", out, VARIANT_FLAGS[variant])
+            quantize(MODELS / family / "src", out, *VARIANT_FLAGS[variant])
             cache[family, variant] = out
         return cache[family, variant]
 
@@ -68,67 +69,6 @@ def load_causal_lm(folder: Path) -> torch.nn.Module:
     # checkpoint on the CPU when no GPU is present, so even device_map="cpu" is not needed.
     model = transformers.AutoModelForCausalLM.from_pretrained(folder)
     return model.eval()
-
-
-# --- a loaded model's state, field by field ----------------------------------------------------------------
-
-
-def _value(v: Any) -> Any:
-    """A comparable form: tensors as (dtype, shape, raw bytes), QuantState as a dict of its fields."""
-    if isinstance(v, torch.Tensor):
-        return ("tensor", str(v.dtype), tuple(v.shape), tensor_bytes(v.detach().cpu()))
-    if isinstance(v, bnb.functional.QuantState):
-        return {k: _value(x) for k, x in sorted(vars(v).items())}
-    if isinstance(v, torch.Size):
-        return tuple(v)
-    if isinstance(v, torch.dtype):
-        return str(v)
-    return v
-
-
-def module_state(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Flat {what: value} for every module: its class, its own parameters and buffers (bytes, dtype,
-    shape), and for quantized layers every QuantState field (absmax, code, blocksize, shape, dtype,
-    quant_type, offset, state2/nested) or Int8Params' CB/SCB, plus the settings the layer computes with."""
-    state: dict[str, Any] = {}
-    for name, module in model.named_modules():
-        if name in exclude or any(name.startswith(e + ".") for e in exclude):
-            continue
-        state[f"{name}:class"] = type(module).__qualname__
-        for pname, p in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            key = f"{name}.{pname}"
-            state[key] = _value(p)
-            state[f"{key}:type"] = type(p).__qualname__
-            if isinstance(p, bnb.nn.Params4bit):
-                assert p.quant_state is not None, f"{key}: Params4bit without a quant_state"
-                for field, v in _value(p.quant_state).items():
-                    state[f"{key}.quant_state.{field}"] = v
-            if isinstance(p, bnb.nn.Int8Params):
-                state[f"{key}.CB"] = _value(p.CB)
-                state[f"{key}.SCB"] = _value(p.SCB)
-                state[f"{key}.has_fp16_weights"] = p.has_fp16_weights
-        if isinstance(module, bnb.nn.Linear4bit):
-            state[f"{name}:compute_dtype"] = str(module.compute_dtype)
-            state[f"{name}:quant_storage"] = str(module.quant_storage)
-        if isinstance(module, bnb.nn.Linear8bitLt):
-            state[f"{name}:threshold"] = module.state.threshold
-            state[f"{name}:has_fp16_weights"] = module.state.has_fp16_weights
-    return state
-
-
-def state_dict_bytes(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The state_dict transformers would save again (quant_state serialized), as comparable values."""
-    return {
-        k: _value(v) for k, v in model.state_dict().items() if not any(k == e or k.startswith(e + ".") for e in exclude)
-    }
-
-
-def assert_same_state(ours: dict[str, Any], theirs: dict[str, Any], what: str) -> None:
-    assert set(ours) == set(theirs), (
-        f"{what}: only ours {sorted(set(ours) - set(theirs))[:5]}, only theirs {sorted(set(theirs) - set(ours))[:5]}"
-    )
-    differing = [k for k in theirs if ours[k] != theirs[k]]
-    assert not differing, f"{what}: {len(differing)} of {len(theirs)} entries differ, e.g. {differing[:5]}"
 
 
 def tied(model: torch.nn.Module) -> bool:

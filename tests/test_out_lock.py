@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from bnb_process import EXIT_FAILED, HANG_SECONDS, assert_no_debris, bnb_env, long_checkpoint, run_bnb
 
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.errors import InputError
+
+from helpers.bnb_process import EXIT_FAILED, HANG_SECONDS, assert_no_debris, bnb_env, long_checkpoint, run_bnb
 
 RUNS = 8
 

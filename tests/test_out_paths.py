@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from bnb_process import EXIT_FAILED, EXIT_USAGE, assert_no_debris, run_main, snapshot
 from safetensors.torch import save_file
+
+from helpers.bnb_process import EXIT_FAILED, EXIT_USAGE, assert_no_debris, run_main, snapshot
 
 MANIFEST = "bnb_manifest.json"
 

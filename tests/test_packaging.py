@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from helpers import REPO
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def test_every_package_is_listed_for_the_wheel():
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bnbcli").rglob("__init__.py")}
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "bnbcli").rglob("__init__.py")}
     assert set(setuptools["packages"]) == on_disk | {"bnbcli.cuda_kernels", "bnbcli.configs"}
     assert setuptools["package-dir"]["bnbcli.cuda_kernels"] == "cuda_kernels"
     assert setuptools["package-dir"]["bnbcli.configs"] == "configs"
@@ -26,9 +25,9 @@ def test_every_data_file_is_packaged():
     a package-data pattern, or a wheel would lack them while an editable install works."""
     from fnmatch import fnmatch
 
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    folders = {"bnbcli.data": ROOT / "bnbcli" / "data", "bnbcli.eval": ROOT / "bnbcli" / "eval"}
-    folders |= {"bnbcli.configs": ROOT / "configs", "bnbcli.cuda_kernels": ROOT / "cuda_kernels"}
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    folders = {"bnbcli.data": REPO / "bnbcli" / "data", "bnbcli.eval": REPO / "bnbcli" / "eval"}
+    folders |= {"bnbcli.configs": REPO / "configs", "bnbcli.cuda_kernels": REPO / "cuda_kernels"}
     for package, folder in folders.items():
         data = [p.name for p in folder.iterdir() if p.is_file() and p.suffix not in (".py", ".pyc")]
         assert data, package
@@ -39,7 +38,7 @@ def test_every_data_file_is_packaged():
 def test_kernel_sources_match_the_packaged_patterns():
     from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 
-    assert kernel_dir() == ROOT / "cuda_kernels"
+    assert kernel_dir() == REPO / "cuda_kernels"
     for name in SOURCES:
         assert (kernel_dir() / name).is_file(), name
         assert name.endswith(".cu")

@@ -15,72 +15,39 @@ from typing import Any
 
 import pytest
 import torch
-from golden import golden_dir
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.plan.decisions import QuantPlan, plan_quantization, quantization_config
 from bnbcli.plan.planners.common import pattern_matches
 from bnbcli.plan.scheme import QuantScheme, available_presets, load_preset, scheme_from_dict
 
+from helpers.golden import golden_dir
+from helpers.golden_plan import VARIANTS, checkpoint_file, header, source
+
 MODELS = golden_dir() / "models"
 pytestmark = pytest.mark.skipif(not MODELS.is_dir(), reason=f"no golden models at {MODELS}")
 
-SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-}
-# The BitsAndBytesConfig each golden variant was written with (golden/README.md), as a QuantScheme.
-VARIANTS: dict[str, QuantScheme] = {
-    "nf4-dq": QuantScheme(method="nf4", double_quant=True, compute_dtype=torch.bfloat16),
-    "nf4": QuantScheme(method="nf4", compute_dtype=torch.bfloat16),
-    "fp4-dq": QuantScheme(method="fp4", double_quant=True, compute_dtype=torch.float32),
-    "nf4-storage-bf16": QuantScheme(method="nf4", quant_storage=torch.bfloat16),
-    "int8": QuantScheme(method="int8"),
-    "int8-skip-down": QuantScheme(method="int8", skip=("down_proj", "fc2", "c_proj")),
-}
 TRANSFORMERS_FAMILIES = ("llama", "qwen2_tied", "gpt2", "opt")
 CASES = [(f, v) for f in TRANSFORMERS_FAMILIES for v in VARIANTS if v != "int8-skip-down" or f == "llama"]
 CASES += [("flux_tiny", "nf4-dq"), ("flux_tiny", "int8")]
 
 
-def _header(path: Path) -> dict:
-    with path.open("rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
-
-
-def _checkpoint(folder: Path) -> Path:
-    return next(folder.glob("*.safetensors"))
-
-
-@cache
-def source(family: str) -> tuple[dict, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
-    src = MODELS / family / "src"
-    tensors = {k: (tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]]) for k, v in _header(_checkpoint(src)).items()}
-    return json.loads((src / "config.json").read_text()), tensors
-
-
 @cache
 def golden_quantized(family: str, variant: str) -> dict[str, list[int] | None]:
     """Weight name → the shape recorded in its 4-bit quant_state (None for int8)."""
-    path = _checkpoint(MODELS / family / variant)
-    header = _header(path)
+    path = checkpoint_file(MODELS / family / variant)
+    entries = header(path)
     found: dict[str, list[int] | None] = {}
-    for key in header:
+    for key in entries:
         if ".quant_state.bitsandbytes__" in key:
-            found[key.split(".quant_state.")[0]] = _quant_state_shape(path, header, key)
+            found[key.split(".quant_state.")[0]] = _quant_state_shape(path, entries, key)
         elif key.endswith(".SCB"):
             found[key.removesuffix(".SCB") + ".weight"] = None
     return found
 
 
-def _quant_state_shape(path: Path, header: dict, key: str) -> list[int]:
-    start, end = header[key]["data_offsets"]
+def _quant_state_shape(path: Path, entries: dict, key: str) -> list[int]:
+    start, end = entries[key]["data_offsets"]
     with path.open("rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         f.seek(8 + length + start)

@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from test_plan import source
 
 from bnbcli.plan.decisions import plan_quantization
 from bnbcli.plan.planners import cache, hf_diffusers, hf_transformers, table
 from bnbcli.plan.scheme import QuantScheme
+
+from helpers.golden_plan import source
 
 SCHEME = QuantScheme(method="nf4", double_quant=True)
 
@@ -138,7 +139,7 @@ def test_off_and_unwritable(asked: list[str], monkeypatch: pytest.MonkeyPatch, t
 
 
 def test_bnb_env_shows_the_planners_and_the_cache(tmp_path: Path) -> None:
-    from bnb_process import run_bnb
+    from helpers.bnb_process import run_bnb
 
     plans = tmp_path / "cache" / "plans"
     plans.mkdir(parents=True)

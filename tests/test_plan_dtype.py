@@ -42,7 +42,7 @@ def test_config_dtype_reads_either_key() -> None:
 def _tied_checkpoint(folder: Path) -> Path:
     """A Llama checkpoint whose tensors tie: as many float32 tensors as bfloat16 ones, float32 met first in
     key order, and no dtype in config.json."""
-    from fuzz_harness import LLAMA_CONFIG, llama_tensors
+    from helpers.fuzz_harness import LLAMA_CONFIG, llama_tensors
 
     tensors = llama_tensors(0)
     names = sorted(tensors)

@@ -9,22 +9,24 @@ import copy
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from golden import golden_dir
-from test_plan import VARIANTS, source
 
 from bnbcli.errors import InputError
 from bnbcli.plan.decisions import plan_quantization
 from bnbcli.plan.planners import table
 from bnbcli.plan.scheme import QuantScheme
 
+from helpers import REPO
+from helpers.golden import golden_dir
+from helpers.golden_plan import VARIANTS, source
+
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 import make_planner_table as maker
-from bnb_process import HANG_SECONDS
+
+from helpers.bnb_process import HANG_SECONDS
 
 FAMILIES = ("llama", "qwen2_tied", "gpt2", "opt", "flux_tiny")
 

@@ -12,12 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from bnb_process import HANG_SECONDS, bnb_env
-from bnb_process import run_main as bnb
-from golden import golden_dir
 from rich.console import Console
 
 from bnbcli import output
+
+from helpers.bnb_process import HANG_SECONDS, bnb_env
+from helpers.bnb_process import run_main as bnb
+from helpers.golden import golden_dir
 
 GPT2 = golden_dir() / "models" / "gpt2"
 DESCRIPTIONS = {"quantize": "quantizing", "dequantize": "dequantizing", "inspect": "inspecting"}

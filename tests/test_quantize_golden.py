@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import VARIANT_FLAGS, differs_from_record, golden_dir, golden_variants, variant_records
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from bnbcli.cli.app import app
+
+from helpers.bnb_inprocess import quantize
+from helpers.golden import VARIANT_FLAGS, differs_from_record, golden_dir, golden_variants, variant_records
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -23,15 +25,10 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def run_quantize(src: Path, out: Path, flags: list[str]) -> None:
-    result = CliRunner().invoke(app, ["quantize", str(src), str(out), "-q", *flags])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-
-
 @pytest.mark.parametrize(("family", "variant"), golden_variants(), ids=lambda v: v)
 def test_quantize_matches_golden(family: str, variant: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    run_quantize(golden_dir() / "models" / family / "src", out, VARIANT_FLAGS[variant])
+    quantize(golden_dir() / "models" / family / "src", out, *VARIANT_FLAGS[variant])
     ours = weights(out)
     theirs = {name: t for record in variant_records(family, variant).values() for name, t in record["tensors"].items()}
     if variant == "int8-skip-down":

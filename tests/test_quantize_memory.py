@@ -30,10 +30,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from peak_rss import peak_rss, weights, write_sharded
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import sha256_worker
+
+from helpers.peak_rss import peak_rss, weights, write_sharded
 
 SHAPE = (4096, 4096)  # 32 MiB in bf16: fixed-size buffers (hashing, float64 error chunks) stay small beside it
 LAYERS = 10  # the model is LAYERS times its largest tensor

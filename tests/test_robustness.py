@@ -15,7 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bnb_process import (
+from typer.testing import CliRunner
+
+from bnbcli.cli.app import app
+
+from helpers.bnb_process import (
     COMMAND,
     EXIT_FAILED,
     HANG_SECONDS,
@@ -25,9 +29,6 @@ from bnb_process import (
     run_bnb,
     tree_digest,
 )
-from typer.testing import CliRunner
-
-from bnbcli.cli.app import app
 
 QUANTIZE = ("--scheme", "nf4", "--double-quant", "--no-progress")
 
@@ -198,8 +199,9 @@ def test_same_input_same_bytes(threads: str | None, reference: tuple[Path, Path,
 def test_config_describing_a_huge_model_is_refused(tmp_path: Path) -> None:
     """config.json says 2**31 layers for a one-layer checkpoint: building that model on the meta device
     would run for hours (found by the fuzzer); it stops at a budget and the planners fall back."""
-    from fuzz_harness import LLAMA_CONFIG, llama_tensors
     from safetensors.torch import save_file
+
+    from helpers.fuzz_harness import LLAMA_CONFIG, llama_tensors
 
     save_file(llama_tensors(0), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, "num_hidden_layers": 2**31}))
@@ -308,8 +310,9 @@ def test_resume_refuses_what_changed(resumable_reference: tuple[Path, Path], tmp
 @pytest.mark.parametrize("verb", ["quantize", "footprint"])
 def test_config_fields_of_the_wrong_type_are_bad_input(key: str, value: object, verb: str, tmp_path: Path) -> None:
     """Found by the fuzzer: a list for model_type reached the planners (TypeError: unhashable type)."""
-    from fuzz_harness import LLAMA_CONFIG, llama_tensors
     from safetensors.torch import save_file
+
+    from helpers.fuzz_harness import LLAMA_CONFIG, llama_tensors
 
     save_file(llama_tensors(0), tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CONFIG, key: value}))

@@ -19,7 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from bnb_process import (
+
+from bnbcli import interrupts
+from bnbcli.cli import entry
+
+from helpers.bnb_process import (
     HANG_SECONDS,
     assert_no_debris,
     interruptible_bnb,
@@ -27,9 +31,6 @@ from bnb_process import (
     tree_digest,
     wait_for_handlers,
 )
-
-from bnbcli import interrupts
-from bnbcli.cli import entry
 
 EXPECTED = {
     signal.SIGINT: (130, ["error: interrupted"]),

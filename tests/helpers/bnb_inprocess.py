@@ -9,6 +9,7 @@ import io
 import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bnbcli.cli.app import main
@@ -49,3 +50,10 @@ def bnb_here(*args: str) -> Ran:
     finally:
         sys.argv = saved
     return Ran(args, code if isinstance(code, int) else (0 if code is None else 1), out.getvalue(), err.getvalue())
+
+
+def quantize(src: Path, out: Path, *flags: str) -> Ran:
+    """`bnb quantize SRC OUT -q FLAGS` here, which must succeed."""
+    ran = bnb_here("quantize", str(src), str(out), "-q", *flags)
+    assert ran.code == 0, ran
+    return ran

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from golden import golden_dir
 
 from bnbcli.eval.texts import builtin_texts
+
+from helpers.golden import golden_dir
 
 GOLDEN_CAUSAL = ("llama", "qwen2_tied", "gpt2", "opt")
 

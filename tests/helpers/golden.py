@@ -28,7 +28,8 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 VENDORED = REPO / "tests" / "data" / "golden"
 BUILDS = REPO / ".pytest_cache" / "bnb-golden"  # rebuilt outputs, reused while the vendored set is unchanged
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-from bnb_process import HANG_SECONDS
 from safetensors.torch import save_file
+
+from helpers.bnb_process import HANG_SECONDS
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/test_quantize_memory.py
 

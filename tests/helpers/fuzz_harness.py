@@ -49,12 +49,13 @@ from typing import Any
 
 import torch
 import typer
-from bnb_process import HANG_SECONDS, debris, interruptible_bnb, snapshot, wait_for_handlers
-from hub_cache import make_hub_cache
 from safetensors.torch import save_file
 
 from bnbcli.cli.app import app
 from bnbcli.errors import BnbError
+
+from helpers.bnb_process import HANG_SECONDS, debris, interruptible_bnb, snapshot, wait_for_handlers
+from helpers.hub_cache import make_hub_cache
 
 CASE_SECONDS = 20
 MAX_GROWTH_BYTES = 512 << 20
@@ -117,6 +118,19 @@ def llama_tensors(seed: int) -> dict[str, torch.Tensor]:
         "lm_head.weight": (v, h),
     }
     return {k: (torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+
+
+UP_PROJ = "model.layers.0.mlp.up_proj.weight"
+
+
+def write_llama(folder: Path, change: Callable[[dict[str, torch.Tensor]], None] = lambda t: None) -> Path:
+    """The fuzzer's tiny Llama (one layer, hidden 64), with ``change`` applied to its tensors."""
+    folder.mkdir(parents=True)
+    tensors = llama_tensors(0)
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    return folder
 
 
 def make_seeds(root: Path) -> dict[str, Path]:
