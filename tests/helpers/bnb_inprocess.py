@@ -1,6 +1,6 @@
 """`bnb ARGS` run in this process through the CLI's main(), its one error boundary included: milliseconds
 a run, where a new interpreter spends seconds importing torch. What huggingface_hub reads from the
-environment at import (HF_HUB_OFFLINE, HF_ENDPOINT) needs a real process: tests/bnb_process.py."""
+environment at import (HF_HUB_OFFLINE, HF_ENDPOINT) needs a real process: tests/helpers/bnb_process.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// Runs the kernels of cuda_kernels/ on a CPU, for tests only (tests/test_cuda_emulated.py).
+// Runs the kernels of cuda_kernels/ on a CPU, for tests only (tests/conformance/test_cuda_emulated.py).
 //
 // Force-included (g++ -include) before a kernel source. It defines BNB_HOST_EMULATION, so
 // bnb_common.cuh leaves out its PTX block, and supplies C++ twins of those primitives plus the CUDA

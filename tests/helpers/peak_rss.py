@@ -1,6 +1,6 @@
 """Peak RSS of one `bnb` command in a fresh process, and generated checkpoints to measure it on.
 
-Shared by the memory tests of `bnb quantize` and `bnb inspect`; tests/test_quantize_memory.py says why
+Shared by the memory tests of `bnb quantize` and `bnb inspect`; tests/cli/test_quantize_memory.py says why
 the child reads its own VmHWM and why glibc's mmap threshold is pinned.
 """
 
@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from helpers.bnb_process import HANG_SECONDS
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/test_quantize_memory.py
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}  # see tests/cli/test_quantize_memory.py
 
 # The child runs the CLI as `bnb` does and reports its own peak RSS however main() ends.
 CHILD = """

@@ -3,7 +3,7 @@
 One test per case id of golden/kernels/cases.json and backend: cpu everywhere, cuda (marked gpu,
 skipped without a GPU and CuPy) with the same body: the CPU input goes through bnbcli's API with
 backend="cuda", so the kernels run on the GPU and the results come back to the CPU. Every output is
-compared with the golden record of bitsandbytes' output (dtype, shape, sha256 of the bytes; tests/golden.py).
+compared with the golden record of bitsandbytes' output (dtype, shape, sha256 of the bytes; tests/helpers/golden.py).
 """
 
 from __future__ import annotations

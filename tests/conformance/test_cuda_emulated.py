@@ -1,10 +1,10 @@
 """The CUDA backend's kernels and wrappers, run on the CPU, against the CPU formats: byte for byte.
 
-The kernel sources are compiled with g++ and tests/cuda_host_shim.h (C++ twins of the PTX primitives,
+The kernel sources are compiled with g++ and tests/helpers/cuda_host_shim.h (C++ twins of the PTX primitives,
 256 std::threads per CTA), and ``bnbcli.backends.cuda`` is driven with CPU tensors, its launches
 routed to that build. This checks everything but the instructions themselves: the wrappers' argument
 lists against the kernel signatures (sizes and pointer-ness), indexing, tails, nibble packing,
-reductions and tables. The real instructions are checked by tests/test_cuda_kernels.py on a GPU.
+reductions and tables. The real instructions are checked by tests/gpu/test_cuda_kernels.py on a GPU.
 Skipped where no C++20 g++ with _Float16 is at hand.
 """
 

@@ -1,6 +1,6 @@
 """The project's copy of the oracle (tests/data/golden): complete, as vendored, and rebuilt byte for byte.
 
-Everything the other tests compare against comes from here (tests/golden.py): if these fail, read their
+Everything the other tests compare against comes from here (tests/helpers/golden.py): if these fail, read their
 message first.
 """
 

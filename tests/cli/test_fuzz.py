@@ -1,4 +1,4 @@
-"""A seeded slice of the mutation fuzzer (tests/fuzz_harness.py); `make fuzz` runs the long one."""
+"""A seeded slice of the mutation fuzzer (tests/helpers/fuzz_harness.py); `make fuzz` runs the long one."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Inputs that were destroyed, leaked or mislabelled before issue 16 (rows 4, 6-10, 14-18), one test or
-more per row. Most runs go through the CLI's main() in this process (tests/bnb_inprocess.py); those that
+more per row. Most runs go through the CLI's main() in this process (tests/helpers/bnb_inprocess.py); those that
 need HF_HUB_OFFLINE or HF_ENDPOINT as huggingface_hub reads them at import start a process of their own.
-That every hint here can be followed is tests/test_hints.py's subject.
+That every hint here can be followed is tests/cli/test_hints.py's subject.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`bnb eval` through its library call on real models, against independent computations (tests/eval_models.py):
+"""`bnb eval` through its library call on real models, against independent computations (tests/helpers/eval_models.py):
 the golden causal models (every statistic, each layer's error), an identical pair (exactly 0), the top-k
 plan within its bound, and all-MiniLM-L6-v2 as an encoder (cosines, nearest neighbours).
 

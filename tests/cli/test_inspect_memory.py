@@ -2,7 +2,7 @@
 
 A generated sharded checkpoint of LAYERS identical-shape weights is inspected in a child process, and so
 is a two-tensor checkpoint of the same shape; the difference of their peak RSS (the child's own VmHWM,
-glibc's mmap threshold pinned: see tests/test_quantize_memory.py and tests/peak_rss.py) is what the
+glibc's mmap threshold pinned: see tests/cli/test_quantize_memory.py and tests/helpers/peak_rss.py) is what the
 model's size costs. It must stay under K tensors, while holding the model would cost LAYERS - 2 of them.
 
 Why two tensors and not one: the first round trip leaves ~48 MiB resident that later tensors reuse (the

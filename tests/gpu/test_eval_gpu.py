@@ -1,6 +1,6 @@
 """`bnb eval --device cuda` on the golden causal models (GPU suite: skipped cleanly without a GPU): every
 4-bit and int8 variant runs there with bitsandbytes' CUDA kernels, and each statistic equals the
-independent computation of tests/eval_models.py on the same GPU; one at a time with the whole vocabulary
+independent computation of tests/helpers/eval_models.py on the same GPU; one at a time with the whole vocabulary
 gives the side-by-side figures; the CLI's --json names the GPU."""
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Every `hint:` is true: following it works (issue 16).
 
 Each case below is a bad command whose `error:`/`hint:` pair this suite triggers: the cases of this file
-and those of tests/test_quantize_errors.py. The hint is read by the rules in FOLLOW (each turns one kind
+and those of tests/cli/test_quantize_errors.py. The hint is read by the rules in FOLLOW (each turns one kind
 of advice into the command it asks for: add this flag, use that value, run this first) and the command
 the hint asks for must then succeed. A hint that no rule can follow must be one of NOT_HERE, advice that
 a test cannot act out (download the file again, re-export the checkpoint); any other hint fails the test,
-so a new hint comes with a way to follow it. The Hub's hints are followed in tests/test_inputs.py (they
+so a new hint comes with a way to follow it. The Hub's hints are followed in tests/cli/test_inputs.py (they
 need a process of their own for HF_HUB_OFFLINE).
 """
 
@@ -274,7 +274,7 @@ def _quantize_case(name: str) -> HintCase:
     return HintCase("quantize", lambda root, model: case.build(root))
 
 
-# tests/test_quantize_errors.py's cases that fail (the others succeed, with no hint to follow)
+# tests/cli/test_quantize_errors.py's cases that fail (the others succeed, with no hint to follow)
 ALL = {**CATALOG, **{f"quantize-errors/{n}": _quantize_case(n) for n, c in QUANTIZE_CASES.items() if c.code != 0}}
 
 

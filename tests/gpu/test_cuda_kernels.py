@@ -1,7 +1,7 @@
 """The CUDA backend on a GPU against the CPU formats: every byte, on fresh random and adversarial inputs.
 
-The golden cases run through both backends in tests/test_conformance.py; this file draws many more
-inputs (tests/cuda_cases.py: every dtype and blocksize, tails, NaN, ±inf, zero and NaN blocks,
+The golden cases run through both backends in tests/conformance/test_conformance.py; this file draws many more
+inputs (tests/helpers/cuda_cases.py: every dtype and blocksize, tails, NaN, ±inf, zero and NaN blocks,
 subnormals, exact thresholds, int8 .5 ties), keeps them on the GPU, and also checks the device
 contract of bnbcli's API, misaligned and strided inputs, and a non-default stream.
 """
