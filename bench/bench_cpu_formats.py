@@ -6,7 +6,7 @@ One seeded 4096x4096 bf16 tensor. For each format the sides take turns, each in 
 own (so neither side's OpenMP runtime or threads meet the other's), which times ``repeats`` calls after
 ``warmup``; with ``--rounds N`` the turns repeat N times and a side's figure is the median of all its
 calls. The table gives the medians, the speed-up (theirs / ours), whether our timed (fast) path gave
-the bytes of our whole-tensor reference (the specification that tests/test_conformance.py holds to
+the bytes of our whole-tensor reference (the specification that tests/conformance/test_conformance.py holds to
 bitsandbytes' CUDA bytes on every golden case), and whether bitsandbytes' CPU output equals ours.
 bitsandbytes' CPU path is not its CUDA path, so its bytes often differ from ours (which are the CUDA
 kernels' bytes). int8: bitsandbytes gets x.to(float16), as transformers' Int8Params gives it, and that

@@ -3,7 +3,7 @@ compare its logits with the golden logits bitsandbytes + transformers produced (
 
     PYTHONPATH=. python bench/device_check_models.py WORK_DIR [GOLDEN_MODELS_DIR]
 
-GOLDEN_MODELS_DIR defaults to the project's own golden set (tests/golden.py: tests/data/golden, its outputs
+GOLDEN_MODELS_DIR defaults to the project's own golden set (tests/helpers/golden.py: tests/data/golden, its outputs
 rebuilt and verified byte for byte).
 
 Prints one line per family/variant and `models: M/T logits identical`; exits 1 on any difference.
@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from bnbcli.cli.app import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from golden import VARIANT_FLAGS, golden_dir
+from helpers.golden import VARIANT_FLAGS, golden_dir
 
 
 def main(models: Path, work: Path) -> int:

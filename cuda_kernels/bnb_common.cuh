@@ -32,7 +32,7 @@ struct __align__(8) U32x2 {
 
 // ------------------------------------------------------------------------------------------------
 // The PTX primitives. Everything rounding-sensitive or memory-width-sensitive the kernels do goes
-// through these. tests/cuda_host_shim.h defines BNB_HOST_EMULATION and supplies C++ twins of exactly
+// through these. tests/helpers/cuda_host_shim.h defines BNB_HOST_EMULATION and supplies C++ twins of exactly
 // this block, so the kernel logic (indexing, tails, packing, reductions) can run on a CPU in tests.
 #ifndef BNB_HOST_EMULATION
 

@@ -1,7 +1,7 @@
 """The long fuzz run: `make fuzz` (or python scripts/fuzz.py --cases 10000 --seed 1).
 
 Mutates small real checkpoints and runs every reading command on each, and runs a share of hostile OUT
-paths, links and signals; see tests/fuzz_harness.py for what counts as a finding. Prints progress, a
+paths, links and signals; see tests/helpers/fuzz_harness.py for what counts as a finding. Prints progress, a
 summary, the first findings, and exits 1 if there are any.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzz_harness import Tally, fuzz
+from helpers.fuzz_harness import Tally, fuzz
 
 
 def main() -> int:

@@ -8,7 +8,7 @@ lands in tests/data/golden/ (see its README.md):
   and every small file (config.json, generation_config.json);
 - outputs as records: for each safetensors file the exact header bytes, a sha256 per tensor and the
   sha256 of the whole file. The tests compare every byte through those digests and rebuild the files
-  from bnb's own output only where each digest matches (tests/golden.py);
+  from bnb's own output only where each digest matches (tests/helpers/golden.py);
 - the few tensors bnb never writes by design, as bytes (EXTRA below);
 - PROVENANCE.json: where each file came from, its size and sha256, and how it was stored.
 

@@ -4,11 +4,13 @@ from pathlib import Path
 
 import pytest
 
-# tests/ helpers (golden.py) import as top-level modules.
+# The shared helpers import as `helpers.<module>` (tests/helpers/) from every test folder, whichever file or
+# folder pytest is given. The test folders have no __init__.py: pytest imports each test file by its name alone,
+# so two test files may not share a name.
 sys.path.insert(0, str(Path(__file__).parent))
 
 # Every test plans afresh (and writes nothing under ~/.cache), in this process and in the `bnb` processes
-# it starts; tests/test_plan_cache.py turns the plan cache on where it is the subject.
+# it starts; tests/unit/test_plan_cache.py turns the plan cache on where it is the subject.
 os.environ["BNB_PLAN_CACHE"] = "off"
 # One table width whatever runs the tests (a terminal, a pipe, pytest-xdist's workers, which set COLUMNS=80):
 # Rich shortens cells to fit, and tests read words in those cells.

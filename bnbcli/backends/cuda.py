@@ -1,7 +1,7 @@
 """The CUDA backend: the CPU formats' functions, computed by the kernels of cuda_kernels/.
 
 Each public function has the signature and the record of its CPU twin in ``bnbcli.formats`` and
-returns the same bytes (tests/test_conformance.py runs every golden case through both). Inputs must
+returns the same bytes (tests/conformance/test_conformance.py runs every golden case through both). Inputs must
 already be CUDA tensors; results stay on the input's device (``bnbcli.api`` moves CPU tensors for
 you). Work is queued on torch's current stream of that device; the only host synchronizations are
 reading the double-quantization offset back into the record's Python float (``quantize_4bit_queued``

@@ -30,7 +30,7 @@ from bnbcli.errors import BackendUnavailable
 THREADS = 256  # BNB_THREADS in bnb_common.cuh: every kernel runs 256-thread CTAs
 
 # Kernel instantiations per source file, as NVRTC name expressions (also what
-# tests/test_cuda_sources.py instantiates when it compiles the files with nvcc).
+# tests/unit/test_cuda_sources.py instantiates when it compiles the files with nvcc).
 ELEMENT_TYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 SOURCES: dict[str, tuple[str, ...]] = {
     "quantize_blockwise.cu": (

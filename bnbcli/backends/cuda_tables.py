@@ -2,7 +2,7 @@
 
 Pure numpy (no CuPy): the tables are checked on any machine, and ``emulate_*`` replay the kernels'
 integer and float steps bit for bit so tests can compare them with the reference encoders on every
-float32 that matters (tests/test_cuda_tables.py). See cuda_kernels/quantize_blockwise.cu for the
+float32 that matters (tests/unit/test_cuda_tables.py). See cuda_kernels/quantize_blockwise.cu for the
 kernel side of each table.
 """
 

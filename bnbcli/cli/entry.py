@@ -6,7 +6,7 @@ still initialising, its C++ (``_c10d_init``, ``_initExtension``, op registration
 Python runs importlib's module-lock code for it. Raised there, the exception goes back into C++ as
 ``python_error`` or ``pybind11::error_already_set``, which it cannot unwind: std::terminate, a stack dump,
 SIGABRT (rare when Ctrl-C comes by chance: 1 of ~370 in the first 1.6 s of a run here, 2 of ~60 in the
-report; tests/test_signals.py makes it happen every time). So the handler never raises inside an import:
+report; tests/cli/test_signals.py makes it happen every time). So the handler never raises inside an import:
 
 - until the command line is imported (torch included) nothing has been written: it exits at once;
 - later, inside an import (transformers, when the planner runs in this process), it notes the signal,

@@ -3,7 +3,7 @@
 Everything here is what bitsandbytes' CUDA kernels compute with. The kernels spell their thresholds as
 decimal literals which nvcc rounds to float32 *once* (decimal -> float32); Python's
 ``np.float32(float("0.84..."))`` rounds twice and is an ulp off for some of them, so every constant is
-kept as its bit pattern and ``tests/test_codes.py`` re-derives the bits from the literals with a
+kept as its bit pattern and ``tests/unit/test_codes.py`` re-derives the bits from the literals with a
 correctly rounded conversion.
 """
 

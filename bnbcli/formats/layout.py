@@ -1,7 +1,7 @@
 """The tensors a quantized weight becomes in a checkpoint, known from its shape alone.
 
 The plan uses these layouts to size shards and headers before any data is read; the pipeline then
-checks that what the formats produce matches them (``tests/test_state_dict.py`` checks it too).
+checks that what the formats produce matches them (``tests/unit/test_state_dict.py`` checks it too).
 """
 
 from __future__ import annotations

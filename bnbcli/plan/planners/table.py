@@ -6,7 +6,7 @@ each model class, every module of the model built on the meta device (its name w
 its class, whether the bitsandbytes quantizer replaces it), the state_dict keys with their shapes as
 config.json expressions, which config.json key counts each `#`, `_keep_in_fp32_modules`, and transformers'
 default skips (tied weights, the output embedding, the last parameter; with and without tied embeddings). It
-lists the library releases it was checked against; tests/test_planner_table.py compares it with them.
+lists the library releases it was checked against; tests/conformance/test_planner_table.py compares it with them.
 
 The table answers only when the checkpoint is exactly the model it describes for this config.json: every
 tensor a state_dict key of the model, every dimension it knows as config.json says, every Linear weight in the

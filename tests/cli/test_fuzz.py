@@ -1,0 +1,31 @@
+"""A seeded slice of the mutation fuzzer (tests/helpers/fuzz_harness.py); `make fuzz` runs the long one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers.fuzz_harness import fuzz, silent_fallback
+
+
+@pytest.mark.slow
+def test_mutated_checkpoints_never_crash_hang_or_read_outside(tmp_path: Path) -> None:
+    tally = fuzz(cases=150, seed=2026, work=tmp_path)
+    report = "\n\n".join(f"case {f.case} {f.verb}: {f.kind}\n{f.detail}" for f in tally.findings[:5])
+    assert not tally.findings, report
+    assert tally.cases == 150
+    # The mutations do reach past the first check: some runs succeed, most are refused as bad input.
+    assert tally.exits.get(0, 0) > 0 and tally.exits.get(1, 0) > tally.runs // 4, tally.exits
+    # and the slice holds cases of every class: served from an offline Hub cache, a nonsense config.json
+    assert tally.classes["offline Hub"] > 0 and tally.classes["nonsense config"] > 0, tally.classes
+
+
+def test_a_silent_fallback_is_a_finding(tmp_path: Path) -> None:
+    """The fuzzer's check for nonsense configs can fail: name rules with config.json and no warning."""
+    (tmp_path / "config.json").write_text("{}")
+    plan = {"components": [{"planner": "name-rules"}], "warnings": []}
+    assert silent_fallback(tmp_path, json.dumps(plan)) is not None
+    assert silent_fallback(tmp_path, json.dumps({**plan, "warnings": ["planned by name rules because …"]})) is None
+    assert silent_fallback(tmp_path, json.dumps({"components": [{"planner": "transformers"}], "warnings": []})) is None
