@@ -8,6 +8,7 @@ summary, the first findings, and exits 1 if there are any.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -16,6 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from helpers.fuzz_harness import Tally, fuzz
+
+
+def peak_rss_mb() -> int:
+    """This process's peak resident memory (Linux reports KiB): all cases run in it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
 
 
 def main() -> int:
@@ -39,7 +45,7 @@ def main() -> int:
         if tally.cases % 500 == 0:
             print(
                 f"{tally.cases} cases, {tally.runs} runs, {len(tally.findings)} findings, "
-                f"{time.monotonic() - started:.0f} s",
+                f"{time.monotonic() - started:.0f} s, peak RSS {peak_rss_mb()} MB",
                 file=sys.stderr,
                 flush=True,
             )
@@ -51,7 +57,8 @@ def main() -> int:
     paths = ", ".join(f"{kind} {n}" for kind, n in sorted(tally.paths.items()))
     print(
         f"{tally.cases} cases (seed {args.seed}; {classes}), {tally.runs} runs in {time.monotonic() - started:.0f} s; "
-        f"{exits}; hostile paths: {sum(tally.paths.values())} ({paths}); {len(tally.findings)} findings"
+        f"{exits}; hostile paths: {sum(tally.paths.values())} ({paths}); peak RSS {peak_rss_mb()} MB; "
+        f"{len(tally.findings)} findings"
     )
     for finding in tally.findings[:10]:
         print(f"--- case {finding.case}, {finding.verb}: {finding.kind}\n{finding.detail}")

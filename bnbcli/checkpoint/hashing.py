@@ -36,7 +36,9 @@ def _workers(files: int) -> int:
 
 
 # Hashes started at start-up by hash_sources_early, by real path, with the file's size and mtime then;
-# each is taken by the first FileHashes that wants that file, if the file still looks the same.
+# each is taken by the first FileHashes that wants that file, if the file still looks the same. Only the
+# latest call's are kept: a run that ended early (an error) takes none, and a process that runs `bnb
+# quantize` again and again (tests, the fuzzer) would otherwise keep every file's future for good.
 _early: dict[str, tuple[tuple[int, int], Future[str]]] = {}
 _early_lock = threading.Lock()
 
@@ -60,6 +62,7 @@ def hash_sources_early(src: str) -> None:
         return
     pending: dict[str, Future[str]] = {}
     with _early_lock:
+        _early.clear()  # an earlier run's untaken hashes (their collector still settles them, for nobody)
         for path in files:
             future: Future[str] = Future()
             try:
@@ -124,6 +127,9 @@ def _settle(future: Future[str], path: str) -> None:
             future.set_result(file_sha256(Path(path)))
         except BaseException as exc:  # the pipeline reports it, for the files it needs
             future.set_exception(exc)
+            # exc's traceback holds this frame, and the frame the future: without this cycle the error (and
+            # the frames below it) is freed with the future, not at the next full garbage collection
+            del future
 
 
 def _take_early(path: Path) -> Future[str] | None:

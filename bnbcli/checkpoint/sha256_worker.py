@@ -18,14 +18,18 @@ import threading
 import time
 
 CHUNK = 16 << 20  # bytes per read: large enough that hashlib drops the GIL, small enough to stay in cache
+SMALL_CHUNK = 64 << 10  # for a file smaller than CHUNK: a buffer its size at the least
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
     """The sha256 of the file's bytes; OSError when it cannot be read."""
     digest = hashlib.sha256()
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
+        # Allocated once the file is open (a file that cannot be opened leaves no buffer in the frame its
+        # error's traceback keeps) and no larger than the file needs: a process that hashes many small
+        # files (the fuzzer) is not left with 16 MiB holes in malloc's arenas.
+        buffer = bytearray(min(CHUNK, max(SMALL_CHUNK, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buffer)
         while n := f.readinto(buffer):
             digest.update(view[:n])
     return digest.hexdigest()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import fuzz_harness
 import pytest
 
 from helpers.fuzz_harness import fuzz, silent_fallback
@@ -29,3 +31,18 @@ def test_a_silent_fallback_is_a_finding(tmp_path: Path) -> None:
     assert silent_fallback(tmp_path, json.dumps(plan)) is not None
     assert silent_fallback(tmp_path, json.dumps({**plan, "warnings": ["planned by name rules because …"]})) is None
     assert silent_fallback(tmp_path, json.dumps({"components": [{"planner": "transformers"}], "warnings": []})) is None
+
+
+def test_a_run_that_allocates_past_the_cap_is_a_memory_finding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory check still catches one case's blow-up (a header that makes bnb allocate what it
+    describes): here each run on a case's files touches MAX_GROWTH_BYTES + 64 MiB."""
+    real = fuzz_harness.run_verb
+    case = str(tmp_path / "case")
+
+    def greedy(args: list[str], out: Any = None, seconds: int = fuzz_harness.CASE_SECONDS) -> Any:
+        held = b"\1" * (fuzz_harness.MAX_GROWTH_BYTES + (64 << 20)) if case in args else b""  # noqa: F841
+        return real(args, out, seconds)
+
+    monkeypatch.setattr(fuzz_harness, "run_verb", greedy)
+    tally = fuzz(cases=2, seed=2026, work=tmp_path)
+    assert tally.runs > 0 and {f.kind for f in tally.findings} == {"memory"}, tally.findings

@@ -6,6 +6,7 @@ Checkpoints are made in tmp_path with safetensors' own writer, or byte by byte t
 from __future__ import annotations
 
 import fnmatch
+import gc
 import hashlib
 import json
 import math
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import weakref
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -732,6 +735,67 @@ def test_early_source_hashes_survive_a_child_that_talks_nonsense_and_dies(
     assert _early_digests(hashing, src, tmp_path) == {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.glob("*.safetensors")
     }
+
+
+def test_early_source_hashes_are_kept_for_the_latest_call_only(tmp_path: Path) -> None:
+    """A run that fails before it takes its early hashes leaves them behind: a process that runs `bnb
+    quantize` again and again on other folders (the fuzzer) kept every one, for good."""
+    from bnbcli.checkpoint import hashing
+
+    started: list[Future[str]] = []
+    for run in range(5):
+        src = tmp_path / f"src-{run}"
+        src.mkdir()
+        for i in range(2):
+            (src / f"model-{i}.safetensors").write_bytes(bytes([run, i]) * 1000)
+        hashing.hash_sources_early(str(src))
+        started += [future for _, future in hashing._early.values()]
+    assert sorted(hashing._early) == sorted(os.path.realpath(p) for p in src.glob("*.safetensors"))
+    # the dropped ones are still settled (their collector does not know they were dropped)
+    assert len(started) == 10 and all(len(f.result(timeout=HANG_SECONDS)) == 64 for f in started)
+    hashing._early.clear()
+
+
+def test_a_hash_that_failed_is_freed_with_its_future_not_by_the_garbage_collector(tmp_path: Path) -> None:
+    """The error's traceback holds the frame that stored it in the future: with that frame still holding
+    the future, the error, its frames and a 16 MiB read buffer lived until the next full collection
+    (hundreds of fuzz cases: 256 MiB after 150)."""
+    from bnbcli.checkpoint import hashing
+
+    gc.collect()
+    gc.disable()
+    try:
+        future: Future[str] = Future()
+        hashing._settle(future, str(tmp_path / "gone.safetensors"))
+        assert isinstance(future.exception(timeout=0), InputError)
+        settled = weakref.ref(future)
+        del future
+        assert settled() is None, "a reference cycle keeps the failed hash alive"
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("size", [0, 1, 64 << 10, (64 << 10) + 1, 3 << 20])
+def test_hashing_a_file_allocates_no_more_than_the_file_needs(tmp_path: Path, size: int) -> None:
+    """A 16 MiB read buffer for every file, however small, left the fuzzer's process with 16 MiB holes
+    in malloc's arenas (its memory grew by ~130 MB a thousand cases); one that cannot be opened gets none."""
+    from bnbcli.checkpoint.sha256_worker import CHUNK, sha256_of
+
+    path = tmp_path / "file"
+    path.write_bytes(bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+    tracemalloc.start()
+    try:
+        digest = sha256_of(path)
+        used = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        with pytest.raises(FileNotFoundError):
+            sha256_of(tmp_path / "missing")
+        used_missing = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert used < max(size, 64 << 10) + (256 << 10) < CHUNK, used
+    assert used_missing < 256 << 10, used_missing
 
 
 def test_early_hashing_only_for_runs_that_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
