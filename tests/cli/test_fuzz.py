@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import fuzz_harness
 import pytest
 
+from helpers import fuzz_harness
 from helpers.fuzz_harness import fuzz, silent_fallback
 
 
