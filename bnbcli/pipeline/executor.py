@@ -90,6 +90,7 @@ def _sha256_all(views: list[memoryview]) -> list[str]:
 
 
 Written = list[tuple[TensorRecord, str, memoryview]]  # what one hashing task hashes: record, key, bytes
+Hashing = tuple[list[tuple[TensorRecord, str]], Future[list[str]]]  # whose digests a task computes, and the task
 
 
 class _ShardWriters:
@@ -115,7 +116,7 @@ class _ShardWriters:
         self.data_bytes = {s: done.data_bytes for s, done in journal.finished.items()}
         self.sizes = {s: done.size for s, done in journal.finished.items()}
         self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
-        self._hashes: dict[str, list[tuple[list[tuple[TensorRecord, str]], Future[list[str]]]]] = {}
+        self._hashes: dict[str, list[Hashing]] = {}
         self._syncs: list[Future[None]] = []
 
     def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
