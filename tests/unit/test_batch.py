@@ -103,3 +103,14 @@ def test_row_sums_equal_one_by_one_sums() -> None:
             alone = roundtrip_sums(x, y)
         assert got.dtype == torch.float64
         assert bytes(got.numpy()) == bytes(alone.numpy())
+
+
+def test_inspect_joined_roundtrip_errors_equal_one_by_one() -> None:
+    from bnbcli.inspect.roundtrip import joinable_everywhere, parse_schemes, roundtrip_errors, roundtrip_errors_many
+
+    schemes = parse_schemes(("nf4", "fp4-dq", "int8"))
+    weights = [w.contiguous() for w in _weights(5, 40) if w.dim() == 2 and w.isfinite().all()]
+    weights = [w for w in weights if joinable_everywhere(w, schemes, "cpu")]
+    assert len(weights) > 5
+    for w, errors in zip(weights, roundtrip_errors_many(weights, schemes), strict=True):
+        assert errors == roundtrip_errors(w, schemes, "cpu")
