@@ -113,4 +113,4 @@ def test_inspect_joined_roundtrip_errors_equal_one_by_one() -> None:
     weights = [w for w in weights if joinable_everywhere(w, schemes, "cpu")]
     assert len(weights) > 5
     for w, errors in zip(weights, roundtrip_errors_many(weights, schemes), strict=True):
-        assert errors == roundtrip_errors(w, schemes, "cpu")
+        assert repr(errors) == repr(roundtrip_errors(w, schemes, "cpu"))  # repr: NaN figures compare equal
