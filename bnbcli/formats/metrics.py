@@ -77,10 +77,10 @@ def roundtrip_sums_many(originals: list[torch.Tensor], restored: list[torch.Tens
     for n, indices in by_size.items():
         if n == 0:
             continue
-        x = torch.stack([originals[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
-        diff = x - torch.stack([restored[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
+        xs = torch.stack([originals[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
+        diff = xs - torch.stack([restored[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
         # max |diff| is never below the one-by-one start of 0.0, and NaN propagates as it sticks there
-        table = np.stack((np.square(x).sum(axis=1), np.square(diff).sum(axis=1), np.abs(diff).max(axis=1)), axis=1)
+        table = np.stack((np.square(xs).sum(axis=1), np.square(diff).sum(axis=1), np.abs(diff).max(axis=1)), axis=1)
         for i, row in zip(indices, torch.from_numpy(table), strict=True):
             sums[i] = row
     return sums

@@ -166,7 +166,7 @@ def _plain(source: ModelSource, plan: QuantPlan | None, ctx: _Context, rows: lis
             joined.append((len(rows), weight))
             waiting += weight.numel()
         elif weight is not None:
-            row = replace(row, errors=roundtrip_errors(weight, ctx.schemes, ctx.backend))
+            row = replace(row, errors=dict(roundtrip_errors(weight, ctx.schemes, ctx.backend)))
         rows.append(row)
         if len(joined) >= JOIN_TENSORS or waiting >= JOIN_ELEMENTS:
             _join_roundtrips(joined, ctx, rows)

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from bnbcli.errors import InputError, InternalError
-from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.batch import joinable, quantize_restore_many
+from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums, roundtrip_sums_many
 from bnbcli.formats.registry import family_of, family_of_record
 from bnbcli.plan.quantize_layout import TensorJob

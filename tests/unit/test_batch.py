@@ -51,8 +51,10 @@ def _weights(seed: int, count: int) -> list[torch.Tensor]:
 def _same(a: object, b: object) -> bool:
     """Records or tensors equal in every byte (NaN bit patterns included), dtype and shape."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) == bytes(
-            b.contiguous().view(torch.uint8).numpy()
+        return (
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and bytes(a.contiguous().view(torch.uint8).numpy()) == bytes(b.contiguous().view(torch.uint8).numpy())
         )
     if dataclasses.is_dataclass(a) and type(a) is type(b):
         return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
