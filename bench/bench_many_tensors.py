@@ -8,6 +8,8 @@ Each checkpoint is one safetensors file of N/2 tiny Linear weights (16×16 bf16)
 an MoE's experts, with no config.json (the name rules plan it, no library is imported). Each command runs
 in its own process; the cost per tensor is the extra time over the smallest checkpoint, divided by the extra
 tensors, so the interpreter's start-up is not counted. Prints one table; `--json` prints one document.
+Besides the wall time, each command's CPU seconds (user + system, its own and its children's) give a cost per
+tensor too: on a shared machine the wall time grows with the load, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,9 +51,16 @@ def checkpoint(folder: Path, count: int) -> Path:
     return folder
 
 
-def timed(command: str, src: Path, out: Path, timeout: float) -> float | None:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: str, src: Path, out: Path, timeout: float) -> tuple[float, float] | None:
+    """(wall seconds, CPU seconds) of one command, or None if it ran out of time."""
     args = [a.format(src=src, out=out) for a in COMMANDS[command]]
     shutil.rmtree(out, ignore_errors=True)
+    cpu = _children_cpu()
     started = time.perf_counter()
     try:
         done = subprocess.run(
@@ -61,7 +71,12 @@ def timed(command: str, src: Path, out: Path, timeout: float) -> float | None:
     seconds = time.perf_counter() - started
     if done.returncode not in (0, 1):
         raise SystemExit(f"bnb {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds
+    return seconds, _children_cpu() - cpu
+
+
+def per_tensor(total: float | None, first: float | None, extra: int) -> float | None:
+    """Milliseconds per tensor over the smallest checkpoint."""
+    return None if total is None or first is None else (total - first) / extra * 1000
 
 
 def main() -> int:
@@ -75,7 +90,7 @@ def main() -> int:
     counts = sorted(int(c) for c in args.counts.split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bnb-many-"))
     env_note = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    results: dict[str, dict[int, float | None]] = {}
+    results: dict[str, dict[int, tuple[float, float] | None]] = {}
     try:
         sources = {n: checkpoint(work / f"src-{n}", n) for n in counts}
         for command in args.verbs.split(","):
@@ -88,18 +103,28 @@ def main() -> int:
     for command, seconds in results.items():
         for n in counts[1:]:
             total, first = seconds[n], seconds[base]
-            per = None if total is None or first is None else (total - first) / (n - base) * 1000
-            rows.append({"command": command, "tensors": n, "seconds": total, "ms_per_tensor": per})
+            rows.append(
+                {
+                    "command": command,
+                    "tensors": n,
+                    "seconds": None if total is None else total[0],
+                    "cpu_seconds": None if total is None else total[1],
+                    "ms_per_tensor": per_tensor(total and total[0], first and first[0], n - base),
+                    "cpu_ms_per_tensor": per_tensor(total and total[1], first and first[1], n - base),
+                }
+            )
     if args.json:
         print(json.dumps({"schema_version": 1, "machine": env_note, "base": base, "results": results, "rows": rows}))
         return 0
     print(f"fixed cost per tensor ({env_note}); smallest checkpoint {base} tensors:")
     for command, seconds in results.items():
-        cells = ", ".join(f"{n}: {'timeout' if s is None else f'{s:.1f} s'}" for n, s in seconds.items())
+        cells = ", ".join(
+            f"{n}: {'timeout' if s is None else f'{s[0]:.1f} s ({s[1]:.1f} s CPU)'}" for n, s in seconds.items()
+        )
         print(f"  bnb {command:9} {cells}")
     for row in rows:
-        per = "n/a" if row["ms_per_tensor"] is None else f"{row['ms_per_tensor']:.3f} ms"
-        print(f"  {row['command']:9} {row['tensors']:>7} tensors: {per} per tensor")
+        per, cpu = (("n/a" if row[k] is None else f"{row[k]:.3f} ms") for k in ("ms_per_tensor", "cpu_ms_per_tensor"))
+        print(f"  {row['command']:9} {row['tensors']:>7} tensors: {per} per tensor ({cpu} of CPU)")
     return 0
 
 

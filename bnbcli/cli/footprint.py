@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from bnbcli import output
+from bnbcli.cli import heap
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
     CalibrateFlag,
@@ -116,6 +117,8 @@ def _computed(
     from bnbcli.footprint import FootprintRequest, footprint, make_schemes
     from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
     from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
+
+    heap.library_imported()
 
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(

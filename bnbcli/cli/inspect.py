@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bnbcli import output
+from bnbcli.cli import heap
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
     Backend,
@@ -112,6 +113,8 @@ def inspect(
     from bnbcli.inspect.gates import Gates
     from bnbcli.inspect.run import InspectRequest, open_source
     from bnbcli.inspect.run import inspect as inspect_checkpoint
+
+    heap.library_imported()
 
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
     if activation_threshold is not None and not activations:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from bnbcli import output
+from bnbcli.cli import heap
 from bnbcli.cli.budget import budget_request
 from bnbcli.cli.options import (
     Backend,
@@ -109,6 +110,8 @@ def quantize(
     from bnbcli.backends.devices import parse_devices
     from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
     from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+
+    heap.library_imported()
 
     budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
     request = QuantizeRequest(

@@ -170,14 +170,27 @@ def quantize_4bit(
     quant_storage)`` with the bytes of its CUDA kernel."""
     check_quantize_args(x, quant_type, blocksize, quant_storage)
     packed, absmax = quantize_blocks(x, blocksize, code_table(quant_type), pack=True)
-    packed = as_storage(packed, quant_storage)
+    return make_record(packed, absmax, tuple(x.shape), x.dtype, quant_type, blocksize, double_quant, quant_storage)
+
+
+def make_record(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    quant_storage: torch.dtype,
+) -> QuantState4bit:
+    """The record of one tensor's packed codes and float32 absmax (double-quantized if asked)."""
     quant_map, _ = code_tables(quant_type)
     common = dict(
-        packed=packed,
+        packed=as_storage(packed, quant_storage),
         quant_map=quant_map.clone(),
         blocksize=blocksize,
-        shape=tuple(x.shape),
-        dtype=x.dtype,
+        shape=shape,
+        dtype=dtype,
         quant_type=quant_type,
     )
     if not double_quant:
@@ -224,7 +237,14 @@ def packed_bytes(q: QuantState4bit) -> torch.Tensor:
 
 def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
     """bitsandbytes ``functional.dequantize_4bit``: float32 LUT[code] * absmax, one rounding to ``dtype``."""
-    packed = packed_bytes(q)
-    _, lut = code_tables(q.quant_type)
-    values = lut[unpack_nibbles(packed, q.numel).long()]
-    return gpu_cast(expand_blocks(values, block_scales(q), q.blocksize), q.dtype).reshape(q.shape)
+    values = dequantize_packed(packed_bytes(q), block_scales(q), q.numel, q.quant_type, q.blocksize, q.dtype)
+    return values.reshape(q.shape)
+
+
+def dequantize_packed(
+    packed: torch.Tensor, scales: torch.Tensor, n: int, quant_type: str, blocksize: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The n values [n] of packed bytes with float32 ``scales`` per block, in ``dtype``."""
+    _, lut = code_tables(quant_type)
+    values = lut[unpack_nibbles(packed, n).long()]
+    return gpu_cast(expand_blocks(values, scales, blocksize), dtype)

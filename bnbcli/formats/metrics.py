@@ -65,6 +65,27 @@ def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
     return torch.tensor([signal, noise, max_abs], dtype=torch.float64)
 
 
+def roundtrip_sums_many(originals: list[torch.Tensor], restored: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``roundtrip_sums`` of each pair of CPU tensors under ``CHUNK`` elements, the pairs of one size in
+    one pass: numpy sums each row of a C-contiguous table with the pairwise summation it gives that
+    row alone, so every figure is the one-by-one figure (``tests/unit/test_batch.py``)."""
+    by_size: dict[int, list[int]] = {}
+    for i, x in enumerate(originals):
+        assert x.numel() <= CHUNK and x.device.type == "cpu"
+        by_size.setdefault(x.numel(), []).append(i)
+    sums: list[torch.Tensor] = [torch.zeros(3, dtype=torch.float64)] * len(originals)
+    for n, indices in by_size.items():
+        if n == 0:
+            continue
+        xs = torch.stack([originals[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
+        diff = xs - torch.stack([restored[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
+        # max |diff| is never below the one-by-one start of 0.0, and NaN propagates as it sticks there
+        table = np.stack((np.square(xs).sum(axis=1), np.square(diff).sum(axis=1), np.abs(diff).max(axis=1)), axis=1)
+        for i, row in zip(indices, torch.from_numpy(table), strict=True):
+            sums[i] = row
+    return sums
+
+
 def error_from_sums(sums: torch.Tensor, numel: int) -> RoundTripError:
     signal, noise, max_abs = (float(v) for v in sums.tolist())
     n = max(numel, 1)

@@ -16,7 +16,8 @@ import torch
 from bnbcli import api
 from bnbcli.errors import UsageError
 from bnbcli.footprint.schemes import make_schemes
-from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
+from bnbcli.formats.batch import joinable, quantize_restore_many
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums, roundtrip_sums_many
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.plan.scheme_names import ROUNDTRIP_SCHEMES
 
@@ -54,3 +55,21 @@ def roundtrip_errors(weight: torch.Tensor, schemes: tuple[NamedScheme, ...], bac
         s.name: error_from_sums(roundtrip_sums(weight, restored(weight, s.scheme, backend)).cpu(), weight.numel())
         for s in schemes
     }
+
+
+def joinable_everywhere(weight: torch.Tensor, schemes: tuple[NamedScheme, ...], backend: str) -> bool:
+    """Whether ``roundtrip_errors_many`` takes ``weight`` (small, on the CPU backend)."""
+    return backend == "cpu" and all(joinable(weight, s.scheme) for s in schemes)
+
+
+def roundtrip_errors_many(
+    weights: list[torch.Tensor], schemes: tuple[NamedScheme, ...]
+) -> list[dict[str, RoundTripError]]:
+    """``roundtrip_errors`` of each weight on the CPU, the weights joined in one call per scheme
+    (``formats.batch``: the same values); every weight must be ``joinable_everywhere``."""
+    errors: list[dict[str, RoundTripError]] = [{} for _ in weights]
+    for s in schemes:
+        restored = [values for _, values in quantize_restore_many(weights, s.scheme)]
+        for found, w, sums in zip(errors, weights, roundtrip_sums_many(weights, restored), strict=True):
+            found[s.name] = error_from_sums(sums, w.numel())
+    return errors

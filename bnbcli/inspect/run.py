@@ -26,7 +26,13 @@ from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
 from bnbcli.inspect.outliers import Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
 from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
-from bnbcli.inspect.roundtrip import NamedScheme, parse_schemes, roundtrip_errors
+from bnbcli.inspect.roundtrip import (
+    NamedScheme,
+    joinable_everywhere,
+    parse_schemes,
+    roundtrip_errors,
+    roundtrip_errors_many,
+)
 from bnbcli.inspect.stats import tensor_stats
 from bnbcli.pipeline.dequantize import restore
 from bnbcli.pipeline.quantize import source_label
@@ -148,14 +154,40 @@ def _plain(source: ModelSource, plan: QuantPlan | None, ctx: _Context, rows: lis
     """Every tensor of an unquantized model, its weights as ``plan`` decides them (or of a component left
     unquantized in a bnb pipeline: ``plan`` None, nothing is a weight)."""
     decisions = dict(plan.decisions) if plan is not None else {}
+    joined: list[tuple[int, torch.Tensor]] = []  # (row, weight): small weights whose round trips wait
+    waiting = 0  # their elements
     for info in source.in_file_order():
         decision = decisions.get(info.name)
         quantize = decision is not None and decision.action == "quantize"
         transpose = decision is not None and decision.transpose
         values = read_tensor(info)
-        rows.append(_measure(source.name, info.name, values, dtype_name(info.dtype), quantize, transpose, ctx))
-        del values
+        row, weight = _measure(source.name, info.name, values, dtype_name(info.dtype), quantize, transpose, ctx)
+        if weight is not None and joinable_everywhere(weight, ctx.schemes, ctx.backend):
+            joined.append((len(rows), weight))
+            waiting += weight.numel()
+        elif weight is not None:
+            row = replace(row, errors=dict(roundtrip_errors(weight, ctx.schemes, ctx.backend)))
+        rows.append(row)
+        if len(joined) >= JOIN_TENSORS or waiting >= JOIN_ELEMENTS:
+            _join_roundtrips(joined, ctx, rows)
+            waiting = 0
+        del values, weight
         ctx.progress(info.nbytes)
+    _join_roundtrips(joined, ctx, rows)
+
+
+# Small weights wait for one joined round trip per scheme, up to so many of them or elements (each at
+# most formats.batch.SMALL_ELEMENTS), so that memory still holds about one tensor's worth.
+JOIN_TENSORS = 512
+JOIN_ELEMENTS = 1 << 20
+
+
+def _join_roundtrips(joined: list[tuple[int, torch.Tensor]], ctx: _Context, rows: list[TensorReport]) -> None:
+    """The round-trip errors of the waiting weights into their rows; none waits afterwards."""
+    found = roundtrip_errors_many([w for _, w in joined], ctx.schemes)
+    for (index, _), errors in zip(joined, found, strict=True):
+        rows[index] = replace(rows[index], errors=dict(errors))
+    joined.clear()
 
 
 def _bnb(component: DequantComponent, original: ModelSource | None, ctx: _Context, rows: list[TensorReport]) -> None:
@@ -165,7 +197,7 @@ def _bnb(component: DequantComponent, original: ModelSource | None, ctx: _Contex
         errors: dict[str, RoundTripError | None] = {}
         if original is not None and t.kind != "copy":
             errors[AGAINST] = _against(original, t, values)
-        row = _measure(component.name, t.name, values, dtype_name(t.dtype), t.kind != "copy", t.transpose, ctx)
+        row, _ = _measure(component.name, t.name, values, dtype_name(t.dtype), t.kind != "copy", t.transpose, ctx)
         rows.append(replace(row, format=_format(t), errors=errors))
         del values
         ctx.progress(t.bytes_in)
@@ -204,9 +236,10 @@ def _measure(
     weight: bool,
     transpose: bool,
     ctx: _Context,
-) -> TensorReport:
-    """Statistics of any tensor; for a weight also its outliers and round-trip errors; for a norm gain
-    the dimensions that stand out."""
+) -> tuple[TensorReport, torch.Tensor | None]:
+    """Statistics of any tensor; for a weight also its outliers; for a norm gain the dimensions that stand
+    out. With the row, the weight ([out, in], contiguous) whose round-trip errors the row still needs,
+    if any: the caller measures them (small weights joined, ``_join_roundtrips``)."""
     numeric = values.dtype != torch.bool and not values.dtype.is_complex
     stats = tensor_stats(values) if numeric else None
     label = f"{component}/{name}" if component else name
@@ -216,13 +249,13 @@ def _measure(
     if role == "norm" and values.dtype.is_floating_point:
         dims = norm_outliers(values, ctx.criteria)
         ctx.recurrence.add(label, "norm", dims)
-        return replace(row, norm_dims=dims)
+        return replace(row, norm_dims=dims), None
     if role != "weight":
-        return row
+        return row, None
     not_measured = dict.fromkeys((s.name for s in ctx.schemes), None)
     if values.dtype not in FLOAT_DTYPES or values.numel() == 0:  # what bnb quantize refuses to quantize
         what = "empty" if values.numel() == 0 else f"{dtype}: bitsandbytes quantizes float16, bfloat16 or float32"
-        return replace(row, errors=not_measured, note=f"{what}; round trip not measured")
+        return replace(row, errors=not_measured, note=f"{what}; round trip not measured"), None
     w = values.t() if transpose else values  # as the model holds it: [out, in]
     found = matrix_outliers(w, ctx.criteria)
     ctx.recurrence.add(label, "in", found.in_dims)
@@ -230,8 +263,8 @@ def _measure(
     row = replace(row, outliers=found)
     if stats is not None and stats.nonfinite:
         note = f"{stats.nan} NaN and {stats.inf} Inf values: round trip not measured"
-        return replace(row, errors=not_measured, note=note)
-    return replace(row, errors=dict(roundtrip_errors(w.contiguous(), ctx.schemes, ctx.backend)))
+        return replace(row, errors=not_measured, note=note), None
+    return row, w.contiguous()
 
 
 __all__ = ["InspectRequest", "inspect", "open_source"]

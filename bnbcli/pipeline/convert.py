@@ -11,14 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from bnbcli.errors import InputError, InternalError
+from bnbcli.formats.batch import joinable, quantize_restore_many
 from bnbcli.formats.fourbit import QuantState4bit
-from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
-from bnbcli.formats.registry import family_of
+from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums, roundtrip_sums_many
+from bnbcli.formats.registry import family_of, family_of_record
 from bnbcli.plan.quantize_layout import TensorJob
 from bnbcli.plan.scheme import QuantScheme
 
@@ -57,12 +59,17 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
     else:
         record = kernels.quantize(weight, *args)
         restored = kernels.dequantize(*family.dequantize_args(record))
-    entries = family.entries(record, job.source.name)
     pending = None if offset is None else (_without_tensors(record), offset)
+    return _entries(job, record), restored, pending
+
+
+def _entries(job: TensorJob, record: Any) -> dict[str, torch.Tensor]:
+    """The checkpoint entries of a quantized weight's record, checked against the plan."""
+    entries = family_of_record(record).entries(record, job.source.name)
     planned = [e.key for e in job.entries]
     if list(entries) != planned:
         raise InternalError(f"internal error: {job.source.name} produced {list(entries)}, planned {planned}")
-    return entries, restored, pending
+    return entries
 
 
 def _prepare(job: TensorJob, tensor: torch.Tensor) -> torch.Tensor:
@@ -85,12 +92,38 @@ class CpuConverter:
         self.allow_nonfinite = allow_nonfinite
 
     def __call__(self, job: TensorJob, tensor: torch.Tensor) -> Converted:
-        tensor = _prepare(job, tensor)
+        return self._convert(job, _prepare(job, tensor))
+
+    def _convert(self, job: TensorJob, tensor: torch.Tensor) -> Converted:
         if not job.quantized:
             return Converted(job, {job.source.name: tensor}, lambda: None)
         entries, restored, _ = _quantize(job, tensor, self.scheme, "cpu")
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below, or allowed
             sums = roundtrip_sums(tensor, restored)
+        return self._checked(job, tensor, entries, sums)
+
+    def convert_many(self, batch: list[tuple[TensorJob, torch.Tensor]]) -> list[Converted]:
+        """Each tensor as ``self(job, tensor)`` converts it, in order; the batch's small weights go through
+        one joined kernel call (``formats.batch``: the same bytes), the others one by one."""
+        prepared = [_prepare(job, tensor) for job, tensor in batch]
+        joined = [i for i, (job, _) in enumerate(batch) if job.quantized and joinable(prepared[i], self.scheme)]
+        results = quantize_restore_many([prepared[i] for i in joined], self.scheme)
+        with np.errstate(invalid="ignore", over="ignore"):
+            sums = roundtrip_sums_many([prepared[i] for i in joined], [restored for _, restored in results])
+        done = dict(zip(joined, zip(results, sums, strict=True), strict=True))
+        converted = []
+        for i, (job, _) in enumerate(batch):
+            if i not in done:
+                converted.append(self._convert(job, prepared[i]))
+                continue
+            (record, _), tensor_sums = done[i]
+            converted.append(self._checked(job, prepared[i], _entries(job, record), tensor_sums))
+        return converted
+
+    def _checked(
+        self, job: TensorJob, tensor: torch.Tensor, entries: dict[str, torch.Tensor], sums: torch.Tensor
+    ) -> Converted:
+        """The converted weight, once its values are known to be finite (or allowed not to be)."""
         # The float64 sum of squares is finite when every value is: the check costs no pass of its own
         # (a float64 overflow, or a NaN/Inf, is then counted exactly before refusing).
         if not self.allow_nonfinite and not math.isfinite(float(sums[0])):

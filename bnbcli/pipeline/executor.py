@@ -32,7 +32,7 @@ from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import RoundTripError
-from bnbcli.pipeline.convert import Converted, Converter, make_converters
+from bnbcli.pipeline.convert import Converted, Converter, CpuConverter, make_converters
 from bnbcli.pipeline.stages import END, Cancellation, Cancelled, Handoff, Stage, StageSeconds, Stopped
 from bnbcli.plan.quantize_layout import (
     SHARD_METADATA,
@@ -237,9 +237,12 @@ class _ComponentRun:
             interrupts.check()  # a Ctrl-C whose KeyboardInterrupt got lost stops the run here
             converted = []
             with self.seconds.timing("convert"):
-                for job, tensor in batch:
-                    converted.append(self.converters[count % len(self.converters)](job, tensor))
-                    count += 1
+                if isinstance(self.converters[0], CpuConverter):  # the one CPU converter joins small weights
+                    converted = self.converters[0].convert_many(batch)
+                else:
+                    for job, tensor in batch:
+                        converted.append(self.converters[count % len(self.converters)](job, tensor))
+                        count += 1
             timeline.mark("first tensor queued")
             self.to_write.put(converted)
         self.to_write.put(END)
