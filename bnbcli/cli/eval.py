@@ -10,7 +10,7 @@ import typer
 from bnbcli import output
 from bnbcli.cli.options import JsonFlag, NoProgressFlag, QuietFlag, ReportOption, VerboseFlag, output_path
 from bnbcli.errors import GateFailed, UsageError
-from bnbcli.eval import DEFAULT_TOP_K
+from bnbcli.eval import DEFAULT_TOP_K, check_top_k
 from bnbcli.units import parse_size
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
@@ -89,6 +89,12 @@ def eval(
     an encoder, the cosines of its hidden states and embeddings — and each layer's hidden-state error.
     Gates exit 1 and name what failed."""
     from bnbcli.eval.gates import EvalGates
+
+    # The arguments first, without torch: a mistyped one is reported in a moment.
+    gates = EvalGates(max_kld, min_top1, max_ppl_ratio, min_cosine)
+    keep_top_k = _top_k(top_k)
+    memory = parse_size(max_memory) if max_memory is not None else None
+
     from bnbcli.eval.html import check_report_path
     from bnbcli.eval.run import EvalRequest, evaluate, prepare
     from bnbcli.eval.texts import read_text_file
@@ -105,9 +111,9 @@ def eval(
         max_tokens=max_tokens,
         device=device,
         one_at_a_time=one_at_a_time,
-        top_k=_top_k(top_k),
-        max_memory=parse_size(max_memory) if max_memory is not None else None,
-        gates=EvalGates(max_kld, min_top1, max_ppl_ratio, min_cosine),
+        top_k=keep_top_k,
+        max_memory=memory,
+        gates=gates,
     )
     prepared = prepare(request)
     with output.CountProgress(prepared.total_tokens, "tokens", enabled=not no_progress, bar=not json_output) as bar:
@@ -145,8 +151,10 @@ def _top_k(text: str) -> int | None:
     if text == "all":
         return None
     try:
-        return int(text)
+        top_k = int(text)
     except ValueError:
         raise UsageError(
             f"--top-k {text}: a number of tokens, or all", hint=f"the default is {DEFAULT_TOP_K}"
         ) from None
+    check_top_k(top_k)
+    return top_k

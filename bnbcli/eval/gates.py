@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bnbcli.errors import UsageError
-from bnbcli.eval.report import EvalReport
-from bnbcli.inspect.report import GateFailure
+
+if TYPE_CHECKING:  # the gates are checked with the command line, before torch is imported
+    from bnbcli.eval.report import EvalReport
+    from bnbcli.inspect.report import GateFailure
 
 GATE_EXAMPLES = "for example --max-kld 0.05 --min-top1 0.9 --max-ppl-ratio 1.05 --min-cosine 0.99"
 
@@ -60,6 +63,8 @@ class EvalGates:
 
 def check(gates: EvalGates, report: EvalReport) -> tuple[GateFailure, ...]:
     """Every gate the report misses (NaN misses every gate)."""
+    from bnbcli.inspect.report import GateFailure  # with the report's own imports (torch)
+
     checks: list[tuple[str, str, float | None, float, bool]] = []  # what, option, limit, value, above is bad
     if report.causal is not None:
         c = report.causal

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bnbcli.errors import InputError, UsageError
-from bnbcli.eval import DEFAULT_TOP_K
+from bnbcli.errors import InputError
+from bnbcli.eval import DEFAULT_TOP_K, check_top_k
 from bnbcli.eval.compare import (
     EmbeddingPairs,
     HiddenError,
@@ -84,8 +84,7 @@ class Prepared:
 
 
 def prepare(request: EvalRequest) -> Prepared:
-    if request.top_k is not None and request.top_k < 1:
-        raise UsageError(f"--top-k {request.top_k}: keep 1 token or more", hint="or --top-k all")
+    check_top_k(request.top_k)
     pair = open_pair(request.quant, request.against)
     request.gates.check_model(pair.causal)
     device = resolve_device(request.device)

@@ -153,6 +153,10 @@ _IMPORTS_AT_EXIT = (
         ["quantize", "a", "b", "--frobnicate"],
         ["quantize", "a", "b", "--blocksize", "abc"],
         ["footprint", "a", "--gpu-memory", "24"],
+        ["eval", "q", "--min-top1", "1.5"],  # eval's arguments are checked before it imports torch
+        ["eval", "q", "--top-k", "many"],
+        ["eval", "q", "--top-k", "0"],
+        ["eval", "q", "--max-memory", "lots"],
         ["frobnicate"],
     ],
     ids=" ".join,
@@ -163,3 +167,5 @@ def test_help_version_and_usage_errors_import_no_heavy_library(args: list[str]) 
     )
     assert done.returncode in (0, 2), done.stderr
     assert done.stdout.splitlines()[-1] == "imported: []", done.stdout[-500:]
+    if args[0] == "eval" and len(args) > 2:  # the bad argument's own error, not QUANT's (which needs torch)
+        assert done.stderr.startswith("error: ") and args[-1] in done.stderr.splitlines()[0], done.stderr

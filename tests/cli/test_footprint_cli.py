@@ -275,29 +275,38 @@ def test_quantized_source_is_refused(capsys, monkeypatch) -> None:
     assert code == 1 and stdout == "" and "already quantized" in stderr and "dequantize" in stderr
 
 
-def test_a_second_footprint_of_an_unchanged_checkpoint_comes_from_the_cache_without_torch(tmp_path: Path) -> None:
+def test_a_second_footprint_of_an_unchanged_checkpoint_comes_from_the_cache_without_torch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The report is kept (BNB_CACHE_DIR/footprints): asked again, the same document comes back and
-    neither torch nor transformers is imported; a changed config.json or other arguments compute afresh."""
+    neither torch nor transformers is imported; a changed config.json or other arguments compute afresh.
+
+    The repeat runs as a `bnb` process of its own, whose imports are read; the reports that must be
+    computed run here (torch is imported in this process already), each seen adding its entry."""
     from helpers.bnb_process import run_bnb
 
     src = tmp_path / "gpt2"
     shutil.copytree(MODELS / "gpt2" / "src", src)
-    env = {"BNB_CACHE_DIR": str(tmp_path / "cache"), "BNB_PLAN_CACHE": "on"}
+    entries = tmp_path / "cache" / "footprints"
+    monkeypatch.setenv("BNB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("BNB_PLAN_CACHE", "on")
 
-    def report(*args: str) -> tuple[dict, bool]:
-        ran = run_bnb("footprint", str(src), "--json", *args, env=env | {"PYTHONPROFILEIMPORTTIME": "1"})
-        assert ran.returncode == 0, ran.stderr
-        imported = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines() if "|" in line}
-        return json.loads(ran.stdout), bool({"torch", "transformers"} & imported)
+    def computed(*args: str) -> dict:
+        before = len(list(entries.glob("*.json"))) if entries.is_dir() else 0
+        code, stdout, stderr = bnb(["footprint", str(src), "--json", *args], capsys, monkeypatch)
+        assert code == 0, stderr
+        assert len(list(entries.glob("*.json"))) == before + 1, "not computed afresh"
+        return json.loads(stdout)
 
-    first, heavy = report()
-    assert heavy
-    again, heavy = report()
-    assert again == first and not heavy
-    assert len(list((tmp_path / "cache" / "footprints").glob("*.json"))) == 1
-    other, heavy = report("--seq-len", "128")
-    assert heavy and other["settings"]["seq_len"] == 128
+    first = computed()
+    again = run_bnb("footprint", str(src), "--json", env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert again.returncode == 0, again.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if "|" in line}
+    assert imported and not {"torch", "transformers"} & imported
+    assert json.loads(again.stdout) == first
+    assert len(list(entries.glob("*.json"))) == 1
+    other = computed("--seq-len", "128")
+    assert other["settings"]["seq_len"] == 128
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | {"dtype": "float16"}))
-    changed, heavy = report()
-    assert heavy and changed != first
+    assert computed() != first

@@ -1,11 +1,11 @@
 """The CUDA backend's kernels and wrappers, run on the CPU, against the CPU formats: byte for byte.
 
 The kernel sources are compiled with g++ and tests/helpers/cuda_host_shim.h (C++ twins of the PTX primitives,
-256 std::threads per CTA), and ``bnbcli.backends.cuda`` is driven with CPU tensors, its launches
+a CTA of 256 fibers meeting at barriers), and ``bnbcli.backends.cuda`` is driven with CPU tensors, its launches
 routed to that build. This checks everything but the instructions themselves: the wrappers' argument
 lists against the kernel signatures (sizes and pointer-ness), indexing, tails, nibble packing,
 reductions and tables. The real instructions are checked by tests/gpu/test_cuda_kernels.py on a GPU.
-Skipped where no C++20 g++ with _Float16 is at hand.
+Skipped where no C++20 g++ with _Float16 and <ucontext.h> is at hand.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.slow
 
 SHIM = REPO / "tests" / "helpers" / "cuda_host_shim.h"
 CXX = shutil.which("g++")
-CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); _Float16 h = 1; return int(h) - 1; }\n"
+CXXFLAGS = ["-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared"]
+PROBE = "#include <ucontext.h>\nint main() { ucontext_t c; getcontext(&c); _Float16 h = 1; return int(h) - 1; }\n"
 
 
 def _symbol(name: str) -> str:
@@ -78,17 +79,24 @@ def _harness() -> str:
 
 
 @pytest.fixture(scope="session")
-def kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+def cxx(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """g++, where it builds the shim (else the tests skip)."""
     if CXX is None:
         pytest.skip("no g++")
-    work = tmp_path_factory.mktemp("cuda_emulated")
+    work = tmp_path_factory.mktemp("cxx_probe")
     (work / "probe.cpp").write_text(PROBE)
-    if subprocess.run([CXX, "-std=c++20", "-pthread", "probe.cpp", "-o", "probe"], cwd=work).returncode:
-        pytest.skip("g++ lacks C++20 <barrier> or _Float16")
+    if subprocess.run([CXX, "-std=c++20", "probe.cpp", "-o", "probe"], cwd=work).returncode:
+        pytest.skip("g++ lacks C++20, <ucontext.h> or _Float16")
+    return CXX
+
+
+@pytest.fixture(scope="session")
+def kernels(cxx: str, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    work = tmp_path_factory.mktemp("cuda_emulated")
     source = _harness()
     (work / "harness.cpp").write_text(source)
     kernel_dir = cuda_runtime.kernel_dir()
-    command = [CXX, *CXXFLAGS, "-include", str(SHIM), f"-I{kernel_dir}", "harness.cpp"]
+    command = [cxx, *CXXFLAGS, "-include", str(SHIM), f"-I{kernel_dir}", "harness.cpp"]
     done = subprocess.run([*command, "-o", "kernels.so"], cwd=work, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(work / "kernels.so"))
@@ -96,6 +104,71 @@ def kernels(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib.set_rcp_steps(steps.ctypes.data_as(ctypes.c_void_p))
     lib._keep = steps  # the table must outlive every launch
     return lib
+
+
+# The emulator's own execution model: a CTA's threads meet at __syncthreads and at every warp exchange,
+# a read with no barrier after another thread's write shows the race, a barrier some thread never
+# reaches aborts (the GPU hangs), and __shfl/__reduce_max see the whole warp.
+_MODEL_CHECK = r"""
+#include <cstdio>
+__global__ void reverse(int* out, bool sync) {
+    __shared__ int s[256];
+    s[threadIdx.x] = int(threadIdx.x) * 3 + int(blockIdx.x);
+    if (sync) __syncthreads();
+    out[blockIdx.x * 256 + threadIdx.x] = s[255 - threadIdx.x];
+}
+__global__ void warp_ops(int* out) {
+    const int lane = int(threadIdx.x & 31), v = int((threadIdx.x * 37) % 101) - 50;
+    const int from_next = __shfl_sync(0xffffffffu, v, (lane + 1) & 31);
+    const int from_xor = __shfl_xor_sync(0xffffffffu, v, 5);
+    out[3 * threadIdx.x] = from_next;
+    out[3 * threadIdx.x + 1] = from_xor;
+    out[3 * threadIdx.x + 2] = __reduce_max_sync(0xffffffffu, v);
+}
+__global__ void diverge(int* out) {
+    if (threadIdx.x == 7) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+static int value(int t) { return (t * 37) % 101 - 50; }
+int main(int argc, char** argv) {
+    static int out[3 * 256];
+    for (int sync = 1; sync >= 0; sync--) {
+        emulate_launch(3, [&] { reverse(out, sync); });
+        int wrong = 0;
+        for (int t = 0; t < 256; t++) wrong += out[2 * 256 + t] != (255 - t) * 3 + 2;
+        std::printf("reverse sync=%d wrong=%d\n", sync, wrong);
+    }
+    emulate_launch(2, [&] { warp_ops(out); });
+    int wrong = 0;
+    for (int t = 0; t < 256; t++) {
+        const int warp = t & ~31, lane = t & 31;
+        int m = value(warp);
+        for (int l = 1; l < 32; l++) m = max(m, value(warp + l));
+        wrong += out[3 * t] != value(warp + ((lane + 1) & 31)) || out[3 * t + 1] != value(warp + (lane ^ 5));
+        wrong += out[3 * t + 2] != m;
+    }
+    std::printf("warp ops wrong=%d\n", wrong);
+    if (argc > 1) emulate_launch(1, [&] { diverge(out); });
+    return 0;
+}
+"""
+
+
+def test_the_emulator_keeps_the_gpus_barrier_semantics(cxx: str, tmp_path: Path) -> None:
+    (tmp_path / "model.cpp").write_text(_MODEL_CHECK)
+    flags = [f for f in CXXFLAGS if f not in ("-fPIC", "-shared")]
+    command = [cxx, *flags, "-include", str(SHIM), "model.cpp", "-o", "model"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ran = subprocess.run(["./model"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert lines[0] == "reverse sync=1 wrong=0"  # behind __syncthreads every thread reads every write
+    assert lines[1] != "reverse sync=0 wrong=0" and lines[1].startswith("reverse sync=0")  # the race shows
+    assert lines[2] == "warp ops wrong=0"
+    hang = subprocess.run(["./model", "diverge"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert hang.returncode != 0 and "deadlocks at a barrier" in hang.stderr, hang
 
 
 def _emulated_launch(lib: ctypes.CDLL):

@@ -2,21 +2,29 @@
 //
 // Force-included (g++ -include) before a kernel source. It defines BNB_HOST_EMULATION, so
 // bnb_common.cuh leaves out its PTX block, and supplies C++ twins of those primitives plus the CUDA
-// execution model the kernels use: a CTA is 256 std::threads; __syncthreads is a 256-thread barrier,
-// warp shuffles and reductions exchange through a per-warp slot array between two 32-thread barriers;
+// execution model the kernels use: a CTA is 256 threads, each a fiber (its own stack and registers,
+// <ucontext.h>) run by one scheduler thread; a fiber runs until it waits at a barrier or returns.
+// __syncthreads is a 256-thread barrier; warp shuffles and reductions exchange through per-warp
+// slot arrays at a 32-thread barrier: no fiber passes a barrier before all of its threads have
+// reached it, as on the GPU. The scheduler visits the fibers in alternating directions (0..255,
+// then 255..0), so code that reads another thread's write without a barrier between them sees it
+// both before and after that write. A barrier some threads never reach (the GPU hangs) aborts.
 // __shared__ variables are statics (CTAs run one after another). What this checks is the kernels'
 // logic (indexing, tails, packing, reductions, tables); the real instructions are checked on a GPU.
+// Fibers rather than 256 std::threads: switching a fiber costs no thread start and no futex wake,
+// which made the emulated tests CPU-bound on the operating system (about 75 CPU seconds before).
 #pragma once
 #define BNB_HOST_EMULATION 1
 
-#include <barrier>
+#include <ucontext.h>
+
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <thread>
-#include <vector>
+#include <memory>
 
 #define __global__
 #define __device__
@@ -28,8 +36,10 @@
 struct Dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-inline thread_local Dim3 threadIdx;
-inline thread_local Dim3 blockIdx;
+// One scheduler thread runs every fiber: it sets threadIdx before resuming one (swapcontext is an
+// external call, so the kernels read it afresh after every barrier).
+inline Dim3 threadIdx;
+inline Dim3 blockIdx;
 inline Dim3 gridDim;
 
 template <class T>
@@ -39,54 +49,136 @@ inline T max(T a, T b) { return a < b ? b : a; }
 
 // --- execution model ----------------------------------------------------------------------------
 
-inline std::barrier<>& cta_barrier() {
-    static std::barrier<> b(256);
-    return b;
-}
-struct WarpExchange {
-    std::barrier<> sync{32};
-    uint32_t slot[32];
+namespace emulation {
+constexpr int kThreads = 256;
+constexpr std::size_t kStackBytes = 256 * 1024;  // the kernels' locals are a few KB
+
+// The threads [first, first + count) meet here: the CTA's, or one warp's.
+struct Barrier {
+    int first, count, arrived = 0;
 };
-inline WarpExchange& warp_exchange() {
-    static WarpExchange warps[8];
-    return warps[threadIdx.x >> 5];
+struct Fiber {
+    ucontext_t context;
+    std::unique_ptr<char[]> stack{new char[kStackBytes]};
+    Barrier* waiting = nullptr;  // the barrier it waits at, if any
+    bool done = false;
+};
+// A warp's lanes exchange 32-bit values through slot arrays: each lane writes its slot, all 32 meet at the
+// warp's barrier, then each reads any slot. Successive exchanges alternate between two arrays, so no second
+// barrier is needed before a slot is written again: a lane writes the same array two exchanges later, past
+// a barrier that every lane reaches only after its read of this one (cta_group_max's reasoning).
+struct WarpExchange {
+    uint32_t slots[2][32];
+    uint8_t parity[32];  // per lane: which array its next exchange uses
+};
+struct Cta {
+    ucontext_t scheduler;
+    Fiber fibers[kThreads];  // made once, reused by every CTA of every launch
+    Barrier all{0, kThreads};
+    Barrier warps[kThreads / 32] = {{0, 32}, {32, 32}, {64, 32}, {96, 32}, {128, 32}, {160, 32}, {192, 32}, {224, 32}};
+    WarpExchange exchanges[kThreads / 32];
+    const std::function<void()>* body = nullptr;
+    int current = 0;
+};
+inline Cta& cta() {
+    static Cta c;
+    return c;
 }
-inline void __syncthreads() { cta_barrier().arrive_and_wait(); }
+
+inline void fiber_main() {
+    Cta& c = cta();
+    (*c.body)();
+    c.fibers[c.current].done = true;  // returns to the scheduler through uc_link
+}
+
+// The running fiber waits at `b`; the last one to arrive releases them all. Back to the scheduler either way.
+inline void arrive_and_wait(Barrier& b) {
+    Cta& c = cta();
+    Fiber& me = c.fibers[c.current];
+    me.waiting = &b;
+    if (++b.arrived == b.count) {
+        b.arrived = 0;
+        for (int t = b.first; t < b.first + b.count; t++) c.fibers[t].waiting = nullptr;
+    }
+    swapcontext(&me.context, &c.scheduler);
+}
+
+// Runs one CTA: every fiber that is not waiting, in alternating directions, until all have returned.
+inline void run_cta() {
+    Cta& c = cta();
+    for (Fiber& f : c.fibers) {
+        getcontext(&f.context);
+        f.context.uc_stack.ss_sp = f.stack.get();
+        f.context.uc_stack.ss_size = kStackBytes;
+        f.context.uc_link = &c.scheduler;
+        makecontext(&f.context, fiber_main, 0);
+        f.waiting = nullptr;
+        f.done = false;
+    }
+    std::memset(c.exchanges, 0, sizeof c.exchanges);
+    int finished = 0;
+    for (bool forward = true; finished < kThreads; forward = !forward) {
+        bool ran = false;
+        for (int i = 0; i < kThreads; i++) {
+            const int t = forward ? i : kThreads - 1 - i;
+            Fiber& f = c.fibers[t];
+            if (f.done || f.waiting) continue;
+            c.current = t;
+            threadIdx.x = unsigned(t);
+            swapcontext(&c.scheduler, &f.context);
+            ran = true;
+            finished += f.done;
+        }
+        if (!ran) {  // every live thread waits at a barrier that some thread will never reach
+            std::fprintf(stderr, "cuda_host_shim: block %u deadlocks at a barrier\n", blockIdx.x);
+            std::abort();
+        }
+    }
+}
+}  // namespace emulation
+
+inline void __syncthreads() { emulation::arrive_and_wait(emulation::cta().all); }
+
+// This lane's value published; returns the 32 lanes' values once every lane has published its own.
+inline const uint32_t* warp_exchange_values(uint32_t bits) {
+    emulation::WarpExchange& w = emulation::cta().exchanges[threadIdx.x >> 5];
+    const unsigned lane = threadIdx.x & 31;
+    uint32_t* slots = w.slots[w.parity[lane]];
+    w.parity[lane] ^= 1;
+    slots[lane] = bits;
+    emulation::arrive_and_wait(emulation::cta().warps[threadIdx.x >> 5]);
+    return slots;
+}
 
 template <class T>
 inline T shfl_from(T v, int src_lane) {
     static_assert(sizeof(T) == 4, "32-bit shuffles only");
-    WarpExchange& w = warp_exchange();
-    std::memcpy(&w.slot[threadIdx.x & 31], &v, 4);
-    w.sync.arrive_and_wait();
+    uint32_t bits;
+    std::memcpy(&bits, &v, 4);
+    const uint32_t* slots = warp_exchange_values(bits);
     T r;
-    std::memcpy(&r, &w.slot[src_lane & 31], 4);
-    w.sync.arrive_and_wait();
+    std::memcpy(&r, &slots[src_lane & 31], 4);
     return r;
 }
 template <class T>
 inline T __shfl_sync(unsigned, T v, int src_lane) { return shfl_from(v, src_lane); }
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) { return shfl_from(v, int(threadIdx.x & 31) ^ mask); }
+// redux.sync.max.s32: one exchange, then the largest of the 32 values.
 inline int __reduce_max_sync(unsigned, int v) {
-    int m = v;
-    for (int lane = 0; lane < 32; lane++) m = max(m, shfl_from(v, lane));
+    const uint32_t* slots = warp_exchange_values(uint32_t(v));
+    int m = int(slots[0]);
+    for (int lane = 1; lane < 32; lane++) m = max(m, int(slots[lane]));
     return m;
 }
 
 // Runs `body` as `grid` CTAs of 256 threads, one CTA at a time.
 inline void emulate_launch(int grid, const std::function<void()>& body) {
     gridDim.x = unsigned(grid);
+    emulation::cta().body = &body;
     for (int b = 0; b < grid; b++) {
-        std::vector<std::thread> threads;
-        threads.reserve(256);
-        for (int t = 0; t < 256; t++)
-            threads.emplace_back([&, b, t] {
-                blockIdx.x = unsigned(b);
-                threadIdx.x = unsigned(t);
-                body();
-            });
-        for (auto& th : threads) th.join();
+        blockIdx.x = unsigned(b);
+        emulation::run_cta();
     }
 }
 
