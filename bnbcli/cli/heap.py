@@ -40,7 +40,7 @@ def reuse_freed_memory() -> None:
     mapped fresh and given back each time (glibc's defaults, as its adaptive thresholds settle, still
     return the top of the heap once 2 such blocks are free). Every weight's round trip allocates float64
     buffers of ~20 MB; touching new pages for them took a third of the sums' time, and most of
-    `bnb quantize`'s system time (8-layer Llama nf4-dq: 1.1 s -> 0.4 s, BENCHMARKS.md). The peak
+    `bnb quantize`'s system time (8-layer Llama nf4-dq, in-process: 1.1 s -> 0.4 s, BENCHMARKS.md). The peak
     resident memory stays what it was; larger blocks (whole tensors) are still mapped and returned.
     Linux with glibc only; elsewhere nothing changes."""
     if not sys.platform.startswith("linux"):

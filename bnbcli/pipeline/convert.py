@@ -80,6 +80,10 @@ def _prepare(job: TensorJob, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _known(error: RoundTripError) -> Callable[[], RoundTripError]:
+    return lambda: error
+
+
 def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.isnan(tensor).sum(), torch.isinf(tensor).sum()))
 
@@ -97,18 +101,10 @@ class CpuConverter:
     def _convert(self, job: TensorJob, tensor: torch.Tensor) -> Converted:
         if not job.quantized:
             return Converted(job, {job.source.name: tensor}, lambda: None)
-        family = family_of(self.scheme.method)
-        kernels = family.kernels("cpu")
-        record = kernels.quantize(tensor, *family.quantize_args(self.scheme))
-        restored = kernels.dequantize(*family.dequantize_args(record))
-
-        def finish() -> RoundTripError:
-            # Called on the writer's thread: this weight's float64 error sums (as long as quantizing and
-            # dequantizing it) run on the second core while the next weight is converted.
-            with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below, or allowed
-                return self._error(job, tensor, roundtrip_sums(tensor, restored))
-
-        return Converted(job, _entries(job, record), finish)
+        entries, restored, _ = _quantize(job, tensor, self.scheme, "cpu")
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below, or allowed
+            error = self._error(job, tensor, roundtrip_sums(tensor, restored))
+        return Converted(job, entries, _known(error))
 
     def convert_many(self, batch: list[tuple[TensorJob, torch.Tensor]]) -> list[Converted]:
         """Each tensor as ``self(job, tensor)`` converts it, in order; the batch's small weights go through
@@ -125,8 +121,7 @@ class CpuConverter:
                 converted.append(self._convert(job, prepared[i]))
                 continue
             (record, _), tensor_sums = done[i]
-            error = self._error(job, prepared[i], tensor_sums)
-            converted.append(Converted(job, _entries(job, record), lambda error=error: error))
+            converted.append(Converted(job, _entries(job, record), _known(self._error(job, prepared[i], tensor_sums))))
         return converted
 
     def _error(self, job: TensorJob, tensor: torch.Tensor, sums: torch.Tensor) -> RoundTripError:
