@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,7 +62,7 @@ _OURS = (
     _REPORT
     + """
 import sys, time
-from bnbcli.cli.app import main
+from bnbcli.cli.entry import main  # what the `bnb` script runs (it sets the process up, then imports the app)
 started = time.perf_counter()
 try:
     main()
@@ -125,17 +126,26 @@ def write_checkpoint(folder: Path, hidden: int, intermediate: int, layers: int, 
     return sum(t.numel() * t.element_size() for t in weights.values())
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_side(script: str, args: list[str], report: Path) -> dict[str, Any]:
-    """One conversion in a fresh process: wall/work seconds and peak RSS, or the error it ended with."""
+    """One conversion in a fresh process: wall/work seconds, CPU seconds (user + system, all its threads:
+    on a shared machine the wall time grows with the load, the CPU time much less) and peak RSS, or the
+    error it ended with."""
     env = {**os.environ, "BENCH_REPORT": str(report), "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    cpu = _children_cpu()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
+    cpu = _children_cpu() - cpu
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return {"error": lines[-1] if lines else f"exit code {result.returncode}"}
     measured = json.loads(report.read_text())
-    return {"wall_s": wall, "work_s": measured["work_s"], "peak_rss": measured["peak_rss"]}
+    return {"wall_s": wall, "work_s": measured["work_s"], "cpu_s": cpu, "peak_rss": measured["peak_rss"]}
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -186,7 +196,7 @@ def _median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     failed = [r for r in runs if "error" in r]
     if failed:
         return failed[0]
-    return {key: statistics.median(r[key] for r in runs) for key in ("wall_s", "work_s", "peak_rss")}
+    return {key: statistics.median(r[key] for r in runs) for key in ("wall_s", "work_s", "cpu_s", "peak_rss")}
 
 
 def bench_scheme(scheme: str, src: Path, work: Path, repeats: int) -> dict[str, Any]:
@@ -207,7 +217,7 @@ def bench_scheme(scheme: str, src: Path, work: Path, repeats: int) -> dict[str, 
             row[side]["out_bytes"] = _folder_bytes(outs[side])
             row[side]["runs"] = runs[side]  # every run, for a noisy machine's sake
     if "error" not in row["ours"] and "error" not in row["theirs"]:
-        row["ratio"] = {k: row["theirs"][k] / row["ours"][k] for k in ("wall_s", "work_s", "peak_rss")}
+        row["ratio"] = {k: row["theirs"][k] / row["ours"][k] for k in ("wall_s", "work_s", "cpu_s", "peak_rss")}
         row["tensors"] = compare_outputs(outs["ours"], outs["theirs"])
     return row
 
@@ -228,11 +238,12 @@ def _print_table(info: dict[str, Any]) -> None:
     print(
         f"LlamaForCausalLM bf16: hidden {m['hidden']}, intermediate {m['intermediate']}, {m['layers']} layers, "
         f"vocab {m['vocab']}: {m['bytes'] / 1e6:.0f} MB; {info['cpu_count']} CPUs, "
-        f"{info['torch_threads']} torch threads; median of {info['repeats']}"
+        f"{info['torch_threads']} torch threads; median of {info['repeats']}; load average "
+        f"{info['load_average']['before'][0]:.1f} before, {info['load_average']['after'][0]:.1f} after"
     )
     print(", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     mib = 1 << 20
-    print(f"{'scheme':<8} {'side':<13} {'wall s':>8} {'work s':>8} {'peak RSS MiB':>13} {'out MB':>8}")
+    print(f"{'scheme':<8} {'side':<13} {'wall s':>8} {'work s':>8} {'CPU s':>8} {'peak RSS MiB':>13} {'out MB':>8}")
     for row in info["results"]:
         for side in ("ours", "theirs"):
             r = row[side]
@@ -241,13 +252,14 @@ def _print_table(info: dict[str, Any]) -> None:
                 print(f"{row['scheme']:<8} {label:<13} failed: {r['error']}")
                 continue
             print(
-                f"{row['scheme']:<8} {label:<13} {r['wall_s']:8.1f} {r['work_s']:8.1f} "
+                f"{row['scheme']:<8} {label:<13} {r['wall_s']:8.1f} {r['work_s']:8.1f} {r['cpu_s']:8.1f} "
                 f"{r['peak_rss'] / mib:13.0f} {r['out_bytes'] / 1e6:8.1f}"
             )
         if "ratio" in row:
             q = row["ratio"]
             print(
-                f"{row['scheme']:<8} {'theirs/ours':<13} {q['wall_s']:7.2f}x {q['work_s']:7.2f}x {q['peak_rss']:12.2f}x"
+                f"{row['scheme']:<8} {'theirs/ours':<13} {q['wall_s']:7.2f}x {q['work_s']:7.2f}x {q['cpu_s']:7.2f}x "
+                f"{q['peak_rss']:12.2f}x"
             )
             t = row["tensors"]
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(t["differing_by_kind"].items())) or "none"
@@ -279,7 +291,9 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         src = work / "llama-bf16"
         model_bytes = write_checkpoint(src, args.hidden, args.intermediate, args.layers, args.vocab, args.heads)
+        load_before = os.getloadavg()
         results = [bench_scheme(scheme, src, work, args.repeats) for scheme in schemes]
+        load_after = os.getloadavg()
 
     info = {
         "schema_version": SCHEMA_VERSION,
@@ -297,6 +311,7 @@ def main() -> None:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": {"before": load_before, "after": load_after},  # 1, 5, 15 minutes
         "repeats": args.repeats,
         "results": results,
     }

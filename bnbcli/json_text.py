@@ -40,29 +40,41 @@ _CONSTANTS = {None: "null", True: "true", False: "false"}
 
 def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
     kind = type(value)
-    if kind is str:
-        out(encode_basestring_ascii(value))
-    elif kind is dict or kind is list or kind is tuple:
+    if kind is dict or kind is list or kind is tuple:
         if not value:
             out("{}" if kind is dict else "[]")
             return
         inner = newline + "  "
         separator = "[" if kind is not dict else "{"
         for item in value:
-            out(separator + inner)
-            separator = ","
             if kind is dict:
                 if type(item) is not str:
                     raise _Unusual
-                out(encode_basestring_ascii(item) + ": ")
+                out(separator + inner + encode_basestring_ascii(item) + ": ")
                 item = value[item]
-            _indented(item, inner, out)
+            else:
+                out(separator + inner)
+            separator = ","
+            # strings and ints, most of a manifest's leaves, without a call of their own
+            if type(item) is str:
+                out(encode_basestring_ascii(item))
+            elif type(item) is int:
+                out(int.__repr__(item))
+            else:
+                _indented(item, inner, out)
         out(newline + ("}" if kind is dict else "]"))
-    elif kind is int:
-        out(int.__repr__(value))
-    elif kind is float:
-        out(float.__repr__(value) if value - value == 0 else json.dumps(value))  # inf and NaN as json spells them
-    elif value is None or kind is bool:
-        out(_CONSTANTS[value])
     else:
-        raise _Unusual
+        out(_scalar(value))
+
+
+def _scalar(value: Any) -> str:
+    kind = type(value)
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is int:
+        return int.__repr__(value)
+    if kind is float:
+        return float.__repr__(value) if value - value == 0 else json.dumps(value)  # inf and NaN as json spells them
+    if value is None or kind is bool:
+        return _CONSTANTS[value]
+    raise _Unusual

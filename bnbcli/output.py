@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import threading
@@ -13,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+from bnbcli import json_text
 
 SCHEMA_VERSION = 1
 
@@ -32,7 +33,8 @@ def emit_json(document: dict[str, Any]) -> None:
     """Print exactly one JSON document with a schema_version, no color, raw numbers."""
     global _emitted
     _emitted = True
-    sys.stdout.write(json.dumps({"schema_version": SCHEMA_VERSION, **document}, indent=2) + "\n")
+    # json.dumps(indent=2)'s text; its pure-Python encoder took a fifth of `bnb inspect --json` on 50,000 tensors
+    sys.stdout.write(json_text.dumps_indented({"schema_version": SCHEMA_VERSION, **document}) + "\n")
     sys.stdout.flush()
 
 

@@ -22,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import cast
 
@@ -120,16 +121,26 @@ class PlannedTensor:
     shape: tuple[int, ...]
     variable: bool = False
 
-    @property
-    def nbytes(self) -> int:
+    @functools.cached_property
+    def nbytes(self) -> int:  # asked for again and again while a plan is sized (frozen: it cannot change)
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-def _header_bytes(entries: list[tuple[str, torch.dtype, tuple[int, ...], int, int]], metadata: dict[str, str]) -> bytes:
-    header: dict[str, object] = {"__metadata__": metadata}
+HeaderEntry = tuple[str, torch.dtype, tuple[int, ...], int, int]  # key, dtype, shape, begin, end
+
+
+def _header_bytes(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
+    """``json.dumps({"__metadata__": metadata, key: {"dtype", "shape", "data_offsets"}, ...},
+    separators=(",", ":"))``, byte for byte, about 5x faster: an entry's text is formatted directly (its key
+    escaped as json.dumps escapes it), not built as dicts and walked by the encoder (an MoE shard has
+    tens of thousands of entries; ``tests/unit/test_writer_header.py`` compares the two)."""
+    parts = [json.dumps({"__metadata__": metadata}, separators=(",", ":"))[:-1]]
     for key, dtype, shape, begin, end in entries:
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    return json.dumps(header, separators=(",", ":")).encode("utf-8")
+        dims = ",".join(map(str, shape))
+        parts.append(
+            f'{encode_basestring_ascii(key)}:{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{dims}],"data_offsets":[{begin},{end}]}}'
+        )
+    return (",".join(parts) + "}").encode("ascii")
 
 
 def _padded(length: int) -> int:
@@ -150,6 +161,7 @@ class ShardLayout:
     fixed_end: int
     variable_keys: tuple[str, ...]
     header_size: int
+    header: bytes  # the header with every variable tensor at its largest: the final one when there are none
 
     def file_size(self, variable_bytes: int) -> int:
         return 8 + self.header_size + self.fixed_end + variable_bytes
@@ -169,8 +181,8 @@ def shard_layout(tensors: list[PlannedTensor], metadata: dict[str, str]) -> Shar
     for t in variable:
         worst.append((t.key, t.dtype, t.shape, position, position + t.nbytes))
         position += t.nbytes
-    header_size = _padded(len(_header_bytes(worst, metadata)))
-    return ShardLayout(offsets, fixed_end, tuple(t.key for t in variable), header_size)
+    header = _header_bytes(worst, metadata)
+    return ShardLayout(offsets, fixed_end, tuple(t.key for t in variable), _padded(len(header)), header)
 
 
 class ShardWriter:
@@ -185,6 +197,7 @@ class ShardWriter:
         self.fixed_end = layout.fixed_end
         self.variable_keys = list(layout.variable_keys)
         self.header_size = layout.header_size
+        self.fixed_header = layout.header
         self.data_start = 8 + self.header_size
         self.pending: dict[str, bytes] = {}
         self.written: set[str] = set()
@@ -228,16 +241,15 @@ class ShardWriter:
         missing = set(self.planned) - self.written
         if missing:
             raise InternalError(f"internal error: {len(missing)} planned tensors never written to {self.path.name}")
-        entries = [(k, self.planned[k].dtype, self.planned[k].shape, *self.offsets[k]) for k in self.offsets]
         position = self.fixed_end
         tail = bytearray()
+        entries: list[HeaderEntry] = []
         for key in self.variable_keys:
             data = self.pending[key]
             entries.append((key, torch.uint8, (len(data),), position, position + len(data)))
             position += len(data)
             tail += data
-        entries.sort(key=lambda e: e[3])
-        header = _header_bytes(entries, self.metadata)
+        header = self._header(entries) if entries else self.fixed_header
         if len(header) > self.header_size:
             raise InternalError(f"internal error: header of {self.path.name} outgrew its reservation")
         header += b" " * (self.header_size - len(header))
@@ -245,6 +257,11 @@ class ShardWriter:
         os.pwrite(self.fd, len(header).to_bytes(8, "little") + header, 0)
         os.ftruncate(self.fd, self.data_start + position)
         return position
+
+    def _header(self, variable: list[HeaderEntry]) -> bytes:
+        """The header with the variable tensors at their actual sizes, after the fixed ones (in offset order)."""
+        fixed = [(k, self.planned[k].dtype, self.planned[k].shape, *self.offsets[k]) for k in self.offsets]
+        return _header_bytes(fixed + variable, self.metadata)
 
     def sync(self) -> None:
         """Flush the file to disk and close it."""

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import NoReturn
 
 from bnbcli import interrupts, timeline  # timeline first: its clock starts at its import
+from bnbcli.cli import heap
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 IMPORT_POLL_SECONDS = 0.02
@@ -94,6 +95,7 @@ def main() -> None:
     # nf4-dq took 92-106 s on a loaded 2-core machine, and 15-19 s with threads that sleep when they
     # wait (BENCHMARKS.md, issue 17). It must be set before torch loads libgomp; a user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    heap.reuse_freed_memory()
     # A signal that was ignored when we started stays ignored (a shell's background job ignores SIGINT).
     for signum in SIGNALS:
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):

@@ -23,13 +23,26 @@ _MANTISSA_MASK = (1 << 23) - 1
 
 @lru_cache(maxsize=1)
 def _rcp_correction() -> torch.Tensor:
-    """int32[2^23]: the ulp step (-1, 0, +1) that rcp.approx adds to RN(1/x), indexed by x's mantissa."""
+    """uint8[2^21]: the ulp step (-1, 0, +1) that rcp.approx adds to RN(1/x) for x's 23-bit mantissa m,
+    as four 2-bit codes per byte, little end first (0 -> 0, 1 -> +1 ulp, 2 -> -1 ulp): byte m >> 2,
+    bits 2 * (m & 3). Kept packed (2 MiB): unpacking all 2^23 steps took 0.6 s of every run that
+    quantizes, and only an absmax per block is ever looked up."""
     with resources.files("bnbcli.data").joinpath("rcp_approx_sm90.npz").open("rb") as f:
-        packed = np.load(f)["packed"]
-    # Four 2-bit codes per byte, little end first: 0 -> 0, 1 -> +1 ulp, 2 -> -1 ulp.
-    codes = (packed[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3
-    step = np.array([0, 1, -1, 0], dtype=np.int32)[codes.reshape(-1)]
-    return torch.from_numpy(step)
+        return torch.from_numpy(np.load(f)["packed"])
+
+
+_STEP = torch.tensor([0, 1, -1, 0], dtype=torch.int32)
+
+
+def _rcp_step(mantissa: torch.Tensor) -> torch.Tensor:
+    """int32 ulp steps of int32 mantissas (see ``_rcp_correction``)."""
+    byte = _rcp_correction()[(mantissa >> 2).long()].to(torch.int32)
+    return _STEP[((byte >> ((mantissa & 3) * 2)) & 3).long()]
+
+
+def rcp_steps() -> torch.Tensor:
+    """int32[2^23]: every mantissa's ulp step, unpacked (for the CUDA emulation harness's table)."""
+    return _rcp_step(torch.arange(1 << 23, dtype=torch.int32))
 
 
 def flush_subnormals(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +55,7 @@ def rcp_approx(x: torch.Tensor) -> torch.Tensor:
     x = flush_subnormals(x.to(torch.float32))
     exact = torch.reciprocal(x)  # correctly rounded; 1/±0 = ±inf, 1/inf = 0, NaN stays NaN
     mantissa = x.view(torch.int32) & _MANTISSA_MASK
-    step = _rcp_correction()[mantissa.long()]
+    step = _rcp_step(mantissa)
     finite_nonzero = torch.isfinite(exact) & (exact != 0)
     # Adding to the raw bit pattern moves the magnitude by one ulp whatever the sign.
     adjusted = torch.where(finite_nonzero, exact.view(torch.int32) + step, exact.view(torch.int32))

@@ -6,6 +6,7 @@ checks that what the formats produce matches them (``tests/unit/test_state_dict.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -72,6 +73,7 @@ def quant_state_json_length(
     return len(json.dumps(state))
 
 
+@functools.lru_cache(maxsize=4096)  # an MoE checkpoint repeats a few shapes tens of thousands of times
 def layout_4bit(
     shape: tuple[int, ...],
     dtype: torch.dtype,

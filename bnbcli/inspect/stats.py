@@ -10,7 +10,7 @@ Non-finite values are counted and left out of every other statistic.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ class TensorStats:
 
     def as_dict(self) -> dict[str, float | int | None]:
         # JSON has no NaN: an undefined statistic is null
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in vars(self).items()}
 
 
 def _chunks(t: torch.Tensor):

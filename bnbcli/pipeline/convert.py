@@ -80,6 +80,10 @@ def _prepare(job: TensorJob, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _known(error: RoundTripError) -> Callable[[], RoundTripError]:
+    return lambda: error
+
+
 def _count_nonfinite(tensor: torch.Tensor) -> torch.Tensor:
     return torch.stack((torch.isnan(tensor).sum(), torch.isinf(tensor).sum()))
 
@@ -99,8 +103,8 @@ class CpuConverter:
             return Converted(job, {job.source.name: tensor}, lambda: None)
         entries, restored, _ = _quantize(job, tensor, self.scheme, "cpu")
         with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf are reported below, or allowed
-            sums = roundtrip_sums(tensor, restored)
-        return self._checked(job, tensor, entries, sums)
+            error = self._error(job, tensor, roundtrip_sums(tensor, restored))
+        return Converted(job, entries, _known(error))
 
     def convert_many(self, batch: list[tuple[TensorJob, torch.Tensor]]) -> list[Converted]:
         """Each tensor as ``self(job, tensor)`` converts it, in order; the batch's small weights go through
@@ -117,21 +121,18 @@ class CpuConverter:
                 converted.append(self._convert(job, prepared[i]))
                 continue
             (record, _), tensor_sums = done[i]
-            converted.append(self._checked(job, prepared[i], _entries(job, record), tensor_sums))
+            converted.append(Converted(job, _entries(job, record), _known(self._error(job, prepared[i], tensor_sums))))
         return converted
 
-    def _checked(
-        self, job: TensorJob, tensor: torch.Tensor, entries: dict[str, torch.Tensor], sums: torch.Tensor
-    ) -> Converted:
-        """The converted weight, once its values are known to be finite (or allowed not to be)."""
+    def _error(self, job: TensorJob, tensor: torch.Tensor, sums: torch.Tensor) -> RoundTripError:
+        """The round-trip error, once the weight's values are known to be finite (or allowed not to be)."""
         # The float64 sum of squares is finite when every value is: the check costs no pass of its own
         # (a float64 overflow, or a NaN/Inf, is then counted exactly before refusing).
         if not self.allow_nonfinite and not math.isfinite(float(sums[0])):
             nan, inf = _count_nonfinite(tensor).tolist()
             if nan or inf:
                 raise _nonfinite_error(job, nan, inf)
-        error = error_from_sums(sums, tensor.numel())
-        return Converted(job, entries, lambda: error)
+        return error_from_sums(sums, tensor.numel())
 
 
 class CudaConverter:

@@ -25,7 +25,7 @@ import torch
 from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
-from bnbcli.formats.gpu_math import _rcp_correction
+from bnbcli.formats.gpu_math import rcp_steps
 from bnbcli.pipeline import convert
 
 from helpers import REPO
@@ -100,7 +100,7 @@ def kernels(cxx: str, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     done = subprocess.run([*command, "-o", "kernels.so"], cwd=work, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     lib = ctypes.CDLL(str(work / "kernels.so"))
-    steps = np.ascontiguousarray(_rcp_correction().numpy().astype(np.int8))
+    steps = np.ascontiguousarray(rcp_steps().numpy().astype(np.int8))
     lib.set_rcp_steps(steps.ctypes.data_as(ctypes.c_void_p))
     lib._keep = steps  # the table must outlive every launch
     return lib

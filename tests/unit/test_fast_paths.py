@@ -3,6 +3,8 @@ quantization on adversarial tensors (zeros, subnormals, inf, NaN, fp16 overflow,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,27 @@ def test_subnormal_products_encode_like_the_zeros_ftz_makes_of_them(name: str) -
         values = _floats(magnitudes | sign)
         zero = table.encoder(_floats(np.array([sign])))
         assert torch.equal(table.encoder(values), zero.expand(values.shape))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 17])
+def test_dequantize_by_block_table_equals_value_by_value(quant_type: str, dtype: torch.dtype, n: int) -> None:
+    """``dequantize_packed`` looks each code up in its block's 16 values; the reference multiplies every
+    value (LUT[code] * scale, ftz, the GPU's NaN, the kernel's cast): the same bits, adversarial scales
+    (NaN, ±inf, ±0, subnormal, huge) and codes included."""
+    from bnbcli.formats.blocks import expand_blocks, num_blocks, unpack_nibbles
+    from bnbcli.formats.gpu_math import gpu_cast
+
+    g = torch.Generator().manual_seed(n)
+    blocksize = 64
+    packed = torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, generator=g)
+    nb = num_blocks(n, blocksize)
+    special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, 3e38, 1.0])
+    scales = torch.randn(nb, generator=g).abs() * 10 ** torch.randint(-30, 30, (nb,), generator=g).float()
+    scales[: min(nb, special.numel())] = special[: min(nb, special.numel())]
+    _, lut = fourbit.code_tables(quant_type)
+    expected = gpu_cast(expand_blocks(lut[unpack_nibbles(packed, n).long()], scales, blocksize), dtype)
+    got = fourbit.dequantize_packed(packed, scales, n, quant_type, blocksize, dtype)
+    assert got.dtype == dtype and got.shape == (n,)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))

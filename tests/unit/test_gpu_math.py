@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from bnbcli.formats.gpu_math import _rcp_correction, gpu_nan, rcp_approx
+from bnbcli.formats.gpu_math import gpu_nan, rcp_approx, rcp_steps
 
 
 def test_correction_table_decodes_to_the_measured_counts() -> None:
     """As measured on the H100: 733,799 mantissas are +1 ulp and 374,723 are -1 ulp, none further."""
-    step = _rcp_correction()
+    step = rcp_steps()
     assert step.numel() == 1 << 23
     assert int((step == 1).sum()) == 733_799
     assert int((step == -1).sum()) == 374_723
