@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,3 +58,29 @@ def quantize(src: Path, out: Path, *flags: str) -> Ran:
     ran = bnb_here("quantize", str(src), str(out), "-q", *flags)
     assert ran.code == 0, ran
     return ran
+
+
+# Run in a new interpreter by bnb_in_one_process: each command through bnb_here, the results as JSON.
+_CHILD = """
+import dataclasses, json, sys
+sys.path.insert(0, sys.argv[1])
+from helpers.bnb_inprocess import bnb_here
+runs = json.loads(sys.argv[3])
+with open(sys.argv[2], "w") as f:
+    json.dump([dataclasses.asdict(bnb_here(*args)) for args in runs], f)
+"""
+
+
+def bnb_in_one_process(runs: list[tuple[str, ...]], env: dict[str, str], results: Path) -> list[Ran]:
+    """Several `bnb` commands, one after the other through main() in one new interpreter with ``env``: what
+    huggingface_hub reads from the environment at import (HF_HUB_OFFLINE, HF_ENDPOINT, HF_HUB_CACHE) is read
+    there as a user's `bnb` reads it, and torch is imported once for them all. ``results``: a file to use."""
+    from helpers.bnb_process import HANG_SECONDS, bnb_env
+
+    helpers = str(Path(__file__).resolve().parent.parent)
+    command = [sys.executable, "-c", _CHILD, helpers, str(results), json.dumps(runs)]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=HANG_SECONDS, env=bnb_env() | env, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stderr
+    return [Ran(tuple(ran.pop("args")), **ran) for ran in json.loads(results.read_text())]
