@@ -1,7 +1,7 @@
 """`bnb inspect` as CI runs it: gate exit codes (0 pass, 1 fail naming each tensor, 2 usage), --json as one
 document, the HTML report self-contained, bad input as one line without a traceback, and the wiring of
---activations (against a stand-in for bnbcli.inspect.activations). The gates run as real `bnb` processes
-(exit 0 and exit 1, what CI sees); the rest through the CLI's main() in this process."""
+--activations (against a stand-in for bnbcli.inspect.activations). The gates and --json run as real `bnb`
+processes (exit 0 and exit 1, stdout and stderr as CI sees them); the rest through main() in this process."""
 
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def test_outlier_gate_names_only_the_matrix_with_an_outlier(model: Path) -> None
 
 
 def test_json_is_one_parseable_document(model: Path) -> None:
-    result = bnb_here("inspect", str(model), "--json", "--schemes", "nf4,fp4-dq,int8")
-    assert result.code == 0, result
+    result = run_bnb("inspect", str(model), "--json", "--schemes", "nf4,fp4-dq,int8")
+    assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)  # fails on a second document or any other text
     assert document["schema_version"] == 1
     assert document["settings"]["schemes"] == ["nf4", "fp4-dq", "int8"]
