@@ -97,17 +97,28 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and bnbcli.__version__ in result.stdout
 
 
-def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path) -> None:
+def test_debug_shows_the_traceback_wherever_it_is_given(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real process once (the interpreter prints the traceback of what main() lets through, exit 1); where
+    --debug may stand is main()'s own parsing, run here: with it the error escapes main(), without it no."""
+    from bnbcli.errors import InputError
+
+    from helpers.bnb_inprocess import bnb_here
+
     missing = str(tmp_path / "missing")
-    plain = bnb("quantize", missing, str(tmp_path / "out"))
-    assert plain.returncode == 1 and "Traceback" not in plain.stderr
+    result = bnb("quantize", missing, str(tmp_path / "out"), "--debug")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" in result.stderr and "no such file or folder" in result.stderr
+
+    monkeypatch.setenv("BNB_DEBUG", "")  # off; and monkeypatch takes back what --debug sets below
+    plain = bnb_here("quantize", missing, str(tmp_path / "out"))
+    assert plain.code == 1 and "Traceback" not in plain.stderr, plain
     for args in (
         ("--debug", "quantize", missing, str(tmp_path / "out")),
         ("quantize", missing, str(tmp_path / "out"), "--debug"),
     ):
-        result = bnb(*args)
-        assert result.returncode == 1, result.stderr
-        assert "Traceback" in result.stderr and "no such file or folder" in result.stderr
+        monkeypatch.setenv("BNB_DEBUG", "")  # --debug turned it on for the rest of the process
+        with pytest.raises(InputError, match="no such file or folder"):
+            bnb_here(*args)
 
 
 def test_the_command_lets_openmp_threads_sleep_when_they_wait() -> None:

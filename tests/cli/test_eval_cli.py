@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.bnb_inprocess import Ran, bnb_in_one_process
 from helpers.bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
 from helpers.eval_models import golden_pair, tokenizer, with_tokenizer
 from helpers.golden import golden_dir
@@ -100,53 +101,72 @@ def _different_llama(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(
-    ("case", "code", "says"),
-    [
-        ("not quantized", EXIT_FAILED, "is not quantized"),
-        ("another architecture", EXIT_FAILED, "is not QUANT's source: it is llama"),
-        (
-            "other shapes",
-            EXIT_FAILED,
-            "is not QUANT's source: lm_head.weight is [512, 64] there and [512, 128] in QUANT",
-        ),
-        ("no tokenizer", EXIT_FAILED, "no tokenizer beside QUANT or ORIG"),
-        ("texts too long", EXIT_FAILED, "longer than the model's context (128)"),
-        ("context too long", EXIT_USAGE, "--context 4096 is longer than the model's context (128 tokens)"),
-        ("no manifest", EXIT_USAGE, "has no bnb_manifest.json that names its source"),
-        ("bad gate", EXIT_USAGE, "--min-top1 must be a number between 0 and 1"),
-        ("bad top-k", EXIT_USAGE, "--top-k many: a number of tokens, or all"),
-        ("report folder", EXIT_FAILED, "cannot write it"),
-    ],
-)
-def test_bad_input_is_one_error_and_one_hint(gpt2, tmp_path: Path, case: str, code: int, says: str) -> None:
-    quant, orig = gpt2
+_CASES = [
+    ("not quantized", EXIT_FAILED, "is not quantized"),
+    ("another architecture", EXIT_FAILED, "is not QUANT's source: it is llama"),
+    ("other shapes", EXIT_FAILED, "is not QUANT's source: lm_head.weight is [512, 64] there and [512, 128] in QUANT"),
+    ("no tokenizer", EXIT_FAILED, "no tokenizer beside QUANT or ORIG"),
+    ("texts too long", EXIT_FAILED, "longer than the model's context (128)"),
+    ("context too long", EXIT_USAGE, "--context 4096 is longer than the model's context (128 tokens)"),
+    ("no manifest", EXIT_USAGE, "has no bnb_manifest.json that names its source"),
+    ("bad gate", EXIT_USAGE, "--min-top1 must be a number between 0 and 1"),
+    ("bad top-k", EXIT_USAGE, "--top-k many: a number of tokens, or all"),
+    ("report folder", EXIT_FAILED, "cannot write it"),
+]
+# One case of each exit code runs as a `bnb` process of its own (what a CI script sees); the others one after
+# the other in one interpreter, each with the process's stdout and stderr to itself (bnb_in_one_process), so
+# that transformers is imported once instead of once a case.
+_IN_A_PROCESS = {"not quantized", "bad gate"}
+
+
+def _bad_input_args(case: str, quant: Path, orig: Path, folder: Path) -> list[str]:
     models = golden_dir() / "models"
-    args = {
+    if case == "other shapes":
+        llama_quant, _ = golden_pair(folder / "pair", "llama", "int8")
+        return [str(llama_quant), "--against", str(_different_llama(folder / "other"))]
+    return {
         "not quantized": [str(orig), "--against", str(orig)],
-        "another architecture": [
-            str(quant),
-            "--against",
-            str(with_tokenizer(models / "llama" / "src", tmp_path / "l")),
-        ],
+        "another architecture": [str(quant), "--against", str(with_tokenizer(models / "llama" / "src", folder / "l"))],
         "no tokenizer": [str(models / "llama" / "int8"), "--against", str(models / "llama" / "src")],
         "texts too long": [str(quant), "--against", str(orig), "--device", "cpu"],
         "context too long": [str(quant), "--against", str(orig), "--context", "4096"],
         "no manifest": [str(quant)],
         "bad gate": [str(quant), "--against", str(orig), "--min-top1", "1.5"],
         "bad top-k": [str(quant), "--against", str(orig), "--top-k", "many"],
-        "report folder": [str(quant), "--against", str(orig), "--report", str(tmp_path / "missing" / "r.html")],
-    }.get(case)
-    if case == "other shapes":
-        llama_quant, _ = golden_pair(tmp_path / "pair", "llama", "int8")
-        args = [str(llama_quant), "--against", str(_different_llama(tmp_path / "other"))]
-    before = sorted(p.name for p in tmp_path.rglob("*"))
-    done = run_bnb("eval", *args)
-    assert done.returncode == code, done.stderr
-    error, _ = _one_error(done.stderr)
+        "report folder": [str(quant), "--against", str(orig), "--report", str(folder / "missing" / "r.html")],
+    }[case]
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(gpt2, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Ran, list[str], list[str]]]:
+    """Each case's `bnb eval` run, with its folder's listing before and after the run."""
+    quant, orig = gpt2
+    root = tmp_path_factory.mktemp("bad-input")
+    folders = {case: root / f"case{i}" for i, (case, _, _) in enumerate(_CASES)}
+    for folder in folders.values():
+        folder.mkdir()
+    args = {case: ("eval", *_bad_input_args(case, quant, orig, folder)) for case, folder in folders.items()}
+    before = {case: _listing(folder) for case, folder in folders.items()}
+    shared = [case for case in folders if case not in _IN_A_PROCESS]
+    ran = dict(zip(shared, bnb_in_one_process([args[case] for case in shared], {}, root / "runs.json"), strict=True))
+    for case in _IN_A_PROCESS:
+        done = run_bnb(*args[case])
+        ran[case] = Ran(args[case], done.returncode, done.stdout, done.stderr)
+    return {case: (ran[case], before[case], _listing(folder)) for case, folder in folders.items()}
+
+
+@pytest.mark.parametrize(("case", "code", "says"), _CASES)
+def test_bad_input_is_one_error_and_one_hint(bad_inputs, case: str, code: int, says: str) -> None:
+    ran, before, after = bad_inputs[case]
+    assert ran.code == code, ran
+    error, _ = _one_error(ran.stderr)
     assert says in error
-    assert done.stdout == ""
-    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written
+    assert ran.stdout == ""
+    assert after == before  # nothing written
 
 
 def test_causal_gates_on_an_encoder_are_a_usage_error() -> None:

@@ -1,6 +1,6 @@
 """Inputs that were destroyed, leaked or mislabelled before issue 16 (rows 4, 6-10, 14-18), one test or
 more per row. Most runs go through the CLI's main() in this process (tests/helpers/bnb_inprocess.py); those that
-need HF_HUB_OFFLINE or HF_ENDPOINT as huggingface_hub reads them at import start a process of their own.
+need HF_HUB_OFFLINE or HF_ENDPOINT as huggingface_hub reads them at import run in a process of their own.
 That every hint here can be followed is tests/cli/test_hints.py's subject.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers.bnb_inprocess import Ran, bnb_here
+from helpers.bnb_inprocess import Ran, bnb_here, bnb_in_one_process
 from helpers.bnb_process import run_bnb
 from helpers.fuzz_harness import LLAMA_CONFIG, UP_PROJ, llama_tensors, write_llama
 from helpers.golden import golden_dir
@@ -142,10 +142,11 @@ def test_every_verb_reads_the_hub_cache_offline(hub: Path, tmp_path: Path) -> No
         ("footprint", "org/llama", "--json", "--schemes", "nf4"),
         ("quantize", "org/llama", str(tmp_path / "q"), "-q"),
         ("inspect", "org/llama", "--json", "--schemes", "nf4"),
-        ("dequantize", "org/llama-nf4", str(tmp_path / "d"), "-q"),
     ]
-    for args, result in zip(runs, _in_parallel(runs, env), strict=True):
-        assert result.returncode == 0, (args, result.stderr)
+    for ran in bnb_in_one_process(runs, env, tmp_path / "runs.json"):
+        assert ran.code == 0, ran
+    dequantized = run_bnb("dequantize", "org/llama-nf4", str(tmp_path / "d"), "-q", env=env)  # a `bnb` of its own
+    assert dequantized.returncode == 0, dequantized.stderr
     assert (tmp_path / "q" / "model.safetensors").is_file() and (tmp_path / "d" / "model.safetensors").is_file()
 
 
@@ -155,20 +156,20 @@ def test_no_network_is_an_input_error_that_names_hf_hub_offline(hub: Path, model
     env = {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(hub), "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}
     runs = [
         ("footprint", "org/llama", "--json", "--schemes", "nf4"),
-        ("footprint", "org/elsewhere"),
         ("quantize", "org/elsewhere", str(tmp_path / "q")),
         ("inspect", "org/elsewhere"),
         ("dequantize", "org/elsewhere", str(tmp_path / "d")),
     ]
-    cached, *uncached = _in_parallel(runs, env)
-    assert cached.returncode == 0, cached.stderr
+    cached, *uncached = bnb_in_one_process(runs, env, tmp_path / "runs.json")
+    assert cached.code == 0, cached
     assert json.loads(cached.stdout)["source"]["repo_id"] == "org/llama"
-    for args, result in zip(runs[1:], uncached, strict=True):
-        shown = f"{args}\n{result.stderr}"
-        assert result.returncode == 1 and "Traceback" not in result.stderr, shown
-        error, hint = result.stderr.splitlines()
-        assert error.startswith("error: org/elsewhere") and "cannot be reached" in error, shown
-        assert hint.startswith("hint: ") and "HF_HUB_OFFLINE=1" in hint and "hf download org/elsewhere" in hint, shown
+    real = run_bnb("footprint", "org/elsewhere", env=env)  # one as a `bnb` process of its own
+    uncached.append(Ran(("footprint", "org/elsewhere"), real.returncode, real.stdout, real.stderr))
+    for ran in uncached:
+        assert ran.code == 1 and ran.stdout == "" and "Traceback" not in ran.stderr, ran
+        error, hint = ran.stderr.splitlines()
+        assert error.startswith("error: org/elsewhere") and "cannot be reached" in error, ran
+        assert hint.startswith("hint: ") and "HF_HUB_OFFLINE=1" in hint and "hf download org/elsewhere" in hint, ran
     assert not (tmp_path / "q").exists() and not (tmp_path / "d").exists()
 
     # The hint: download it into that cache where the Hub is reachable (here: put it there), then

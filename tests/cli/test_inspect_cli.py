@@ -1,6 +1,7 @@
 """`bnb inspect` as CI runs it: gate exit codes (0 pass, 1 fail naming each tensor, 2 usage), --json as one
 document, the HTML report self-contained, bad input as one line without a traceback, and the wiring of
---activations (against a stand-in for bnbcli.inspect.activations)."""
+--activations (against a stand-in for bnbcli.inspect.activations). The gates and --json run as real `bnb`
+processes (exit 0 and exit 1, stdout and stderr as CI sees them); the rest through main() in this process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.bnb_inprocess import bnb_here
 from helpers.bnb_process import EXIT_FAILED, EXIT_USAGE, HANG_SECONDS, run_bnb
 from helpers.golden import golden_dir
 
@@ -59,8 +61,8 @@ def test_rel_error_gate_fails_with_exit_1_naming_each_tensor(model: Path) -> Non
 
 
 def test_outlier_gate_names_only_the_matrix_with_an_outlier(model: Path) -> None:
-    result = run_bnb("inspect", str(model), "--max-outlier-dims", "0", "--schemes", "int8")
-    assert result.returncode == EXIT_FAILED
+    result = bnb_here("inspect", str(model), "--max-outlier-dims", "0", "--schemes", "int8")
+    assert result.code == EXIT_FAILED
     assert _failed_tensors(result.stderr) == {OUTLIER}
 
 
@@ -80,8 +82,8 @@ def test_json_is_one_parseable_document(model: Path) -> None:
 
 def test_html_report_is_self_contained(model: Path, tmp_path: Path) -> None:
     page = tmp_path / "report.html"
-    result = run_bnb("inspect", str(model), "--report", str(page), "-q", "--min-layer-share", "0.3")
-    assert result.returncode == 0, result.stderr
+    result = bnb_here("inspect", str(model), "--report", str(page), "-q", "--min-layer-share", "0.3")
+    assert result.code == 0, result
     html = page.read_text()
     assert html.startswith("<!DOCTYPE html>") and html.count("<svg") >= 1
     assert "http://" not in html and "https://" not in html and "<script" not in html
@@ -91,8 +93,8 @@ def test_html_report_is_self_contained(model: Path, tmp_path: Path) -> None:
 def test_golden_llama_html_has_bars_and_heatmap(tmp_path: Path) -> None:
     page = tmp_path / "llama.html"
     src = golden_dir() / "models" / "llama" / "src"
-    result = run_bnb("inspect", str(src), "--report", str(page), "--planner", "name-rules", "--schemes", "nf4", "-q")
-    assert result.returncode == 0, result.stderr
+    result = bnb_here("inspect", str(src), "--report", str(page), "--planner", "name-rules", "--schemes", "nf4", "-q")
+    assert result.code == 0, result
     html = page.read_text()
     assert html.count("<svg") == 2 and "dim 3 (in)" in html
     assert "http://" not in html and "https://" not in html
@@ -127,13 +129,13 @@ def test_usage_errors_exit_2(
 
 
 def test_bad_input_is_one_line_exit_1(tmp_path: Path) -> None:
-    missing = run_bnb("inspect", str(tmp_path / "missing"))
-    assert missing.returncode == EXIT_FAILED
+    missing = bnb_here("inspect", str(tmp_path / "missing"))
+    assert missing.code == EXIT_FAILED
     assert missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    result = run_bnb("inspect", str(broken))
-    assert result.returncode == EXIT_FAILED and "Traceback" not in result.stderr
+    result = bnb_here("inspect", str(broken))
+    assert result.code == EXIT_FAILED and "Traceback" not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
 
