@@ -126,6 +126,8 @@ def _quantize_ordinary_rows(rows: torch.Tensor, cb: torch.Tensor, scb: torch.Ten
 
 def dequantize_int8_rowwise(CB: torch.Tensor, SCB: torch.Tensor) -> torch.Tensor:
     """float32 (q * SCB[row]) * float32(1/127): a multiply then a multiply, not q * SCB / 127."""
-    rows = CB.reshape(-1, CB.shape[-1]).to(torch.float32)
-    out = (rows * SCB.reshape(-1, 1)) * torch.tensor(INT8_INV_127, dtype=torch.float32)
+    out = CB.reshape(-1, CB.shape[-1]).to(torch.float32)  # a new tensor: the multiplies run in place
+    out.mul_(SCB.reshape(-1, 1)).mul_(torch.tensor(INT8_INV_127, dtype=torch.float32))
+    if bool(torch.isfinite(SCB).all()):  # codes are whole numbers: only a NaN or Inf scale makes a NaN
+        return out.reshape(CB.shape)
     return gpu_nan(out).reshape(CB.shape)

@@ -22,6 +22,7 @@ def test_roundtrip_error_matches_a_direct_float64_computation(monkeypatch) -> No
     )
     whole = metrics.roundtrip_error(x, y)
     monkeypatch.setattr(metrics, "CHUNK", 999)  # chunks that split rows
+    monkeypatch.setattr(metrics, "SUM_BLOCK", 999)  # and blocks of the CPU sums that do, on two threads
     chunked = metrics.roundtrip_error(x, y)
     for got in (whole, chunked):
         for field in ("rmse", "max_abs", "rel_fro", "sqnr_db"):
@@ -46,6 +47,10 @@ def test_cpu_sums_do_not_depend_on_the_thread_count() -> None:
 def test_nan_and_exact_round_trips() -> None:
     x = torch.tensor([1.0, float("nan"), 2.0])
     assert math.isnan(metrics.roundtrip_error(x, torch.tensor([1.0, 0.0, 2.0])).max_abs)
+    far = torch.zeros(300_000)
+    far[-1] = float("nan")  # in the last block of a tensor summed in several, on several threads
+    assert math.isnan(metrics.roundtrip_error(far, torch.zeros(300_000)).max_abs)
+    assert metrics._cpu_sums(torch.empty(0), torch.empty(0)).tolist() == [0.0, 0.0, 0.0]
     exact = metrics.roundtrip_error(torch.ones(4), torch.ones(4))
     assert exact.rmse == 0 and exact.sqnr_db == math.inf and exact.as_dict()["sqnr_db"] is None
 
