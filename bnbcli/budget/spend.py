@@ -13,7 +13,7 @@ from bnbcli.backends import resolve_backend
 from bnbcli.budget.scores import Progress, calibrated_scores, weight_figures
 from bnbcli.checkpoint.source import Checkpoint
 from bnbcli.plan.budget.apply import with_choice
-from bnbcli.plan.budget.candidates import candidates
+from bnbcli.plan.budget.candidates import candidates, single_component
 from bnbcli.plan.budget.choice import BudgetChoice, BudgetRequest, record
 from bnbcli.plan.decisions import PlannerName
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
@@ -26,7 +26,8 @@ def choose_modules(
     """Score every module the uniform plan quantizes and spend the budget on them."""
     found = candidates(uniform)
     backend = resolve_backend(request.backend)
-    figures = weight_figures(found, uniform.scheme, backend, progress)
+    config = single_component(uniform).source.config
+    figures = weight_figures(found, uniform.scheme, backend, config, progress)
     if request.calibrate:
         assert model_dir is not None
         texts = list(request.texts) if request.texts is not None else None

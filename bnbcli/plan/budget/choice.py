@@ -12,7 +12,10 @@ from bnbcli.plan.budget.candidates import Candidate, linear_bytes
 from bnbcli.plan.budget.spec import KeepBudget
 from bnbcli.plan.quantize_layout import QuantizePlan
 
-WEIGHTS = "weights: relative round-trip error energy ‖ΔW‖²/‖W‖² under the scheme"
+WEIGHTS = (
+    "weights: relative round-trip error energy ‖ΔW‖²/‖W‖² under the scheme, times the path gain of the "
+    "attention value/output or MLP pair the module is in (1 for others)"
+)
 CALIBRATED = "calibrated: output error each module's quantization adds on text (KL divergence or cosine distance)"
 
 
@@ -31,10 +34,11 @@ class WeightFigures:
     rel_error: float  # ‖ΔW‖/‖W‖
     outlier_dims: int  # outlier input columns + output rows
     large_values: int  # isolated large values
+    path_gain: float = 1.0  # what its block's product does to its error (bnbcli.budget.paths)
 
     @property
     def weight_score(self) -> float:
-        return self.rel_error**2
+        return self.rel_error**2 * self.path_gain
 
 
 @dataclass(frozen=True)
