@@ -49,13 +49,15 @@ def render_choice(choice: dict[str, Any], title: str = "kept in 16-bit by the bu
     output.stdout.print(_budget_line(choice))
     output.stdout.print(f"method: {choice['method']}" + (f" ({choice['texts']} texts)" if choice["texts"] else ""))
     table = Table(title=title, title_justify="left")
-    for header in ("rank", "module", "bytes", "score", "rel error"):
+    for header in ("rank", "module", "bytes", "score", "rel error", "path gain"):
         table.add_column(header, justify="left" if header == "module" else "right")
     for kept in sorted(choice["kept"], key=lambda k: k["rank"]):
         weights = choice["weights"].get(kept["module"])
         also = f" (+ {', '.join(kept['also_keeps'])})" if kept["also_keeps"] else ""
         rel = f"{100 * weights['rel_error']:.2f}%" if weights else "—"
-        table.add_row(str(kept["rank"]), kept["module"] + also, human_bytes(kept["bytes"]), f"{kept['score']:.4g}", rel)
+        gain = f"{weights['path_gain']:.2f}" if weights else "—"
+        row = (str(kept["rank"]), kept["module"] + also, human_bytes(kept["bytes"]), f"{kept['score']:.4g}", rel, gain)
+        table.add_row(*row)
     if choice["kept"]:
         output.stdout.print(table)
     output.stdout.print(outcome_line(choice))
