@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bnbcli.backends import resolve_backend
-from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
+from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor, read_tensors
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.dtypes import dtype_name
@@ -139,11 +139,12 @@ def _plain(source: ModelSource, plan: QuantPlan | None, ctx: Context, rows: list
     unquantized in a bnb pipeline: ``plan`` None, nothing is a weight)."""
     decisions = dict(plan.decisions) if plan is not None else {}
     waiting = Waiting(source.name, ctx, rows)
-    for info in source.in_file_order():
+    infos = list(source.in_file_order())
+    for info, values in zip(infos, read_tensors(infos), strict=True):  # small neighbours with one read
         decision = decisions.get(info.name)
         quantize = decision is not None and decision.action == "quantize"
         transpose = decision is not None and decision.transpose
-        waiting.add(Read(info.name, read_tensor(info), dtype_name(info.dtype), quantize, transpose, info.nbytes))
+        waiting.add(Read(info.name, values, dtype_name(info.dtype), quantize, transpose, info.nbytes))
     waiting.flush()
 
 
