@@ -120,7 +120,7 @@ def tensor_stats_many(tensors: list[torch.Tensor]) -> list[TensorStats]:
 
 def _table_stats(x: np.ndarray, n: int) -> list[TensorStats]:
     """The statistics of each row of ``x`` [rows, n], every value finite: ``tensor_stats``'s passes row-wise."""
-    total = x.sum(axis=1) + 0.0  # as the one-by-one running total from 0.0: -0.0 becomes 0.0
+    total = x.sum(axis=1)
     absmax = np.abs(x).max(axis=1)
     zeros = (x == 0).sum(axis=1)
     mean = total / n
