@@ -308,13 +308,7 @@ def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
     raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
     if info.nbytes:
         view = raw.numpy().data  # a writable memoryview of the tensor's own memory
-        try:
-            fd = os.open(info.path, os.O_RDONLY)
-        except OSError as e:
-            raise InputError(
-                f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
-                "check that the file is still there and readable, then run again",
-            ) from e
+        fd = _open(info)
         try:
             parts = range(0, info.nbytes, READ_PART_BYTES)
             if len(parts) == 1:
@@ -326,6 +320,66 @@ def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
                     future.result()
         finally:
             os.close(fd)
+    return _typed(raw, info)
+
+
+def read_tensors(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
+    """``read_tensor`` of each, in order, read as they are asked for; a run of small tensors next to each
+    other in one file is read with one pread into one buffer that they share (tens of thousands of tiny
+    tensors would otherwise cost an open, a read and a close each, system calls that let the GIL go)."""
+    for run in _runs(infos):
+        if len(run) == 1:
+            yield read_tensor(run[0])
+            continue
+        first = run[0]
+        nbytes = run[-1].start + run[-1].nbytes - first.start
+        try:
+            raw = read_tensor(TensorInfo(first.name, torch.uint8, (nbytes,), first.path, first.start, nbytes))
+        except InputError:  # the tensor that fails says so on its own
+            yield from (read_tensor(info) for info in run)
+            continue
+        for info in run:
+            part = raw[info.start - first.start : info.start - first.start + info.nbytes]
+            aligned = part.data_ptr() % info.dtype.itemsize == 0
+            yield _typed(part if aligned else part.clone(), info)
+
+
+RUN_BYTES = 1 << 20  # a run read at once holds at most this many bytes of tensors below SMALL_READ_BYTES
+SMALL_READ_BYTES = 64 << 10
+
+
+def _runs(infos: list[TensorInfo]) -> Iterator[list[TensorInfo]]:
+    """``infos`` in order, cut into runs of small tensors that follow each other in one file."""
+    run: list[TensorInfo] = []
+    for info in infos:
+        if run and not (
+            info.nbytes <= SMALL_READ_BYTES
+            and info.path == run[-1].path
+            and info.start == run[-1].start + run[-1].nbytes
+            and info.start + info.nbytes - run[0].start <= RUN_BYTES
+        ):
+            yield run
+            run = []
+        run.append(info)
+        if info.nbytes > SMALL_READ_BYTES:
+            yield run
+            run = []
+    if run:
+        yield run
+
+
+def _open(info: TensorInfo) -> int:
+    try:
+        return os.open(info.path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(
+            f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+            "check that the file is still there and readable, then run again",
+        ) from e
+
+
+def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
+    """The tensor of ``raw``, ``info``'s bytes."""
     if sys.byteorder == "big" and info.dtype.itemsize > 1:  # safetensors stores little-endian
         raw = raw.view(-1, info.dtype.itemsize).flip(1).contiguous().view(-1)
     return raw.view(info.dtype).reshape(info.shape)

@@ -156,6 +156,52 @@ def matrix_outliers(w: torch.Tensor, criteria: OutlierCriteria) -> MatrixOutlier
     return MatrixOutliers(in_dims, out_dims, count, tuple(top))
 
 
+NOTHING = MatrixOutliers((), (), 0)
+# The screen of ``matrix_outliers_many`` sends a matrix one by one when it comes this close to a threshold,
+# so that a last-bit difference in a sum could never hide an outlier.
+SCREEN_SLACK = 1 - 1e-9
+
+
+def matrix_outliers_many(ws: list[torch.Tensor], criteria: OutlierCriteria) -> list[MatrixOutliers]:
+    """``matrix_outliers`` of each matrix, the same result: those of one shape (at most ``CHUNK`` elements,
+    all finite) are screened in one numpy pass per step, and a matrix that shows no outlier column, row
+    or large value gets ``NOTHING``; the others (the few where something stands out) go one by one."""
+    groups: dict[tuple[torch.dtype, torch.Size], list[int]] = {}
+    found: list[MatrixOutliers | None] = [None] * len(ws)
+    for i, w in enumerate(ws):
+        if 0 < w.numel() <= CHUNK and w.device.type == "cpu":
+            groups.setdefault((w.dtype, w.shape), []).append(i)
+    for indices in groups.values():
+        table = torch.stack([ws[i] for i in indices]).to(torch.float64).numpy()  # [matrices, out, in]
+        for i, plain in zip(indices, _plain_matrices(table, criteria).tolist(), strict=True):
+            found[i] = NOTHING if plain else None
+    return [f if f is not None else matrix_outliers(w, criteria) for f, w in zip(found, ws, strict=True)]
+
+
+def _plain_matrices(x: np.ndarray, criteria: OutlierCriteria) -> np.ndarray:
+    """Per matrix of ``x`` [matrices, out, in]: finite, with no outlier column or row (the median
+    magnitude is 0, or none reaches ``factor`` times it) and no value ``value_sigma`` σ from the mean."""
+    count, rows, cols = x.shape
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = np.isfinite(x).all(axis=(1, 2))
+        a = np.abs(x)
+        quiet = _no_dim_stands_out(a.sum(axis=1) / rows, criteria.factor)
+        quiet &= _no_dim_stands_out(a.mean(axis=2), criteria.factor)
+        flat = x.reshape(count, rows * cols)
+        mean = flat.sum(axis=1) / flat.shape[1]
+        distance = np.abs(flat - mean[:, None])
+        std = np.sqrt(np.square(distance).sum(axis=1) / flat.shape[1])
+        limit = criteria.value_sigma * std * SCREEN_SLACK
+        quiet &= (std == 0) | ~(distance >= limit[:, None]).any(axis=1)
+    return finite & quiet
+
+
+def _no_dim_stands_out(magnitude: np.ndarray, factor: float) -> np.ndarray:
+    """Per row of ``magnitude`` [matrices, dims]: ``_standing_out`` finds nothing."""
+    median = np.median(magnitude, axis=1)
+    return (median <= 0) | (magnitude < factor * SCREEN_SLACK * median[:, None]).all(axis=1)
+
+
 def _rest(block: np.ndarray, start: int, keep_cols: np.ndarray, skip_rows: set[int]) -> np.ndarray:
     keep_rows = [i for i in range(block.shape[0]) if start + i not in skip_rows]
     rest = block[keep_rows][:, keep_cols] if skip_rows else block[:, keep_cols]

@@ -11,29 +11,24 @@ every weight is restored with the bit-exact dequantization (``bnbcli.pipeline.de
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from bnbcli.backends import resolve_backend
-from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
+from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor, read_tensors
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
 from bnbcli.errors import InputError, UsageError
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates, check
-from bnbcli.inspect.outliers import Recurrence, is_norm_gain, layer_of, matrix_outliers, norm_outliers
-from bnbcli.inspect.report import AGAINST, InspectReport, Role, TensorReport
+from bnbcli.inspect.measure import Context, Progress, Read, Waiting, measure
+from bnbcli.inspect.outliers import Recurrence
+from bnbcli.inspect.report import AGAINST, InspectReport, TensorReport
 from bnbcli.inspect.roundtrip import (
-    NamedScheme,
-    joinable_everywhere,
     parse_schemes,
-    roundtrip_errors,
-    roundtrip_errors_many,
 )
-from bnbcli.inspect.stats import tensor_stats
 from bnbcli.pipeline.dequantize import restore
 from bnbcli.pipeline.quantize import source_label
 from bnbcli.plan.decisions import PlannerName, QuantPlan, fallback_warning, plan_quantization
@@ -41,8 +36,6 @@ from bnbcli.plan.dequantize_layout import DequantComponent, OutputTensor, plan_c
 from bnbcli.plan.quantize_layout import tensor_shapes
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.plan.scheme_names import DEFAULT_ROUNDTRIPS
-
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -57,15 +50,6 @@ class InspectRequest:
     planner: PlannerName | None = None
     criteria: OutlierCriteria = field(default_factory=OutlierCriteria)
     gates: Gates = field(default_factory=Gates)
-
-
-@dataclass
-class _Context:
-    backend: str
-    schemes: tuple[NamedScheme, ...]
-    criteria: OutlierCriteria
-    recurrence: Recurrence
-    progress: Progress
 
 
 def _check_criteria(criteria: OutlierCriteria) -> None:
@@ -100,7 +84,7 @@ def inspect(request: InspectRequest, checkpoint: Checkpoint, progress: Progress 
     error_keys = ((AGAINST,) if request.against else ()) if quantized else tuple(s.name for s in schemes)
     request.gates.check_scheme(error_keys)
     originals = open_checkpoint(request.against).components if request.against else {}
-    ctx = _Context(backend, schemes, request.criteria, Recurrence(request.criteria), progress)
+    ctx = Context(backend, schemes, request.criteria, Recurrence(request.criteria), progress)
     rows: list[TensorReport] = []
     planners: dict[str, str] = {}
     warnings = checkpoint.warnings
@@ -150,57 +134,31 @@ def _weights_of(source: ModelSource, planner: PlannerName | None) -> QuantPlan:
     return plan_quantization(source.config, tensor_shapes(source), QuantScheme(), planner, strict=False)
 
 
-def _plain(source: ModelSource, plan: QuantPlan | None, ctx: _Context, rows: list[TensorReport]) -> None:
+def _plain(source: ModelSource, plan: QuantPlan | None, ctx: Context, rows: list[TensorReport]) -> None:
     """Every tensor of an unquantized model, its weights as ``plan`` decides them (or of a component left
     unquantized in a bnb pipeline: ``plan`` None, nothing is a weight)."""
     decisions = dict(plan.decisions) if plan is not None else {}
-    joined: list[tuple[int, torch.Tensor]] = []  # (row, weight): small weights whose round trips wait
-    waiting = 0  # their elements
-    for info in source.in_file_order():
+    waiting = Waiting(source.name, ctx, rows)
+    infos = list(source.in_file_order())
+    for info, values in zip(infos, read_tensors(infos), strict=True):  # small neighbours with one read
         decision = decisions.get(info.name)
         quantize = decision is not None and decision.action == "quantize"
         transpose = decision is not None and decision.transpose
-        values = read_tensor(info)
-        row, weight = _measure(source.name, info.name, values, dtype_name(info.dtype), quantize, transpose, ctx)
-        if weight is not None and joinable_everywhere(weight, ctx.schemes, ctx.backend):
-            joined.append((len(rows), weight))
-            waiting += weight.numel()
-        elif weight is not None:
-            row = replace(row, errors=dict(roundtrip_errors(weight, ctx.schemes, ctx.backend)))
-        rows.append(row)
-        if len(joined) >= JOIN_TENSORS or waiting >= JOIN_ELEMENTS:
-            _join_roundtrips(joined, ctx, rows)
-            waiting = 0
-        del values, weight
-        ctx.progress(info.nbytes)
-    _join_roundtrips(joined, ctx, rows)
+        waiting.add(Read(info.name, values, dtype_name(info.dtype), quantize, transpose, info.nbytes))
+    waiting.flush()
 
 
-# Small weights wait for one joined round trip per scheme, up to so many of them or elements (each at
-# most formats.batch.SMALL_ELEMENTS), so that memory still holds about one tensor's worth.
-JOIN_TENSORS = 512
-JOIN_ELEMENTS = 1 << 20
-
-
-def _join_roundtrips(joined: list[tuple[int, torch.Tensor]], ctx: _Context, rows: list[TensorReport]) -> None:
-    """The round-trip errors of the waiting weights into their rows; none waits afterwards."""
-    found = roundtrip_errors_many([w for _, w in joined], ctx.schemes)
-    for (index, _), errors in zip(joined, found, strict=True):
-        rows[index] = replace(rows[index], errors=dict(errors))
-    joined.clear()
-
-
-def _bnb(component: DequantComponent, original: ModelSource | None, ctx: _Context, rows: list[TensorReport]) -> None:
+def _bnb(component: DequantComponent, original: ModelSource | None, ctx: Context, rows: list[TensorReport]) -> None:
     for t in component.tensors:
         # in the plain layout (Conv1D weights back in [in, out]), before any cast to the model dtype
         values = restore(t, ctx.backend, cast=False)
         errors: dict[str, RoundTripError | None] = {}
         if original is not None and t.kind != "copy":
             errors[AGAINST] = _against(original, t, values)
-        row, _ = _measure(component.name, t.name, values, dtype_name(t.dtype), t.kind != "copy", t.transpose, ctx)
+        read = Read(t.name, values, dtype_name(t.dtype), t.kind != "copy", t.transpose, t.bytes_in)
+        (row,) = measure(component.name, [read], ctx)
         rows.append(replace(row, format=_format(t), errors=errors))
-        del values
-        ctx.progress(t.bytes_in)
+        del values, read
 
 
 def _against(original: ModelSource, t: OutputTensor, values: torch.Tensor) -> RoundTripError:
@@ -226,45 +184,6 @@ def _format(t: OutputTensor) -> str:
         state = json.loads(t.state_json)
         return f"{state['quant_type']} b{state['blocksize']}" + (" +dq" if "nested_offset" in state else "")
     return dtype_name(t.dtype)
-
-
-def _measure(
-    component: str,
-    name: str,
-    values: torch.Tensor,
-    dtype: str,
-    weight: bool,
-    transpose: bool,
-    ctx: _Context,
-) -> tuple[TensorReport, torch.Tensor | None]:
-    """Statistics of any tensor; for a weight also its outliers; for a norm gain the dimensions that stand
-    out. With the row, the weight ([out, in], contiguous) whose round-trip errors the row still needs,
-    if any: the caller measures them (small weights joined, ``_join_roundtrips``)."""
-    numeric = values.dtype != torch.bool and not values.dtype.is_complex
-    stats = tensor_stats(values) if numeric else None
-    label = f"{component}/{name}" if component else name
-    shape = tuple(values.shape)
-    role: Role = "weight" if weight and len(shape) == 2 else ("norm" if is_norm_gain(name, shape) else "other")
-    row = TensorReport(name, component, dtype, shape, dtype, role, layer_of(name), stats)
-    if role == "norm" and values.dtype.is_floating_point:
-        dims = norm_outliers(values, ctx.criteria)
-        ctx.recurrence.add(label, "norm", dims)
-        return replace(row, norm_dims=dims), None
-    if role != "weight":
-        return row, None
-    not_measured = dict.fromkeys((s.name for s in ctx.schemes), None)
-    if values.dtype not in FLOAT_DTYPES or values.numel() == 0:  # what bnb quantize refuses to quantize
-        what = "empty" if values.numel() == 0 else f"{dtype}: bitsandbytes quantizes float16, bfloat16 or float32"
-        return replace(row, errors=not_measured, note=f"{what}; round trip not measured"), None
-    w = values.t() if transpose else values  # as the model holds it: [out, in]
-    found = matrix_outliers(w, ctx.criteria)
-    ctx.recurrence.add(label, "in", found.in_dims)
-    ctx.recurrence.add(label, "out", found.out_dims)
-    row = replace(row, outliers=found)
-    if stats is not None and stats.nonfinite:
-        note = f"{stats.nan} NaN and {stats.inf} Inf values: round trip not measured"
-        return replace(row, errors=not_measured, note=note), None
-    return row, w.contiguous()
 
 
 __all__ = ["InspectRequest", "inspect", "open_source"]

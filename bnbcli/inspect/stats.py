@@ -5,6 +5,10 @@ NaN, Inf and zeros and sums the finite values for the mean and absmax; the secon
 (2nd and 4th); the third counts values beyond ``SIGMAS`` standard deviations. Central moments from a second pass
 avoid the cancellation of the one-pass formula (E[x⁴] − 4μE[x³] + …) when the mean is far from zero.
 Non-finite values are counted and left out of every other statistic.
+
+``tensor_stats_many`` takes many small tensors (MoE checkpoints have tens of thousands) in one numpy pass
+per size: numpy sums each row of a C-contiguous table with the pairwise summation it gives that row alone
+(``bnbcli.formats.metrics.roundtrip_sums_many`` relies on the same), so each figure is the one-by-one figure.
 """
 
 from __future__ import annotations
@@ -72,22 +76,60 @@ def tensor_stats(t: torch.Tensor) -> TensorStats:
         sq = d * d
         m2 += float(sq.sum())
         m4 += float((sq * sq).sum())
-    var = m2 / finite if finite else math.nan
-    std = math.sqrt(var) if finite else math.nan
-    kurtosis = (m4 / finite) / (var * var) - 3.0 if finite and var > 0 else math.nan
+    std, kurtosis = _spread(finite, m2, m4)
     beyond = 0
     if finite and std > 0:
         limit = SIGMAS * std
         for x in _chunks(t):
             beyond += int((np.abs(x[np.isfinite(x)] - mean) > limit).sum())
-    return TensorStats(
-        numel=n,
-        absmax=absmax,
-        mean=mean,
-        std=std,
-        kurtosis=kurtosis,
-        beyond_6sigma=beyond / finite if finite else math.nan,
-        zeros=zeros,
-        nan=nan,
-        inf=inf,
-    )
+    return _stats(n, finite, absmax, mean, std, kurtosis, beyond, zeros, nan, inf)
+
+
+def _spread(finite: int, m2: float, m4: float) -> tuple[float, float]:
+    """(std, excess kurtosis) from the central moment sums of ``finite`` values."""
+    var = m2 / finite if finite else math.nan
+    std = math.sqrt(var) if finite else math.nan
+    kurtosis = (m4 / finite) / (var * var) - 3.0 if finite and var > 0 else math.nan
+    return std, kurtosis
+
+
+def _stats(
+    n: int, finite: int, absmax: float, mean: float, std: float, kurtosis: float, beyond: int, *counts: int
+) -> TensorStats:
+    zeros, nan, inf = counts
+    share = beyond / finite if finite else math.nan
+    return TensorStats(n, absmax, mean, std, kurtosis, share, zeros, nan, inf)
+
+
+def tensor_stats_many(tensors: list[torch.Tensor]) -> list[TensorStats]:
+    """``tensor_stats`` of each tensor, the same figures: those of one dtype and size (1 to ``CHUNK``
+    elements, all finite) in one pass per statistic, the others one by one."""
+    groups: dict[tuple[torch.dtype, int], list[int]] = {}
+    found: list[TensorStats | None] = [None] * len(tensors)
+    for i, t in enumerate(tensors):
+        if 0 < t.numel() <= CHUNK and t.device.type == "cpu":
+            groups.setdefault((t.dtype, t.numel()), []).append(i)
+    for (_, n), indices in groups.items():
+        table = torch.stack([tensors[i].reshape(-1) for i in indices]).to(torch.float64).numpy()
+        clean = np.isfinite(table).all(axis=1)  # a row with NaN or Inf: one by one (it sums fewer values)
+        rows = [i for i, ok in zip(indices, clean.tolist(), strict=True) if ok]
+        for i, stats in zip(rows, _table_stats(table[clean] if not clean.all() else table, n), strict=True):
+            found[i] = stats
+    return [s if s is not None else tensor_stats(t) for s, t in zip(found, tensors, strict=True)]
+
+
+def _table_stats(x: np.ndarray, n: int) -> list[TensorStats]:
+    """The statistics of each row of ``x`` [rows, n], every value finite: ``tensor_stats``'s passes row-wise."""
+    total = x.sum(axis=1)
+    absmax = np.abs(x).max(axis=1)
+    zeros = (x == 0).sum(axis=1)
+    mean = total / n
+    d = x - mean[:, None]
+    sq = d * d
+    m2, m4 = sq.sum(axis=1), (sq * sq).sum(axis=1)
+    std = np.sqrt(m2 / n)  # math.sqrt's figure: both round the square root correctly
+    beyond = np.where(std > 0, (np.abs(d) > (SIGMAS * std)[:, None]).sum(axis=1), 0)
+    found = []
+    for m, a, s2, s4, b, z in zip(*(v.tolist() for v in (mean, absmax, m2, m4, beyond, zeros)), strict=True):
+        found.append(_stats(n, n, a, m, *_spread(n, s2, s4), b, z, 0, 0))
+    return found

@@ -28,7 +28,7 @@ from bnbcli import interrupts, timeline
 from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
-from bnbcli.checkpoint.safetensors_file import read_tensor
+from bnbcli.checkpoint.safetensors_file import read_tensor, read_tensors
 from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import RoundTripError
@@ -224,7 +224,10 @@ class _ComponentRun:
         pin = self.converters[0].pin_memory
         for batch in batches(j for j in self.component.jobs if j.source.name not in self.resumed):
             with self.seconds.timing("read"):
-                tensors = [read_tensor(job.source, pin_memory=pin and job.quantized) for job in batch]
+                if pin:
+                    tensors = [read_tensor(job.source, pin_memory=job.quantized) for job in batch]
+                else:  # small neighbours with one read
+                    tensors = list(read_tensors([job.source for job in batch]))
             timeline.mark("first tensor read")
             timeline.mark_again("last tensor read")
             self.to_convert.put(list(zip(batch, tensors, strict=True)))
