@@ -90,8 +90,8 @@ def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
 
 
 def roundtrip_sums_many(originals: list[torch.Tensor], restored: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``roundtrip_sums`` of each pair of CPU tensors of one block (``SUM_BLOCK`` elements) at most, the pairs of one size in
-    one pass: numpy sums each row of a C-contiguous table with the pairwise summation it gives that
+    """``roundtrip_sums`` of each pair of CPU tensors of one block (``SUM_BLOCK`` elements) at most, the pairs
+    of one size in one pass: numpy sums each row of a C-contiguous table with the pairwise summation it gives that
     row alone, so every figure is the one-by-one figure (``tests/unit/test_batch.py``)."""
     by_size: dict[int, list[int]] = {}
     for i, x in enumerate(originals):
