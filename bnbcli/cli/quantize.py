@@ -145,11 +145,12 @@ def quantize(
             _render_plan(summary, all_rows=True)
         return
     warm_up_backend(request)
-    checkpoint = open_source(request)
-    with output.ByteProgress(
-        checkpoint.tensor_bytes, "quantizing", enabled=not no_progress, bar=not json_output
-    ) as bar:
-        outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
+    with heap.collections_paused():
+        checkpoint = open_source(request)
+        with output.ByteProgress(
+            checkpoint.tensor_bytes, "quantizing", enabled=not no_progress, bar=not json_output
+        ) as bar:
+            outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
     summary = _summary(outcome.plan)
     if json_output:
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
