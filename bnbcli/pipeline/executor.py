@@ -85,6 +85,19 @@ def batches(jobs: Iterable[TensorJob]) -> Iterator[list[TensorJob]]:
         yield batch
 
 
+ShardItems = list[tuple[TensorRecord, str, torch.Tensor]]  # a shard's entries of one batch: record, key, value
+
+
+def _by_shard(done: list[tuple[Converted, TensorRecord]]) -> dict[str, tuple[int, ShardItems]]:
+    """A batch grouped by shard, in the order the shards come: how many of its tensors, and their entries."""
+    shards: dict[str, tuple[int, ShardItems]] = {}
+    for converted, record in done:
+        count, items = shards.get(converted.job.shard, (0, []))
+        items.extend((record, key, value) for key, value in converted.entries.items())
+        shards[converted.job.shard] = (count + 1, items)
+    return shards
+
+
 def _sha256_all(views: list[memoryview]) -> list[str]:
     return [hashlib.sha256(data).hexdigest() for data in views]
 
@@ -120,22 +133,18 @@ class _ShardWriters:
         self._syncs: list[Future[None]] = []
 
     def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
-        """Place a batch's entries; their hashes are queued per shard, before a finished shard's sync."""
-        written: dict[str, Written] = {}
-        for converted, record in done:
-            shard = converted.job.shard
+        """Place a batch's entries, a shard's with one ``write_many`` (runs adjacent in its layout go out
+        as one write); their hashes are queued per shard, before a finished shard's sync."""
+        for shard, (tensors, items) in _by_shard(done).items():
             if shard not in self.open:
                 entries = [e for j in self.component.shard_jobs(shard) for e in j.entries]
                 self.open[shard] = ShardWriter(self.out_dir / shard, entries, SHARD_METADATA)
-            writer = self.open[shard]
-            for key, value in converted.entries.items():  # a view of ``value``'s memory, which it keeps alive
-                written.setdefault(shard, []).append((record, key, writer.write(key, value)))
-            self.remaining[shard] -= 1
+            # views of the values' memory, which they keep alive until hashed
+            views = self.open[shard].write_many([(key, value) for _, key, value in items])
+            self._hash(shard, [(record, key, data) for (record, key, _), data in zip(items, views, strict=True)])
+            self.remaining[shard] -= tensors
             if self.remaining[shard] == 0:
-                self._hash(shard, written.pop(shard))
                 self._finish(shard, self.open.pop(shard))
-        for shard, items in written.items():
-            self._hash(shard, items)
 
     def _hash(self, shard: str, items: Written) -> None:
         task = self._pool.submit(_sha256_all, [data for _, _, data in items])

@@ -292,17 +292,25 @@ def plan_summary(plan: QuantizePlan) -> dict:
                 "bytes_out": c.bytes_out,
             }
         )
-    unmatched = [p for p in plan.scheme.skip if all(p in c.unmatched_skip for c in plan.components)]
-    warnings = [
-        *plan.checkpoint.warnings,
-        *(fallback_warning(c.name, c.planner_fallback) for c in plan.components if c.planner_fallback),
-        *(f"--skip {pattern!r} matches no module; it changes nothing" for pattern in unmatched),
-    ]
     return {
         "components": components,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
-        "unmatched_skip": unmatched,  # likely typos: each matched no module in any component
-        "warnings": warnings,  # also printed on stderr
+        "unmatched_skip": unmatched_skip(plan),  # likely typos: each matched no module in any component
+        "warnings": plan_warnings(plan),  # also printed on stderr
         "keep_budget": plan.keep_budget.as_dict() if plan.keep_budget is not None else None,
     }
+
+
+def unmatched_skip(plan: QuantizePlan) -> list[str]:
+    """The --skip patterns that match no module in any component."""
+    return [p for p in plan.scheme.skip if all(p in c.unmatched_skip for c in plan.components)]
+
+
+def plan_warnings(plan: QuantizePlan) -> list[str]:
+    """What the plan warns of: the checkpoint's oddities, a planner that fell back, a --skip typo."""
+    return [
+        *plan.checkpoint.warnings,
+        *(fallback_warning(c.name, c.planner_fallback) for c in plan.components if c.planner_fallback),
+        *(f"--skip {pattern!r} matches no module; it changes nothing" for pattern in unmatched_skip(plan)),
+    ]

@@ -246,6 +246,8 @@ def test_planner_fallback_is_a_warning(name: str, tmp_path: Path) -> None:
         assert ran.stderr.splitlines() == [f"warning: {warnings[0]}"], ran
     ran = bnb_here("quantize", str(src), str(tmp_path / "out"))
     assert ran.code == 0 and "warning: planned by name rules" in ran.stderr and why in ran.stderr, ran
+    quiet = bnb_here("quantize", str(src), str(tmp_path / "out-quiet"), "-q")  # -q: the warning alone
+    assert quiet.code == 0 and quiet.stdout == "" and quiet.stderr == ran.stderr, quiet
 
 
 def test_no_warning_when_the_library_plans(model: Path, tmp_path: Path) -> None:
