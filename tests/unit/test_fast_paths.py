@@ -126,6 +126,25 @@ def test_int8_rows_equal_the_reference(
     assert fast.outlier_cols is None and ref.outlier_cols is None
 
 
+def test_bf16_to_fp16_through_float32_is_the_direct_cast_on_every_value() -> None:
+    """int8's fast path casts bf16 to fp16 through float32 (which holds every bf16 exactly): the same bits
+    as torch's direct cast, NaN payloads, infinities, subnormals and fp16 overflow included."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    direct = every.to(torch.float16)
+    stepped = every.to(torch.float32).to(torch.float16)
+    assert torch.equal(direct.view(torch.int16), stepped.view(torch.int16))
+
+
+def test_int8_rows_of_every_bf16_value_equal_the_reference() -> None:
+    """Every finite bf16 value in rows of 256 (each row with its own absmax), through the fast path."""
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    rows = every[torch.isfinite(every)].reshape(-1, 256)
+    fast = int8.quantize_int8_rowwise(rows)
+    ref = int8.reference_quantize_int8_rowwise(rows)
+    assert torch.equal(fast.CB, ref.CB)
+    assert torch.equal(fast.SCB.view(torch.int32), ref.SCB.view(torch.int32))
+
+
 @pytest.mark.parametrize("name", list(TABLES))
 def test_subnormal_products_encode_like_the_zeros_ftz_makes_of_them(name: str) -> None:
     """The fast path multiplies without flushing: a normal value far below its block's absmax can give a
