@@ -149,6 +149,7 @@ def _plain(source: ModelSource, plan: QuantPlan | None, ctx: Context, rows: list
 
 
 def _bnb(component: DequantComponent, original: ModelSource | None, ctx: Context, rows: list[TensorReport]) -> None:
+    ctx = replace(ctx, schemes=())  # a bnb weight's errors are --against's alone: no round trip under --schemes
     for t in component.tensors:
         # in the plain layout (Conv1D weights back in [in, out]), before any cast to the model dtype
         values = restore(t, ctx.backend, cast=False)
