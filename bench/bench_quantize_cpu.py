@@ -136,6 +136,7 @@ def run_side(script: str, args: list[str], report: Path) -> dict[str, Any]:
     on a shared machine the wall time grows with the load, the CPU time much less) and peak RSS, or the
     error it ended with."""
     env = {**os.environ, "BENCH_REPORT": str(report), "TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    os.sync()  # the other side's output written back now, not into this side's time (ours fsyncs, theirs not)
     cpu = _children_cpu()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)

@@ -114,11 +114,10 @@ def _computed(
     text_file: Path | None,
 ) -> dict[str, Any]:
     """The report, from the library (torch, and transformers or diffusers when they know the model)."""
-    from bnbcli.footprint import FootprintRequest, footprint, make_schemes
-    from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
-    from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
-
-    heap.library_imported()
+    with heap.library_import():
+        from bnbcli.footprint import FootprintRequest, footprint, make_schemes
+        from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
+        from bnbcli.plan.scheme import FLOAT_DTYPES, STORAGE_DTYPES, parse_dtype
 
     load_dtype = parse_dtype(dtype, "--dtype", FLOAT_DTYPES) if dtype else None
     request = FootprintRequest(

@@ -19,15 +19,21 @@ from contextlib import contextmanager
 _frozen = False
 
 
-def library_imported() -> None:
-    """Leave the objects alive now out of every later garbage collection, once per process (a process
-    that runs several commands, a test's, freezes only the first time). Garbage is collected first, so
-    that none is kept for good."""
+@contextmanager
+def library_import() -> Iterator[None]:
+    """Import the library (torch, …) inside: without garbage collection, then the objects alive are left
+    out of every later one, once per process (a process that runs several commands, a test's, freezes
+    only the first time).
+
+    Collections during the import find almost nothing (~7,000 objects of the 176,000 it makes) and took
+    0.2-0.3 s of it on the 2-core machine, a collection after it another 0.14 s (BENCHMARKS.md, "the
+    library's import without garbage collection"); what little garbage the import leaves is kept."""
     global _frozen
-    if not _frozen:
-        gc.collect()
-        gc.freeze()
-        _frozen = True
+    with collections_paused():
+        yield
+        if not _frozen:
+            gc.freeze()
+            _frozen = True
 
 
 @contextmanager

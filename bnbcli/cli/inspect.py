@@ -109,12 +109,11 @@ def inspect(
     input columns and output rows, isolated large values, and the round-trip error under each scheme; the outlier
     dimensions that recur across layers. Gates exit 1 and name every tensor that fails. -v: every tensor in the
     table (as --top 0)."""
-    from bnbcli.eval.texts import read_text_file
-    from bnbcli.inspect.gates import Gates
-    from bnbcli.inspect.run import InspectRequest, open_source
-    from bnbcli.inspect.run import inspect as inspect_checkpoint
-
-    heap.library_imported()
+    with heap.library_import():
+        from bnbcli.eval.texts import read_text_file
+        from bnbcli.inspect.gates import Gates
+        from bnbcli.inspect.run import InspectRequest, open_source
+        from bnbcli.inspect.run import inspect as inspect_checkpoint
 
     # Everything a bad option could fail is checked here, before the checkpoint is read (minutes, on a big one).
     if activation_threshold is not None and not activations:

@@ -107,11 +107,10 @@ def quantize(
         from bnbcli.checkpoint.hashing import hash_sources_early
 
         hash_sources_early(src)
-    from bnbcli.backends.devices import parse_devices
-    from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
-    from bnbcli.pipeline.quantize import quantize as quantize_on_plan
-
-    heap.library_imported()
+    with heap.library_import():
+        from bnbcli.backends.devices import parse_devices
+        from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
+        from bnbcli.pipeline.quantize import quantize as quantize_on_plan
 
     budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
     request = QuantizeRequest(

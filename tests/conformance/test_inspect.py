@@ -32,6 +32,9 @@ from helpers.golden import golden_dir
 
 MODELS = golden_dir() / "models"
 FAMILIES = ("llama", "gpt2", "opt", "qwen2_tied", "flux_tiny")
+# Round-trip errors are summed in float32 blocks and added in float64 (formats/metrics.py): ~1e-8 relative
+# to a float64 computation here, well under this bound.
+SUMS_REL = 1e-6
 # golden variant → the inspect scheme that writes the same values
 VARIANT_SCHEMES = {"nf4": "nf4", "nf4-dq": "nf4-dq", "fp4-dq": "fp4-dq", "int8": "int8", "nf4-storage-bf16": "nf4"}
 
@@ -79,7 +82,7 @@ def test_errors_equal_the_golden_quantized_tensors(family: str) -> None:
             rel, max_abs = _error(read_tensor(stored[name]), values)
             reported = src[name].errors[scheme]
             assert reported is not None
-            assert reported.rel_fro == pytest.approx(rel, rel=1e-9, abs=0), f"{family}/{variant} {name}"
+            assert reported.rel_fro == pytest.approx(rel, rel=SUMS_REL, abs=0), f"{family}/{variant} {name}"
             assert reported.max_abs == pytest.approx(max_abs, rel=1e-9, abs=0), f"{family}/{variant} {name}"
 
 
@@ -155,10 +158,11 @@ def test_bnb_checkpoint_is_recognised_and_compared_against_the_original(family: 
         error = t.errors[AGAINST]
         assert error is not None
         rel, max_abs = _error(read_tensor(originals[t.name]), restored[t.name])
-        assert (error.rel_fro, error.max_abs) == pytest.approx((rel, max_abs), rel=1e-9), t.name
-        if t.name in src:  # the same number as inspecting the original under the scheme that wrote it
+        assert (error.rel_fro, error.max_abs) == pytest.approx((rel, max_abs), rel=SUMS_REL), t.name
+        if t.name in src:  # the number inspecting the original gives under the scheme that wrote it (a Conv1D
+            # weight is summed in its other orientation there: the same figure to the sums' rounding)
             expected = src[t.name].errors[scheme]
-            assert expected is not None and error.rel_fro == pytest.approx(expected.rel_fro, rel=1e-9), t.name
+            assert expected is not None and error.rel_fro == pytest.approx(expected.rel_fro, rel=SUMS_REL), t.name
 
 
 def test_stats_match_torch(tmp_path: Path) -> None:

@@ -51,3 +51,16 @@ def test_quantize_writes_its_weights_with_collections_paused(tmp_path: Path, mon
     failed = bnb_here("quantize", str(tmp_path / "src"), str(tmp_path / "out"), "-q")  # OUT exists: refused in the run
     assert failed.code != 0
     assert gc.isenabled()
+
+
+def test_the_library_is_imported_without_collections_then_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(heap, "_frozen", False)
+    frozen: list[bool] = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.isenabled()))
+    assert gc.isenabled()
+    with heap.library_import():
+        assert not gc.isenabled()
+    assert frozen == [False] and gc.isenabled()
+    with heap.library_import():  # once per process
+        pass
+    assert frozen == [False] and gc.isenabled()
