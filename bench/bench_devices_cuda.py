@@ -96,8 +96,8 @@ def main() -> int:
 
     import torch
 
-    from bnbcli.checkpoint.safetensors_file import read_tensor
     from bnbcli.checkpoint.source import open_checkpoint
+    from bnbcli.checkpoint.tensor_reads import read_tensor
     from bnbcli.pipeline.convert import make_converters
     from bnbcli.plan.quantize_layout import plan_quantize
     from bnbcli.plan.scheme import QuantScheme

@@ -18,7 +18,8 @@ from bnbcli.backends import resolve_backend
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.int8 import Int8Rowwise
-from bnbcli.formats.registry import FormatSettings, family_of, family_of_record, kernels
+from bnbcli.formats.layout import FormatSettings
+from bnbcli.formats.registry import family_of, family_of_record, kernels
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

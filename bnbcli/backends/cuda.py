@@ -21,12 +21,12 @@ import torch
 from bnbcli.backends import cuda_launches as launches
 from bnbcli.errors import UsageError
 from bnbcli.formats import blockwise8, fourbit
-from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.int8 import Int8Rowwise
+from bnbcli.formats.layout import num_blocks
 from bnbcli.formats.registry import Kernels
 
 NESTED_ENCODER = "Dyn8L1"  # absmax is short: each CTA encodes a tile or two, too few to amortize a shared table
@@ -108,7 +108,7 @@ def dequantize_4bit(q: QuantState4bit, offset: torch.Tensor | None = None) -> to
     ``quantize_4bit_queued``, used instead of its nested_offset."""
     device = launches.on_gpu(q.packed, "the packed 4-bit tensor")
     packed = fourbit.packed_bytes(q)
-    if q.dtype not in FLOAT_DTYPES or q.blocksize not in FOUR_BIT_BLOCKSIZES:
+    if not is_float(q.dtype) or q.blocksize not in FOUR_BIT_BLOCKSIZES:
         raise UsageError(
             f"cannot dequantize to {dtype_name(q.dtype)} with blocksize {q.blocksize}",
             hint="dtype float16, bfloat16 or float32; blocksize one of " + ", ".join(map(str, FOUR_BIT_BLOCKSIZES)),
@@ -128,7 +128,7 @@ def dequantize_4bit(q: QuantState4bit, offset: torch.Tensor | None = None) -> to
 def quantize_blockwise8(x: torch.Tensor, blocksize: int = 4096, nested: bool = False) -> Blockwise8Quantized:
     """``blockwise8.quantize_blockwise8`` on the GPU."""
     blockwise8.check_blocksize(blocksize)
-    if x.dtype not in FLOAT_DTYPES or x.numel() == 0:
+    if not is_float(x.dtype) or x.numel() == 0:
         raise UsageError(
             f"cannot quantize a {dtype_name(x.dtype)} tensor of {x.numel()} elements",
             hint="give a non-empty fp16, bf16 or fp32 tensor",
@@ -168,7 +168,7 @@ def dequantize_blockwise8(q: Blockwise8Quantized) -> torch.Tensor:
 
 def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwise:
     """``int8.quantize_int8_rowwise`` on the GPU (the fp16 cast happens inside the kernel)."""
-    if x.dtype not in FLOAT_DTYPES:
+    if not is_float(x.dtype):
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if x.numel() == 0:
         raise UsageError("cannot quantize an empty tensor", hint="give a tensor with elements")

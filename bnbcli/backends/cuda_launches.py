@@ -25,10 +25,10 @@ from bnbcli.backends.cuda_runtime import (
     sm_count,
 )
 from bnbcli.errors import InternalError, UsageError
-from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import DYNAMIC_CODE
 from bnbcli.formats.cuda_mean import reduce_config
 from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.layout import num_blocks
 
 TILE_ELEMENTS = THREADS * 16  # quantize_blockwise.cu: 16 elements per thread
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bnbcli.budget.paths import path_gains
-from bnbcli.checkpoint.safetensors_file import read_tensor
+from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import roundtrip_error
 from bnbcli.inspect.criteria import OutlierCriteria
@@ -43,7 +43,7 @@ Progress = Callable[[int], None]
 def _weight(c: Candidate) -> torch.Tensor:
     values = read_tensor(c.job.source)
     values = values.t() if c.job.decision.transpose else values
-    return values.to(c.job.dtype).contiguous()
+    return values.to(c.job.dtype.torch_dtype).contiguous()
 
 
 def weight_figures(
@@ -78,7 +78,7 @@ def calibrated_scores(
     """module → the expected output error its quantization adds, over the texts (bnbcli.budget.calibrate)."""
     from bnbcli.budget.calibrate import output_errors
 
-    dtypes = {c.module: c.job.dtype for c in found}
+    dtypes = {c.module: c.job.dtype.torch_dtype for c in found}
 
     def restore(module: str, weight: torch.Tensor) -> torch.Tensor:
         w = weight.to(dtypes[module]).contiguous()

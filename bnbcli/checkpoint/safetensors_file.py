@@ -9,22 +9,18 @@ overlaps. We check everything the safetensors library checks, before trusting an
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import stat
 import struct
-import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnbcli import json_text
 from bnbcli.errors import InputError
+from bnbcli.formats.dtypes import BY_CODE, DType
 
 # safetensors refuses headers over 100 MB (its MAX_HEADER_SIZE); a real 70B checkpoint's header is ~100 KB,
 # so anything bigger is corrupt or hostile, and reading it would allocate that much.
@@ -36,42 +32,8 @@ MAX_ELEMENTS = 2**48
 _HEADER_LENGTH = struct.Struct("<Q")
 
 
-def _torch_dtypes() -> dict[str, torch.dtype]:
-    """safetensors dtype strings → torch dtypes, for the ones this torch build has (safetensors' own table)."""
-    table: dict[str, torch.dtype] = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    optional = {  # added to torch over time; absent attributes are simply unsupported dtypes
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-        "U16": "uint16",
-        "U32": "uint32",
-        "U64": "uint64",
-        "C64": "complex64",
-    }
-    for name, attr in optional.items():
-        dtype = getattr(torch, attr, None)
-        if isinstance(dtype, torch.dtype):
-            table[name] = dtype
-    return table
-
-
-DTYPES: dict[str, torch.dtype] = _torch_dtypes()
-"""safetensors dtype string → torch dtype (sub-byte types such as F4 are not supported)."""
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
-"""torch dtype → safetensors dtype string, for writers."""
+DTYPES = BY_CODE
+"""safetensors dtype string → DType (sub-byte types such as F4 are not supported)."""
 
 
 # Where headers come from instead of the local file, while `headers_from` is active: a function that
@@ -95,7 +57,7 @@ class TensorInfo:
     """Where one tensor lives: enough to read it with a single pread, and to plan without reading it."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     path: Path
     start: int  # absolute file offset of the tensor's first byte
@@ -270,18 +232,22 @@ def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, f
         )
 
 
-READ_PART_BYTES = 64 << 20  # a tensor larger than this is read by READ_THREADS threads in parts this size
-READ_THREADS = 4
+# --- reading tensor bytes (torch-free: checkpoint/tensor_reads.py makes tensors of them) -----------------
 
 
-@functools.cache
-def _read_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="bnb-read-part")
+def open_tensor_file(info: TensorInfo) -> int:
+    """A read-only descriptor of the file that holds ``info``."""
+    try:
+        return os.open(info.path, os.O_RDONLY)
+    except OSError as e:
+        raise InputError(
+            f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
+            "check that the file is still there and readable, then run again",
+        ) from e
 
 
-def _read_part(fd: int, info: TensorInfo, view: memoryview, begin: int) -> None:
-    """Fill view[begin : begin + READ_PART_BYTES] from the tensor's bytes in the file."""
-    end = min(begin + READ_PART_BYTES, info.nbytes)
+def read_range(fd: int, info: TensorInfo, view: memoryview, begin: int, end: int) -> None:
+    """Fill view[begin:end] with the tensor's bytes [begin, end) from ``fd`` (its open file)."""
     done = begin
     try:
         while done < end:  # one read returns at most ~2 GiB on Linux, or less near the end of a file
@@ -297,89 +263,3 @@ def _read_part(fd: int, info: TensorInfo, view: memoryview, begin: int) -> None:
             f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
             "check that the file is still there and readable, then run again",
         ) from e
-
-
-def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
-    """Read one tensor's bytes with pread into a tensor that owns its memory (no file mapping stays open);
-    into page-locked memory with ``pin_memory``, ready for an asynchronous copy to a GPU. A large
-    tensor is read in parts by several threads: one thread copies ~3 GB/s out of the page cache,
-    which is slower than a GPU converts, and a fast disk also wants several requests in flight."""
-    # torch.empty does not zero-fill: half the cost of a bytearray
-    raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
-    if info.nbytes:
-        view = raw.numpy().data  # a writable memoryview of the tensor's own memory
-        fd = _open(info)
-        try:
-            parts = range(0, info.nbytes, READ_PART_BYTES)
-            if len(parts) == 1:
-                _read_part(fd, info, view, 0)
-            else:
-                futures = [_read_pool().submit(_read_part, fd, info, view, p) for p in parts]
-                wait(futures)  # every part done before fd closes, even when one failed
-                for future in futures:
-                    future.result()
-        finally:
-            os.close(fd)
-    return _typed(raw, info)
-
-
-def read_tensors(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
-    """``read_tensor`` of each, in order, read as they are asked for; a run of small tensors next to each
-    other in one file is read with one pread into one buffer that they share (tens of thousands of tiny
-    tensors would otherwise cost an open, a read and a close each, system calls that let the GIL go)."""
-    for run in _runs(infos):
-        if len(run) == 1:
-            yield read_tensor(run[0])
-            continue
-        first = run[0]
-        nbytes = run[-1].start + run[-1].nbytes - first.start
-        try:
-            raw = read_tensor(TensorInfo(first.name, torch.uint8, (nbytes,), first.path, first.start, nbytes))
-        except InputError:  # the tensor that fails says so on its own
-            yield from (read_tensor(info) for info in run)
-            continue
-        for info in run:
-            part = raw[info.start - first.start : info.start - first.start + info.nbytes]
-            aligned = part.data_ptr() % info.dtype.itemsize == 0
-            yield _typed(part if aligned else part.clone(), info)
-
-
-RUN_BYTES = 1 << 20  # a run read at once holds at most this many bytes of tensors below SMALL_READ_BYTES
-SMALL_READ_BYTES = 64 << 10
-
-
-def _runs(infos: list[TensorInfo]) -> Iterator[list[TensorInfo]]:
-    """``infos`` in order, cut into runs of small tensors that follow each other in one file."""
-    run: list[TensorInfo] = []
-    for info in infos:
-        if run and not (
-            info.nbytes <= SMALL_READ_BYTES
-            and info.path == run[-1].path
-            and info.start == run[-1].start + run[-1].nbytes
-            and info.start + info.nbytes - run[0].start <= RUN_BYTES
-        ):
-            yield run
-            run = []
-        run.append(info)
-        if info.nbytes > SMALL_READ_BYTES:
-            yield run
-            run = []
-    if run:
-        yield run
-
-
-def _open(info: TensorInfo) -> int:
-    try:
-        return os.open(info.path, os.O_RDONLY)
-    except OSError as e:
-        raise InputError(
-            f"{info.path}: tensor {info.name!r}: cannot read: {e.strerror or e}",
-            "check that the file is still there and readable, then run again",
-        ) from e
-
-
-def _typed(raw: torch.Tensor, info: TensorInfo) -> torch.Tensor:
-    """The tensor of ``raw``, ``info``'s bytes."""
-    if sys.byteorder == "big" and info.dtype.itemsize > 1:  # safetensors stores little-endian
-        raw = raw.view(-1, info.dtype.itemsize).flip(1).contiguous().view(-1)
-    return raw.view(info.dtype).reshape(info.shape)

@@ -24,12 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
-import torch
-
-from bnbcli.checkpoint.safetensors_file import DTYPE_NAMES
 from bnbcli.errors import InternalError
+from bnbcli.formats.dtypes import UINT8, DType
+
+if TYPE_CHECKING:  # planning sizes shards without torch; only the tensors written are torch's
+    import torch
 
 
 @functools.cache
@@ -109,7 +110,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
     if not tensor.numel():
         return memoryview(b"")
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data
+    return tensor.contiguous().reshape(-1).view(UINT8.torch_dtype).numpy().data
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class PlannedTensor:
     """A tensor an output shard will hold. For a ``variable`` one, ``shape`` is its largest shape."""
 
     key: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     variable: bool = False
 
@@ -126,7 +127,7 @@ class PlannedTensor:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
-HeaderEntry = tuple[str, torch.dtype, tuple[int, ...], int, int]  # key, dtype, shape, begin, end
+HeaderEntry = tuple[str, DType, tuple[int, ...], int, int]  # key, dtype, shape, begin, end
 
 
 def _header_bytes(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes:
@@ -138,7 +139,7 @@ def _header_bytes(entries: list[HeaderEntry], metadata: dict[str, str]) -> bytes
     for key, dtype, shape, begin, end in entries:
         dims = ",".join(map(str, shape))
         parts.append(
-            f'{encode_basestring_ascii(key)}:{{"dtype":"{DTYPE_NAMES[dtype]}","shape":[{dims}],"data_offsets":[{begin},{end}]}}'
+            f'{encode_basestring_ascii(key)}:{{"dtype":"{dtype.code}","shape":[{dims}],"data_offsets":[{begin},{end}]}}'
         )
     return (",".join(parts) + "}").encode("ascii")
 
@@ -246,7 +247,7 @@ class ShardWriter:
             raise InternalError(f"internal error: {key} is not planned for {self.path.name} or written twice")
         shape = tuple(tensor.shape)
         fits = shape == planned.shape or (planned.variable and len(shape) == 1 and shape[0] <= planned.shape[0])
-        if tensor.dtype != planned.dtype or not fits:
+        if tensor.dtype != planned.dtype.torch_dtype or not fits:
             raise InternalError(
                 f"internal error: {key} is {tensor.dtype} {list(shape)}, planned {planned.dtype} {list(planned.shape)}"
             )
@@ -280,7 +281,7 @@ class ShardWriter:
         entries: list[HeaderEntry] = []
         for key in self.variable_keys:
             data = self.pending[key]
-            entries.append((key, torch.uint8, (len(data),), position, position + len(data)))
+            entries.append((key, UINT8, (len(data),), position, position + len(data)))
             position += len(data)
             tail += data
         header = self._header(entries) if entries else self.fixed_header

@@ -15,8 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnbcli.checkpoint import hub as checkpoint_hub
 from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.errors import UsageError
@@ -24,7 +22,7 @@ from bnbcli.footprint.hub import hub_api, remote_headers, repo_listing
 from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings, component_footprint
 from bnbcli.footprint.runtime import Runtime, combine
 from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
-from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.dtypes import DType, dtype_name
 from bnbcli.pipeline.quantize import source_label
 from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
@@ -52,7 +50,7 @@ class FootprintRequest:
     schemes: tuple[FootprintScheme, ...] = make_schemes()
     revision: str | None = None
     components: tuple[str, ...] | None = None
-    dtype: torch.dtype | None = None  # the dtype from_pretrained loads with (default: the checkpoint's)
+    dtype: DType | None = None  # the dtype from_pretrained loads with (default: the checkpoint's)
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     planner: PlannerName | None = None
     seq_len: int = 4096

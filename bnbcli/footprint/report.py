@@ -15,6 +15,7 @@ from bnbcli.checkpoint.source import ModelSource
 from bnbcli.footprint.model import LoadedModel, build, deserialized_dtypes, layerwise_cast, summarize
 from bnbcli.footprint.runtime import Runtime, activation_bytes, kv_cache_bytes
 from bnbcli.footprint.schemes import FootprintScheme
+from bnbcli.formats.dtypes import DType
 from bnbcli.formats.layout import MAX_FLOAT_REPR, SHORTEST_FLOAT_REPR
 from bnbcli.plan.decisions import PlannerName
 from bnbcli.plan.dtype import model_dtype
@@ -51,7 +52,7 @@ class ComponentFootprint:
 
 @dataclass(frozen=True)
 class Settings:
-    dtype: torch.dtype | None  # the load dtype, when the user names one
+    dtype: DType | None  # the load dtype, when the user names one
     max_shard_size: int
     planner: PlannerName | None
     seq_len: int
@@ -64,9 +65,9 @@ def load_dtype(source: ModelSource, config: Mapping | None, first_file, settings
     tensor of the first weight file in key order; diffusers has no "auto", and we assume torch_dtype= the
     weights' dtype (--dtype says otherwise)."""
     if "_class_name" in (config or {}):
-        return model_dtype(config, (t.dtype for t in source.tensors.values()), settings.dtype)
+        return model_dtype(config, (t.dtype for t in source.tensors.values()), settings.dtype).torch_dtype
     first = [dtype for _, dtype in sorted(first_file) if dtype.is_floating_point and "float8" not in str(dtype)]
-    return model_dtype(config, first[:1], settings.dtype)
+    return model_dtype(config, first[:1], settings.dtype).torch_dtype
 
 
 class ComponentModel:
@@ -95,7 +96,7 @@ class ComponentModel:
         built = self._built(dtype)
         if built is None or built[1].library != "transformers":
             return {}
-        return deserialized_dtypes(built[0], quant, {e.key: e.dtype for j in plan.jobs for e in j.entries})
+        return deserialized_dtypes(built[0], quant, {e.key: e.dtype.torch_dtype for j in plan.jobs for e in j.entries})
 
 
 def component_footprint(
@@ -144,7 +145,7 @@ def _notes(loaded: LoadedModel | None) -> tuple[str, ...]:
     return ()
 
 
-def _loaded_bytes(numel: int, stored: torch.dtype, dtype: torch.dtype) -> int:
+def _loaded_bytes(numel: int, stored: DType, dtype: torch.dtype) -> int:
     return numel * (dtype.itemsize if stored.is_floating_point else stored.itemsize)
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from bnbcli.errors import UsageError
+from bnbcli.formats.dtypes import UINT8, DType
 from bnbcli.plan.scheme import QuantScheme
 from bnbcli.plan.scheme_names import DEFAULT_SCHEMES, KNOWN, Kind
 
@@ -32,10 +31,10 @@ class FootprintScheme:
 def make_schemes(
     names: tuple[str, ...] = DEFAULT_SCHEMES,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     blocksize: int = 64,
-    compute_dtype: torch.dtype | None = None,
-    quant_storage: torch.dtype = torch.uint8,
+    compute_dtype: DType | None = None,
+    quant_storage: DType = UINT8,
     skip: tuple[str, ...] = (),
 ) -> tuple[FootprintScheme, ...]:
     """The named schemes; the 4-bit settings apply to the 4-bit ones (as in `bnb quantize` flags)."""

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from bnbcli.formats import fourbit, int8
-from bnbcli.formats.blocks import num_blocks, quantize_blocks
+from bnbcli.formats.blocks import quantize_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
-from bnbcli.formats.dtypes import FLOAT_DTYPES
-from bnbcli.formats.registry import FormatSettings
+from bnbcli.formats.dtypes import UINT8, is_float
+from bnbcli.formats.layout import FormatSettings, num_blocks
 
 # Weights above this many elements go one by one: their own work already dwarfs a call's fixed cost.
 SMALL_ELEMENTS = 1 << 16
@@ -31,7 +31,7 @@ Restored = tuple[Any, torch.Tensor]  # (the record, its dequantized values)
 def joinable(weight: torch.Tensor, settings: FormatSettings) -> bool:
     """Whether ``quantize_restore_many`` takes ``weight``: a small float CPU tensor with elements, and
     settings its kernels accept. Anything else goes through the kernels alone (which refuse what they must)."""
-    if weight.dtype not in FLOAT_DTYPES or weight.device.type != "cpu" or not 0 < weight.numel() <= SMALL_ELEMENTS:
+    if not is_float(weight.dtype) or weight.device.type != "cpu" or not 0 < weight.numel() <= SMALL_ELEMENTS:
         return False
     if settings.method == "int8":
         return weight.dim() > 0
@@ -39,7 +39,7 @@ def joinable(weight: torch.Tensor, settings: FormatSettings) -> bool:
     return (
         settings.method in fourbit.QUANT_TYPES
         and settings.blocksize in FOUR_BIT_BLOCKSIZES
-        and settings.quant_storage == torch.uint8
+        and settings.quant_storage == UINT8
     )
 
 
@@ -85,7 +85,7 @@ def _join_4bit(xs: list[torch.Tensor], settings: FormatSettings) -> list[Restore
                 settings.method,
                 bs,
                 settings.double_quant,
-                settings.quant_storage,
+                settings.quant_storage.torch_dtype,
             )
         )
     # Double quantization rounds each weight's scales through its own nested blocks and offset.

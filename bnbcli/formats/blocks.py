@@ -27,6 +27,7 @@ import torch
 from bnbcli.formats import parts
 from bnbcli.formats.codes import FLT_MIN
 from bnbcli.formats.gpu_math import flush_subnormals, gpu_nan, rcp_approx
+from bnbcli.formats.layout import num_blocks
 
 _FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -36,10 +37,6 @@ Encoder = Callable[[torch.Tensor], torch.Tensor]
 # Elements per chunk of the fast path: its float32 working buffers stay within a core's L2 cache, and
 # each chunk is big enough for torch to split every op over its intra-op threads.
 CHUNK_ELEMENTS = 1 << 18
-
-
-def num_blocks(n: int, blocksize: int) -> int:
-    return -(-n // blocksize)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats import blockwise8
-from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, num_blocks, quantize_blocks, unpack_nibbles
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FLT_MIN,
@@ -30,8 +30,9 @@ from bnbcli.formats.codes import (
     NF4_THRESHOLDS,
 )
 from bnbcli.formats.cuda_mean import cuda_mean_f32
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.gpu_math import gpu_cast
+from bnbcli.formats.layout import num_blocks
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -125,7 +126,7 @@ def check_quantize_args(x: torch.Tensor, quant_type: str, blocksize: int, quant_
             f"blocksize {blocksize} is not supported for 4-bit",
             hint=f"use one of {', '.join(map(str, FOUR_BIT_BLOCKSIZES))}",
         )
-    if x.dtype not in FLOAT_DTYPES:
+    if not is_float(x.dtype):
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if quant_storage.is_complex:
         raise UsageError(f"quant_storage {quant_storage} is not a real dtype", hint="use torch.uint8 (the default)")

@@ -13,7 +13,7 @@ import torch
 from bnbcli.errors import UsageError
 from bnbcli.formats import blocks, parts
 from bnbcli.formats.codes import INT8_INV_127, INT8_SCALE_NUMERATOR
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.gpu_math import gpu_nan, rcp_approx
 
 WEIGHT_FORMAT_ROW = 0  # the `weight_format` entry (bitsandbytes/utils.py): row = 0, the only layout transformers writes
@@ -31,7 +31,7 @@ class Int8Rowwise:
 
 def quantize_int8_rowwise(x: torch.Tensor, threshold: float = 0.0) -> Int8Rowwise:
     """LLM.int8 row-wise quantization of a weight, as transformers stores it (``Int8Params``)."""
-    if x.dtype not in FLOAT_DTYPES:
+    if not is_float(x.dtype):
         raise UsageError(f"cannot quantize a {dtype_name(x.dtype)} tensor", hint="give fp16, bf16 or fp32")
     if x.numel() == 0:
         raise UsageError("cannot quantize an empty tensor", hint="give a tensor with elements")

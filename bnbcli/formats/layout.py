@@ -12,12 +12,46 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-import torch
-
-from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import NESTED_BLOCKSIZE
-from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.dtypes import FLOAT32, INT8, UINT8, DType, dtype_name
+
+
+def num_blocks(n: int, blocksize: int) -> int:
+    """Blocks of ``blocksize`` elements that ``n`` elements fill, the last one maybe short."""
+    return -(-n // blocksize)
+
+
+class FormatSettings(Protocol):
+    """What a scheme says about a weight's format (``plan.QuantScheme`` has these fields)."""
+
+    @property
+    def method(self) -> str: ...  # nf4, fp4, int8
+
+    @property
+    def blocksize(self) -> int: ...
+
+    @property
+    def double_quant(self) -> bool: ...
+
+    @property
+    def quant_storage(self) -> DType: ...
+
+
+def entry_layouts(shape: tuple[int, ...], dtype: DType, settings: FormatSettings) -> tuple[EntryLayout, ...]:
+    """The tensors a ``dtype`` weight of ``shape`` becomes: int8's (``Linear8bitLt``) or 4-bit's (``Linear4bit``)."""
+    if settings.method == "int8":
+        return layout_int8(shape)
+    return layout_4bit(shape, dtype, settings.method, settings.blocksize, settings.double_quant, settings.quant_storage)
+
+
+def format_label(settings: FormatSettings) -> str:
+    """The format as the plan's "quantize as ..." names it."""
+    if settings.method == "int8":
+        return "int8 row-wise"
+    return f"{settings.method}{'+dq' if settings.double_quant else ''} b{settings.blocksize}"
+
 
 # The keys only a bitsandbytes checkpoint holds: a 4-bit weight's packed quant_state, an int8 weight's SCB.
 QUANT_STATE_KEY = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<quant_type>nf4|fp4)$")
@@ -42,7 +76,7 @@ class EntryLayout:
     or, for a ``sibling`` (int8's SCB), the module's name plus "." plus ``suffix``."""
 
     suffix: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     variable: bool = False  # its length (a JSON string) is known only after quantizing
     sibling: bool = False
@@ -58,7 +92,7 @@ class EntryLayout:
 
 
 def quant_state_json_length(
-    quant_type: str, blocksize: int, dtype: torch.dtype, shape: tuple[int, ...], double_quant: bool
+    quant_type: str, blocksize: int, dtype: DType, shape: tuple[int, ...], double_quant: bool
 ) -> int:
     """Bytes of the packed quant_state JSON; with double quant, its upper bound."""
     state: dict[str, object] = {
@@ -76,11 +110,11 @@ def quant_state_json_length(
 @functools.lru_cache(maxsize=4096)  # an MoE checkpoint repeats a few shapes tens of thousands of times
 def layout_4bit(
     shape: tuple[int, ...],
-    dtype: torch.dtype,
+    dtype: DType,
     quant_type: str,
     blocksize: int,
     double_quant: bool,
-    quant_storage: torch.dtype = torch.uint8,
+    quant_storage: DType = UINT8,
 ) -> tuple[EntryLayout, ...]:
     """The entries ``Linear4bit`` saves, in bitsandbytes' order (see QuantState4bit.state_dict)."""
     n = 1
@@ -89,16 +123,14 @@ def layout_4bit(
     nb = num_blocks(n, blocksize)
     entries = [
         EntryLayout("", quant_storage, ((n + 1) // (2 * quant_storage.itemsize), 1)),
-        EntryLayout(".absmax", torch.uint8 if double_quant else torch.float32, (nb,)),
-        EntryLayout(".quant_map", torch.float32, (16,)),
+        EntryLayout(".absmax", UINT8 if double_quant else FLOAT32, (nb,)),
+        EntryLayout(".quant_map", FLOAT32, (16,)),
     ]
     if double_quant:
-        entries.append(EntryLayout(".nested_absmax", torch.float32, (num_blocks(nb, NESTED_BLOCKSIZE),)))
-        entries.append(EntryLayout(".nested_quant_map", torch.float32, (256,)))
+        entries.append(EntryLayout(".nested_absmax", FLOAT32, (num_blocks(nb, NESTED_BLOCKSIZE),)))
+        entries.append(EntryLayout(".nested_quant_map", FLOAT32, (256,)))
     json_len = quant_state_json_length(quant_type, blocksize, dtype, shape, double_quant)
-    entries.append(
-        EntryLayout(f".quant_state.bitsandbytes__{quant_type}", torch.uint8, (json_len,), variable=double_quant)
-    )
+    entries.append(EntryLayout(f".quant_state.bitsandbytes__{quant_type}", UINT8, (json_len,), variable=double_quant))
     return tuple(entries)
 
 
@@ -111,7 +143,7 @@ def layout_int8(shape: tuple[int, ...]) -> tuple[EntryLayout, ...]:
     for d in shape[:-1]:
         rows *= d
     return (
-        EntryLayout("", torch.int8, tuple(shape)),
-        EntryLayout("SCB", torch.float32, (rows,), sibling=True),
-        EntryLayout("weight_format", torch.uint8, (), sibling=True),
+        EntryLayout("", INT8, tuple(shape)),
+        EntryLayout("SCB", FLOAT32, (rows,), sibling=True),
+        EntryLayout("weight_format", UINT8, (), sibling=True),
     )

@@ -1,5 +1,6 @@
 """The quantized formats by family: the one table that says, for each, how a weight is quantized and restored,
-which checkpoint tensors it becomes, and which backend function runs it.
+which backend function runs it, and how its record goes to and from checkpoint tensors (which tensors a
+weight becomes, known from its shape alone, is ``formats/layout.py``: planning needs no torch).
 
 A *family* is a way bitsandbytes stores a weight: ``4bit`` (NF4/FP4, with or without double quantization;
 ``Linear4bit``) and ``int8`` (LLM.int8 row-wise; ``Linear8bitLt``). ``blockwise8`` (8-bit codes with the dynamic
@@ -15,28 +16,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from bnbcli.formats import blockwise8, fourbit, int8
-from bnbcli.formats.layout import EntryLayout, layout_4bit, layout_int8
-
-
-class FormatSettings(Protocol):
-    """What a scheme says about a weight's format (``plan.QuantScheme`` has these fields)."""
-
-    @property
-    def method(self) -> str: ...  # nf4, fp4, int8
-
-    @property
-    def blocksize(self) -> int: ...
-
-    @property
-    def double_quant(self) -> bool: ...
-
-    @property
-    def quant_storage(self) -> torch.dtype: ...
+from bnbcli.formats.layout import FormatSettings, layout_int8
 
 
 @dataclass(frozen=True)
@@ -68,18 +53,16 @@ def kernels(family: str, backend: str) -> Kernels:
 
 @dataclass(frozen=True)
 class Family:
-    """A format a checkpoint holds: the scheme methods it serves, the tensors a weight becomes, and how its
-    record goes to and from those tensors."""
+    """A format a checkpoint holds: the scheme methods it serves, and how its record goes to and from the
+    tensors a weight becomes (``formats.layout.entry_layouts``)."""
 
     name: str  # the key of the kernels, and the ``kind`` a dequantize plan records
     methods: tuple[str, ...]
     record: type  # what its quantize returns
-    layout: Callable[[tuple[int, ...], torch.dtype, FormatSettings], tuple[EntryLayout, ...]]
     quantize_args: Callable[[FormatSettings], tuple[Any, ...]]  # after the weight
     dequantize_args: Callable[[Any], tuple[Any, ...]]  # of a record
     entries: Callable[[Any, str], dict[str, torch.Tensor]]  # record, weight key → checkpoint tensors, in order
     from_entries: Callable[[Sequence[torch.Tensor], str | None], Any]  # the tensors (and quant_state JSON) → record
-    label: Callable[[FormatSettings], str]  # for the plan's "quantize as ..."
 
     def kernels(self, backend: str) -> Kernels:
         return kernels(self.name, backend)
@@ -113,23 +96,19 @@ FOUR_BIT = Family(
     name="4bit",
     methods=fourbit.QUANT_TYPES,
     record=fourbit.QuantState4bit,
-    layout=lambda shape, dtype, f: layout_4bit(shape, dtype, f.method, f.blocksize, f.double_quant, f.quant_storage),
-    quantize_args=lambda f: (f.method, f.blocksize, f.double_quant, f.quant_storage),
+    quantize_args=lambda f: (f.method, f.blocksize, f.double_quant, f.quant_storage.torch_dtype),
     dequantize_args=lambda q: (q,),
     entries=lambda q, key: q.state_dict(key),
     from_entries=_four_bit_from_entries,
-    label=lambda f: f"{f.method}{'+dq' if f.double_quant else ''} b{f.blocksize}",
 )
 INT8 = Family(
     name="int8",
     methods=("int8",),
     record=int8.Int8Rowwise,
-    layout=lambda shape, dtype, f: layout_int8(shape),
     quantize_args=lambda f: (),  # no threshold: a weight is stored without outlier columns
     dequantize_args=lambda q: (q.CB, q.SCB),
     entries=_int8_entries,
     from_entries=lambda parts, state_json: int8.Int8Rowwise(CB=parts[0], SCB=parts[1]),
-    label=lambda f: "int8 row-wise",
 )
 FAMILIES = {f.name: f for f in (FOUR_BIT, INT8)}
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, TypeVar
 import torch
 
 from bnbcli.formats.batch import SMALL_ELEMENTS
-from bnbcli.formats.dtypes import FLOAT_DTYPES
+from bnbcli.formats.dtypes import is_float
 from bnbcli.formats.metrics import RoundTripError
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.outliers import (
@@ -119,7 +119,7 @@ def _role(t: Read) -> Role:
 
 
 def _quantizable(values: torch.Tensor) -> bool:
-    return values.dtype in FLOAT_DTYPES and values.numel() > 0
+    return is_float(values.dtype) and values.numel() > 0
 
 
 def _held(t: Read) -> torch.Tensor:

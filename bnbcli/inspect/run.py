@@ -16,8 +16,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from bnbcli.backends import resolve_backend
-from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor, read_tensors
+from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource, open_checkpoint
+from bnbcli.checkpoint.tensor_reads import read_tensor, read_tensors
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.dtypes import dtype_name
 from bnbcli.formats.metrics import RoundTripError, error_from_sums, roundtrip_sums

@@ -73,8 +73,8 @@ def _entries(job: TensorJob, record: Any) -> dict[str, torch.Tensor]:
 
 
 def _prepare(job: TensorJob, tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.dtype != job.dtype:
-        tensor = tensor.to(job.dtype)
+    if tensor.dtype != job.dtype.torch_dtype:
+        tensor = tensor.to(job.dtype.torch_dtype)
     if job.quantized and job.decision.transpose:
         tensor = tensor.t().contiguous()  # Conv1D stores [in, out]; bitsandbytes wants [out, in]
     return tensor

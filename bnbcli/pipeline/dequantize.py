@@ -23,11 +23,11 @@ from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.manifest import MANIFEST_NAME, manifest_document, write_manifest
-from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
+from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.checkpoint.writer import PlannedTensor, ShardWriter
 from bnbcli.errors import InputError, UsageError
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import FLOAT_DTYPES, DType, as_dtype, dtype_name
 from bnbcli.formats.registry import FAMILIES
 from bnbcli.pipeline.executor import copy_file, json_dumps_config
 from bnbcli.pipeline.quantize import check_paths, source_label
@@ -42,11 +42,14 @@ Progress = Callable[[int], None]
 class DequantizeRequest:
     src: str
     out: Path
-    dtype: torch.dtype | None = None  # None: each 4-bit weight's quant_state dtype; int8: the model's
+    dtype: DType | None = None  # None: each 4-bit weight's quant_state dtype; int8: the model's
     max_shard_size: int | None = None  # None: keep the source's shards
     revision: str | None = None
     backend: str = "auto"
     overwrite: bool = False
+
+    def __post_init__(self) -> None:  # a library caller's torch.dtype, as the DType it is (else refused below)
+        object.__setattr__(self, "dtype", as_dtype(self.dtype) or self.dtype)
 
 
 @dataclass(frozen=True)
@@ -184,4 +187,4 @@ def restore(tensor: OutputTensor, backend: str, cast: bool = True) -> torch.Tens
         values = values.t().contiguous()  # Conv1D keeps its weight as [in, out]
     # The 4-bit values are already in the quant_state dtype; another --dtype is a second rounding, as
     # transformers' dequantize_bnb_weight does it (dequantize_4bit, then .to(dtype)).
-    return values if values.dtype == tensor.dtype or not cast else values.to(tensor.dtype)
+    return values if values.dtype == tensor.dtype.torch_dtype or not cast else values.to(tensor.dtype.torch_dtype)

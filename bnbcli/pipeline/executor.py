@@ -28,7 +28,7 @@ from bnbcli import interrupts, timeline
 from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
-from bnbcli.checkpoint.safetensors_file import read_tensor, read_tensors
+from bnbcli.checkpoint.tensor_reads import read_tensor, read_tensors
 from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import RoundTripError

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import torch
-
 from bnbcli.errors import InputError, UsageError
-from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.dtypes import DType, dtype_name
 from bnbcli.formats.layout import quantized_keys
 from bnbcli.plan.dtype import model_dtype
 from bnbcli.plan.planners import cache as plan_cache
@@ -59,7 +57,7 @@ class QuantPlan:
     scheme: QuantScheme
     decisions: Mapping[str, TensorDecision]  # read-only, name → decision, in checkpoint order
     skip_modules: tuple[str, ...]  # Linear-like modules left unquantized → llm_int8_skip_modules
-    model_dtype: torch.dtype  # the dtype the model loads in (config.json `dtype`, else the weights')
+    model_dtype: DType  # the dtype the model loads in (config.json `dtype`, else the weights')
     unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no Linear-like module (likely typos)
     fallback: str | None = None  # why config.json's library could not plan it (name rules stood in)
 
@@ -185,7 +183,7 @@ def _library(config: Mapping[str, Any], planner: PlannerName) -> str:
 
 
 def quantization_config(
-    scheme: QuantScheme, skip_modules: tuple[str, ...] | list[str], model_dtype: torch.dtype
+    scheme: QuantScheme, skip_modules: tuple[str, ...] | list[str], model_dtype: DType
 ) -> dict[str, Any]:
     """Exactly what transformers' `BitsAndBytesConfig(...).to_dict()` returns (spec §6.1), keys sorted.
 

@@ -15,17 +15,15 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
-
 from bnbcli import json_text
-from bnbcli.checkpoint.safetensors_file import TensorInfo, read_tensor
+from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
+from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.errors import InputError
-from bnbcli.formats.blocks import num_blocks
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
-from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.dtypes import BY_NAME, FLOAT32, INT8, UINT8, DType, dtype_name
 from bnbcli.formats.int8 import WEIGHT_FORMAT_ROW
-from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX
+from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX, num_blocks
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.plan.quantize_layout import ComponentTotals, assign_shards, set_config_dtype
@@ -49,7 +47,7 @@ class OutputTensor:
 
     name: str
     kind: Kind
-    dtype: torch.dtype  # what is written
+    dtype: DType  # what is written
     shape: tuple[int, ...]  # what is written (Conv1D weights back in [in, out])
     sources: tuple[TensorInfo, ...]  # 4bit: weight, absmax, quant_map[, nested_absmax, nested_quant_map]; int8: CB, SCB
     shard: str
@@ -92,7 +90,7 @@ class DequantComponent:
 class DequantizePlan(ComponentTotals):
     checkpoint: Checkpoint
     components: tuple[DequantComponent, ...]
-    dtype: torch.dtype | None  # --dtype, or None: each weight's quant_state dtype
+    dtype: DType | None  # --dtype, or None: each weight's quant_state dtype
 
 
 def _check_quantization_config(source: ModelSource) -> None:
@@ -107,7 +105,7 @@ def _check_quantization_config(source: ModelSource) -> None:
         )
 
 
-def plan_component(source: ModelSource, dtype: torch.dtype | None, max_shard_size: int | None) -> DequantComponent:
+def plan_component(source: ModelSource, dtype: DType | None, max_shard_size: int | None) -> DequantComponent:
     _check_quantization_config(source)
     tensors = source.tensors
     four_bit = _four_bit_groups(tensors)
@@ -182,19 +180,17 @@ def _int8_groups(tensors: dict[str, TensorInfo]) -> dict[str, tuple[str, ...]]:
             continue
         module = key.removesuffix(SCB_SUFFIX)
         weight = f"{module}.weight"
-        if weight not in tensors or tensors[weight].dtype != torch.int8:
+        if weight not in tensors or tensors[weight].dtype != INT8:
             raise InputError(f"{key} has no int8 weight {weight!r} beside it", hint="the checkpoint is inconsistent")
         extra = (f"{module}.weight_format",) if f"{module}.weight_format" in tensors else ()
         groups[weight] = (weight, key, *extra)
     for key, info in tensors.items():
-        if info.dtype == torch.int8 and key.endswith(".weight") and key not in groups:
+        if info.dtype == INT8 and key.endswith(".weight") and key not in groups:
             raise InputError(f"{key} is int8 but has no SCB beside it", hint="the checkpoint is incomplete")
     return groups
 
 
-def _four_bit_tensor(
-    source: ModelSource, keys: tuple[str, ...], dtype: torch.dtype | None, transpose: bool
-) -> OutputTensor:
+def _four_bit_tensor(source: ModelSource, keys: tuple[str, ...], dtype: DType | None, transpose: bool) -> OutputTensor:
     tensors = source.tensors
     weight, state_key = keys[0], keys[-1]
     state = _read_state(tensors[state_key])
@@ -207,12 +203,12 @@ def _four_bit_tensor(
     nested = "nested_offset" in state
     expected = {
         weight: None,
-        f"{weight}.absmax": (torch.uint8 if nested else torch.float32, (nb,)),
-        f"{weight}.quant_map": (torch.float32, (16,)),
+        f"{weight}.absmax": (UINT8 if nested else FLOAT32, (nb,)),
+        f"{weight}.quant_map": (FLOAT32, (16,)),
     }
     if nested:
-        expected[f"{weight}.nested_absmax"] = (torch.float32, (num_blocks(nb, NESTED_BLOCKSIZE),))
-        expected[f"{weight}.nested_quant_map"] = (torch.float32, (256,))
+        expected[f"{weight}.nested_absmax"] = (FLOAT32, (num_blocks(nb, NESTED_BLOCKSIZE),))
+        expected[f"{weight}.nested_quant_map"] = (FLOAT32, (256,))
     if set(keys[:-1]) != set(expected):
         missing = sorted(set(expected) - set(keys[:-1])) or sorted(set(keys[:-1]) - set(expected))
         raise InputError(f"{weight}: its 4-bit parts do not match its quant_state ({missing[0]})", hint=BROKEN_HINT)
@@ -228,7 +224,7 @@ def _four_bit_tensor(
             f"{weight} holds {packed.nbytes} bytes, not the packed size of shape {list(shape)}", hint=BROKEN_HINT
         )
     out_shape = tuple(reversed(shape)) if transpose else shape
-    state_dtype = getattr(torch, state["dtype"])
+    state_dtype = BY_NAME[state["dtype"]]
     sources = tuple(tensors[k] for k in expected)
     return OutputTensor(
         weight, "4bit", dtype or state_dtype, out_shape, sources, "", transpose, json.dumps(state), (state_key,)
@@ -237,7 +233,7 @@ def _four_bit_tensor(
 
 def _read_state(info: TensorInfo) -> dict[str, Any]:
     """The quant_state JSON, checked the way ``QuantState.from_dict`` would use it."""
-    if info.dtype != torch.uint8 or len(info.shape) != 1 or info.nbytes > 4096:
+    if info.dtype != UINT8 or len(info.shape) != 1 or info.nbytes > 4096:
         raise InputError(f"{info.name} is not a packed quant_state (1-D uint8 JSON)", hint=BROKEN_HINT)
     try:
         state = json_text.loads(read_tensor(info).numpy().tobytes().decode("utf-8"))
@@ -258,13 +254,13 @@ def _read_state(info: TensorInfo) -> dict[str, Any]:
     return state
 
 
-def _int8_tensor(source: ModelSource, keys: tuple[str, ...], dtype: torch.dtype, transpose: bool) -> OutputTensor:
+def _int8_tensor(source: ModelSource, keys: tuple[str, ...], dtype: DType, transpose: bool) -> OutputTensor:
     tensors = source.tensors
     cb, scb = tensors[keys[0]], tensors[keys[1]]
     rows = 1
     for d in cb.shape[:-1]:
         rows *= d
-    if len(cb.shape) < 1 or scb.dtype != torch.float32 or scb.numel != rows:
+    if len(cb.shape) < 1 or scb.dtype != FLOAT32 or scb.numel != rows:
         raise InputError(
             f"{scb.name} is {dtype_name(scb.dtype)} {list(scb.shape)}, not float32 [{rows}]", hint=BROKEN_HINT
         )
@@ -302,7 +298,7 @@ def _conv1d_weights(config: dict | None, weights: list[str], tensors: dict[str, 
     return found
 
 
-def _output_config(source: ModelSource, dtype: torch.dtype | None) -> dict | None:
+def _output_config(source: ModelSource, dtype: DType | None) -> dict | None:
     if source.config is None:
         return None
     config = {k: v for k, v in source.config.items() if k not in ("quantization_config", "_pre_quantization_dtype")}

@@ -10,14 +10,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.writer import PlannedTensor, shard_size
-from bnbcli.formats.dtypes import dtype_name
-from bnbcli.formats.layout import EntryLayout
-from bnbcli.formats.registry import family_of
+from bnbcli.formats.dtypes import DType, dtype_name
+from bnbcli.formats.layout import entry_layouts, format_label
 from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_quantization, quantization_config
 from bnbcli.plan.dtype import config_dtype
 from bnbcli.plan.scheme import QuantScheme
@@ -47,7 +44,7 @@ class TensorJob:
 
     source: TensorInfo
     decision: TensorDecision
-    dtype: torch.dtype  # the dtype it is quantized or kept in
+    dtype: DType  # the dtype it is quantized or kept in
     entries: tuple[PlannedTensor, ...]
     shard: str
 
@@ -103,23 +100,19 @@ class QuantizePlan(ComponentTotals):
         return sum(c.shard_bytes(s) for c in self.components for s in c.shards)
 
 
-def _entry_layouts(scheme: QuantScheme, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[EntryLayout, ...]:
-    return family_of(scheme.method).layout(shape, dtype, scheme)
-
-
-def _target_dtype(info: TensorInfo, scheme: QuantScheme) -> torch.dtype:
+def _target_dtype(info: TensorInfo, scheme: QuantScheme) -> DType:
     """--dtype casts floating-point tensors (as transformers loads them with dtype=...); others keep theirs."""
     if scheme.dtype is not None and info.dtype.is_floating_point:
         return scheme.dtype
     return info.dtype
 
 
-def _job_entries(info: TensorInfo, decision: TensorDecision, dtype: torch.dtype, scheme: QuantScheme):
+def _job_entries(info: TensorInfo, decision: TensorDecision, dtype: DType, scheme: QuantScheme):
     if decision.action != "quantize":
         return (PlannedTensor(info.name, dtype, info.shape),)
     shape = tuple(reversed(info.shape)) if decision.transpose else info.shape
     return tuple(
-        PlannedTensor(e.key(info.name), e.dtype, e.shape, e.variable) for e in _entry_layouts(scheme, shape, dtype)
+        PlannedTensor(e.key(info.name), e.dtype, e.shape, e.variable) for e in entry_layouts(shape, dtype, scheme)
     )
 
 
@@ -151,7 +144,7 @@ def assign_shards(sizes: list[int], max_shard_size: int, stem: str) -> tuple[lis
     return names, assignment
 
 
-def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
+def set_config_dtype(config: dict, dtype: DType) -> None:
     """Record the dtype the weights now have: the keys the config already has (`dtype` in v5,
     `torch_dtype` in v4), and `dtype` for transformers configs (diffusers configs have none)."""
     for key in ("dtype", "torch_dtype"):
@@ -160,7 +153,7 @@ def set_config_dtype(config: dict, dtype: torch.dtype) -> None:
 
 
 def _output_config(
-    source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: torch.dtype
+    source: ModelSource, scheme: QuantScheme, skip_modules: tuple[str, ...], model_dtype: DType
 ) -> dict | None:
     config = dict(source.config) if source.config is not None else {}
     if source.config is not None and config_dtype(config) != model_dtype:
@@ -171,7 +164,7 @@ def _output_config(
     return config
 
 
-def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tensor_shapes(source: ModelSource) -> dict[str, tuple[tuple[int, ...], DType]]:
     """What the planners see of a component's tensors: name → (shape, dtype)."""
     return {name: (info.shape, info.dtype) for name, info in source.tensors.items()}
 
@@ -245,7 +238,7 @@ def describe_action(plan: QuantizePlan, job: TensorJob) -> str:
     scheme = plan.scheme
     if not job.quantized:
         return f"keep ({job.decision.reason})"
-    fmt = family_of(scheme.method).label(scheme)
+    fmt = format_label(scheme)
     return f"quantize as {fmt}" + (" (Conv1D, transposed)" if job.decision.transpose else "")
 
 

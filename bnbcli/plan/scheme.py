@@ -14,11 +14,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, get_args
 
-import torch
-
 from bnbcli.errors import UsageError
 from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import BY_NAME, FLOAT_DTYPES, UINT8, DType, as_dtype, dtype_name
 from bnbcli.plan.scheme_names import DTYPE_NAMES, Method, StorageDtypeName
 
 if sys.version_info >= (3, 11):
@@ -27,8 +25,8 @@ else:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
 METHODS: tuple[str, ...] = get_args(Method)
-STORAGE_DTYPES: tuple[torch.dtype, ...] = tuple(getattr(torch, name) for name in get_args(StorageDtypeName))
-_DTYPE_ALIASES: dict[str, torch.dtype] = {alias: getattr(torch, name) for alias, name in DTYPE_NAMES.items()}
+STORAGE_DTYPES: tuple[DType, ...] = tuple(BY_NAME[name] for name in get_args(StorageDtypeName))
+_DTYPE_ALIASES: dict[str, DType] = {alias: BY_NAME[name] for alias, name in DTYPE_NAMES.items()}
 AUTO = "auto"  # TOML has no null: "auto" stands for None (the model's dtype / each tensor's dtype)
 
 
@@ -42,9 +40,9 @@ def _configs_dir() -> Path:
 CONFIGS_DIR = _configs_dir()
 
 
-def parse_dtype(value: str | torch.dtype, what: str, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
-    """A dtype from its name ('bf16', 'bfloat16', torch.bfloat16), limited to ``allowed``."""
-    dtype = value if isinstance(value, torch.dtype) else _DTYPE_ALIASES.get(str(value).lower())
+def parse_dtype(value: object, what: str, allowed: tuple[DType, ...]) -> DType:
+    """A dtype from its name ('bf16', 'bfloat16'), a DType or a torch.dtype, limited to ``allowed``."""
+    dtype = _DTYPE_ALIASES.get(value.lower()) if isinstance(value, str) else as_dtype(value)
     if dtype is None or dtype not in allowed:
         raise UsageError(
             f"{what} {value!r} is not supported",
@@ -64,14 +62,16 @@ class QuantScheme:
     method: Method = "nf4"
     double_quant: bool = False  # transformers' default; the nf4-dq preset turns it on
     blocksize: int = 64  # 4-bit only; transformers always quantizes with 64, any listed size loads
-    compute_dtype: torch.dtype | None = None  # None: the model's dtype
-    quant_storage: torch.dtype = torch.uint8
-    dtype: torch.dtype | None = None  # cast weights to this before quantizing; None: keep each dtype
+    compute_dtype: DType | None = None  # None: the model's dtype
+    quant_storage: DType = UINT8
+    dtype: DType | None = None  # cast weights to this before quantizing; None: keep each dtype
     skip: tuple[str, ...] = ()
     threshold: float = 6.0  # llm_int8_threshold (applies to activations at run time)
 
     def __post_init__(self) -> None:
-        # Normalize what a TOML file or a caller naturally gives (a list, an int threshold).
+        # Normalize what a TOML file or a caller naturally gives (a list, an int threshold, a torch.dtype).
+        for key in ("compute_dtype", "quant_storage", "dtype"):
+            object.__setattr__(self, key, as_dtype(getattr(self, key)) or getattr(self, key))  # else _check says
         if isinstance(self.skip, (list, str)):
             object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if isinstance(self.threshold, int) and not isinstance(self.threshold, bool):
@@ -105,7 +105,7 @@ class QuantScheme:
         else:
             if self.double_quant:
                 raise UsageError("double_quant applies to 4-bit methods only", hint="drop it for int8")
-            if self.quant_storage != torch.uint8:
+            if self.quant_storage != UINT8:
                 raise UsageError("quant_storage applies to 4-bit methods only", hint="leave it at uint8 for int8")
         for what, dtype in (("compute_dtype", self.compute_dtype), ("dtype", self.dtype)):
             if dtype is not None and dtype not in FLOAT_DTYPES:

@@ -25,6 +25,7 @@ import torch
 from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
+from bnbcli.formats.dtypes import UINT8
 from bnbcli.formats.gpu_math import rcp_steps
 from bnbcli.pipeline import convert
 
@@ -303,7 +304,7 @@ def test_converter_entries_with_the_offset_left_on_the_device(emulated) -> None:
     reference = fourbit.quantize_4bit(x, "nf4", 64, True)
     expected = reference.state_dict("w")
     job = SimpleNamespace(source=SimpleNamespace(name="w"), entries=[SimpleNamespace(key=k) for k in expected])
-    scheme = SimpleNamespace(method="nf4", blocksize=64, double_quant=True, quant_storage=torch.uint8)
+    scheme = SimpleNamespace(method="nf4", blocksize=64, double_quant=True, quant_storage=UINT8)
     entries, restored, pending = convert._quantize(job, x, scheme, "cuda")  # type: ignore[arg-type]
     assert pending is not None
     fields, offset = pending

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bnbcli.checkpoint.safetensors_file import read_tensor
 from bnbcli.checkpoint.source import open_checkpoint
+from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.gates import Gates
 from bnbcli.inspect.outliers import layer_of

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import BFLOAT16
 from bnbcli.plan.decisions import QuantPlan, plan_quantization, quantization_config
 from bnbcli.plan.planners.common import pattern_matches
 from bnbcli.plan.scheme import QuantScheme, available_presets, load_preset, scheme_from_dict
@@ -232,7 +233,7 @@ def test_contradicting_shape_is_an_input_error() -> None:
     pytest.importorskip("transformers")
     config, tensors = source("llama")
     broken = dict(tensors)
-    broken["model.layers.0.self_attn.q_proj.weight"] = ((64, 128), torch.bfloat16)
+    broken["model.layers.0.self_attn.q_proj.weight"] = ((64, 128), BFLOAT16)
     with pytest.raises(InputError, match=r"a shape that contradicts config\.json") as err:
         plan_quantization(config, broken, QuantScheme())
     assert "model.layers.0.self_attn.q_proj.weight" in err.value.message
@@ -259,7 +260,7 @@ def test_already_quantized_and_forced_planners() -> None:
 
 
 def test_wide_quant_storage_must_divide_the_weight() -> None:
-    odd = {"layers.0.proj.weight": ((3, 6), torch.bfloat16)}  # 9 packed bytes
+    odd = {"layers.0.proj.weight": ((3, 6), BFLOAT16)}  # 9 packed bytes
     with pytest.raises(UsageError, match="not a multiple of 2"):
         plan_quantization(None, odd, QuantScheme(quant_storage=torch.bfloat16), planner="name-rules")
     assert plan_quantization(None, odd, QuantScheme(), planner="name-rules").quantized == ("layers.0.proj.weight",)
@@ -297,15 +298,15 @@ def test_quantization_config_is_what_bitsandbytesconfig_writes(variant: str) -> 
 
     scheme = VARIANTS[variant]
     skip = ["lm_head", "model.layers.0.mlp.down_proj"]
-    ours = quantization_config(scheme, tuple(skip), torch.bfloat16)
+    ours = quantization_config(scheme, tuple(skip), BFLOAT16)
     kwargs: dict = {"llm_int8_skip_modules": skip, "llm_int8_threshold": scheme.threshold}
     if scheme.is_4bit:
         kwargs |= {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": scheme.method,
             "bnb_4bit_use_double_quant": scheme.double_quant,
-            "bnb_4bit_compute_dtype": scheme.compute_dtype or torch.bfloat16,
-            "bnb_4bit_quant_storage": scheme.quant_storage,
+            "bnb_4bit_compute_dtype": (scheme.compute_dtype or BFLOAT16).torch_dtype,
+            "bnb_4bit_quant_storage": scheme.quant_storage.torch_dtype,
         }
     else:
         kwargs["load_in_8bit"] = True
@@ -318,7 +319,7 @@ def test_quantization_config_is_what_bitsandbytesconfig_writes(variant: str) -> 
 def test_quantization_config_matches_golden_config_json() -> None:
     """The golden nf4-dq config.json (skip list null there; ours is explicit)."""
     written = json.loads((MODELS / "llama" / "nf4-dq" / "config.json").read_text())["quantization_config"]
-    ours = quantization_config(VARIANTS["nf4-dq"], ("lm_head",), torch.bfloat16)
+    ours = quantization_config(VARIANTS["nf4-dq"], ("lm_head",), BFLOAT16)
     assert list(ours) == list(written)
     assert {**ours, "llm_int8_skip_modules": None} == written
 
@@ -326,7 +327,7 @@ def test_quantization_config_matches_golden_config_json() -> None:
 def test_compute_dtype_defaults_to_the_model_dtype() -> None:
     config, tensors = source("llama")
     p = plan_quantization(config, tensors, QuantScheme(), planner="name-rules")
-    assert p.model_dtype == torch.bfloat16
+    assert p.model_dtype == BFLOAT16
     assert p.quantization_config()["bnb_4bit_compute_dtype"] == "bfloat16"
     cast = plan_quantization(config, tensors, QuantScheme(dtype=torch.float16), planner="name-rules")
     assert cast.quantization_config()["bnb_4bit_compute_dtype"] == "float16"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from bnbcli.formats.dtypes import DType
 from bnbcli.plan.scheme import QuantScheme
 
 from helpers.golden import SAFETENSORS_DTYPES, golden_dir
@@ -39,8 +40,11 @@ def checkpoint_file(folder: Path) -> Path:
 
 
 @cache
-def source(family: str) -> tuple[dict, dict[str, tuple[tuple[int, ...], torch.dtype]]]:
+def source(family: str) -> tuple[dict, dict[str, tuple[tuple[int, ...], DType]]]:
     """(config.json, name → (shape, dtype)) of golden/models/<family>/src: what plan_quantization takes."""
     src = golden_dir() / "models" / family / "src"
-    tensors = {k: (tuple(v["shape"]), SAFETENSORS_DTYPES[v["dtype"]]) for k, v in header(checkpoint_file(src)).items()}
+    tensors = {
+        k: (tuple(v["shape"]), DType.of(SAFETENSORS_DTYPES[v["dtype"]]))
+        for k, v in header(checkpoint_file(src)).items()
+    }
     return json.loads((src / "config.json").read_text()), tensors

@@ -27,9 +27,11 @@ import torch
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
-from bnbcli.checkpoint.safetensors_file import DTYPES, MAX_HEADER_BYTES, SafetensorsFile, TensorInfo, read_tensor
+from bnbcli.checkpoint.safetensors_file import DTYPES, MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
 from bnbcli.checkpoint.source import open_checkpoint
+from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.errors import InputError, UsageError
+from bnbcli.formats.dtypes import BFLOAT16, FLOAT32
 
 from helpers.bnb_process import HANG_SECONDS
 from helpers.hub_cache import make_hub_cache
@@ -93,7 +95,7 @@ def test_single_file(tmp_path: Path) -> None:
     assert source.weight_files == (path,) and source.config is None and source.other_files == ()
     assert set(source.tensors) == set(tensors)
     info = source.tensors["a.weight"]
-    assert (info.dtype, info.shape, info.nbytes, info.numel, info.path) == (torch.bfloat16, (4, 8), 64, 32, path)
+    assert (info.dtype, info.shape, info.nbytes, info.numel, info.path) == (BFLOAT16, (4, 8), 64, 32, path)
     for name, t in tensors.items():
         assert torch.equal(read_tensor(source.tensors[name]), t)
     assert SafetensorsFile.open(path).metadata == {"format": "pt"}
@@ -101,7 +103,8 @@ def test_single_file(tmp_path: Path) -> None:
 
 def test_read_tensor_every_dtype_scalars_and_empty(tmp_path: Path) -> None:
     tensors = {
-        f"t_{name}": torch.arange(-3, 9, dtype=torch.int64).reshape(3, 4).to(dtype) for name, dtype in DTYPES.items()
+        f"t_{name}": torch.arange(-3, 9, dtype=torch.int64).reshape(3, 4).to(dtype)
+        for name, dtype in ((n, d.torch_dtype) for n, d in DTYPES.items())
     }
     tensors["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
     tensors["empty"] = torch.zeros(0, 3, dtype=torch.float32)
@@ -116,9 +119,9 @@ def test_read_tensor_every_dtype_scalars_and_empty(tmp_path: Path) -> None:
 
 
 def test_large_tensors_are_read_in_parts_by_several_threads(tmp_path: Path, monkeypatch) -> None:
-    from bnbcli.checkpoint import safetensors_file
+    from bnbcli.checkpoint import tensor_reads
 
-    monkeypatch.setattr(safetensors_file, "READ_PART_BYTES", 1000)  # parts that split elements
+    monkeypatch.setattr(tensor_reads, "READ_PART_BYTES", 1000)  # parts that split elements
     tensors = {"a": torch.randn(37, 101), "b": torch.arange(3, dtype=torch.int16)}
     save_file(tensors, tmp_path / "m.safetensors")
     sf = SafetensorsFile.open(tmp_path / "m.safetensors")
@@ -826,7 +829,7 @@ def test_small_writes_are_gathered_into_few_writeback_requests(tmp_path: Path, m
     made: list[tuple[int, int]] = []
     monkeypatch.setattr(writer, "start_writeback", lambda fd, offset, length: made.append((offset, length)))
     count, numel = 1000, 1024  # 4 KiB each: 4 MB in all
-    planned = [writer.PlannedTensor(f"t{i:04d}", torch.float32, (numel,)) for i in range(count)]
+    planned = [writer.PlannedTensor(f"t{i:04d}", FLOAT32, (numel,)) for i in range(count)]
     shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
     for i in range(count):
         shard.write(f"t{i:04d}", torch.full((numel,), float(i)))
@@ -855,7 +858,7 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
     monkeypatch.setattr(writer, "start_writeback", slow_writeback)
     monkeypatch.setattr(writer.os, "fsync", lambda fd: (closed.append(len(made)), real_fsync(fd)))
     numel = writer.WRITEBACK_SPAN // 4  # a request each: smaller writes are gathered (next test)
-    planned = [writer.PlannedTensor(f"t{i}", torch.float32, (numel,)) for i in range(5)]
+    planned = [writer.PlannedTensor(f"t{i}", FLOAT32, (numel,)) for i in range(5)]
     shard = writer.ShardWriter(tmp_path / "out.safetensors", planned, {"format": "pt"})
     for i in range(5):
         shard.write(f"t{i}", torch.full((numel,), float(i)))

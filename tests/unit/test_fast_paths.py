@@ -165,8 +165,9 @@ def test_dequantize_by_block_table_equals_value_by_value(quant_type: str, dtype:
     """``dequantize_packed`` looks each code up in its block's 16 values; the reference multiplies every
     value (LUT[code] * scale, ftz, the GPU's NaN, the kernel's cast): the same bits, adversarial scales
     (NaN, ±inf, ±0, subnormal, huge) and codes included."""
-    from bnbcli.formats.blocks import expand_blocks, num_blocks, unpack_nibbles
+    from bnbcli.formats.blocks import expand_blocks, unpack_nibbles
     from bnbcli.formats.gpu_math import gpu_cast
+    from bnbcli.formats.layout import num_blocks
 
     g = torch.Generator().manual_seed(n)
     blocksize = 64

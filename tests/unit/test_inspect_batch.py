@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bnbcli.checkpoint.safetensors_file import SafetensorsFile, read_tensor, read_tensors
+from bnbcli.checkpoint.safetensors_file import SafetensorsFile
+from bnbcli.checkpoint.tensor_reads import read_tensor, read_tensors
 from bnbcli.inspect import measure
 from bnbcli.inspect.criteria import OutlierCriteria
 from bnbcli.inspect.outliers import NOTHING, matrix_outliers, matrix_outliers_many

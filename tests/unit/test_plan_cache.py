@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
+from bnbcli.formats.dtypes import FLOAT16, FLOAT32
 from bnbcli.plan.decisions import plan_quantization
 from bnbcli.plan.planners import cache, hf_diffusers, hf_transformers, table
 from bnbcli.plan.scheme import QuantScheme
@@ -73,8 +73,8 @@ def _variants(config: dict, tensors: dict) -> list[tuple[str, dict, dict, QuantS
     shape, _ = tensors[name]
     return [
         ("a config value", {**config, "rms_norm_eps": 1.234e-5}, tensors, SCHEME),
-        ("one more tensor", config, {**tensors, "extra.weight": ((4, 4), torch.float32)}, SCHEME),
-        ("a tensor's dtype", config, {**tensors, name: (shape, torch.float16)}, SCHEME),
+        ("one more tensor", config, {**tensors, "extra.weight": ((4, 4), FLOAT32)}, SCHEME),
+        ("a tensor's dtype", config, {**tensors, name: (shape, FLOAT16)}, SCHEME),
         ("the scheme's skip list", config, tensors, replace(SCHEME, skip=("q_proj",))),
         ("the method", config, tensors, QuantScheme(method="int8")),
     ]

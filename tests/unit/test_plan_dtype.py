@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import save_file
 
+from bnbcli.formats.dtypes import BFLOAT16 as BF16
+from bnbcli.formats.dtypes import BY_NAME
+from bnbcli.formats.dtypes import FLOAT16 as FP16
+from bnbcli.formats.dtypes import FLOAT32 as FP32
 from bnbcli.plan.dtype import config_dtype, model_dtype
-
-BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
 @pytest.mark.parametrize(
@@ -25,7 +26,12 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
         (None, [FP32, BF16, BF16, FP32, BF16], None, BF16),  # the most common: mixed fp32 norms, bf16 weights
         (None, [FP32, BF16, BF16, FP32], None, FP32),  # a tie: the one met first
         (None, [BF16, FP32, FP32, BF16], None, BF16),
-        (None, [torch.int8, torch.uint8, torch.float64], None, FP32),  # no float16/bfloat16/float32 tensor
+        (
+            None,
+            [BY_NAME["int8"], BY_NAME["uint8"], BY_NAME["float64"]],
+            None,
+            FP32,
+        ),  # no float16/bfloat16/float32 tensor
         (None, [], None, FP32),
         ({"dtype": "bfloat16"}, [BF16], FP16, FP16),  # --dtype over everything
     ],
@@ -47,7 +53,7 @@ def _tied_checkpoint(folder: Path) -> Path:
     tensors = llama_tensors(0)
     names = sorted(tensors)
     for i, name in enumerate(names):
-        tensors[name] = tensors[name].to(FP32 if i < len(names) // 2 else BF16)
+        tensors[name] = tensors[name].to((FP32 if i < len(names) // 2 else BF16).torch_dtype)
     folder.mkdir(parents=True)
     save_file(tensors, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({k: v for k, v in LLAMA_CONFIG.items() if "dtype" not in k}))

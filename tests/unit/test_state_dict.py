@@ -113,15 +113,16 @@ def test_4bit_layout_is_what_quantizing_writes(
 ) -> None:
     """formats/layout.py sizes shards before any data is read: every entry's key, dtype and shape must be
     what quantizing gives (a double-quant quant_state's JSON at most as long as planned)."""
+    from bnbcli.formats.dtypes import FLOAT16, DType
     from bnbcli.formats.layout import layout_4bit
 
     x = torch.randn(shape, dtype=torch.float16)
     entries = bnbcli.quantize_4bit(x, "fp4", 64, double_quant, storage).state_dict(PREFIX)
-    layout = layout_4bit(shape, torch.float16, "fp4", 64, double_quant, storage)
+    layout = layout_4bit(shape, FLOAT16, "fp4", 64, double_quant, DType.of(storage))
     assert list(entries) == [e.key(PREFIX) for e in layout]
     for e in layout:
         got = entries[e.key(PREFIX)]
-        assert got.dtype == e.dtype, e
+        assert got.dtype == e.dtype.torch_dtype, e
         if e.variable:
             assert got.dim() == 1 and got.numel() <= e.shape[0], e
         else:
@@ -133,8 +134,8 @@ def test_int8_layout_is_what_quantizing_writes() -> None:
 
     q = bnbcli.quantize_int8_rowwise(torch.randn(6, 40))
     cb, scb, weight_format = layout_int8((6, 40))
-    assert (q.CB.dtype, tuple(q.CB.shape)) == (cb.dtype, cb.shape)
-    assert (q.SCB.dtype, tuple(q.SCB.shape)) == (scb.dtype, scb.shape)
+    assert (q.CB.dtype, tuple(q.CB.shape)) == (cb.dtype.torch_dtype, cb.shape)
+    assert (q.SCB.dtype, tuple(q.SCB.shape)) == (scb.dtype.torch_dtype, scb.shape)
     assert [e.key(PREFIX) for e in (cb, scb, weight_format)] == [
         PREFIX,
         "model.layers.0.self_attn.q_proj.SCB",

@@ -13,8 +13,9 @@ import torch
 from bnbcli.checkpoint import writer as writer_module
 from bnbcli.checkpoint.writer import WRITEBACK_SPAN, PlannedTensor, ShardWriter
 from bnbcli.errors import InternalError
+from bnbcli.formats.dtypes import BFLOAT16, BY_NAME, UINT8
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64]
+DTYPES = [BY_NAME[n] for n in ("float32", "bfloat16", "float16", "int8", "uint8", "int64")]
 METADATA = {"format": "pt"}
 
 
@@ -22,7 +23,7 @@ def _planned(rng: random.Random, count: int) -> list[PlannedTensor]:
     tensors = []
     for i in range(count):
         if rng.random() < 0.1:  # variable: written at the end, at its actual length
-            tensors.append(PlannedTensor(f"t{i:03d}.quant_state", torch.uint8, (rng.randint(1, 90),), True))
+            tensors.append(PlannedTensor(f"t{i:03d}.quant_state", UINT8, (rng.randint(1, 90),), True))
             continue
         shape = tuple(rng.choice([0, 1, 3, 16, 64]) for _ in range(rng.randint(0, 3)))
         if rng.random() < 0.05:  # larger than a gathered run may grow: written alone
@@ -35,7 +36,7 @@ def _value(t: PlannedTensor, rng: random.Random) -> torch.Tensor:
     g = torch.Generator().manual_seed(rng.randint(0, 2**31))
     if t.variable:
         return torch.randint(0, 256, (rng.randint(1, t.shape[0]),), dtype=torch.uint8, generator=g)
-    value = torch.randint(-100, 100, t.shape, generator=g).to(t.dtype)
+    value = torch.randint(-100, 100, t.shape, generator=g).to(t.dtype.torch_dtype)
     if value.dim() == 2 and rng.random() < 0.3:  # a transposed copy: not contiguous, same values
         value = value.t().contiguous().t()
     return value
@@ -68,8 +69,8 @@ def test_batched_writes_give_the_file_of_one_by_one_writes(seed: int, tmp_path: 
 def test_neighbours_in_the_layout_go_out_with_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """100 tiny tensors of one dtype, planned one after another by name: one write for all of them; a
     tensor of a MiB or more is written alone, without being copied into a gathered buffer."""
-    planned = [PlannedTensor(f"w{i:03d}", torch.bfloat16, (16,)) for i in range(100)]
-    planned.append(PlannedTensor("w050.big", torch.bfloat16, (WRITEBACK_SPAN // 2,)))
+    planned = [PlannedTensor(f"w{i:03d}", BFLOAT16, (16,)) for i in range(100)]
+    planned.append(PlannedTensor("w050.big", BFLOAT16, (WRITEBACK_SPAN // 2,)))
     writes: list[int] = []
     real_pwrite = os.pwrite
 
@@ -87,7 +88,7 @@ def test_neighbours_in_the_layout_go_out_with_one_write(tmp_path: Path, monkeypa
 
 
 def test_a_key_twice_in_one_batch_is_refused(tmp_path: Path) -> None:
-    planned = [PlannedTensor("a", torch.uint8, (4,)), PlannedTensor("b", torch.uint8, (4,))]
+    planned = [PlannedTensor("a", UINT8, (4,)), PlannedTensor("b", UINT8, (4,))]
     writer = ShardWriter(tmp_path / "s.safetensors", planned, METADATA)
     value = torch.zeros(4, dtype=torch.uint8)
     with pytest.raises(InternalError, match="written twice"):

@@ -12,17 +12,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bnbcli.checkpoint.safetensors_file import DTYPE_NAMES
 from bnbcli.checkpoint.writer import PlannedTensor, ShardWriter, _header_bytes, shard_layout, shard_size
+from bnbcli.formats.dtypes import BY_NAME, UINT8
 
 NAMES = ["model.layers.0.mlp.experts.7.up_proj.weight", "x", "é.wéight", 'quote"back\\slash', "tab\tline\n", "😀.w"]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64, torch.bool]
+DTYPES = [BY_NAME[n] for n in ("float32", "bfloat16", "float16", "int8", "uint8", "int64", "bool")]
+# safetensors' own spelling, written out here rather than taken from the code under test
+CODES = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "int8": "I8",
+    "uint8": "U8",
+    "int64": "I64",
+    "bool": "BOOL",
+}
 
 
 def _reference(entries: list, metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata}
     for key, dtype, shape, begin, end in entries:
-        header[key] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+        header[key] = {"dtype": CODES[dtype.name], "shape": list(shape), "data_offsets": [begin, end]}
     return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
 
@@ -52,7 +62,7 @@ def test_written_shard_has_the_reference_header_and_planned_size(seed: int, tmp_
     the file's header is json.dumps' of its entries, padded, and safetensors reads every tensor back."""
     rng = random.Random(seed)
     planned = [t for t in _random_tensors(rng, rng.randint(1, 30)) if seed % 2 == 0 or not t.variable]
-    planned = [t if t.variable is False else PlannedTensor(t.key, torch.uint8, (64,), True) for t in planned]
+    planned = [t if t.variable is False else PlannedTensor(t.key, UINT8, (64,), True) for t in planned]
     metadata = {"format": "pt"}
     path = tmp_path / "shard.safetensors"
     writer = ShardWriter(path, planned, metadata)
@@ -61,7 +71,7 @@ def test_written_shard_has_the_reference_header_and_planned_size(seed: int, tmp_
         if t.variable:
             value = torch.randint(0, 255, (rng.randint(1, 64),), dtype=torch.uint8)
         else:
-            value = torch.randint(0, 2, t.shape).to(t.dtype)
+            value = torch.randint(0, 2, t.shape).to(t.dtype.torch_dtype)
         values[t.key] = value
         writer.write(t.key, value)
     writer.close()

@@ -28,11 +28,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from bnbcli import json_text
 from bnbcli.checkpoint.durable import write_json
-from bnbcli.formats.dtypes import dtype_name
+from bnbcli.formats.dtypes import DType, dtype_name
 from bnbcli.plan.planners.cache_folder import enabled, folder
 from bnbcli.plan.planners.common import ModuleVerdict, PlannerResult, Tensors
 from bnbcli.plan.planners.hf_transformers import NotImportable, NotKnown
@@ -67,11 +65,11 @@ def key(library: str, config: Mapping[str, Any], tensors: Tensors, scheme: Quant
     if version is None:
         return None
     scheme_fields = {f.name: getattr(scheme, f.name) for f in dataclasses.fields(scheme)}
-    scheme_fields = {k: dtype_name(v) if isinstance(v, torch.dtype) else v for k, v in scheme_fields.items()}
+    scheme_fields = {k: dtype_name(v) if isinstance(v, DType) else v for k, v in scheme_fields.items()}
     inputs = {
         "format": FORMAT,
         "library": [library, version],
-        "beside": [torch.__version__, _library_version("accelerate")],  # what the model build runs on
+        "beside": [_library_version("torch"), _library_version("accelerate")],  # what the model build runs on
         "planning_code": _code_digest(),
         "config": config,
         "tensors": sorted([name, list(shape), dtype_name(dtype)] for name, (shape, dtype) in tensors.items()),

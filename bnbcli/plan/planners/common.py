@@ -12,13 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-import torch
-
 from bnbcli.errors import EXIT_USAGE, BnbError, InputError, UsageError
-from bnbcli.formats.dtypes import FLOAT_DTYPES, dtype_name
+from bnbcli.formats.dtypes import FLOAT_DTYPES, DType, dtype_name
 from bnbcli.plan.scheme import QuantScheme
 
-Tensors = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+Tensors = Mapping[str, tuple[tuple[int, ...], DType]]
 Action = Literal["quantize", "keep"]
 
 LINEAR = "Linear"
@@ -198,7 +196,7 @@ def check_quantizable(decisions: Iterable[TensorDecision], tensors: Tensors, sch
             _check_quantizable(d.name, d.module or d.name.rpartition(".")[0], shape, dtype, scheme)
 
 
-def _check_quantizable(key: str, module: str, shape: tuple[int, ...], dtype: torch.dtype, scheme: QuantScheme) -> None:
+def _check_quantizable(key: str, module: str, shape: tuple[int, ...], dtype: DType, scheme: QuantScheme) -> None:
     keep = f"--skip {module!r} keeps it as it is"
     # --dtype casts floating-point tensors only (an int64 or bool weight stays what it is)
     source = scheme.dtype if scheme.dtype is not None and dtype.is_floating_point else dtype

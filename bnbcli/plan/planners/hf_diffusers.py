@@ -12,9 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-from torch import nn
-
 from bnbcli.plan.planners.common import (
     LINEAR,
     ModuleVerdict,
@@ -51,6 +48,9 @@ def resolve_class(config: Mapping[str, Any]) -> tuple[type, str]:
 
 
 def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantScheme) -> PlannerResult:
+    import torch
+    from torch import nn
+
     cls, reason = resolve_class(config)
     try:
         with quiet(), torch.device("meta"):

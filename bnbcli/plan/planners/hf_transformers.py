@@ -12,10 +12,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from bnbcli.plan.planners.common import (
     CONV1D,
@@ -28,6 +25,9 @@ from bnbcli.plan.planners.common import (
     user_skip_rules,
 )
 from bnbcli.plan.scheme import QuantScheme
+
+if TYPE_CHECKING:  # torch comes in when a model is built: the planner table and the cache plan without it
+    from torch import nn
 
 
 class NotKnown(Exception):
@@ -101,6 +101,8 @@ def module_budget(tensor_count: int) -> Iterator[None]:
     A config.json that says 2**31 layers (a typo, or a hostile file) would otherwise keep the meta build
     busy for hours; a real model has about one module per tensor (plus activations, dropouts, norms).
     """
+    from torch import nn
+
     limit = 64 * tensor_count + 4096
     count = 0
 
@@ -121,6 +123,8 @@ def module_budget(tensor_count: int) -> Iterator[None]:
 
 def build_meta_model(cls: type, config: Mapping[str, Any], tensor_count: int) -> nn.Module:
     """The model skeleton on the meta device: parameters have shapes but no storage (fast, no RAM)."""
+    import torch
+
     with quiet(), module_budget(tensor_count):
         cfg = cls.config_class.from_dict(dict(config))  # type: ignore[attr-defined]
         with torch.device("meta"):
@@ -201,6 +205,7 @@ def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantSchem
     except Exception as err:  # a config the class rejects: let the caller fall back, saying why
         why = f"transformers could not build {cls.__name__} from config.json ({type(err).__name__}: {err})"
         raise NotKnown(why) from None
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.quantizers_utils import should_convert_module
 
