@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from bnbcli.errors import UsageError
+
+if TYPE_CHECKING:  # parsing the flags needs no torch (`bnb quantize` plans before importing it)
+    import torch
 
 
 def _index(text: str, flag: str) -> int:
@@ -32,6 +35,8 @@ def parse_devices(device: str | None, devices: str | None) -> tuple[int, ...]:
 
 def cuda_devices(indices: tuple[int, ...]) -> tuple[torch.device, ...]:
     """torch devices for ``indices`` (the current GPU when empty); each must exist on this host."""
+    import torch
+
     count = torch.cuda.device_count()
     for index in indices:
         if index >= count:

@@ -246,12 +246,13 @@ def open_tensor_file(info: TensorInfo) -> int:
         ) from e
 
 
-def read_range(fd: int, info: TensorInfo, view: memoryview, begin: int, end: int) -> None:
-    """Fill view[begin:end] with the tensor's bytes [begin, end) from ``fd`` (its open file)."""
+def read_range(fd: int, info: TensorInfo, view: memoryview, begin: int, end: int, view_start: int = 0) -> None:
+    """Fill ``view`` with the tensor's bytes [begin, end) from ``fd`` (its open file), where ``view`` holds
+    the tensor's bytes from ``view_start`` (0: the whole tensor; ``begin``: just this range)."""
     done = begin
     try:
         while done < end:  # one read returns at most ~2 GiB on Linux, or less near the end of a file
-            n = os.preadv(fd, [view[done:end]], info.start + done)
+            n = os.preadv(fd, [view[done - view_start : end - view_start]], info.start + done)
             if n == 0:
                 raise InputError(
                     f"{info.path}: tensor {info.name!r}: file ended {info.nbytes - done} bytes early",

@@ -164,8 +164,13 @@ class ShardLayout:
     header_size: int
     header: bytes  # the header with every variable tensor at its largest: the final one when there are none
 
+    @property
+    def data_start(self) -> int:
+        """Where the data section begins in the file: after the 8-byte length and the reserved header."""
+        return 8 + self.header_size
+
     def file_size(self, variable_bytes: int) -> int:
-        return 8 + self.header_size + self.fixed_end + variable_bytes
+        return self.data_start + self.fixed_end + variable_bytes
 
 
 def shard_layout(tensors: list[PlannedTensor], metadata: dict[str, str]) -> ShardLayout:
@@ -187,9 +192,19 @@ def shard_layout(tensors: list[PlannedTensor], metadata: dict[str, str]) -> Shar
 
 
 class ShardWriter:
-    """Writes one safetensors file from a known list of tensors, in any order, one at a time."""
+    """Writes one safetensors file from a known list of tensors, in any order, one at a time.
 
-    def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
+    ``prewritten``: keys another writer has placed (or is placing) at their planned offsets in this file
+    (pipeline/early_copy.py); the file is then opened as it is, not emptied, and those keys count as written.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        tensors: list[PlannedTensor],
+        metadata: dict[str, str],
+        prewritten: frozenset[str] = frozenset(),
+    ) -> None:
         self.path = path
         self.metadata = metadata
         self.planned = {t.key: t for t in tensors}
@@ -199,10 +214,10 @@ class ShardWriter:
         self.variable_keys = list(layout.variable_keys)
         self.header_size = layout.header_size
         self.fixed_header = layout.header
-        self.data_start = 8 + self.header_size
+        self.data_start = layout.data_start
         self.pending: dict[str, bytes] = {}
-        self.written: set[str] = set()
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.written: set[str] = set(prewritten)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if prewritten else os.O_TRUNC), 0o644)
         self.writeback = _Writeback(self.fd)
 
     def write(self, key: str, tensor: torch.Tensor) -> memoryview:

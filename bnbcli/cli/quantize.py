@@ -38,7 +38,8 @@ from bnbcli.units import human_bytes
 
 if TYPE_CHECKING:  # the command line is imported without torch: the library comes in when the command runs
     from bnbcli.checkpoint.source import Checkpoint
-    from bnbcli.pipeline.quantize import QuantizeRequest
+    from bnbcli.pipeline.quantize import QuantizeOutcome
+    from bnbcli.pipeline.request import QuantizeRequest
     from bnbcli.plan.budget.choice import BudgetRequest
     from bnbcli.plan.quantize_layout import QuantizePlan
 
@@ -107,10 +108,8 @@ def quantize(
         from bnbcli.checkpoint.hashing import hash_sources_early
 
         hash_sources_early(src)
-    with heap.library_import():
-        from bnbcli.backends.devices import parse_devices
-        from bnbcli.pipeline.quantize import QuantizeRequest, open_source, warm_up_backend
-        from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+    from bnbcli.backends.devices import parse_devices
+    from bnbcli.pipeline.request import QuantizeRequest, open_source
 
     budget = budget_request(keep_budget, target_size, calibrate, text_file, backend)
     request = QuantizeRequest(
@@ -138,18 +137,16 @@ def quantize(
     )
     if dry_run:
         summary = _summary(_plan(request, budget))
+        _check_backend(request)
         if json_output:
             output.emit_json({"dry_run": True, "out": str(out), **summary})
         else:
             _render_plan(summary, all_rows=True)
         return
-    warm_up_backend(request)
     with heap.collections_paused():
         checkpoint = open_source(request)
-        with output.ByteProgress(
-            checkpoint.tensor_bytes, "quantizing", enabled=not no_progress, bar=not json_output
-        ) as bar:
-            outcome = quantize_on_plan(request, _plan(request, budget, checkpoint), bar.advance)
+        plan = _plan(request, budget, checkpoint)
+        outcome = _execute(request, plan, plain=budget is None, bar=not json_output, progress=not no_progress)
     if json_output:
         summary = _summary(outcome.plan)
         output.emit_json({"dry_run": False, "out": str(outcome.out), **summary, "manifest": outcome.manifest})
@@ -159,6 +156,29 @@ def quantize(
         output.warnings(plan_warnings(outcome.plan))
     else:
         _render_outcome(_summary(outcome.plan), outcome.out, outcome.manifest["run"], verbose)
+
+
+def _execute(request: QuantizeRequest, plan: QuantizePlan, plain: bool, bar: bool, progress: bool) -> QuantizeOutcome:
+    """Import the library and run the plan; its pass-through tensors meanwhile copied into OUT's temporary
+    folder when the plan needed no torch (pipeline/early_copy.py)."""
+    from bnbcli.pipeline import early_copy
+    from bnbcli.pipeline.request import output_folder
+
+    with early_copy.started(plan, output_folder(request), plain) as early:
+        with heap.library_import():
+            from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+            from bnbcli.pipeline.quantize import warm_up_backend
+
+        warm_up_backend(request)
+        with output.ByteProgress(plan.checkpoint.tensor_bytes, "quantizing", enabled=progress, bar=bar) as shown:
+            return quantize_on_plan(request, plan, shown.advance, early)
+
+
+def _check_backend(request: QuantizeRequest) -> None:
+    """--dry-run refuses a backend that cannot run, as the run would (it imports torch only to look for a GPU)."""
+    from bnbcli.backends import resolve_backend
+
+    resolve_backend(request.backend)
 
 
 def _scheme(config: str | None, skip: list[str] | None, **given: Any) -> Any:
@@ -182,7 +202,7 @@ def _render_outcome(summary: dict[str, Any], out: Path, run: dict[str, Any], ver
 
 def _plan(request: QuantizeRequest, budget: BudgetRequest | None, checkpoint: Checkpoint | None = None) -> QuantizePlan:
     """The plan execution obeys: uniform, or with the modules --keep-budget/--target-size keep."""
-    from bnbcli.pipeline.quantize import open_source, plan_request
+    from bnbcli.pipeline.request import open_source, plan_request
 
     if budget is None:
         return plan_request(request, checkpoint)

@@ -23,7 +23,7 @@ from bnbcli.footprint.report import ComponentFootprint, ComponentModel, Settings
 from bnbcli.footprint.runtime import Runtime, combine
 from bnbcli.footprint.schemes import DEFAULT_SCHEMES, FootprintScheme, make_schemes
 from bnbcli.formats.dtypes import DType, dtype_name
-from bnbcli.pipeline.quantize import source_label
+from bnbcli.pipeline.request import source_label
 from bnbcli.plan.decisions import PlannerName, fallback_warning, refuse_quantized
 from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE
 from bnbcli.plan.scheme import QuantScheme

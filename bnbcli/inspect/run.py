@@ -31,7 +31,7 @@ from bnbcli.inspect.roundtrip import (
     parse_schemes,
 )
 from bnbcli.pipeline.dequantize import restore
-from bnbcli.pipeline.quantize import source_label
+from bnbcli.pipeline.request import source_label
 from bnbcli.plan.decisions import PlannerName, QuantPlan, fallback_warning, plan_quantization
 from bnbcli.plan.dequantize_layout import DequantComponent, OutputTensor, plan_component
 from bnbcli.plan.quantize_layout import tensor_shapes

@@ -30,7 +30,7 @@ from bnbcli.errors import InputError, UsageError
 from bnbcli.formats.dtypes import FLOAT_DTYPES, DType, as_dtype, dtype_name
 from bnbcli.formats.registry import FAMILIES
 from bnbcli.pipeline.executor import copy_file, json_dumps_config
-from bnbcli.pipeline.quantize import check_paths, source_label
+from bnbcli.pipeline.request import check_paths, source_label
 from bnbcli.plan.dequantize_layout import DequantComponent, DequantizePlan, OutputTensor, plan_component
 from bnbcli.plan.quantize_layout import SHARD_METADATA, index_json
 from bnbcli.units import positive_size

@@ -11,16 +11,13 @@ every size, offset and action comes from the plan.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -29,36 +26,21 @@ from bnbcli.checkpoint.durable import write_atomically
 from bnbcli.checkpoint.hashing import FileHashes
 from bnbcli.checkpoint.journal import FinishedShard, Journal, fingerprint
 from bnbcli.checkpoint.tensor_reads import read_tensor, read_tensors
-from bnbcli.checkpoint.writer import ShardWriter
 from bnbcli.errors import InputError
 from bnbcli.formats.metrics import RoundTripError
-from bnbcli.pipeline.convert import Converted, Converter, CpuConverter, make_converters
+from bnbcli.pipeline.convert import Converter, CpuConverter, make_converters
+from bnbcli.pipeline.early_copy import EarlyCopy, EarlyShards
+from bnbcli.pipeline.shard_writers import Progress, ShardWriters, TensorRecord
 from bnbcli.pipeline.stages import END, Cancellation, Cancelled, Handoff, Stage, StageSeconds, Stopped
-from bnbcli.plan.quantize_layout import (
-    SHARD_METADATA,
-    ComponentPlan,
-    QuantizePlan,
-    TensorJob,
-    index_document,
-    weights_layout,
-)
+from bnbcli.plan.quantize_layout import ComponentPlan, QuantizePlan, TensorJob, index_document, weights_layout
 
 __all__ = ["Cancellation", "Cancelled", "ComponentResult", "StageSeconds", "write_other_files", "write_weights"]
 
-Progress = Callable[[int], None]
-OUTPUT_WORKERS = 3  # threads hashing outputs and syncing finished shards
 # A batch closes once it holds this many source bytes or tensors: a tensor of 1 MiB or more travels
 # alone (as before batching; a GPU overlaps its copy with the previous kernels), tiny ones share the
 # handoffs, hashing tasks and progress updates that cost ~1 ms each on a busy 2-core machine.
 BATCH_BYTES = 1 << 20
 BATCH_TENSORS = 512
-
-
-@dataclass
-class TensorRecord:
-    job: TensorJob
-    outputs: dict[str, str] = field(default_factory=dict)  # key -> sha256
-    error: RoundTripError | None = None
 
 
 @dataclass
@@ -85,113 +67,6 @@ def batches(jobs: Iterable[TensorJob]) -> Iterator[list[TensorJob]]:
         yield batch
 
 
-ShardItems = list[tuple[TensorRecord, str, torch.Tensor]]  # a shard's entries of one batch: record, key, value
-
-
-def _by_shard(done: list[tuple[Converted, TensorRecord]]) -> dict[str, tuple[int, ShardItems]]:
-    """A batch grouped by shard, in the order the shards come: how many of its tensors, and their entries."""
-    shards: dict[str, tuple[int, ShardItems]] = {}
-    for converted, record in done:
-        count, items = shards.get(converted.job.shard, (0, []))
-        items.extend((record, key, value) for key, value in converted.entries.items())
-        shards[converted.job.shard] = (count + 1, items)
-    return shards
-
-
-def _sha256_all(views: list[memoryview]) -> list[str]:
-    return [hashlib.sha256(data).hexdigest() for data in views]
-
-
-Written = list[tuple[TensorRecord, str, memoryview]]  # what one hashing task hashes: record, key, bytes
-Hashing = tuple[list[tuple[TensorRecord, str]], Future[list[str]]]  # whose digests a task computes, and the task
-
-
-class _ShardWriters:
-    """Opens each output shard when its first tensor arrives and finishes it after its last.
-
-    The writer thread only places bytes: the sha256 of the outputs (one task per batch and shard) and
-    the final fsync of each shard run on a small pool beside it (hashlib and fsync release the GIL), so
-    hashing 2 GB/s per core and waiting for the disk never hold up the next tensor. Once a shard is on
-    disk it goes into the journal (what ``--resume`` keeps). Shards the journal already had are not
-    written again. ``wait()`` collects hashes and syncs.
-    """
-
-    def __init__(self, component: ComponentPlan, out_dir: Path, journal: Journal, sources: Callable[[], dict]) -> None:
-        self.component = component
-        self.out_dir = out_dir
-        self.journal = journal
-        self.sources = sources
-        counts = {s: 0 for s in component.shards}
-        for job in component.jobs:
-            counts[job.shard] += 1
-        self.remaining = {s: 0 if s in journal.finished else n for s, n in counts.items()}
-        self.open: dict[str, ShardWriter] = {}
-        self.data_bytes = {s: done.data_bytes for s, done in journal.finished.items()}
-        self.sizes = {s: done.size for s, done in journal.finished.items()}
-        self._pool = ThreadPoolExecutor(max_workers=OUTPUT_WORKERS, thread_name_prefix="bnb-out")
-        self._hashes: dict[str, list[Hashing]] = {}
-        self._syncs: list[Future[None]] = []
-
-    def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
-        """Place a batch's entries, a shard's with one ``write_many`` (runs adjacent in its layout go out
-        as one write); their hashes are queued per shard, before a finished shard's sync."""
-        for shard, (tensors, items) in _by_shard(done).items():
-            if shard not in self.open:
-                entries = [e for j in self.component.shard_jobs(shard) for e in j.entries]
-                self.open[shard] = ShardWriter(self.out_dir / shard, entries, SHARD_METADATA)
-            # views of the values' memory, which they keep alive until hashed
-            views = self.open[shard].write_many([(key, value) for _, key, value in items])
-            self._hash(shard, [(record, key, data) for (record, key, _), data in zip(items, views, strict=True)])
-            self.remaining[shard] -= tensors
-            if self.remaining[shard] == 0:
-                self._finish(shard, self.open.pop(shard))
-
-    def _hash(self, shard: str, items: Written) -> None:
-        task = self._pool.submit(_sha256_all, [data for _, _, data in items])
-        # Only the task holds the bytes: once hashed they are freed, not kept until the shard is synced.
-        self._hashes.setdefault(shard, []).append(([(record, key) for record, key, _ in items], task))
-
-    def _digests(self, shard: str) -> Iterator[tuple[TensorRecord, str, str]]:
-        for names, task in self._hashes.get(shard, []):
-            for (record, key), digest in zip(names, task.result(), strict=True):
-                yield record, key, digest
-
-    def _finish(self, shard: str, writer: ShardWriter) -> None:
-        self.data_bytes[shard] = writer.finish()
-        self.sizes[shard] = (self.out_dir / shard).stat().st_size
-        self._syncs.append(self._pool.submit(self._sync_and_record, shard, writer))
-
-    def _sync_and_record(self, shard: str, writer: ShardWriter) -> None:
-        writer.sync()
-        # The shard's hashes were queued before this task on the same pool: they are done or running.
-        records: dict[str, dict[str, Any]] = {}
-        for record, key, digest in self._digests(shard):
-            error = record.error.as_dict() if record.error else None
-            records.setdefault(record.job.source.name, {"outputs": {}, "error": error})["outputs"][key] = digest
-        self.journal.record_shard(shard, self.data_bytes[shard], self.sizes[shard], records)
-        self.journal.record_sources(self.sources())
-
-    def close_empty(self) -> None:
-        """A shard with no tensors (a model without weights) is still written, as save_pretrained does."""
-        for shard, count in self.remaining.items():
-            if count == 0 and shard not in self.sizes:
-                self._finish(shard, ShardWriter(self.out_dir / shard, [], SHARD_METADATA))
-
-    def wait(self) -> None:
-        """Every output hashed into its record and every shard on disk."""
-        for sync in self._syncs:
-            sync.result()
-        for shard in self._hashes:
-            for record, key, digest in self._digests(shard):
-                record.outputs[key] = digest
-        self._pool.shutdown()
-
-    def abort(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        for writer in self.open.values():
-            writer.abort()
-
-
 def _resumed_record(job: TensorJob, shard: FinishedShard) -> TensorRecord:
     saved = shard.records[job.source.name]
     error = saved["error"]
@@ -211,6 +86,7 @@ class _ComponentRun:
         progress: Progress,
         journal: Journal,
         cancellation: Cancellation,
+        early: EarlyShards,
     ) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.component, self.out_dir, self.converters = component, out_dir, converters
@@ -220,18 +96,20 @@ class _ComponentRun:
         cancellation.watch(self.stop)
         self.to_convert, self.to_write = Handoff(self.stop), Handoff(self.stop)
         self.records: list[TensorRecord] = []
-        self.shards = _ShardWriters(component, out_dir, journal, self.hashes.finished)
+        self.shards = ShardWriters(component, out_dir, journal, self.hashes.finished, early, progress)
         self.seconds = StageSeconds()
         self.resumed = {
             j.source.name: _resumed_record(j, journal.finished[j.shard])
             for j in component.jobs
             if j.shard in journal.finished
         }
+        self.copied_early = {name for shard in early.jobs for name in early.keys(shard)}
 
     def read(self) -> None:
         """The reader thread: each batch of tensors still to convert, from the source files."""
         pin = self.converters[0].pin_memory
-        for batch in batches(j for j in self.component.jobs if j.source.name not in self.resumed):
+        done = self.resumed.keys() | self.copied_early
+        for batch in batches(j for j in self.component.jobs if j.source.name not in done):
             with self.seconds.timing("read"):
                 if pin:
                     tensors = [read_tensor(job.source, pin_memory=job.quantized) for job in batch]
@@ -260,7 +138,7 @@ class _ComponentRun:
         self.to_write.put(END)
 
     def write(self) -> None:
-        """The writer thread: each batch's results into their shards, then the empty shards."""
+        """The writer thread: each batch's results into their shards, then the shards it did not finish."""
         for batch in self.to_write.items():
             done = []
             for converted in batch:
@@ -277,7 +155,7 @@ class _ComponentRun:
             for converted in batch:  # a tensor at a time: the count in a CI log's lines (about 1 µs each)
                 self.progress(converted.job.source.nbytes)
         with self.seconds.timing("write"):
-            self.shards.close_empty()
+            self.shards.close_rest()
 
     def run(self) -> ComponentResult:
         for record in self.resumed.values():
@@ -294,7 +172,8 @@ class _ComponentRun:
         timeline.mark_again("sources hashed")
         self._check_sources(source_sha256)
         self.journal.remove()
-        by_name = {r.job.source.name: r for r in self.records} | self.resumed
+        early = [r for records in self.shards.early_records.values() for r in records]
+        by_name = {r.job.source.name: r for r in [*self.records, *early]} | self.resumed
         return ComponentResult(
             plan=self.component,
             records=[by_name[job.source.name] for job in self.component.jobs],
@@ -359,10 +238,14 @@ def write_weights(
     devices: tuple[torch.device, ...] = (),
     resume: bool = False,
     cancellation: Cancellation | None = None,
+    early: EarlyCopy | None = None,
 ) -> list[ComponentResult]:
     """Write every component's weight files into ``out_dir`` (a temporary folder the caller renames into
     place; with ``resume``, one an interrupted run left, whose journaled shards are kept when they still
-    match). ``write_other_files`` completes the checkpoint."""
+    match; with ``early``, one whose pass-through tensors that copy writes). ``write_other_files``
+    completes the checkpoint."""
+    if early is not None:
+        early.check()
     converters = make_converters(backend, devices, plan.scheme, allow_nonfinite)
     timeline.mark("converters ready")
     settings = asdict(plan.scheme) | {"allow_nonfinite": allow_nonfinite}
@@ -373,7 +256,8 @@ def write_weights(
         sources = list(component.source.weight_files)
         journal = Journal(target, fingerprint(weights_layout(component), settings, sources), resume)
         journal.require_sources(sources)
-        run = _ComponentRun(component, target, converters, progress, journal, cancellation or Cancellation())
+        shards = early.shards(component.name) if early is not None else EarlyShards()
+        run = _ComponentRun(component, target, converters, progress, journal, cancellation or Cancellation(), shards)
         results.append(run.run())
     return results
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,29 +15,12 @@ from bnbcli.backends import resolve_backend
 from bnbcli.backends.devices import cuda_devices
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import manifest_document, write_manifest
-from bnbcli.checkpoint.source import Checkpoint, open_checkpoint
 from bnbcli.errors import BnbError, UsageError
 from bnbcli.formats.dtypes import dtype_name
+from bnbcli.pipeline.early_copy import EarlyCopy
 from bnbcli.pipeline.executor import ComponentResult, Progress, StageSeconds, write_other_files, write_weights
-from bnbcli.plan.decisions import PlannerName
-from bnbcli.plan.quantize_layout import DEFAULT_MAX_SHARD_SIZE, QuantizePlan, plan_quantize
-from bnbcli.plan.scheme import QuantScheme
-
-
-@dataclass(frozen=True)
-class QuantizeRequest:
-    src: str
-    out: Path
-    scheme: QuantScheme
-    revision: str | None = None
-    components: tuple[str, ...] | None = None
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
-    backend: str = "auto"
-    devices: tuple[int, ...] = ()  # GPU indices for the cuda backend; () is the current GPU
-    allow_nonfinite: bool = False
-    overwrite: bool = False
-    resume: bool = False  # continue an interrupted run on OUT (checkpoint/journal.py)
-    planner: PlannerName | None = None  # None: the best available; "name-rules" forces the fallback
+from bnbcli.pipeline.request import QuantizeRequest, output_folder, source_label
+from bnbcli.plan.quantize_layout import QuantizePlan
 
 
 @dataclass(frozen=True)
@@ -44,20 +28,6 @@ class QuantizeOutcome:
     plan: QuantizePlan
     out: Path
     manifest: dict[str, Any]
-
-
-def source_label(checkpoint: Checkpoint) -> dict[str, Any]:
-    if checkpoint.repo_id:
-        return {"repo_id": checkpoint.repo_id, "revision": checkpoint.revision, "kind": checkpoint.kind}
-    return {"path": str(checkpoint.root), "kind": checkpoint.kind}
-
-
-def check_paths(checkpoint: Checkpoint, out: Path) -> None:
-    """OUT must be neither the source, nor inside it, nor around it."""
-    out = out.absolute().resolve()
-    root = checkpoint.root.resolve()
-    if out == root or root in out.parents or out in root.parents:
-        raise UsageError(f"OUT {out} overlaps the source {root}", hint="write OUT elsewhere")
 
 
 def warm_up_backend(request: QuantizeRequest) -> None:
@@ -75,31 +45,21 @@ def warm_up_backend(request: QuantizeRequest) -> None:
         warm_up(device.index if device.index is not None else 0)
 
 
-def open_source(request: QuantizeRequest) -> Checkpoint:
-    timeline.new_run()
-    resolve_backend(request.backend)
-    checkpoint = open_checkpoint(request.src, revision=request.revision, components=request.components)
-    check_paths(checkpoint, request.out)
-    timeline.mark("source opened")
-    return checkpoint
-
-
-def plan_request(request: QuantizeRequest, checkpoint: Checkpoint | None = None) -> QuantizePlan:
-    """Headers only: what --dry-run prints and what execution obeys (--keep-budget: bnbcli.budget.spend)."""
-    checkpoint = checkpoint or open_source(request)
-    return plan_quantize(checkpoint, request.scheme, request.max_shard_size, request.planner)
-
-
-def quantize(request: QuantizeRequest, plan: QuantizePlan, progress: Progress) -> QuantizeOutcome:
-    """Execute ``plan``: OUT appears only once it is whole."""
+def quantize(
+    request: QuantizeRequest, plan: QuantizePlan, progress: Progress, early: EarlyCopy | None = None
+) -> QuantizeOutcome:
+    """Execute ``plan``: OUT appears only once it is whole. ``early``: the output folder entered already,
+    its pass-through tensors being copied (pipeline/early_copy.py); else it is entered here."""
     backend, devices = _backend(request)
     started = time.monotonic()
     timeline.mark("planned")
-    output = AtomicOutputDir(request.out, overwrite=request.overwrite, resume=request.resume)
+    run = functools.partial(write_weights, plan, backend=backend, allow_nonfinite=request.allow_nonfinite,
+                            progress=progress, devices=devices, early=early)  # fmt: skip
+    if early is not None:
+        return _complete(plan, run(out_dir=early.output.tmp), early.output, started)
+    output = output_folder(request)
     with output as tmp:
-        resume = output.adopted is not None
-        results = write_weights(plan, tmp, backend, request.allow_nonfinite, progress, devices, resume)
-        return _complete(plan, results, output, started)
+        return _complete(plan, run(out_dir=tmp, resume=output.adopted is not None), output, started)
 
 
 def _backend(request: QuantizeRequest) -> tuple[str, tuple[torch.device, ...]]:

@@ -82,9 +82,11 @@ class ComponentPlan:
     def shard_jobs(self, shard: str) -> list[TensorJob]:
         return [j for j in self.jobs if j.shard == shard]
 
+    def shard_entries(self, shard: str) -> list[PlannedTensor]:
+        return [e for j in self.shard_jobs(shard) for e in j.entries]
+
     def shard_bytes(self, shard: str) -> int:
-        entries = [e for j in self.shard_jobs(shard) for e in j.entries]
-        return shard_size(entries, SHARD_METADATA)
+        return shard_size(self.shard_entries(shard), SHARD_METADATA)
 
 
 @dataclass(frozen=True)
