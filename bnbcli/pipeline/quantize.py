@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,8 @@ def _complete(
 
 
 def scheme_settings(plan: QuantizePlan) -> dict[str, Any]:
-    settings = asdict(plan.scheme)
+    # Field by field: asdict would turn each DType into a dict of its own fields.
+    settings = {f.name: getattr(plan.scheme, f.name) for f in fields(plan.scheme)}
     # None stays null ("the checkpoint's own dtype"), never the string "None".
     return {
         k: (dtype_name(v) if v is not None and ("dtype" in k or k == "quant_storage") else v)
