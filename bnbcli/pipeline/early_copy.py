@@ -83,12 +83,16 @@ class EarlyCopy:
 
     def __enter__(self) -> EarlyCopy:
         self.output.__enter__()
-        if self.output.adopted is None:
-            for component in self.plan.components:
-                shards = self.jobs.setdefault(component.name, {})
-                for job in filter(passes_through, component.jobs):
-                    shards.setdefault(job.shard, []).append(job)
-            self._thread.start()
+        try:  # a Ctrl-C from here on (Thread.start waits for the thread) leaves through __exit__
+            if self.output.adopted is None:
+                for component in self.plan.components:
+                    shards = self.jobs.setdefault(component.name, {})
+                    for job in filter(passes_through, component.jobs):
+                        shards.setdefault(job.shard, []).append(job)
+                self._thread.start()
+        except BaseException as exc:
+            self.__exit__(type(exc), exc, exc.__traceback__)
+            raise
         return self
 
     def shards(self, component: str) -> EarlyShards:
@@ -107,11 +111,13 @@ class EarlyCopy:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with interrupts.held():  # the thread stopped before its folder goes, even on a second Ctrl-C
-            self._stop.set()
-            if self._thread.is_alive():
-                self._thread.join()
-        self.output.__exit__(exc_type, exc, tb)
+        try:
+            with interrupts.held():  # the thread stopped before its folder goes, even on a second Ctrl-C
+                self._stop.set()
+                if self._thread.is_alive():
+                    self._thread.join()
+        finally:
+            self.output.__exit__(exc_type, exc, tb)
 
     def _run(self) -> None:
         try:
@@ -133,9 +139,8 @@ class EarlyCopy:
         try:
             digests = self.digests.setdefault(component.name, {})
             for job in jobs:
-                digests[job.source.name] = self._copy(
-                    job, fd, 8 + layout.header_size + layout.offsets[job.source.name][0]
-                )
+                begin, _ = layout.offsets[job.source.name]
+                digests[job.source.name] = self._copy(job, fd, layout.data_start + begin)
         finally:
             os.close(fd)
 
