@@ -247,7 +247,7 @@ def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantSchem
         return isinstance(module, Conv1D) or type(module) is nn.Linear
 
     params, converted = checkpoint_params(model, list(tensors))
-    result = PlannerResult(
+    return PlannerResult(
         planner="transformers",
         reason=reason,
         verdicts=verdicts,
@@ -256,6 +256,5 @@ def plan_modules(config: Mapping[str, Any], tensors: Tensors, scheme: QuantSchem
         converted=converted,
         param_shapes={n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)},
         model_label=cls.__name__,
+        skip_modules=settle_skip_list(verdicts, reload_converts),
     )
-    result.skip_modules = settle_skip_list(verdicts, reload_converts)
-    return result
