@@ -89,7 +89,10 @@ class EarlyCopy:
                     shards = self.jobs.setdefault(component.name, {})
                     for job in filter(passes_through, component.jobs):
                         shards.setdefault(job.shard, []).append(job)
-                self._thread.start()
+                # A signal inside Thread.start could leave a running thread that is_alive() does not yet
+                # report, which __exit__ would then not wait for: it is raised once start() has returned.
+                with interrupts.held():
+                    self._thread.start()
         except BaseException as exc:
             self.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -132,8 +135,10 @@ class EarlyCopy:
 
     def _copy_shard(self, component: ComponentPlan, shard: str, jobs: list[TensorJob]) -> None:
         layout = shard_layout(component.shard_entries(shard), SHARD_METADATA)
-        folder = self.output.tmp / component.name if component.name else self.output.tmp
-        folder.mkdir(exist_ok=True)
+        folder = self.output.tmp
+        if component.name:  # never the temporary folder itself: gone, it stays gone
+            folder = folder / component.name
+            folder.mkdir(exist_ok=True)
         # Not emptied (O_TRUNC): the executor may have opened it first and written its own tensors.
         fd = os.open(folder / shard, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
