@@ -158,3 +158,10 @@ def test_ctrl_c_during_the_early_copy_leaves_no_out(llama: Path, tmp_path: Path)
     assert not out.exists()
     assert_no_debris(out)
     assert tree_digest(llama) == before
+
+
+def test_the_manifest_names_the_dtypes_of_the_settings(llama: Path, tmp_path: Path) -> None:
+    """`settings` holds dtype names, as before dtypes were bnb's own DType (asdict once made dicts of them)."""
+    quantize(llama, tmp_path / "out", "--config", "nf4-dq", "--compute-dtype", "float32")
+    settings = json.loads((tmp_path / "out" / "bnb_manifest.json").read_text())["settings"]
+    assert (settings["quant_storage"], settings["compute_dtype"], settings["dtype"]) == ("uint8", "float32", None)
