@@ -25,7 +25,7 @@ from types import TracebackType
 from bnbcli import interrupts, timeline
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.safetensors_file import open_tensor_file, read_range
-from bnbcli.checkpoint.writer import shard_layout
+from bnbcli.checkpoint.writer import shard_layout, start_writeback
 from bnbcli.plan.quantize_layout import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob
 
 CHUNK_BYTES = 4 << 20  # read, hashed and written a piece at a time: a stop request waits for one piece at most
@@ -167,6 +167,7 @@ class EarlyCopy:
                 while piece:
                     done = os.pwrite(out, piece, at)
                     piece, at = piece[done:], at + done
+                start_writeback(out, offset + begin, end - begin)  # the disk at work during the import too
         finally:
             os.close(src)
         return digest.hexdigest()
