@@ -123,17 +123,21 @@ class EarlyCopy:
             self.output.__exit__(exc_type, exc, tb)
 
     def _run(self) -> None:
+        sources: dict[str, int] = {}  # source file → its descriptor: one open per file, not per tensor
         try:
             for component in self.plan.components:
                 for shard, jobs in self.jobs[component.name].items():
-                    self._copy_shard(component, shard, jobs)
+                    self._copy_shard(component, shard, jobs, sources)
             timeline.mark("kept tensors written")
         except _Stopped:
             pass
         except BaseException as exc:  # raised by the executor (or the CLI) on the main thread
             self.error = exc
+        finally:
+            for fd in sources.values():
+                os.close(fd)
 
-    def _copy_shard(self, component: ComponentPlan, shard: str, jobs: list[TensorJob]) -> None:
+    def _copy_shard(self, component: ComponentPlan, shard: str, jobs: list[TensorJob], sources: dict[str, int]) -> None:
         layout = shard_layout(component.shard_entries(shard), SHARD_METADATA)
         folder = self.output.tmp
         if component.name:  # never the temporary folder itself: gone, it stays gone
@@ -145,31 +149,31 @@ class EarlyCopy:
             digests = self.digests.setdefault(component.name, {})
             for job in jobs:
                 begin, _ = layout.offsets[job.source.name]
-                digests[job.source.name] = self._copy(job, fd, layout.data_start + begin)
+                path = str(job.source.path)
+                if path not in sources:
+                    sources[path] = open_tensor_file(job.source)
+                digests[job.source.name] = self._copy(job, sources[path], fd, layout.data_start + begin)
         finally:
             os.close(fd)
 
-    def _copy(self, job: TensorJob, out: int, offset: int) -> str:
-        """Source bytes → ``out`` at ``offset``; their sha256 (hashlib and the system calls let the GIL go)."""
+    def _copy(self, job: TensorJob, src: int, out: int, offset: int) -> str:
+        """Source bytes (from ``src``, their file) → ``out`` at ``offset``; their sha256 (hashlib and the
+        system calls let the GIL go)."""
         info = job.source
         digest = hashlib.sha256()
         view = memoryview(bytearray(min(CHUNK_BYTES, info.nbytes)))
-        src = open_tensor_file(info)
-        try:
-            for begin in range(0, info.nbytes, CHUNK_BYTES):
-                if self._stop.is_set():
-                    raise _Stopped
-                end = min(begin + CHUNK_BYTES, info.nbytes)
-                piece = view[: end - begin]
-                read_range(src, info, piece, begin, end, view_start=begin)
-                digest.update(piece)
-                at = offset + begin
-                while piece:
-                    done = os.pwrite(out, piece, at)
-                    piece, at = piece[done:], at + done
-                start_writeback(out, offset + begin, end - begin)  # the disk at work during the import too
-        finally:
-            os.close(src)
+        for begin in range(0, info.nbytes, CHUNK_BYTES):
+            if self._stop.is_set():
+                raise _Stopped
+            end = min(begin + CHUNK_BYTES, info.nbytes)
+            piece = view[: end - begin]
+            read_range(src, info, piece, begin, end, view_start=begin)
+            digest.update(piece)
+            at = offset + begin
+            while piece:
+                done = os.pwrite(out, piece, at)
+                piece, at = piece[done:], at + done
+            start_writeback(out, offset + begin, end - begin)  # the disk at work during the import too
         return digest.hexdigest()
 
 

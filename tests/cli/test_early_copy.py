@@ -116,11 +116,11 @@ def enter(self):  # enters OUT's temporary folder and starts the thread, importi
     with open(os.environ["SPY_FILE"], "w") as f:
         f.write(str("torch" in sys.modules))
     return real_enter(self)
-def copy(self, job, out, offset):
+def copy(self, job, *files_and_offset):
     if os.environ["SPY_MODE"] == "interrupt":
         os.kill(os.getpid(), signal.SIGINT)
         assert self._stop.wait(600), "the run did not stop the early copy"
-    return real_copy(self, job, out, offset)
+    return real_copy(self, job, *files_and_offset)
 EarlyCopy.__enter__, EarlyCopy._copy = enter, copy
 from bnbcli.cli.entry import main
 main()
