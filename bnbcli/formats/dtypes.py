@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from bnbcli.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -30,10 +32,17 @@ class DType:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The torch.dtype (imports torch)."""
+        """The torch.dtype (imports torch). The table lists every safetensors dtype; an older torch (bnb
+        accepts 2.2) lacks some (float8_e8m0fnu came in 2.7, uint16-64 in 2.3): refused as input here."""
         import torch
 
-        return getattr(torch, self.name)
+        dtype = getattr(torch, self.name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise InputError(
+                f"a {self.code} tensor needs a torch with {self.name}; this one is {torch.__version__}",
+                hint="upgrade torch (pip install -U torch), or store the tensor in another dtype",
+            )
+        return dtype
 
     @staticmethod
     def of(dtype: torch.dtype | DType) -> DType:

@@ -79,3 +79,15 @@ def test_quantize_dequantize_and_footprint_agree_on_a_tied_checkpoint(tmp_path: 
     assert back.exit_code == 0, back.output
     int8_weight = load_file(tmp_path / "d" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
     assert str(int8_weight.dtype).removeprefix("torch.") == decided
+
+
+def test_a_dtype_this_torch_lacks_is_refused_as_input(monkeypatch) -> None:
+    import torch
+
+    from bnbcli.errors import InputError
+    from bnbcli.formats.dtypes import BY_CODE
+
+    assert BY_CODE["F8_E8M0"].torch_dtype is torch.float8_e8m0fnu
+    monkeypatch.delattr(torch, "float8_e8m0fnu")  # as torch before 2.7 has it
+    with pytest.raises(InputError, match="F8_E8M0 tensor needs a torch with float8_e8m0fnu"):
+        _ = BY_CODE["F8_E8M0"].torch_dtype
