@@ -52,9 +52,10 @@ def read_tensor(info: TensorInfo, pin_memory: bool = False) -> torch.Tensor:
 
 
 def read_tensors(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
-    """``read_tensor`` of each, in order, read as they are asked for; a run of small tensors next to each
-    other in one file is read with one pread into one buffer that they share (tens of thousands of tiny
-    tensors would otherwise cost an open, a read and a close each, system calls that let the GIL go)."""
+    """``read_tensor`` of each, in order, read as they are asked for; a run of small tensors close to each
+    other in one file is read with one pread into one buffer that they share, the bytes between them too
+    (tens of thousands of tiny tensors would otherwise cost an open, a read and a close each, system calls
+    that let the GIL go; an MoE's weights are read apart from their biases, which the early copy took)."""
     for run in _runs(infos):
         if len(run) == 1:
             yield read_tensor(run[0])
@@ -72,18 +73,19 @@ def read_tensors(infos: list[TensorInfo]) -> Iterator[torch.Tensor]:
             yield _typed(part if aligned else part.clone(), info)
 
 
-RUN_BYTES = 1 << 20  # a run read at once holds at most this many bytes of tensors below SMALL_READ_BYTES
-SMALL_READ_BYTES = 64 << 10
+RUN_BYTES = 1 << 20  # a run read at once spans at most this many bytes of tensors below SMALL_READ_BYTES
+SMALL_READ_BYTES = 64 << 10  # also the most bytes a run reads between two of its tensors
 
 
 def _runs(infos: list[TensorInfo]) -> Iterator[list[TensorInfo]]:
-    """``infos`` in order, cut into runs of small tensors that follow each other in one file."""
+    """``infos`` in order, cut into runs of small tensors that follow each other closely in one file."""
     run: list[TensorInfo] = []
     for info in infos:
+        end = run[-1].start + run[-1].nbytes if run else 0
         if run and not (
             info.nbytes <= SMALL_READ_BYTES
             and info.path == run[-1].path
-            and info.start == run[-1].start + run[-1].nbytes
+            and end <= info.start <= end + SMALL_READ_BYTES
             and info.start + info.nbytes - run[0].start <= RUN_BYTES
         ):
             yield run

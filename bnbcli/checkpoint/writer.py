@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from bnbcli.errors import InternalError
-from bnbcli.formats.dtypes import UINT8, DType
+from bnbcli.formats.dtypes import INT16, UINT8, DType
 
 if TYPE_CHECKING:  # planning sizes shards without torch; only the tensors written are torch's
     import torch
@@ -61,6 +61,31 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # advisory: a failure only loses the head start
 
 
+class WritebackSpans:
+    """Writes gathered for writeback requests: one of ``WRITEBACK_SPAN`` bytes or more is asked for as it is,
+    smaller ones together once they add up to it (a request each for 10,000 tiny tensors cost more than
+    writing them). ``add`` and ``rest`` return the (offset, length) to ask for, or None."""
+
+    def __init__(self) -> None:
+        self.span: tuple[int, int] | None = None  # small writes not yet asked for: [start, end)
+        self.gathered = 0  # their bytes
+
+    def add(self, offset: int, length: int) -> tuple[int, int] | None:
+        if length >= WRITEBACK_SPAN:
+            return offset, length
+        start, end = self.span or (offset, offset + length)
+        self.span = (min(start, offset), max(end, offset + length))
+        self.gathered += length
+        return self.rest() if self.gathered >= WRITEBACK_SPAN else None
+
+    def rest(self) -> tuple[int, int] | None:
+        """The small writes not yet asked for, as one request (then forgotten)."""
+        if self.span is None:
+            return None
+        (start, end), self.span, self.gathered = self.span, None, 0
+        return start, end - start
+
+
 class _Writeback:
     """Early writeback of one open file, asked for from a thread of its own.
 
@@ -74,8 +99,7 @@ class _Writeback:
         self.fd = fd
         self.requests: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self.thread: threading.Thread | None = None
-        self.span: tuple[int, int] | None = None  # small writes not yet asked for: [start, end)
-        self.gathered = 0  # their bytes
+        self.spans = WritebackSpans()
         if _sync_file_range() is not None:
             self.thread = threading.Thread(target=self._run, name="bnb-writeback", daemon=True)
             self.thread.start()
@@ -85,19 +109,9 @@ class _Writeback:
             start_writeback(self.fd, *request)
 
     def request(self, offset: int, length: int) -> None:
-        """Ask for these bytes; small writes are gathered into one span first (a request each for 10,000
-        tiny tensors cost more than writing them)."""
-        if self.thread is None:
-            return
-        if length < WRITEBACK_SPAN:
-            start, end = self.span or (offset, offset + length)
-            self.span = (min(start, offset), max(end, offset + length))
-            self.gathered += length
-            if self.gathered < WRITEBACK_SPAN:
-                return
-            (offset, end), self.span, self.gathered = self.span, None, 0
-            length = end - offset
-        self.requests.put((offset, length))
+        """Ask for these bytes (small writes gathered first)."""
+        if self.thread is not None and (span := self.spans.add(offset, length)) is not None:
+            self.requests.put(span)
 
     def close(self) -> None:
         if self.thread is not None:
@@ -107,10 +121,22 @@ class _Writeback:
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
-    """The raw bytes of a CPU tensor, without a copy when it is contiguous."""
+    """The raw bytes of a CPU tensor, without a copy when it is contiguous.
+
+    Through numpy, with one torch call (two for the dtypes numpy lacks): each torch call lets the GIL go,
+    and with the reader, converter and writer threads each waiting for it, a few calls per entry of
+    tens of thousands of tiny tensors cost more than the bytes (BENCHMARKS.md, "many tiny tensors")."""
     if not tensor.numel():
         return memoryview(b"")
-    return tensor.contiguous().reshape(-1).view(UINT8.torch_dtype).numpy().data
+    if tensor.dtype.is_floating_point and tensor.dtype.itemsize <= 2:  # bfloat16, the float8s (float16 too)
+        tensor = tensor.view((UINT8 if tensor.dtype.itemsize == 1 else INT16).torch_dtype)
+    try:
+        array = tensor.numpy()
+    except TypeError:  # a dtype numpy lacks still (complex32, the unsigned 16-64 bits of an old numpy …)
+        return tensor.contiguous().reshape(-1).view(UINT8.torch_dtype).numpy().data
+    if not array.flags.c_contiguous:
+        array = array.copy()
+    return array.reshape(-1).view("u1").data
 
 
 @dataclass(frozen=True)
@@ -204,11 +230,13 @@ class ShardWriter:
         tensors: list[PlannedTensor],
         metadata: dict[str, str],
         prewritten: frozenset[str] = frozenset(),
+        layout: ShardLayout | None = None,
     ) -> None:
+        """``layout``: ``shard_layout(tensors, metadata)``, when the caller has it already."""
         self.path = path
         self.metadata = metadata
         self.planned = {t.key: t for t in tensors}
-        layout = shard_layout(tensors, metadata)
+        layout = layout or shard_layout(tensors, metadata)
         self.offsets = dict(layout.offsets)
         self.fixed_end = layout.fixed_end
         self.variable_keys = list(layout.variable_keys)
@@ -325,9 +353,3 @@ class ShardWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def shard_size(tensors: list[PlannedTensor], metadata: dict[str, str]) -> int:
-    """Bytes of the file a ShardWriter writes for these tensors: exact, and with variable tensors the
-    largest it can be (each at its largest size)."""
-    return shard_layout(tensors, metadata).file_size(sum(t.nbytes for t in tensors if t.variable))

@@ -140,11 +140,12 @@ def inspect(
         gates=Gates(max_rel_error, min_sqnr, max_outlier_dims, max_nonfinite, gate_scheme),
     )
     texts = read_text_file(text_file) if text_file is not None else None
-    checkpoint = open_source(request)
-    with output.ByteProgress(
-        checkpoint.tensor_bytes, "inspecting", enabled=not no_progress, bar=not json_output
-    ) as bar:
-        report = inspect_checkpoint(request, checkpoint, bar.advance)
+    with heap.collections_paused():  # as quantize's run: records of many tiny tensors are walked again and again
+        checkpoint = open_source(request)
+        with output.ByteProgress(
+            checkpoint.tensor_bytes, "inspecting", enabled=not no_progress, bar=not json_output
+        ) as bar:
+            report = inspect_checkpoint(request, checkpoint, bar.advance)
     output.warnings(list(report.warnings))
     if criteria is not None:
         report = _with_activations(report, texts, criteria)

@@ -87,7 +87,7 @@ BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
 BY_CODE: dict[str, DType] = {d.code: d for d in ALL}
 
 FLOAT64, FLOAT32, FLOAT16, BFLOAT16 = BY_NAME["float64"], BY_NAME["float32"], BY_NAME["float16"], BY_NAME["bfloat16"]
-INT8, UINT8 = BY_NAME["int8"], BY_NAME["uint8"]
+INT8, UINT8, INT16 = BY_NAME["int8"], BY_NAME["uint8"], BY_NAME["int16"]
 
 # bitsandbytes' 4-bit kernels read fp16/bf16/fp32 and Linear4bit computes in one of them
 # (`_ops.py` dequantize_4bit checks `dtype in (float16, bfloat16, float32)`); int8 quantizes the same.

@@ -25,8 +25,8 @@ from types import TracebackType
 from bnbcli import interrupts, timeline
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.safetensors_file import open_tensor_file, read_range
-from bnbcli.checkpoint.writer import shard_layout, start_writeback
-from bnbcli.plan.quantize_layout import SHARD_METADATA, ComponentPlan, QuantizePlan, TensorJob
+from bnbcli.checkpoint.writer import WritebackSpans, start_writeback
+from bnbcli.plan.quantize_layout import ComponentPlan, QuantizePlan, TensorJob
 
 CHUNK_BYTES = 4 << 20  # read, hashed and written a piece at a time: a stop request waits for one piece at most
 
@@ -138,7 +138,7 @@ class EarlyCopy:
                 os.close(fd)
 
     def _copy_shard(self, component: ComponentPlan, shard: str, jobs: list[TensorJob], sources: dict[str, int]) -> None:
-        layout = shard_layout(component.shard_entries(shard), SHARD_METADATA)
+        layout = component.shard_layout(shard)
         folder = self.output.tmp
         if component.name:  # never the temporary folder itself: gone, it stays gone
             folder = folder / component.name
@@ -147,16 +147,19 @@ class EarlyCopy:
         fd = os.open(folder / shard, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
             digests = self.digests.setdefault(component.name, {})
+            spans = WritebackSpans()  # the disk at work during the import too, tiny tensors asked for together
             for job in jobs:
                 begin, _ = layout.offsets[job.source.name]
                 path = str(job.source.path)
                 if path not in sources:
                     sources[path] = open_tensor_file(job.source)
-                digests[job.source.name] = self._copy(job, sources[path], fd, layout.data_start + begin)
+                digests[job.source.name] = self._copy(job, sources[path], fd, layout.data_start + begin, spans)
+            if (span := spans.rest()) is not None:
+                start_writeback(fd, *span)
         finally:
             os.close(fd)
 
-    def _copy(self, job: TensorJob, src: int, out: int, offset: int) -> str:
+    def _copy(self, job: TensorJob, src: int, out: int, offset: int, spans: WritebackSpans) -> str:
         """Source bytes (from ``src``, their file) → ``out`` at ``offset``; their sha256 (hashlib and the
         system calls let the GIL go)."""
         info = job.source
@@ -173,7 +176,8 @@ class EarlyCopy:
             while piece:
                 done = os.pwrite(out, piece, at)
                 piece, at = piece[done:], at + done
-            start_writeback(out, offset + begin, end - begin)  # the disk at work during the import too
+            if (span := spans.add(offset + begin, end - begin)) is not None:
+                start_writeback(out, *span)
         return digest.hexdigest()
 
 

@@ -90,8 +90,8 @@ class ShardWriters:
         self._syncs: list[Future[None]] = []
 
     def _writer(self, shard: str) -> ShardWriter:
-        entries = self.component.shard_entries(shard)
-        return ShardWriter(self.out_dir / shard, entries, SHARD_METADATA, self.early.keys(shard))
+        entries, layout = self.component.shard_entries(shard), self.component.shard_layout(shard)
+        return ShardWriter(self.out_dir / shard, entries, SHARD_METADATA, self.early.keys(shard), layout)
 
     def write(self, done: list[tuple[Converted, TensorRecord]]) -> None:
         """Place a batch's entries, a shard's with one ``write_many`` (runs adjacent in its layout go out

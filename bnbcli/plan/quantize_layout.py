@@ -7,12 +7,12 @@ is re-decided during execution.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
-from bnbcli.checkpoint.writer import PlannedTensor, shard_size
+from bnbcli.checkpoint.writer import PlannedTensor, ShardLayout, shard_layout
 from bnbcli.formats.dtypes import DType, dtype_name
 from bnbcli.formats.layout import entry_layouts, format_label
 from bnbcli.plan.decisions import PlannerName, TensorDecision, fallback_warning, plan_quantization, quantization_config
@@ -70,6 +70,9 @@ class ComponentPlan:
     weights_stem: str  # "model" or "diffusion_pytorch_model"
     unmatched_skip: tuple[str, ...] = ()  # --skip patterns that match no module of this component
     planner_fallback: str | None = None  # why config.json's library could not plan it (QuantPlan.fallback)
+    # Each shard's layout, once asked for (by the plan's sizes, the early copy and the writer: ~10 µs a
+    # tensor each time); a replace() starts afresh.
+    _layouts: dict[str, ShardLayout] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def bytes_in(self) -> int:
@@ -85,8 +88,16 @@ class ComponentPlan:
     def shard_entries(self, shard: str) -> list[PlannedTensor]:
         return [e for j in self.shard_jobs(shard) for e in j.entries]
 
+    def shard_layout(self, shard: str) -> ShardLayout:
+        """Where the writer puts each of the shard's entries."""
+        if shard not in self._layouts:
+            self._layouts[shard] = shard_layout(self.shard_entries(shard), SHARD_METADATA)
+        return self._layouts[shard]
+
     def shard_bytes(self, shard: str) -> int:
-        return shard_size(self.shard_entries(shard), SHARD_METADATA)
+        """The shard file's size: exact, and with variable tensors the largest it can be."""
+        variable = sum(e.nbytes for e in self.shard_entries(shard) if e.variable)
+        return self.shard_layout(shard).file_size(variable)
 
 
 @dataclass(frozen=True)
@@ -249,7 +260,14 @@ def weights_layout(component: ComponentPlan) -> list:
     orientation, shard and entries, in order. Not which planner decided, nor its reasons: two plans with
     the same layout write the same files (--resume and the speculative start rely on it)."""
     jobs = [
-        [j.source.name, j.decision.action, j.decision.transpose, str(j.dtype), j.shard, [repr(e) for e in j.entries]]
+        [
+            j.source.name,
+            j.decision.action,
+            j.decision.transpose,
+            j.dtype.name,
+            j.shard,
+            [(e.key, e.dtype.name, e.shape, e.variable) for e in j.entries],
+        ]
         for j in component.jobs
     ]
     return [component.name, component.weights_stem, list(component.shards), jobs]

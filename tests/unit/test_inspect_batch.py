@@ -116,9 +116,35 @@ def test_read_tensors_equal_read_tensor(tmp_path: Path) -> None:
     save_file(tensors, tmp_path / "a.safetensors")
     _misaligned_file(tmp_path / "b.safetensors")
     infos = [i for f in ("a", "b") for i in SafetensorsFile.open(tmp_path / f"{f}.safetensors").tensors.values()]
-    for info, got in zip(infos, read_tensors(infos), strict=True):
-        alone = read_tensor(info)
-        assert got.dtype == alone.dtype and got.shape == alone.shape and torch.equal(got, alone), info.name
+    every_other = infos[::2]  # gaps between them: read across them (the bytes between are not tensors returned)
+    for chosen in (infos, every_other, infos[1::2]):
+        for info, got in zip(chosen, read_tensors(chosen), strict=True):
+            alone = read_tensor(info)
+            assert got.dtype == alone.dtype and got.shape == alone.shape and torch.equal(got, alone), info.name
+
+
+def test_tensors_with_small_gaps_between_are_read_together(tmp_path: Path, monkeypatch) -> None:
+    """Tiny weights whose biases lie between them (copied by the early copy, not read): one read, not one
+    each; a gap past SMALL_READ_BYTES starts a new read."""
+    from bnbcli.checkpoint import tensor_reads
+
+    tensors = {
+        f"e{i:03d}.{kind}": torch.full((16,) * (2 if kind == "weight" else 1), float(i))
+        for i in range(40)
+        for kind in ("bias", "weight")
+    }
+    tensors["e999.zbig"] = torch.zeros(tensor_reads.SMALL_READ_BYTES // 4 + 1)  # a gap too wide
+    tensors["f000.weight"] = torch.ones(4)
+    save_file(tensors, tmp_path / "a.safetensors")
+    infos = SafetensorsFile.open(tmp_path / "a.safetensors").tensors
+    weights = [i for n, i in sorted(infos.items(), key=lambda item: item[1].start) if n.endswith("weight")]
+    opened = []
+    real_open = tensor_reads.open_tensor_file
+    monkeypatch.setattr(tensor_reads, "open_tensor_file", lambda info: opened.append(info.start) or real_open(info))
+    got = list(read_tensors(weights))
+    assert len(opened) == 2
+    for info, tensor in zip(weights, got, strict=True):
+        assert torch.equal(tensor, read_tensor(info)), info.name
 
 
 def _checkpoint(folder: Path) -> Path:

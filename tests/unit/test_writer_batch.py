@@ -94,3 +94,16 @@ def test_a_key_twice_in_one_batch_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InternalError, match="written twice"):
         writer.write_many([("a", value), ("b", value), ("a", value)])
     writer.abort()
+
+
+@pytest.mark.parametrize("dtype", [d for d in BY_NAME.values() if hasattr(torch, d.name)], ids=lambda d: d.name)
+def test_tensor_bytes_are_the_tensors_bytes_in_memory_order(dtype) -> None:
+    """Every dtype (those numpy lacks through a view of their own size), contiguous or not, 0-d or empty:
+    the bytes torch holds for the tensor laid out in row-major order."""
+    base = torch.arange(-6, 18, dtype=torch.float64).reshape(4, 6)
+    values = base.abs().to(dtype.torch_dtype) if not dtype.is_floating_point else base.to(dtype.torch_dtype)
+    for tensor in (values, values.t(), values[:, ::2], values[1], values[0, 0], values[:0]):
+        expected = (
+            tensor.contiguous().flatten().view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
+        )
+        assert bytes(writer_module.tensor_bytes(tensor)) == bytes(expected.tolist()), (dtype.name, tuple(tensor.shape))
