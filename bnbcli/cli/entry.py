@@ -17,6 +17,7 @@ report; tests/cli/test_signals.py makes it happen every time). So the handler ne
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -106,14 +107,39 @@ def main() -> None:
     timeline.mark("imported")
     watch_deferred_signals()
     _imported = True
+    code: object = 0
     try:
         run()
     except KeyboardInterrupt:  # a signal while the outcome was being reported (an error line, say)
         interrupted_exit()
+    except SystemExit as exc:
+        code = exc.code
     finally:
         # The run is over, its outcome reported: a signal now, while Python exits, changes nothing.
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+    _exit_without_teardown(code)
+
+
+def _exit_without_teardown(code: object) -> NoReturn:
+    """Exit as ``sys.exit(code)`` would, without the interpreter's teardown: once a run is over, freeing
+    its objects one by one (a plan and a record per tensor) only delays the exit; 200,000 tiny tensors
+    took 6 s more (BENCHMARKS.md, "many tiny tensors"). The exit handlers still run and the output is
+    flushed; every file the run wrote is closed (and synced) by then."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()  # what Python's own exit runs (torch's and others' handlers)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away: nothing left to say, as ever
+            status = status or 1
+    os._exit(status)
 
 
 def interrupted_exit(printed: bool = False) -> NoReturn:
