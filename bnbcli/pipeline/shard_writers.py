@@ -140,8 +140,7 @@ class ShardWriters:
         for record, key, digest in [*early, *self._digests(shard)]:
             error = record.error.as_dict() if record.error else None
             records.setdefault(record.job.source.name, {"outputs": {}, "error": error})["outputs"][key] = digest
-        self.journal.record_shard(shard, self.data_bytes[shard], self.sizes[shard], records)
-        self.journal.record_sources(self.sources())
+        self.journal.record_shard(shard, self.data_bytes[shard], self.sizes[shard], records, self.sources())
 
     def close_rest(self) -> None:
         """The shards no tensor of the stream finished: those the early copy alone filled, and a shard

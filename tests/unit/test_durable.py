@@ -26,7 +26,7 @@ BIG = {f"key{i}": "x" * 64 for i in range(1000)}  # ~70 KB of JSON
 WRITERS = {
     "write_json": "from bnbcli.checkpoint.durable import write_json; write_json(folder / 'f.json', doc)",
     "journal": "from bnbcli.checkpoint.journal import Journal; "
-    "Journal(folder, 'fp', False).record_shard('s', 1, 1, doc)",
+    "Journal(folder, 'fp', False).record_shard('s', 1, 1, doc, {})",
     "manifest": "from bnbcli.checkpoint.manifest import write_manifest; write_manifest(folder, doc)",
     "plan cache": "from bnbcli.plan.planners import cache; cache._store('entry', doc)",
 }
