@@ -55,11 +55,13 @@ def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
             else:
                 out(separator + inner)
             separator = ","
-            # strings and ints, most of a manifest's leaves, without a call of their own
+            # strings, ints and finite floats, most of a manifest's or report's leaves, without a call of their own
             if type(item) is str:
                 out(encode_basestring_ascii(item))
             elif type(item) is int:
                 out(int.__repr__(item))
+            elif type(item) is float and item - item == 0:
+                out(float.__repr__(item))
             else:
                 _indented(item, inner, out)
         out(newline + ("}" if kind is dict else "]"))
