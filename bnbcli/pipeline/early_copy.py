@@ -80,15 +80,19 @@ class EarlyCopy:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bnb-early-copy", daemon=True)
+        self._buffer = memoryview(b"")  # the thread's one buffer, as large as the largest piece it copies
 
     def __enter__(self) -> EarlyCopy:
         self.output.__enter__()
         try:  # a Ctrl-C from here on (Thread.start waits for the thread) leaves through __exit__
             if self.output.adopted is None:
+                largest = 0
                 for component in self.plan.components:
                     shards = self.jobs.setdefault(component.name, {})
                     for job in filter(passes_through, component.jobs):
                         shards.setdefault(job.shard, []).append(job)
+                        largest = max(largest, job.source.nbytes)
+                self._buffer = memoryview(bytearray(min(CHUNK_BYTES, largest)))
                 # A signal inside Thread.start could leave a running thread that is_alive() does not yet
                 # report, which __exit__ would then not wait for: it is raised once start() has returned.
                 with interrupts.held():
@@ -164,7 +168,7 @@ class EarlyCopy:
         system calls let the GIL go)."""
         info = job.source
         digest = hashlib.sha256()
-        view = memoryview(bytearray(min(CHUNK_BYTES, info.nbytes)))
+        view = self._buffer
         for begin in range(0, info.nbytes, CHUNK_BYTES):
             if self._stop.is_set():
                 raise _Stopped
