@@ -32,10 +32,6 @@ MAX_ELEMENTS = 2**48
 _HEADER_LENGTH = struct.Struct("<Q")
 
 
-DTYPES = BY_CODE
-"""safetensors dtype string → DType (sub-byte types such as F4 are not supported)."""
-
-
 # Where headers come from instead of the local file, while `headers_from` is active: a function that
 # returns the header of a path (fetched from the Hub by range requests), or None to read the file.
 _HEADER_SOURCE: ContextVar[Callable[[Path], SafetensorsFile | None] | None] = ContextVar("header_source", default=None)
@@ -169,11 +165,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> Tenso
     if not isinstance(entry, dict):
         raise InputError(f"{where}: entry is not a JSON object", _NOT_ST)
     spelled = entry.get("dtype")
-    dtype = DTYPES.get(spelled) if isinstance(spelled, str) else None
+    dtype = BY_CODE.get(spelled) if isinstance(spelled, str) else None
     if dtype is None:
         raise InputError(
             f"{where}: unknown dtype {spelled!r}",
-            f"supported dtypes: {' '.join(DTYPES)}",
+            f"supported dtypes: {' '.join(BY_CODE)}",
         )
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):

@@ -84,7 +84,7 @@ ALL: tuple[DType, ...] = (
     DType("complex64", "C64", 8, False),
 )
 BY_NAME: dict[str, DType] = {d.name: d for d in ALL}
-BY_CODE: dict[str, DType] = {d.code: d for d in ALL}
+BY_CODE: dict[str, DType] = {d.code: d for d in ALL}  # as safetensors spells them (sub-byte kinds such as F4: none)
 
 FLOAT64, FLOAT32, FLOAT16, BFLOAT16 = BY_NAME["float64"], BY_NAME["float32"], BY_NAME["float16"], BY_NAME["bfloat16"]
 INT8, UINT8, INT16 = BY_NAME["int8"], BY_NAME["uint8"], BY_NAME["int16"]

@@ -27,11 +27,11 @@ import torch
 from safetensors.torch import save_file
 
 from bnbcli.checkpoint import hub
-from bnbcli.checkpoint.safetensors_file import DTYPES, MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
+from bnbcli.checkpoint.safetensors_file import MAX_HEADER_BYTES, SafetensorsFile, TensorInfo
 from bnbcli.checkpoint.source import open_checkpoint
 from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.errors import InputError, UsageError
-from bnbcli.formats.dtypes import BFLOAT16, FLOAT32
+from bnbcli.formats.dtypes import BFLOAT16, BY_CODE, FLOAT32
 
 from helpers.bnb_process import HANG_SECONDS
 from helpers.hub_cache import make_hub_cache
@@ -104,7 +104,7 @@ def test_single_file(tmp_path: Path) -> None:
 def test_read_tensor_every_dtype_scalars_and_empty(tmp_path: Path) -> None:
     tensors = {
         f"t_{name}": torch.arange(-3, 9, dtype=torch.int64).reshape(3, 4).to(dtype)
-        for name, dtype in ((n, d.torch_dtype) for n, d in DTYPES.items())
+        for name, dtype in ((n, d.torch_dtype) for n, d in BY_CODE.items())
     }
     tensors["scalar"] = torch.tensor(2.5, dtype=torch.bfloat16)
     tensors["empty"] = torch.zeros(0, 3, dtype=torch.float32)
