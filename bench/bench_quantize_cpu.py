@@ -61,13 +61,11 @@ def _report(started):
 _OURS = (
     _REPORT
     + """
-import sys, time
-from bnbcli.cli.entry import main  # what the `bnb` script runs (it sets the process up, then imports the app)
+import atexit, sys, time
+from bnbcli.cli.entry import console  # what the `bnb` script runs (it sets the process up, then imports the app)
 started = time.perf_counter()
-try:
-    main()
-finally:
-    _report(started)
+atexit.register(_report, started)  # console() exits as `bnb` does: the exit handlers run, then no teardown
+console()
 """
 )
 

@@ -109,9 +109,10 @@ import sys
 sys.argv = ["bnb", "quantize", SRC, OUT, "--backend", "cuda", "--config", SCHEME, "-q"]
 sys.argv += [] if PLANNER == "auto" else ["--planner", PLANNER]
 sys.argv += ["--devices", DEVICES] if DEVICES else []
-from bnbcli.cli.entry import main
-main()
-_report()
+import atexit
+from bnbcli.cli.entry import console
+atexit.register(_report)  # console() exits as `bnb` does: the exit handlers run, then no teardown
+console()
 """
 
 TRANSFORMERS = """

@@ -107,25 +107,27 @@ def main() -> None:
     timeline.mark("imported")
     watch_deferred_signals()
     _imported = True
-    code: object = 0
     try:
         run()
     except KeyboardInterrupt:  # a signal while the outcome was being reported (an error line, say)
         interrupted_exit()
-    except SystemExit as exc:
-        code = exc.code
     finally:
         # The run is over, its outcome reported: a signal now, while Python exits, changes nothing.
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
-    _exit_without_teardown(code)
 
 
-def _exit_without_teardown(code: object) -> NoReturn:
-    """Exit as ``sys.exit(code)`` would, without the interpreter's teardown: once a run is over, freeing
-    its objects one by one (a plan and a record per tensor) only delays the exit; 200,000 tiny tensors
-    took 6 s more (BENCHMARKS.md, "many tiny tensors"). The exit handlers still run and the output is
-    flushed; every file the run wrote is closed (and synced) by then."""
+def console() -> NoReturn:
+    """The `bnb` script (and `python -m bnbcli`): ``main()``, then exit as ``sys.exit`` would but without
+    the interpreter's teardown. Once a run is over, freeing its objects one by one (a plan and a record
+    per tensor) only delays the exit: 200,000 tiny tensors took 6 s more (BENCHMARKS.md, "many tiny
+    tensors"). The exit handlers (``atexit``) still run and the output is flushed; every file the run
+    wrote is closed (and synced) by then."""
+    code: object = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
     if code is None:
         status = 0
     elif isinstance(code, int):

@@ -122,8 +122,8 @@ def copy(self, job, *files_and_offset):
         assert self._stop.wait(600), "the run did not stop the early copy"
     return real_copy(self, job, *files_and_offset)
 EarlyCopy.__enter__, EarlyCopy._copy = enter, copy
-from bnbcli.cli.entry import main
-main()
+from bnbcli.cli.entry import console
+console()
 """
 
 

@@ -121,7 +121,7 @@ def test_quantize_runs_started_at_once_on_one_out(tmp_path: Path) -> None:
     long_checkpoint(src, count=12, size=512)
     reference = tmp_path / "reference"
     assert run_bnb("quantize", str(src), str(reference), "--no-progress").returncode == 0
-    command = [sys.executable, "-c", "from bnbcli.cli.entry import main; main()", "quantize", str(src), str(out)]
+    command = [sys.executable, "-c", "from bnbcli.cli.entry import console; console()", "quantize", str(src), str(out)]
     runs = [
         subprocess.Popen(
             [*command, "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=bnb_env()

@@ -180,7 +180,7 @@ def test_a_plain_run_in_a_ci_log_prints_lines(tmp_path: Path, capsys, monkeypatc
 _WITH_INTERVAL_0 = (
     "import sys; sys.argv = ['bnb', *sys.argv[1:]]\n"
     "from bnbcli import output; output.PROGRESS_LINE_SECONDS = 0.0\n"
-    "from bnbcli.cli.entry import main; main()\n"
+    "from bnbcli.cli.entry import console; console()\n"
 )
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-COMMAND = [sys.executable, "-c", "from bnbcli.cli.entry import main; main()"]
+COMMAND = [sys.executable, "-c", "from bnbcli.cli.entry import console; console()"]
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 # How long a test waits for a process or an event before calling it a hang: a guard, never a speed limit
