@@ -25,7 +25,7 @@ class DType:
     is_floating_point: bool
 
     def __repr__(self) -> str:
-        # torch's own spelling, so that a plan's layout (which --resume compares) reads as before
+        # torch's own spelling: a message or a note reads the same whether it got a DType or a torch.dtype
         return f"torch.{self.name}"
 
     __str__ = __repr__
