@@ -78,7 +78,10 @@ def emit_tensor_table(
     bytes_out: int,
 ) -> None:
     """A plan on stdout: a row per tensor (name, shape, dtype, ``action(tensor)``, bytes in and out, from the
-    tensor's keys name/shape/dtype/bytes_in/bytes_out), then a ``total`` row."""
+    tensor's keys name/shape/dtype/bytes_in/bytes_out), then a ``total`` row. Nothing under -q: the table
+    would be laid out to be dropped (86 s for the 200,000 rows of a tiny-expert checkpoint's --dry-run -q)."""
+    if stdout.quiet:
+        return
     from bnbcli.units import human_bytes
 
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
