@@ -168,12 +168,11 @@ class EarlyCopy:
         system calls let the GIL go)."""
         info = job.source
         digest = hashlib.sha256()
-        view = self._buffer
         for begin in range(0, info.nbytes, CHUNK_BYTES):
             if self._stop.is_set():
                 raise _Stopped
             end = min(begin + CHUNK_BYTES, info.nbytes)
-            piece = view[: end - begin]
+            piece = self._buffer[: end - begin]
             read_range(src, info, piece, begin, end, view_start=begin)
             digest.update(piece)
             at = offset + begin
