@@ -140,7 +140,7 @@ def _computed(
         gpu_memory=gpu_memory,
         keep=_keeper(budget_request(keep_budget, target_size, calibrate, text_file, "auto")),
     )
-    with heap.collections_paused():  # a report of 200,000 tensors: 46 -> 27 s (heap.collections_paused)
+    with heap.collections_paused():  # as quantize's run: a report of 200,000 tensors took 46 s with them, 27 s without
         return footprint(request).as_dict()
 
 
