@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.cli.app import app
 
 from helpers.bnb_process import (
@@ -227,15 +228,15 @@ def _killed_after_shards(src: Path, out: Path, shards: int) -> None:
         stdin=subprocess.DEVNULL,
         env=bnb_env(),
     )
-    journal = out.parent / f".{out.name}.bnb-tmp-{proc.pid}" / ".bnb-journal.json"
+    journal = out.parent / f".{out.name}.bnb-tmp-{proc.pid}" / JOURNAL_NAME
     deadline = time.monotonic() + HANG_SECONDS
     try:
         while True:
             assert proc.poll() is None, "the run finished before it could be killed"
             assert time.monotonic() < deadline, "no journal appeared"
             try:
-                recorded = json.loads(journal.read_text())
-                if len(recorded["shards"]) >= shards and recorded["source_sha256"]:
+                lines = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+                if len(lines) >= shards and any(line["source_sha256"] for line in lines):
                     break
             except (OSError, ValueError, KeyError):
                 pass
@@ -270,7 +271,7 @@ def test_resume_keeps_finished_shards_and_matches_an_uninterrupted_run(
     assert manifest["run"]["resumed_shards"] >= 2
     assert shard_bytes(out) == shard_bytes(ref_out)
     assert manifest_without_run(out) == manifest_without_run(ref_out)
-    assert not (out / ".bnb-journal.json").exists()
+    assert not (out / JOURNAL_NAME).exists()
     assert_no_debris(out)
 
 

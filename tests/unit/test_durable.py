@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from bnbcli.checkpoint.durable import write_atomically, write_json
-from bnbcli.checkpoint.journal import JOURNAL_NAME
 from bnbcli.checkpoint.manifest import MANIFEST_NAME
 
 from helpers.bnb_process import HANG_SECONDS, bnb_env
@@ -25,14 +24,11 @@ BIG = {f"key{i}": "x" * 64 for i in range(1000)}  # ~70 KB of JSON
 # Each writer, given the folder and a document: what it writes there and the file that ends up holding it.
 WRITERS = {
     "write_json": "from bnbcli.checkpoint.durable import write_json; write_json(folder / 'f.json', doc)",
-    "journal": "from bnbcli.checkpoint.journal import Journal; "
-    "Journal(folder, 'fp', False).record_shard('s', 1, 1, doc, {})",
     "manifest": "from bnbcli.checkpoint.manifest import write_manifest; write_manifest(folder, doc)",
     "plan cache": "from bnbcli.plan.planners import cache; cache._store('entry', doc)",
 }
 TARGETS = {
     "write_json": "f.json",
-    "journal": JOURNAL_NAME,
     "manifest": MANIFEST_NAME,
     "plan cache": "plans/entry.json",
 }
