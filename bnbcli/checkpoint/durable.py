@@ -1,11 +1,11 @@
 """Small files that are whole after a crash: the old content or the new one, never a mix or a stub.
 
-Every JSON file bnb writes goes through ``write_atomically``: the plan cache, the manifest, config.json,
-the shard index and the journal's first write (its later lines are appended: checkpoint/journal.py). The bytes go to a temporary file in the same folder (so the rename
-stays on one filesystem), are flushed and fsync'd, then renamed onto the target in one step
-(``os.replace``: atomic on POSIX and Windows); last, the folder is fsync'd so that the rename itself is
-on disk. A failed write removes its temporary file and leaves the target as it was.
-"""
+Every JSON file bnb writes goes through ``write_atomically``: the plan cache, the manifest, config.json, the
+shard index and the journal's first write (its later lines are appended: checkpoint/journal.py). The bytes
+go to a temporary file in the same folder (so the rename stays on one filesystem), are flushed and fsync'd,
+then renamed onto the target in one step (``os.replace``: atomic on POSIX and Windows); last, the folder is
+fsync'd so that the rename itself is on disk. A failed write removes its temporary file and leaves the
+target as it was."""
 
 from __future__ import annotations
 
