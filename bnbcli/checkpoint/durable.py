@@ -5,7 +5,8 @@ shard index and the journal's first write (its later lines are appended: checkpo
 go to a temporary file in the same folder (so the rename stays on one filesystem), are flushed and fsync'd,
 then renamed onto the target in one step (``os.replace``: atomic on POSIX and Windows); last, the folder is
 fsync'd so that the rename itself is on disk. A failed write removes its temporary file and leaves the
-target as it was."""
+target as it was.
+"""
 
 from __future__ import annotations
 
