@@ -1,5 +1,6 @@
 """``json.loads`` for documents that come from outside (checkpoints, caches, journals), and
-``dumps_indented`` for the large documents bnb writes (a manifest with a record per tensor)."""
+``dumps_indented``/``write_indented`` for the large documents bnb writes (a manifest with a record per
+tensor)."""
 
 from __future__ import annotations
 
@@ -21,18 +22,25 @@ def loads(text: str | bytes, **kwargs: Any) -> Any:
 
 def dumps_indented(value: Any) -> str:
     """``json.dumps(value, indent=2)``, byte for byte, faster: with ``indent`` the standard library falls
-    back to its pure-Python encoder, which took seconds for a manifest of 50,000 tensors. Documents with
-    keys other than str, or values other than JSON's own types, take that encoder."""
+    back to its pure-Python encoder, which took seconds for a manifest of 50,000 tensors."""
     parts: list[str] = []
-    try:
-        _indented(value, "\n", parts.append)
-    except _Unusual:
-        return json.dumps(value, indent=2)
+    _indented(value, "\n", parts.append)
     return "".join(parts)
 
 
-class _Unusual(Exception):
-    """A key or value the fast path does not render exactly as json.dumps would."""
+def write_indented(value: Any, write: Callable[[str], Any]) -> None:
+    """``dumps_indented(value)`` handed to ``write`` in pieces of a few thousand parts: a large document
+    never exists as one string too (the manifest of 200,000 tensors is 250 MB of text)."""
+    parts: list[str] = []
+
+    def out(part: str) -> None:
+        parts.append(part)
+        if len(parts) == 4096:
+            write("".join(parts))
+            parts.clear()
+
+    _indented(value, "\n", out)
+    write("".join(parts))
 
 
 _CONSTANTS = {None: "null", True: "true", False: "false"}
@@ -40,7 +48,9 @@ _CONSTANTS = {None: "null", True: "true", False: "false"}
 
 def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
     kind = type(value)
-    if kind is dict or kind is list or kind is tuple:
+    if kind is dict and any(type(key) is not str for key in value):
+        out(_by_json_dumps(value, newline))
+    elif kind is dict or kind is list or kind is tuple:
         if not value:
             out("{}" if kind is dict else "[]")
             return
@@ -48,8 +58,6 @@ def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
         separator = "[" if kind is not dict else "{"
         for item in value:
             if kind is dict:
-                if type(item) is not str:
-                    raise _Unusual
                 out(separator + inner + encode_basestring_ascii(item) + ": ")
                 item = value[item]
             else:
@@ -66,10 +74,10 @@ def _indented(value: Any, newline: str, out: Callable[[str], None]) -> None:
                 _indented(item, inner, out)
         out(newline + ("}" if kind is dict else "]"))
     else:
-        out(_scalar(value))
+        out(_scalar(value, newline))
 
 
-def _scalar(value: Any) -> str:
+def _scalar(value: Any, newline: str) -> str:
     kind = type(value)
     if kind is str:
         return encode_basestring_ascii(value)
@@ -79,4 +87,10 @@ def _scalar(value: Any) -> str:
         return float.__repr__(value) if value - value == 0 else json.dumps(value)  # inf and NaN as json spells them
     if value is None or kind is bool:
         return _CONSTANTS[value]
-    raise _Unusual
+    return _by_json_dumps(value, newline)
+
+
+def _by_json_dumps(value: Any, newline: str) -> str:
+    """What the fast path does not spell itself (keys other than str, subclasses of JSON's types), as
+    json.dumps spells it, moved to this depth: its text has no other line breaks (strings escape theirs)."""
+    return json.dumps(value, indent=2).replace("\n", newline)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bnbcli import __version__, json_text
-from bnbcli.checkpoint.durable import write_atomically
+from bnbcli.checkpoint.durable import atomic_file
 
 MANIFEST_NAME = "bnb_manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -44,5 +44,8 @@ def manifest_document(
 
 
 def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
-    # json.dumps(indent=2)'s exact text, faster for the tens of thousands of tensors of an MoE checkpoint
-    write_atomically(out_dir / MANIFEST_NAME, json_text.dumps_indented(manifest) + "\n")
+    # json.dumps(indent=2)'s exact text (ASCII), faster and in pieces for the tens of thousands of tensors
+    # of an MoE checkpoint
+    with atomic_file(out_dir / MANIFEST_NAME) as f:
+        json_text.write_indented(manifest, lambda text: f.write(text.encode("ascii")))
+        f.write(b"\n")

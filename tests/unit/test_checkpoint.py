@@ -875,8 +875,9 @@ def test_early_writeback_never_holds_the_writer_and_ends_before_the_file_closes(
 
 def test_indented_json_is_byte_for_byte_what_json_dumps_writes() -> None:
     """The manifest's fast writer against json.dumps(indent=2) on random documents: every JSON type,
-    escapes, non-ASCII, inf/NaN, empty containers, tuples, and a non-str key (which takes json.dumps)."""
-    from bnbcli.json_text import dumps_indented
+    escapes, non-ASCII, inf/NaN, empty containers, tuples, and, at any depth, keys other than str and
+    subclasses of int (which json.dumps spells), whole or in pieces."""
+    from bnbcli.json_text import dumps_indented, write_indented
 
     rng = random.Random(17)
     leaves = [
@@ -913,8 +914,25 @@ def test_indented_json_is_byte_for_byte_what_json_dumps_writes() -> None:
     for _ in range(300):
         document = value(0)
         assert dumps_indented(document) == json.dumps(document, indent=2)
-    odd = {"a": {1: "int key"}, "b": [1]}
+        pieces: list[str] = []
+        write_indented(document, pieces.append)
+        assert "".join(pieces) == json.dumps(document, indent=2)
+
+    class Count(int):
+        pass
+
+    odd = {"a": {1: "int key", None: [{2.5: {"x": []}}]}, "b": [1, [Count(3), {"deep": {True: "k"}}]], "c": Count(4)}
     assert dumps_indented(odd) == json.dumps(odd, indent=2)
+
+
+def test_a_large_document_is_written_in_pieces() -> None:
+    from bnbcli.json_text import write_indented
+
+    document = {"tensors": [{"name": f"t{i}", "sha256": "ab" * 32} for i in range(5000)]}
+    pieces: list[str] = []
+    write_indented(document, pieces.append)
+    assert len(pieces) > 5 and max(map(len, pieces)) < len("".join(pieces)) / 4
+    assert "".join(pieces) == json.dumps(document, indent=2)
 
 
 def test_batches_keep_the_order_and_send_a_large_tensor_alone() -> None:
