@@ -2,14 +2,15 @@
 tensors (MoE checkpoints have tens of thousands).
 
     python bench/bench_many_tensors.py [--counts 1000,50000,200000] [--verbs quantize,inspect,footprint]
-                                       [--workdir DIR] [--timeout 600]
+                                       [--workdir DIR] [--timeout 600] [--max-shard-size SIZE]
 
 Each checkpoint is one safetensors file of N/2 tiny Linear weights (16×16 bf16) and N/2 biases, named like
 an MoE's experts, with no config.json (the name rules plan it, no library is imported). Each command runs
 in its own process; the cost per tensor is the extra time over the smallest checkpoint, divided by the extra
 tensors, so the interpreter's start-up is not counted. Prints one table; `--json` prints one document.
 Besides the wall time, each command's CPU seconds (user + system, its own and its children's) give a cost per
-tensor too: on a shared machine the wall time grows with the load, the CPU time much less.
+tensor too: on a shared machine the wall time grows with the load, the CPU time much less. Each command's peak
+RSS is printed beside its times; `--max-shard-size 100KB` makes quantize write hundreds of shards.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -51,32 +53,41 @@ def checkpoint(folder: Path, count: int) -> Path:
     return folder
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+class Run(NamedTuple):
+    seconds: float
+    cpu_seconds: float  # user + system, the command's own and its children's
+    peak_rss_mib: float
 
 
-def timed(command: str, src: Path, out: Path, timeout: float) -> tuple[float, float] | None:
-    """(wall seconds, CPU seconds) of one command, or None if it ran out of time."""
-    args = [a.format(src=src, out=out) for a in COMMANDS[command]]
-    shutil.rmtree(out, ignore_errors=True)
-    cpu = _children_cpu()
-    started = time.perf_counter()
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "bnbcli", *args], capture_output=True, text=True, timeout=timeout, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    seconds = time.perf_counter() - started
-    if done.returncode not in (0, 1):
-        raise SystemExit(f"bnb {' '.join(args)} failed ({done.returncode}): {done.stderr[-2000:]}")
-    return seconds, _children_cpu() - cpu
+def timed(args: list[str], timeout: float) -> Run | None:
+    """One bnb command in its own process, or None if it ran out of time."""
+    with tempfile.TemporaryFile() as stderr:
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "bnbcli", *args], stdout=subprocess.DEVNULL, stderr=stderr)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS and CPU time
+        seconds = time.perf_counter() - started
+        timed_out = not timer.is_alive()
+        timer.cancel()
+        code = os.waitstatus_to_exitcode(status)
+        if timed_out:
+            return None
+        if code not in (0, 1):
+            stderr.seek(0)
+            raise SystemExit(f"bnb {' '.join(args)} failed ({code}): {stderr.read()[-2000:].decode(errors='replace')}")
+    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024)
 
 
 def per_tensor(total: float | None, first: float | None, extra: int) -> float | None:
     """Milliseconds per tensor over the smallest checkpoint."""
     return None if total is None or first is None else (total - first) / extra * 1000
+
+
+def _cell(run: Run | None) -> str:
+    if run is None:
+        return "timeout"
+    return f"{run.seconds:.1f} s ({run.cpu_seconds:.1f} s CPU, {run.peak_rss_mib:.0f} MiB)"
 
 
 def main() -> int:
@@ -85,16 +96,23 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--verbs", default=",".join(COMMANDS), help="comma-separated: quantize, inspect, footprint")
+    parser.add_argument("--max-shard-size", help="quantize's output shards, e.g. 100KB: many shards")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bnb-many-"))
     env_note = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    results: dict[str, dict[int, tuple[float, float] | None]] = {}
+    results: dict[str, dict[int, Run | None]] = {}
     try:
         sources = {n: checkpoint(work / f"src-{n}", n) for n in counts}
         for command in args.verbs.split(","):
-            results[command] = {n: timed(command, sources[n], work / "out", args.timeout) for n in counts}
+            for n in counts:
+                out = work / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                argv = [a.format(src=sources[n], out=out) for a in COMMANDS[command]]
+                if command == "quantize" and args.max_shard_size:
+                    argv += ["--max-shard-size", args.max_shard_size]
+                results.setdefault(command, {})[n] = timed(argv, args.timeout)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -107,20 +125,20 @@ def main() -> int:
                 {
                     "command": command,
                     "tensors": n,
-                    "seconds": None if total is None else total[0],
-                    "cpu_seconds": None if total is None else total[1],
-                    "ms_per_tensor": per_tensor(total and total[0], first and first[0], n - base),
-                    "cpu_ms_per_tensor": per_tensor(total and total[1], first and first[1], n - base),
+                    "seconds": None if total is None else total.seconds,
+                    "cpu_seconds": None if total is None else total.cpu_seconds,
+                    "peak_rss_mib": None if total is None else total.peak_rss_mib,
+                    "ms_per_tensor": per_tensor(total and total.seconds, first and first.seconds, n - base),
+                    "cpu_ms_per_tensor": per_tensor(total and total.cpu_seconds, first and first.cpu_seconds, n - base),
                 }
             )
     if args.json:
-        print(json.dumps({"schema_version": 1, "machine": env_note, "base": base, "results": results, "rows": rows}))
+        runs = {c: {n: r and r._asdict() for n, r in by_count.items()} for c, by_count in results.items()}
+        print(json.dumps({"schema_version": 2, "machine": env_note, "base": base, "results": runs, "rows": rows}))
         return 0
     print(f"fixed cost per tensor ({env_note}); smallest checkpoint {base} tensors:")
     for command, seconds in results.items():
-        cells = ", ".join(
-            f"{n}: {'timeout' if s is None else f'{s[0]:.1f} s ({s[1]:.1f} s CPU)'}" for n, s in seconds.items()
-        )
+        cells = ", ".join(f"{n}: {_cell(r)}" for n, r in seconds.items())
         print(f"  bnb {command:9} {cells}")
     for row in rows:
         per, cpu = (("n/a" if row[k] is None else f"{row[k]:.3f} ms") for k in ("ms_per_tensor", "cpu_ms_per_tensor"))
