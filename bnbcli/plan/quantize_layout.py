@@ -73,6 +73,8 @@ class ComponentPlan:
     # Each shard's layout, once asked for (by the plan's sizes, the early copy and the writer: ~10 µs a
     # tensor each time); a replace() starts afresh.
     _layouts: dict[str, ShardLayout] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # The jobs of each shard, grouped once (looking through every job per shard was shards × tensors).
+    _by_shard: dict[str, list[TensorJob]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def bytes_in(self) -> int:
@@ -83,7 +85,10 @@ class ComponentPlan:
         return sum(j.bytes_out for j in self.jobs)
 
     def shard_jobs(self, shard: str) -> list[TensorJob]:
-        return [j for j in self.jobs if j.shard == shard]
+        if not self._by_shard:
+            for job in self.jobs:
+                self._by_shard.setdefault(job.shard, []).append(job)
+        return list(self._by_shard.get(shard, ()))
 
     def shard_entries(self, shard: str) -> list[PlannedTensor]:
         return [e for j in self.shard_jobs(shard) for e in j.entries]
