@@ -25,11 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import NamedTuple
-
-import torch
-from safetensors.torch import save_file
 
 SIDE = 16
 COMMANDS = {
@@ -40,7 +38,17 @@ COMMANDS = {
 
 
 def checkpoint(folder: Path, count: int) -> Path:
-    """count tensors: weights and biases of tiny experts, in one file."""
+    """count tensors: weights and biases of tiny experts, in one file. Made in a process of its own, and
+    torch imported only there: a child's peak RSS as the kernel reports it includes what it was forked
+    from, so this process stays small."""
+    subprocess.run([sys.executable, __file__, "--make", str(folder), str(count)], check=True)
+    return folder
+
+
+def _make(folder: Path, count: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(count)
     tensors = {}
@@ -50,7 +58,6 @@ def checkpoint(folder: Path, count: int) -> Path:
         tensors[f"{prefix}.weight"] = torch.randn(SIDE, SIDE, generator=g).to(torch.bfloat16)
         tensors[f"{prefix}.bias"] = torch.zeros(SIDE, dtype=torch.bfloat16)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
 
 
 class Run(NamedTuple):
@@ -101,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
     counts = sorted(int(c) for c in args.counts.split(","))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bnb-many-"))
-    env_note = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    env_note = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {version('torch')}"
     results: dict[str, dict[int, Run | None]] = {}
     try:
         sources = {n: checkpoint(work / f"src-{n}", n) for n in counts}
@@ -147,4 +154,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--make"]:
+        sys.exit(_make(Path(sys.argv[2]), int(sys.argv[3])))
     sys.exit(main())
