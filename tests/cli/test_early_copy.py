@@ -105,6 +105,33 @@ def test_a_failed_early_write_ends_as_a_write_error(
     assert tree_digest(llama) == before
 
 
+
+def test_the_early_copy_asks_for_writeback_of_small_tensors_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4,000 biases of 1 KiB: a few writeback requests, not one per tensor, and together they cover every
+    byte the early copy wrote."""
+    import torch
+
+    from bnbcli.checkpoint.safetensors_file import SafetensorsFile
+    from bnbcli.checkpoint.writer import WRITEBACK_SPAN
+
+    src = tmp_path / "src"
+    src.mkdir()
+    count, numel = 4000, 256
+    save_file({f"block.{i}.bias": torch.full((numel,), float(i)) for i in range(count)}, src / "model.safetensors")
+    made: list[tuple[int, int]] = []
+    monkeypatch.setattr(early_copy, "worthwhile", lambda plan: True)
+    monkeypatch.setattr(early_copy, "start_writeback", lambda fd, offset, length: made.append((offset, length)))
+    out = tmp_path / "out"
+    quantize(src, out, "--scheme", "nf4")
+    written = SafetensorsFile.open(out / "model.safetensors")
+    ranges = sorted((t.start, t.start + t.nbytes) for t in written.tensors.values())
+    assert len(ranges) == count
+    assert 1 <= len(made) <= count * numel * 4 // WRITEBACK_SPAN + 1, len(made)
+    spans = sorted((offset, offset + length) for offset, length in made)
+    assert all(any(a <= begin and end <= b for a, b in spans) for begin, end in ranges)
+
 # `bnb` in a new interpreter, as a user runs it, with EarlyCopy watched: it notes whether torch was imported
 # when the early copy starts, then (with "interrupt") sends the process SIGINT from inside the copy and
 # waits for the run to stop it, as a Ctrl-C in the middle of the copy would.
