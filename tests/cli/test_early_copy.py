@@ -105,7 +105,6 @@ def test_a_failed_early_write_ends_as_a_write_error(
     assert tree_digest(llama) == before
 
 
-
 def test_the_early_copy_asks_for_writeback_of_small_tensors_together(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -131,6 +130,7 @@ def test_the_early_copy_asks_for_writeback_of_small_tensors_together(
     assert 1 <= len(made) <= count * numel * 4 // WRITEBACK_SPAN + 1, len(made)
     spans = sorted((offset, offset + length) for offset, length in made)
     assert all(any(a <= begin and end <= b for a, b in spans) for begin, end in ranges)
+
 
 # `bnb` in a new interpreter, as a user runs it, with EarlyCopy watched: it notes whether torch was imported
 # when the early copy starts, then (with "interrupt") sends the process SIGINT from inside the copy and
