@@ -28,7 +28,11 @@ from bnbcli.checkpoint.safetensors_file import open_tensor_file, read_range
 from bnbcli.checkpoint.writer import WritebackSpans, start_writeback
 from bnbcli.plan.quantize_layout import ComponentPlan, QuantizePlan, TensorJob
 
-CHUNK_BYTES = 4 << 20  # read, hashed and written a piece at a time: a stop request waits for one piece at most
+# Read, hashed and written a piece at a time; a stop request waits for one piece at most. Each piece takes
+# the GIL back three times from a torch import that holds it for up to 5 ms each time: 4 MiB pieces kept
+# the copy of an 8B model's 2.1 GB of kept tensors running to the end of the run on an H100 (6.4-6.6 s),
+# 64 MiB pieces finish it at 4.4 s (BENCHMARKS.md, 2026-12-07).
+CHUNK_BYTES = 64 << 20
 
 
 def passes_through(job: TensorJob) -> bool:

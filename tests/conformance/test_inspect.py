@@ -205,8 +205,9 @@ def test_outlier_factor_is_tunable(tmp_path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_cuda_backend_reports_what_the_cpu_reports(family: str) -> None:
-    """The bit-exact formats give the same restored values on both backends; only the float64 sums of
-    the errors run in another order on the GPU, so errors agree to rounding and the rest exactly."""
+    """The bit-exact formats give the same restored values on both backends; only the sums of the errors
+    differ: the CPU sums each block in float32 (pairwise, under 1e-6 relative: ``formats/metrics.py``), the
+    GPU in float64. So the errors agree to 2e-6 relative and the rest exactly."""
     reports = {}
     for backend in ("cpu", "cuda"):
         request = InspectRequest(src=str(MODELS / family / "src"), schemes=("nf4", "fp4", "int8"), backend=backend)
@@ -220,4 +221,4 @@ def test_cuda_backend_reports_what_the_cpu_reports(family: str) -> None:
             other = b["errors"][scheme]
             assert (error is None) == (other is None), f"{a['name']} {scheme}"
             for key, value in (error or {}).items():
-                assert other[key] == pytest.approx(value, rel=1e-9, abs=1e-12), f"{a['name']} {scheme} {key}"
+                assert other[key] == pytest.approx(value, rel=2e-6, abs=1e-12), f"{a['name']} {scheme} {key}"
