@@ -1,6 +1,6 @@
 """End to end on a GPU machine: `bnb quantize --backend cuda` against transformers' own route, same checkpoint.
 
-    python bench/bench_quantize_cuda.py WORK_DIR [--layers 32] [--scheme nf4-dq] [--json]
+    python bench/bench_quantize_cuda.py WORK_DIR [--layers 32] [--scheme nf4-dq] [--rounds 3] [--json]
 
 Generates (once) a bf16 checkpoint with the shapes of Llama 3 8B (4096 hidden, 14336 MLP, 32 layers,
 128256 vocabulary, untied head; ~16 GB in 5 GB shards) under WORK_DIR, then times, each in its own
@@ -10,7 +10,8 @@ process:
   buffered file I/O and an fsync (no conversion at all);
 * ours: `bnb quantize SRC OUT --backend cuda --config nf4-dq` twice with the default planner: with an
   empty plan cache (a model seen for the first time; the planner table answers when the installed
-  transformers is one it was checked against) and again (the same model); then with `--planner
+  transformers is one it was checked against) and again (the same model), each --rounds times, in turns
+  with the floor; then with `--planner
   transformers` and an empty cache (transformers imported on the critical path: the option the table
   replaced; its output is compared with the first), and on a machine with two or more GPUs once more
   with `--devices 0,1,…` (every GPU; its output is compared with the one-GPU output);
@@ -21,8 +22,8 @@ For each: wall time, peak host RSS (the child's VmHWM) and peak GPU memory (NVML
 figure, polled; it includes the CUDA context), then the ratios and whether every tensor of the two
 outputs is byte-identical. The page cache is warm for all of them (the checkpoint was just written or
 read), and so are Python's bytecode caches and CuPy's kernel cache (one untimed run of ours and an
-untimed import of transformers' side come first); the floor is measured first and last, and the
-smaller is used.
+untimed import of transformers' side come first). The floor, first run and repeat are the medians of
+their rounds (every round's seconds are printed too).
 """
 
 from __future__ import annotations
@@ -245,6 +246,12 @@ def measured(body: str, values: dict, report: Path, env: dict | None = None) -> 
     return result
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run of median seconds (the lower middle one of an even count), with every run's seconds."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "samples": [round(r["seconds"], 2) for r in runs]}
+
+
 def removed(folder: Path) -> None:
     """Delete an earlier output and let the filesystem finish with it (freeing gigabytes of extents
     goes on in the background and slowed the next timed run's writes), outside every timing."""
@@ -301,6 +308,7 @@ def main() -> int:
     parser.add_argument("work", type=Path)
     parser.add_argument("--layers", type=int, default=LLAMA_8B["layers"])
     parser.add_argument("--scheme", choices=sorted(SCHEMES), default="nf4-dq")
+    parser.add_argument("--rounds", type=int, default=3, help="floor, first run and repeat, in turns")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -327,13 +335,24 @@ def main() -> int:
     removed(work / "plan-cache")
     measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-warm.json", cached)
     measured(WARM_TRANSFORMERS, common, work / "report-warm.json")
-    removed(ours_out)
-    removed(work / "plan-cache-empty")
-    ours_new = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-new.json", empty)
-    ours_new["planner"], ours_new["timeline"] = _planner_reason(ours_out), _run_facts(ours_out, "timeline")[0]
-    removed(ours_out)
-    ours = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json", cached)
-    ours["stage_seconds"], ours["timeline"] = _run_facts(ours_out, "stage_seconds", "timeline")
+    out_bytes = folder_bytes(ours_out)
+    floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
+    # The floor, a first run and a repeat in turns, --rounds times: on the device machines the floor alone
+    # moved by 20% between calls (4.79-5.73 s, H100, 2026-12-07), so one sample of each decides nothing.
+    samples: dict[str, list[dict]] = {"io_floor": [], "bnb_new_plan": [], "bnb": []}
+    for _ in range(args.rounds):
+        removed(work / "out-floor")
+        samples["io_floor"].append(measured(FLOOR, floor_values, work / "report-floor.json"))
+        removed(ours_out)
+        removed(work / "plan-cache-empty")
+        new = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-new.json", empty)
+        new["planner"], new["timeline"] = _planner_reason(ours_out), _run_facts(ours_out, "timeline")[0]
+        samples["bnb_new_plan"].append(new)
+        removed(ours_out)
+        repeat = measured(OURS, {**common, "OUT": str(ours_out), "PLANNER": "auto"}, work / "report-ours.json", cached)
+        repeat["stage_seconds"], repeat["timeline"] = _run_facts(ours_out, "stage_seconds", "timeline")
+        samples["bnb"].append(repeat)
+    floor, ours_new, ours = (median_run(samples[k]) for k in ("io_floor", "bnb_new_plan", "bnb"))
     # The planner the table stands in for: transformers imported and asked, with nothing cached.
     real_out = work / "out-bnb-transformers-planner"
     removed(real_out)
@@ -342,9 +361,6 @@ def main() -> int:
     ours_real = measured(OURS, real_values, work / "report-real.json", empty)
     ours_real["timeline"] = _run_facts(real_out, "timeline")[0]
     same_real = compare_tensors(ours_out, real_out)
-    out_bytes = folder_bytes(ours_out)
-    floor_values = {**common, "OUT": str(work / "out-floor"), "OUT_BYTES": out_bytes}
-    floor = measured(FLOOR, floor_values, work / "report-floor.json")
     results = {"bnb": ours, "bnb_new_plan": ours_new, "io_floor": floor, "bnb_transformers_planner": ours_real}
     results["transformers_planner_identical_tensors"] = {"identical": same_real[0], "total": same_real[1]}
     gpus = torch.cuda.device_count()
@@ -363,9 +379,6 @@ def main() -> int:
         results["transformers"] = theirs
         same, total, differ = compare_tensors(ours_out, theirs_out)
         results["identical_tensors"] = {"identical": same, "total": total, "differ": differ[:20]}
-    floor_again = measured(FLOOR, floor_values, work / "report-floor.json")
-    if floor_again["seconds"] < floor["seconds"]:
-        results["io_floor"] = floor_again
 
     info = {
         "device": torch.cuda.get_device_name(0),
@@ -403,6 +416,10 @@ def main() -> int:
             f"{name:<26} {r['seconds']:8.2f} {r['wall']:8.2f} {r['peak_rss'] / 2**30:8.2f} GiB "
             f"{r['peak_gpu_nvml'] / 2**30:7.2f} GiB"
         )
+    print(
+        f"medians of {args.rounds} rounds taken in turns; every run's seconds: floor {floor['samples']}, "
+        f"first run {ours_new['samples']}, repeat {ours['samples']}"
+    )
     print(f"bnb busy seconds per stage (they overlap): {ours['stage_seconds']}")
     print(f"bnb, first run: planner {ours_new['planner']}; timeline: {ours_new['timeline']}")
     print(f"bnb, repeat: timeline (s since `bnb` started; its interpreter before that): {ours['timeline']}")

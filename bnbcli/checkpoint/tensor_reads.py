@@ -14,7 +14,10 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo, open_tensor_file, rea
 from bnbcli.errors import InputError
 from bnbcli.formats.dtypes import UINT8
 
-READ_PART_BYTES = 64 << 20  # a tensor larger than this is read by READ_THREADS threads in parts this size
+# A tensor larger than this is read by READ_THREADS threads in parts this size. 64 MiB parts left the 32 MB
+# attention weights of an 8B model to one thread and its 112 MB MLP weights to two: the reader was busy
+# 1.88-1.90 s of a 2.0 s stream on an H100, 1.25-1.42 s with 16 MiB parts (BENCHMARKS.md, 2026-12-07).
+READ_PART_BYTES = 16 << 20
 READ_THREADS = 4
 
 
