@@ -22,11 +22,10 @@ from bnbcli.backends import cuda_launches as launches
 from bnbcli.errors import UsageError
 from bnbcli.formats import blockwise8, fourbit
 from bnbcli.formats.blockwise8 import Blockwise8Quantized
-from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.fourbit import QuantState4bit
 from bnbcli.formats.int8 import Int8Rowwise
-from bnbcli.formats.layout import num_blocks
+from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE, num_blocks
 from bnbcli.formats.registry import Kernels
 
 NESTED_ENCODER = "Dyn8L1"  # absmax is short: each CTA encodes a tile or two, too few to amortize a shared table

@@ -18,9 +18,8 @@ import torch
 
 from bnbcli.formats import fourbit, int8
 from bnbcli.formats.blocks import quantize_blocks
-from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
 from bnbcli.formats.dtypes import UINT8, is_float
-from bnbcli.formats.layout import FormatSettings, num_blocks
+from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES, FormatSettings, num_blocks
 
 # Weights above this many elements go one by one: their own work already dwarfs a call's fixed cost.
 SMALL_ELEMENTS = 1 << 16

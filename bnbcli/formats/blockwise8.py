@@ -13,9 +13,10 @@ import torch
 
 from bnbcli.errors import UsageError
 from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks
-from bnbcli.formats.codes import BLOCKWISE8_BLOCKSIZES, DYNAMIC_CODE
+from bnbcli.formats.codes import DYNAMIC_CODE
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.gpu_math import gpu_cast
+from bnbcli.formats.layout import BLOCKWISE8_BLOCKSIZES
 
 
 @lru_cache(maxsize=1)

@@ -95,9 +95,4 @@ DYNAMIC_CODE = _f32(
 INT8_INV_127 = np.array([0x3C010204], dtype=np.uint32).view(np.float32)[0]
 INT8_SCALE_NUMERATOR = np.float32(127.0)
 
-FOUR_BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-BLOCKWISE8_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-# Double quantization re-quantizes the 4-bit absmax with the dynamic map in blocks of 256.
-NESTED_BLOCKSIZE = 256
-
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32; below it ftz flushes to 0

@@ -20,19 +20,17 @@ from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blo
 from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FLT_MIN,
-    FOUR_BIT_BLOCKSIZES,
     FP4_CODE,
     FP4_MAGNITUDE_BITS,
     FP4_SIGN_BIT,
     FP4_THRESHOLDS,
-    NESTED_BLOCKSIZE,
     NF4_CODE,
     NF4_THRESHOLDS,
 )
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.gpu_math import gpu_cast
-from bnbcli.formats.layout import num_blocks
+from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE, num_blocks
 
 QUANT_TYPES = ("nf4", "fp4")
 

@@ -14,8 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from bnbcli.formats.codes import NESTED_BLOCKSIZE
 from bnbcli.formats.dtypes import FLOAT32, INT8, UINT8, DType, dtype_name
+
+# The blocksizes the kernels take (plain numbers: the plan needs them before numpy or torch is imported).
+FOUR_BIT_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+BLOCKWISE8_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+# Double quantization re-quantizes the 4-bit absmax with the dynamic map in blocks of 256.
+NESTED_BLOCKSIZE = 256
 
 
 def num_blocks(n: int, blocksize: int) -> int:

@@ -20,10 +20,9 @@ from bnbcli.checkpoint.safetensors_file import TensorInfo
 from bnbcli.checkpoint.source import Checkpoint, ModelSource
 from bnbcli.checkpoint.tensor_reads import read_tensor
 from bnbcli.errors import InputError
-from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE
 from bnbcli.formats.dtypes import BY_NAME, FLOAT32, INT8, UINT8, DType, dtype_name
 from bnbcli.formats.int8 import WEIGHT_FORMAT_ROW
-from bnbcli.formats.layout import QUANT_STATE_KEY, SCB_SUFFIX, num_blocks
+from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_STATE_KEY, SCB_SUFFIX, num_blocks
 from bnbcli.plan.dtype import model_dtype as plan_dtype
 from bnbcli.plan.planners.name_rules import CONV1D_MODEL_TYPES, CONV1D_NAMES
 from bnbcli.plan.quantize_layout import ComponentTotals, assign_shards, set_config_dtype

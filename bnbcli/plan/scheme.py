@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, get_args
 
 from bnbcli.errors import UsageError
-from bnbcli.formats.codes import FOUR_BIT_BLOCKSIZES
 from bnbcli.formats.dtypes import BY_NAME, FLOAT_DTYPES, UINT8, DType, as_dtype, dtype_name
+from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES
 from bnbcli.plan.scheme_names import DTYPE_NAMES, Method, StorageDtypeName
 
 if sys.version_info >= (3, 11):

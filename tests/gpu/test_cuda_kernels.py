@@ -15,7 +15,7 @@ import torch
 import bnbcli
 from bnbcli.backends import resolve_backend
 from bnbcli.formats import blockwise8, fourbit, int8
-from bnbcli.formats.codes import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
+from bnbcli.formats.layout import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
 
 from helpers.cuda_cases import assert_same, inputs
 
