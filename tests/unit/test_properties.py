@@ -13,15 +13,14 @@ from hypothesis import strategies as st
 import bnbcli
 from bnbcli.formats.blocks import pack_nibbles, unpack_nibbles
 from bnbcli.formats.codes import (
-    BLOCKWISE8_BLOCKSIZES,
     DYNAMIC_CODE,
-    FOUR_BIT_BLOCKSIZES,
     FP4_CODE,
     FP4_MAGNITUDE_BITS,
     FP4_THRESHOLDS,
     NF4_CODE,
     NF4_THRESHOLDS,
 )
+from bnbcli.formats.layout import BLOCKWISE8_BLOCKSIZES, FOUR_BIT_BLOCKSIZES
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # Relative rounding of one conversion to the output dtype.
