@@ -48,7 +48,7 @@ def headers_from(source: Callable[[Path], SafetensorsFile | None]) -> Iterator[N
         _HEADER_SOURCE.reset(token)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor lives: enough to read it with a single pread, and to plan without reading it."""
 

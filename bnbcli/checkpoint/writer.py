@@ -21,7 +21,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -139,7 +139,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return array.reshape(-1).view("u1").data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PlannedTensor:
     """A tensor an output shard will hold. For a ``variable`` one, ``shape`` is its largest shape."""
 
@@ -147,10 +147,10 @@ class PlannedTensor:
     dtype: DType
     shape: tuple[int, ...]
     variable: bool = False
+    nbytes: int = field(init=False, repr=False, compare=False)  # asked for again and again while a plan is sized
 
-    @functools.cached_property
-    def nbytes(self) -> int:  # asked for again and again while a plan is sized (frozen: it cannot change)
-        return math.prod(self.shape) * self.dtype.itemsize
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", math.prod(self.shape) * self.dtype.itemsize)
 
 
 HeaderEntry = tuple[str, DType, tuple[int, ...], int, int]  # key, dtype, shape, begin, end

@@ -11,7 +11,7 @@ import torch
 from bnbcli.formats import parts
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RoundTripError:
     rmse: float
     max_abs: float
@@ -20,8 +20,9 @@ class RoundTripError:
 
     def as_dict(self) -> dict[str, float | None]:
         # JSON has no inf/NaN: an exact round trip reports sqnr_db as null.
-        # vars, not asdict: its deep copy cost more than the rest of a tiny weight's manifest record
-        return {k: (v if math.isfinite(v) else None) for k, v in vars(self).items()}
+        # the fields by name, not asdict: its deep copy cost more than the rest of a tiny weight's manifest record
+        values = {k: getattr(self, k) for k in self.__slots__}
+        return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
 CHUNK = 1 << 22  # elements per float64 pass: bounded extra memory whatever the tensor size

@@ -23,7 +23,7 @@ OUTPUT_WORKERS = 3  # threads hashing outputs and syncing finished shards
 Progress = Callable[[int], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class TensorRecord:
     job: TensorJob
     outputs: dict[str, str] = field(default_factory=dict)  # key -> sha256

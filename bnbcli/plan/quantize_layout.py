@@ -38,7 +38,7 @@ class ComponentTotals:
         return sum(c.bytes_out for c in self.components)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorJob:
     """One source tensor and what becomes of it."""
 

@@ -29,7 +29,7 @@ class PlanInconsistent(BnbError):
     exit_code = EXIT_USAGE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorDecision:
     """What happens to one checkpoint tensor. ``module`` is the model's module name (None if unknown)."""
 
