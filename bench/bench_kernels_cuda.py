@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from bnbcli.backends import cuda, cuda_launches, cuda_modules, cuda_runtime
+from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 
 try:
     import bitsandbytes
@@ -190,14 +190,14 @@ HINTS = {
 
 def use_build(defines: tuple[str, ...], base: tuple[str, ...]) -> None:
     """Compile the kernels again with ``defines`` added (the next launch compiles; CuPy caches builds)."""
-    cuda_modules.OPTIONS = (*base, *defines)
-    cuda_modules._modules.clear()
-    cuda_modules._functions.clear()
+    cuda_runtime.OPTIONS = (*base, *defines)
+    cuda_runtime._modules.clear()
+    cuda_runtime._functions.clear()
     cuda_runtime.resident_ctas.cache_clear()
 
 
 def compare_hints(x: torch.Tensor, x16: torch.Tensor, rounds: int) -> None:
-    base = cuda_modules.OPTIONS
+    base = cuda_runtime.OPTIONS
     times: dict[str, dict[str, list[float]]] = {}
     reference: dict[str, list[bytes]] = {}
     same: dict[str, bool] = {}

@@ -34,9 +34,8 @@ t = time.perf_counter(); import torch; r['import_torch'] = time.perf_counter() -
 t = time.perf_counter(); torch.cuda.init(); torch.empty(1, device='cuda'); torch.cuda.synchronize()
 r['cuda_init'] = time.perf_counter() - t
 t = time.perf_counter(); import cupy; r['import_cupy'] = time.perf_counter() - t
-from bnbcli.backends.cuda_modules import SOURCES, function
-t = time.perf_counter(); [function(0, s, n[0]) for s, n in SOURCES.items()]
-r['kernels_loaded'] = time.perf_counter() - t
+from bnbcli.backends.cuda_runtime import warm_up
+t = time.perf_counter(); warm_up(0).join(); r['kernels_loaded'] = time.perf_counter() - t
 t = time.perf_counter(); p = torch.empty(256 << 20, dtype=torch.uint8, pin_memory=True)
 r['pinned_256MB'] = time.perf_counter() - t
 """,

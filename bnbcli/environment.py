@@ -5,14 +5,16 @@ metadata, without importing torch or CuPy (seconds on a small machine), and noth
 
 from __future__ import annotations
 
+import ctypes.util
 import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 from bnbcli import __version__
-from bnbcli.backends import CudaStatus, cuda_status, cuda_unavailable, nvidia_driver_present, torch_cuda_version
+from bnbcli.backends import CudaStatus, cuda_status, cuda_unavailable
 from bnbcli.plan.planners import cache_folder
 
 
@@ -45,6 +47,29 @@ def installed_version(dist: str) -> str | None:
         return None
 
 
+def nvidia_driver_present() -> bool:
+    """NVIDIA's kernel driver or its library is here: only then can torch or CuPy see a GPU."""
+    if Path("/proc/driver/nvidia").exists():
+        return True
+    return any(ctypes.util.find_library(name) for name in ("cuda", "nvcuda"))
+
+
+def _torch_cuda_version() -> str | None:
+    """torch.version.cuda, read from torch/version.py (a plain assignment) without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            text = (Path(folder) / "version.py").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            name, _, value = line.partition("=")
+            if name.split(":")[0].strip() == "cuda":
+                value = value.strip().strip("'\"")
+                return None if value == "None" else value
+    return None
+
+
 def _cupy_without_import() -> CudaStatus:
     if importlib.util.find_spec("cupy") is None:
         return CudaStatus(None, None)
@@ -55,7 +80,7 @@ def _cupy_without_import() -> CudaStatus:
 def describe_environment() -> Environment:
     if not nvidia_driver_present():
         return _describe(
-            installed_version("torch") or "not installed", torch_cuda_version(), _cupy_without_import(), []
+            installed_version("torch") or "not installed", _torch_cuda_version(), _cupy_without_import(), []
         )
     import torch
 

@@ -9,11 +9,9 @@ are all here, else cpu. Asking for
 
 from __future__ import annotations
 
-import ctypes.util
 import importlib.util
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from typing import Literal, get_args
 
 from bnbcli.errors import BackendUnavailable, UsageError
@@ -52,7 +50,7 @@ def cuda_unavailable() -> tuple[str, str] | None:
             f"is {major}.{minor}",
             "use --backend cpu: it writes the same bytes (or hide that GPU with CUDA_VISIBLE_DEVICES)",
         )
-    from bnbcli.backends.cuda_modules import SOURCES, kernel_dir
+    from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 
     missing = [name for name in SOURCES if not (kernel_dir() / name).is_file()]
     if missing:
@@ -69,38 +67,6 @@ def cuda_unavailable() -> tuple[str, str] | None:
             "install the CuPy wheel for torch's CUDA (cupy-cuda13x), or use --backend cpu",
         )
     return None
-
-
-def nvidia_driver_present() -> bool:
-    """NVIDIA's kernel driver or its library is here: only then can torch or CuPy see a GPU."""
-    if Path("/proc/driver/nvidia").exists():
-        return True
-    return any(ctypes.util.find_library(name) for name in ("cuda", "nvcuda"))
-
-
-def torch_cuda_version() -> str | None:
-    """torch.version.cuda, read from torch/version.py (a plain assignment) without importing torch."""
-    spec = importlib.util.find_spec("torch")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        try:
-            text = (Path(folder) / "version.py").read_text()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            name, _, value = line.partition("=")
-            if name.split(":")[0].strip() == "cuda":
-                value = value.strip().strip("'\"")
-                return None if value == "None" else value
-    return None
-
-
-def cuda_expected(name: str) -> bool:
-    """Whether ``name`` will resolve to cuda, guessed without importing torch or CuPy, so that CUDA's
-    context and the kernels can warm up while torch imports. A wrong guess costs only time: the run
-    itself decides with ``resolve_backend``."""
-    if name != "auto":
-        return name == "cuda"
-    return importlib.util.find_spec("cupy") is not None and torch_cuda_version() is not None and nvidia_driver_present()
 
 
 def resolve_backend(name: str) -> str:

@@ -8,7 +8,7 @@ reading the double-quantization offset back into the record's Python float (``qu
 leaves it on the device) and, with an int8 threshold, finding the outlier columns.
 
 The launches, one checked wrapper per kernel, are cuda_launches.py's; CuPy itself is touched only in
-cuda_modules.py (compiling) and cuda_runtime.py (launching).
+cuda_runtime.py.
 """
 
 from __future__ import annotations

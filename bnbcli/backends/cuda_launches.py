@@ -2,8 +2,8 @@
 
 CuPy checks nothing, so each wrapper (``quantize_blockwise``, ``torch_mean``, ``dequantize_blockwise``,
 ``int8_row_quant``, ``int8_row_dequant``) checks dtypes, contiguity, devices, alignment and sizes, and passes
-scalars as explicit numpy types. Compiling the kernels is cuda_modules.py's, launching them cuda_runtime.py's (the
-only modules that touch CuPy).
+scalars as explicit numpy types. Loading and compiling the kernels is cuda_runtime.py's (the only module that
+touches CuPy).
 """
 
 from __future__ import annotations
@@ -15,8 +15,15 @@ import numpy as np
 import torch
 
 from bnbcli.backends import cuda_tables
-from bnbcli.backends.cuda_modules import THREADS
-from bnbcli.backends.cuda_runtime import ELEMENT_TYPES, NULL, launch, reduce_geometry, resident_ctas, sm_count
+from bnbcli.backends.cuda_runtime import (
+    ELEMENT_TYPES,
+    NULL,
+    THREADS,
+    launch,
+    reduce_geometry,
+    resident_ctas,
+    sm_count,
+)
 from bnbcli.errors import InternalError, UsageError
 from bnbcli.formats.codes import DYNAMIC_CODE
 from bnbcli.formats.cuda_mean import reduce_config

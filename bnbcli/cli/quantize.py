@@ -159,21 +159,17 @@ def quantize(
 
 
 def _execute(request: QuantizeRequest, plan: QuantizePlan, plain: bool, bar: bool, progress: bool) -> QuantizeOutcome:
-    """Import the library and run the plan; meanwhile its pass-through tensors are copied into OUT's
-    temporary folder when the plan needed no torch (pipeline/early_copy.py), and CUDA's context and the
-    kernels are made ready when the run will likely use a GPU."""
-    from bnbcli.backends import cuda_expected
+    """Import the library and run the plan; its pass-through tensors meanwhile copied into OUT's temporary
+    folder when the plan needed no torch (pipeline/early_copy.py)."""
     from bnbcli.pipeline import early_copy
     from bnbcli.pipeline.request import output_folder
 
-    if cuda_expected(request.backend):
-        from bnbcli.backends import cuda_modules
-
-        cuda_modules.warm_up(request.devices)
     with early_copy.started(plan, output_folder(request), plain) as early:
         with heap.library_import():
             from bnbcli.pipeline.quantize import quantize as quantize_on_plan
+            from bnbcli.pipeline.quantize import warm_up_backend
 
+        warm_up_backend(request)
         with output.ByteProgress(plan.checkpoint.tensor_bytes, "quantizing", enabled=progress, bar=bar) as shown:
             return quantize_on_plan(request, plan, shown.advance, early)
 

@@ -15,7 +15,7 @@ from bnbcli.backends import resolve_backend
 from bnbcli.backends.devices import cuda_devices
 from bnbcli.checkpoint.atomic import AtomicOutputDir
 from bnbcli.checkpoint.manifest import manifest_document, write_manifest
-from bnbcli.errors import UsageError
+from bnbcli.errors import BnbError, UsageError
 from bnbcli.formats.dtypes import dtype_name
 from bnbcli.pipeline.early_copy import EarlyCopy
 from bnbcli.pipeline.executor import ComponentResult, Progress, StageSeconds, write_other_files, write_weights
@@ -28,6 +28,21 @@ class QuantizeOutcome:
     plan: QuantizePlan
     out: Path
     manifest: dict[str, Any]
+
+
+def warm_up_backend(request: QuantizeRequest) -> None:
+    """Start compiling the GPU kernels now, when the cuda backend will run, so that the compile overlaps
+    planning; a no-op for the CPU. Errors are left for the real run to report."""
+    try:
+        if resolve_backend(request.backend) != "cuda":
+            return
+        devices = cuda_devices(request.devices)
+    except BnbError:
+        return
+    from bnbcli.backends.cuda_runtime import warm_up
+
+    for device in devices:
+        warm_up(device.index if device.index is not None else 0)
 
 
 def quantize(

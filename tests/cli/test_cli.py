@@ -51,8 +51,7 @@ def test_env_without_a_driver_reports_torch_as_torch_does_without_importing_it()
     alone took seconds on a 2-core machine), and they are the ones the imported modules give."""
     code = (
         "import json, sys\n"
-        "from bnbcli.backends import nvidia_driver_present\n"
-        "from bnbcli.environment import describe_environment\n"
+        "from bnbcli.environment import describe_environment, nvidia_driver_present\n"
         "found = describe_environment()\n"
         "imported = sorted({'torch', 'cupy', 'numpy'} & set(sys.modules))\n"
         "import numpy, torch\n"

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from bnbcli.backends import cuda, cuda_launches, cuda_modules
+from bnbcli.backends import cuda, cuda_launches, cuda_runtime
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.dtypes import UINT8
@@ -65,9 +65,9 @@ int signature_of(void (*)(P...), int* sizes, int* pointers) {
 
 def _harness() -> str:
     """One translation unit: every kernel source, then a launcher and a signature per instantiation."""
-    lines = [f'#include "{source}"' for source in cuda_modules.SOURCES]
+    lines = [f'#include "{source}"' for source in cuda_runtime.SOURCES]
     lines.append(_HARNESS_HEAD)
-    for names in cuda_modules.SOURCES.values():
+    for names in cuda_runtime.SOURCES.values():
         for name in names:
             s = _symbol(name)
             lines.append(f'extern "C" void launch_{s}(int grid, void** a) {{')
@@ -96,7 +96,7 @@ def kernels(cxx: str, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     work = tmp_path_factory.mktemp("cuda_emulated")
     source = _harness()
     (work / "harness.cpp").write_text(source)
-    kernel_dir = cuda_modules.kernel_dir()
+    kernel_dir = cuda_runtime.kernel_dir()
     command = [cxx, *CXXFLAGS, "-include", str(SHIM), f"-I{kernel_dir}", "harness.cpp"]
     done = subprocess.run([*command, "-o", "kernels.so"], cwd=work, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -175,7 +175,7 @@ def test_the_emulator_keeps_the_gpus_barrier_semantics(cxx: str, tmp_path: Path)
 def _emulated_launch(lib: ctypes.CDLL):
     def launch(device: torch.device, source: str, name: str, grid: int, args: tuple) -> None:
         symbol = _symbol(name)
-        assert name in cuda_modules.SOURCES[source], f"{name} is not instantiated in {source}"
+        assert name in cuda_runtime.SOURCES[source], f"{name} is not instantiated in {source}"
         sizes, pointers = (ctypes.c_int * 32)(), (ctypes.c_int * 32)()
         count = getattr(lib, f"signature_{symbol}")(sizes, pointers)
         assert count == len(args), f"{name}: {len(args)} arguments for {count} parameters"

@@ -16,7 +16,7 @@ import torch
 
 import bnbcli
 from bnbcli.backends import cuda_unavailable, resolve_backend
-from bnbcli.backends.cuda_modules import SOURCES, kernel_dir
+from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 from bnbcli.errors import BackendUnavailable
 
 NVCC = shutil.which("nvcc")

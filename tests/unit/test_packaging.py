@@ -36,7 +36,7 @@ def test_every_data_file_is_packaged():
 
 
 def test_kernel_sources_match_the_packaged_patterns():
-    from bnbcli.backends.cuda_modules import SOURCES, kernel_dir
+    from bnbcli.backends.cuda_runtime import SOURCES, kernel_dir
 
     assert kernel_dir() == REPO / "cuda_kernels"
     for name in SOURCES:
