@@ -31,6 +31,7 @@ from bnbcli.formats.cuda_mean import cuda_mean_f32
 from bnbcli.formats.dtypes import dtype_name, is_float
 from bnbcli.formats.gpu_math import gpu_cast
 from bnbcli.formats.layout import FOUR_BIT_BLOCKSIZES, NESTED_BLOCKSIZE, num_blocks
+from bnbcli.formats.metrics import Restore
 
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -240,6 +241,42 @@ def dequantize_4bit(q: QuantState4bit) -> torch.Tensor:
     return values.reshape(q.shape)
 
 
+def restorer(q: QuantState4bit) -> Restore:
+    """``dequantize_4bit(q)``'s values, widened to float32, a range of elements at a time (the CPU
+    round-trip error reads a weight in cache-sized blocks, and its threads ask for their own blocks:
+    the whole dequantized weight is never made). A range starts at a multiple of the blocksize."""
+    packed, scales = packed_bytes(q), block_scales(q)
+    table = _value_table(scales, q.quant_type, q.dtype).to(torch.float32).reshape(-1)
+    blocksize, n = q.blocksize, q.numel
+
+    def restore(start: int, stop: int, out: torch.Tensor) -> None:
+        assert start % blocksize == 0 and 0 <= start < stop <= n
+        m = stop - start
+        pairs = packed[start // 2 : (stop + 1) // 2]
+        rows = -(-m // blocksize)
+        # Each value's position in the table, 16 * block + code: the codes two per byte, high nibble first
+        # (past the last code, the rows' tail is left unset: it is never looked up).
+        where = torch.empty(rows * blocksize // 2, 2, dtype=torch.int32)
+        torch.bitwise_right_shift(pairs, 4, out=where[: pairs.numel(), 0])
+        torch.bitwise_and(pairs, 0xF, out=where[: pairs.numel(), 1])
+        first = start // blocksize
+        blocks = torch.arange(first * _CODES, (first + rows) * _CODES, _CODES, dtype=torch.int32)
+        where.view(rows, blocksize).add_(blocks[:, None])
+        torch.index_select(table, 0, where.view(-1)[:m], out=out)
+
+    return restore
+
+
+_CODES = 16  # values a 4-bit code can take
+
+
+def _value_table(scales: torch.Tensor, quant_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """[blocks, 16]: each block's 16 possible values in ``dtype`` (LUT * scale with the kernel's ftz
+    multiply, one rounding), which its codes look up."""
+    _, lut = code_tables(quant_type)
+    return gpu_cast(expand_blocks(lut.repeat(scales.numel()), scales, _CODES), dtype).view(-1, _CODES)
+
+
 def dequantize_packed(
     packed: torch.Tensor, scales: torch.Tensor, n: int, quant_type: str, blocksize: int, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -249,12 +286,11 @@ def dequantize_packed(
     are computed first (LUT * scale with the kernel's ftz multiply, cast to ``dtype``) and every code
     looks its value up: the same bits as multiplying value by value, at a third of the time for a
     large weight (the round-trip error dequantizes every weight ``bnb quantize`` writes)."""
-    _, lut = code_tables(quant_type)
     nb = scales.numel()
-    table = gpu_cast(expand_blocks(lut.repeat(nb), scales, len(lut)), dtype)
+    table = _value_table(scales, quant_type, dtype)
     codes = unpack_nibbles(packed, n)
     if codes.numel() < nb * blocksize:  # the last block's missing tail: looked up, then cut off
         codes = torch.cat((codes, codes.new_zeros(nb * blocksize - codes.numel())))
     # int32 positions in the flat table (index_select takes them as they are; int64 cost a pass more)
-    where = codes.view(nb, blocksize) + torch.arange(0, nb * len(lut), len(lut), dtype=torch.int32)[:, None]
+    where = codes.view(nb, blocksize) + torch.arange(0, nb * _CODES, _CODES, dtype=torch.int32)[:, None]
     return table.reshape(-1).index_select(0, where.reshape(-1))[:n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,24 +26,32 @@ class RoundTripError:
         return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
+# A quantized weight's restored values as float32, a range of elements at a time: ``restore(start, stop, out)``
+# writes elements [start, stop) into ``out`` (the CPU sums ask for blocks; a dequantized copy of the whole weight
+# is never made). ``start`` is a multiple of SUM_BLOCK.
+Restore = Callable[[int, int, torch.Tensor], None]
+
 CHUNK = 1 << 22  # elements per float64 pass: bounded extra memory whatever the tensor size
 SUM_BLOCK = 1 << 18  # elements per block of the CPU sums (fastest of 2**14 ... 2**20 on a 2816x1024 weight);
 # every weight formats.batch joins is one block
 
 
-def roundtrip_sums(original: torch.Tensor, restored: torch.Tensor) -> torch.Tensor:
+def roundtrip_sums(original: torch.Tensor, restored: torch.Tensor | Restore) -> torch.Tensor:
     """float64 [signal, noise, max_abs] on the tensors' device, chunk by chunk, without waiting for it:
     on a GPU the sums stay queued with the kernels until the writer needs them.
 
     On the CPU the sums are numpy's pairwise sums of fixed blocks, added in block order: torch's dot
     splits a reduction by thread count, so the manifest's errors would change in the last digits with
-    the number of cores.
+    the number of cores. ``restored`` may also be a ``Restore`` of CPU values: the same figures, without a
+    dequantized copy of the weight.
     (A GPU sums in its own order: the errors of the two backends may differ in the last digits; the
     quantized bytes never do.)"""
-    flat_x, flat_y = original.reshape(-1), restored.reshape(-1)
+    flat_x = original.reshape(-1)
+    if callable(restored):
+        return _cpu_sums(flat_x, restored)
     if original.device.type == "cpu":
-        return _cpu_sums(flat_x, flat_y)
-    return _device_sums(flat_x, flat_y)
+        return _cpu_sums(flat_x, restored.reshape(-1))
+    return _device_sums(flat_x, restored.reshape(-1))
 
 
 def _device_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,7 @@ def _device_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
     return torch.stack((parts[:, 0].sum(), parts[:, 1].sum(), parts[:, 2].max()))
 
 
-def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
+def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor | Restore) -> torch.Tensor:
     """Each block of SUM_BLOCK elements summed on its own in float32 (numpy's pairwise sums, in buffers that
     stay in the cache), the blocks split between the CPU threads (``parts``), then the blocks' figures added
     in float64 in block order: the same figures whatever the thread count. float32 holds every source
@@ -73,12 +82,16 @@ def _cpu_sums(flat_x: torch.Tensor, flat_y: torch.Tensor) -> torch.Tensor:
         size = min(SUM_BLOCK, stop - start)
         # float32 buffers reused for every block of the part: a fresh array per block cost more (page
         # faults) than the arithmetic
-        x, diff, scratch = (torch.empty(size, dtype=torch.float32) for _ in range(3))
+        x, y, diff, scratch = (torch.empty(size, dtype=torch.float32) for _ in range(4))
         for begin in range(start, stop, SUM_BLOCK):
             m = min(SUM_BLOCK, stop - begin)
             block_x = flat_x[begin : begin + m]
             wide = block_x if block_x.dtype == torch.float32 else x[:m].copy_(block_x)
-            torch.sub(wide, flat_y[begin : begin + m], out=diff[:m])
+            if callable(flat_y):
+                flat_y(begin, begin + m, y[:m])  # the same float32 values as widening the dequantized weight
+                torch.sub(wide, y[:m], out=diff[:m])
+            else:
+                torch.sub(wide, flat_y[begin : begin + m], out=diff[:m])
             rows = (1, m)  # one row: the figures a joined call gives this block (roundtrip_sums_many)
             table[begin // SUM_BLOCK] = _block_sums(
                 wide.numpy().reshape(rows), diff[:m].numpy().reshape(rows), scratch[:m].numpy().reshape(rows)

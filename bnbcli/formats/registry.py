@@ -22,6 +22,7 @@ import torch
 
 from bnbcli.formats import blockwise8, fourbit, int8
 from bnbcli.formats.layout import FormatSettings, layout_int8
+from bnbcli.formats.metrics import Restore
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,12 @@ class Kernels:
     # CUDA 4-bit only: quantize without waiting for the GPU; returns (record, the double-quant offset still on
     # the device, or None), and ``dequantize(record, offset)`` reads that offset (see backends/cuda.py).
     quantize_queued: Callable[..., tuple[Any, torch.Tensor | None]] | None = None
+    # CPU 4-bit only: the record's restored values a block at a time, for the round-trip error (formats.metrics)
+    restorer: Callable[[Any], Restore] | None = None
 
 
 CPU_KERNELS = {
-    "4bit": Kernels(fourbit.quantize_4bit, fourbit.dequantize_4bit),
+    "4bit": Kernels(fourbit.quantize_4bit, fourbit.dequantize_4bit, restorer=fourbit.restorer),
     "int8": Kernels(int8.quantize_int8_rowwise, int8.dequantize_int8_rowwise),
     "blockwise8": Kernels(blockwise8.quantize_blockwise8, blockwise8.dequantize_blockwise8),
 }

@@ -45,7 +45,8 @@ def _nonfinite_error(job: TensorJob, nan: int, inf: int) -> InputError:
 
 
 def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend: str):
-    """(entries, restored, pending): the planned entries of ``weight``, its dequantized values, and
+    """(entries, restored, pending): the planned entries of ``weight``, its dequantized values (on the CPU,
+    for 4-bit, a ``Restore`` that makes them a block at a time), and
     None or, on the GPU with double quantization, (the record's fields without its tensors, the device
     offset): the offset is not read yet, so the quant_state entry is a placeholder until the
     converter's finish() rebuilds it from these two."""
@@ -58,7 +59,8 @@ def _quantize(job: TensorJob, weight: torch.Tensor, scheme: QuantScheme, backend
         restored = kernels.dequantize(record, offset)
     else:
         record = kernels.quantize(weight, *args)
-        restored = kernels.dequantize(*family.dequantize_args(record))
+        restore = kernels.restorer
+        restored = restore(record) if restore else kernels.dequantize(*family.dequantize_args(record))
     pending = None if offset is None else (_without_tensors(record), offset)
     return _entries(job, record), restored, pending
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from bnbcli.formats import metrics
+from bnbcli.formats import fourbit, metrics
 
 
 def test_roundtrip_error_matches_a_direct_float64_computation(monkeypatch) -> None:
@@ -83,3 +84,28 @@ def test_the_gpu_sums_give_the_cpu_figures(monkeypatch) -> None:
     assert math.isnan(float(metrics._device_sums(x_nan, y)[2]))
     empty = metrics._device_sums(torch.empty(0), torch.empty(0))
     assert empty.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("shape", "quant_type", "blocksize", "double_quant"),
+    [
+        ((7,), "nf4", 64, False),  # one partial block, an odd count
+        ((33, 65), "fp4", 64, True),
+        ((3, 1 << 18), "nf4", 256, True),  # three sum blocks, split between threads
+        ((1000, 1001), "fp4", 4096, False),  # an odd count over several sum blocks
+        ((2816, 1024), "nf4", 64, True),
+    ],
+)
+def test_a_restorer_gives_the_figures_of_the_dequantized_weight(
+    shape: tuple[int, ...], quant_type: str, blocksize: int, double_quant: bool, dtype: torch.dtype
+) -> None:
+    """The CPU round trip of a 4-bit weight reads its values a block at a time (fourbit.restorer): the figures
+    are those of the whole dequantized weight, bit for bit, NaN and Inf included."""
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.05).to(dtype)
+    if x.numel() > 100:
+        x.view(-1)[5], x.view(-1)[77] = float("nan"), float("inf")
+    q = fourbit.quantize_4bit(x, quant_type, blocksize, double_quant)
+    whole = metrics.roundtrip_sums(x, fourbit.dequantize_4bit(q))
+    by_blocks = metrics.roundtrip_sums(x, fourbit.restorer(q))
+    assert torch.equal(whole.view(torch.int64), by_blocks.view(torch.int64)), (whole, by_blocks)
