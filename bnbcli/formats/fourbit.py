@@ -274,7 +274,21 @@ def _value_table(scales: torch.Tensor, quant_type: str, dtype: torch.dtype) -> t
     """[blocks, 16]: each block's 16 possible values in ``dtype`` (LUT * scale with the kernel's ftz
     multiply, one rounding), which its codes look up."""
     _, lut = code_tables(quant_type)
+    if _products_are_normal(scales, lut):  # then ftz and the NaN patterns change nothing: one multiply, one cast
+        return (lut * scales[:, None]).to(dtype)
     return gpu_cast(expand_blocks(lut.repeat(scales.numel()), scales, _CODES), dtype).view(-1, _CODES)
+
+
+def _products_are_normal(scales: torch.Tensor, lut: torch.Tensor) -> bool:
+    """Whether every product of a scale and a code value is zero or a finite normal float32: finite scales
+    at least twice as large as the smallest normal divided by the smallest nonzero |code value| (every
+    real weight's; the rest take the kernel's whole rule)."""
+    smallest = float(lut.abs()[lut != 0].min())
+    magnitude = scales.abs()
+    return bool(((magnitude >= 2 * float(FLT_MIN) / smallest) & (magnitude <= _FLT_MAX)).all())
+
+
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def dequantize_packed(

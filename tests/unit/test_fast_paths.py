@@ -161,10 +161,14 @@ def test_subnormal_products_encode_like_the_zeros_ftz_makes_of_them(name: str) -
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 63, 64, 65, 4096 + 17])
-def test_dequantize_by_block_table_equals_value_by_value(quant_type: str, dtype: torch.dtype, n: int) -> None:
+@pytest.mark.parametrize("scale_kind", ["adversarial", "ordinary"])
+def test_dequantize_by_block_table_equals_value_by_value(
+    quant_type: str, dtype: torch.dtype, n: int, scale_kind: str
+) -> None:
     """``dequantize_packed`` looks each code up in its block's 16 values; the reference multiplies every
     value (LUT[code] * scale, ftz, the GPU's NaN, the kernel's cast): the same bits, adversarial scales
-    (NaN, ±inf, ±0, subnormal, huge) and codes included."""
+    (NaN, ±inf, ±0, subnormal, huge) and codes included. Ordinary scales (every product normal, down to the
+    bound) take the table's short way, one multiply and one cast."""
     from bnbcli.formats.blocks import expand_blocks, unpack_nibbles
     from bnbcli.formats.gpu_math import gpu_cast
     from bnbcli.formats.layout import num_blocks
@@ -175,8 +179,14 @@ def test_dequantize_by_block_table_equals_value_by_value(quant_type: str, dtype:
     nb = num_blocks(n, blocksize)
     special = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e-40, 3e38, 1.0])
     scales = torch.randn(nb, generator=g).abs() * 10 ** torch.randint(-30, 30, (nb,), generator=g).float()
-    scales[: min(nb, special.numel())] = special[: min(nb, special.numel())]
     _, lut = fourbit.code_tables(quant_type)
+    if scale_kind == "adversarial":
+        scales[: min(nb, special.numel())] = special[: min(nb, special.numel())]
+    else:
+        smallest_code = float(lut.abs()[lut != 0].min())
+        scales[0] = 2 * float(np.finfo(np.float32).tiny) / smallest_code  # the bound itself
+        scales[-1] = -scales[-1]
+        assert fourbit._products_are_normal(scales, lut)
     expected = gpu_cast(expand_blocks(lut[unpack_nibbles(packed, n).long()], scales, blocksize), dtype)
     got = fourbit.dequantize_packed(packed, scales, n, quant_type, blocksize, dtype)
     assert got.dtype == dtype and got.shape == (n,)
