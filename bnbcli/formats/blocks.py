@@ -25,11 +25,9 @@ import numpy as np
 import torch
 
 from bnbcli.formats import parts
-from bnbcli.formats.codes import FLT_MIN
+from bnbcli.formats.codes import FLT_MAX, FLT_MIN
 from bnbcli.formats.gpu_math import flush_subnormals, gpu_nan, rcp_approx
 from bnbcli.formats.layout import num_blocks
-
-_FLT_MAX = float(np.finfo(np.float32).max)
 
 # An encoder maps float32 scaled values to uint8 codes (any shape): the kernel's decision rule.
 Encoder = Callable[[torch.Tensor], torch.Tensor]
@@ -68,7 +66,7 @@ def block_absmax(blocks: torch.Tensor) -> torch.Tensor:
     if bool(nan_blocks.any()):
         rows = blocks[nan_blocks].abs()
         fixed = torch.where(torch.isnan(rows), float("-inf"), rows).amax(dim=1)
-        absmax[nan_blocks] = fixed.clamp(min=-_FLT_MAX)
+        absmax[nan_blocks] = fixed.clamp(min=-float(FLT_MAX))
     return absmax
 
 
@@ -264,7 +262,7 @@ def _ordinary_absmax(body: torch.Tensor, scratch: _Scratch, rows: int) -> tuple[
             magnitude.sub_(1).bitwise_and_(mask)
             torch.amin(magnitude, dim=1, out=min_nonzero[b0 : b0 + k])
     absmax = max_bits.view(body.dtype).to(torch.float32)
-    ordinary = (absmax >= float(FLT_MIN)) & (absmax <= _FLT_MAX)
+    ordinary = (absmax >= float(FLT_MIN)) & (absmax <= float(FLT_MAX))
     if min_normal is not None:
         ordinary &= min_nonzero >= min_normal - 1
     return absmax, ordinary

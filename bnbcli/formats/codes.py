@@ -96,3 +96,4 @@ INT8_INV_127 = np.array([0x3C010204], dtype=np.uint32).view(np.float32)[0]
 INT8_SCALE_NUMERATOR = np.float32(127.0)
 
 FLT_MIN = np.float32(np.finfo(np.float32).tiny)  # smallest normal float32; below it ftz flushes to 0
+FLT_MAX = np.float32(np.finfo(np.float32).max)

@@ -19,6 +19,7 @@ from bnbcli.formats import blockwise8
 from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks, unpack_nibbles
 from bnbcli.formats.codes import (
     DYNAMIC_CODE,
+    FLT_MAX,
     FLT_MIN,
     FP4_CODE,
     FP4_MAGNITUDE_BITS,
@@ -285,10 +286,7 @@ def _products_are_normal(scales: torch.Tensor, lut: torch.Tensor) -> bool:
     real weight's; the rest take the kernel's whole rule)."""
     smallest = float(lut.abs()[lut != 0].min())
     magnitude = scales.abs()
-    return bool(((magnitude >= 2 * float(FLT_MIN) / smallest) & (magnitude <= _FLT_MAX)).all())
-
-
-_FLT_MAX = float(np.finfo(np.float32).max)
+    return bool(((magnitude >= 2 * float(FLT_MIN) / smallest) & (magnitude <= float(FLT_MAX))).all())
 
 
 def dequantize_packed(
