@@ -51,3 +51,11 @@ def test_a_plan_table_lists_every_tensor_up_to_its_limit_then_folds(capsys) -> N
     shown = capsys.readouterr().out
     assert f"e.*.w ×{output.FULL_TABLE_ROWS + 1}" in shown and "e.0.bias" in shown and "e.999.w" not in shown
     assert "--json lists every one" in shown
+
+
+def test_a_plan_table_of_more_groups_than_its_limit_says_how_many_are_left_out(capsys) -> None:
+    unlike = [_tensor(f"t.{i}", [i + 1], 2 * (i + 1)) for i in range(output.FULL_TABLE_ROWS + 5)]  # no two alike
+    output.emit_tensor_table("plan", None, unlike, lambda t: "keep", "total", 0, 0)
+    shown = capsys.readouterr().out
+    assert f"t.{output.FULL_TABLE_ROWS - 1}" in shown and f"t.{output.FULL_TABLE_ROWS}" not in shown
+    assert "… 5 more rows" in shown
