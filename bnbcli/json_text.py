@@ -1,6 +1,5 @@
 """``json.loads`` for documents that come from outside (checkpoints, caches, journals), and
-``dumps_indented``/``write_indented`` for the large documents bnb writes (a manifest with a record per
-tensor)."""
+``write_indented`` for the large documents bnb writes (a manifest with a record per tensor)."""
 
 from __future__ import annotations
 
@@ -20,17 +19,11 @@ def loads(text: str | bytes, **kwargs: Any) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def dumps_indented(value: Any) -> str:
-    """``json.dumps(value, indent=2)``, byte for byte, faster: with ``indent`` the standard library falls
-    back to its pure-Python encoder, which took seconds for a manifest of 50,000 tensors."""
-    parts: list[str] = []
-    _indented(value, "\n", parts.append)
-    return "".join(parts)
-
-
 def write_indented(value: Any, write: Callable[[str], Any]) -> None:
-    """``dumps_indented(value)`` handed to ``write`` in pieces of a few thousand parts: a large document
-    never exists as one string too (the manifest of 200,000 tensors is 250 MB of text)."""
+    """``json.dumps(value, indent=2)``, byte for byte, handed to ``write`` in pieces of a few thousand parts.
+    Faster: with ``indent`` the standard library falls back to its pure-Python encoder, which took seconds
+    for a manifest of 50,000 tensors; and a large document never exists as one string (the manifest of
+    200,000 tensors is 250 MB of text)."""
     parts: list[str] = []
 
     def out(part: str) -> None:

@@ -297,7 +297,8 @@ def dequantize_packed(
     A value depends on its 4-bit code and its block's scale alone, so each block's 16 possible values
     are computed first (LUT * scale with the kernel's ftz multiply, cast to ``dtype``) and every code
     looks its value up: the same bits as multiplying value by value, at a third of the time for a
-    large weight (the round-trip error dequantizes every weight ``bnb quantize`` writes)."""
+    large weight (`bnb dequantize` and `bnb inspect` dequantize every weight; the CPU round trip of `bnb
+    quantize` looks its values up in the same table, a block at a time: ``restorer``)."""
     nb = scales.numel()
     table = _value_table(scales, quant_type, dtype)
     codes = unpack_nibbles(packed, n)

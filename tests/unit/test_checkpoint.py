@@ -877,7 +877,12 @@ def test_indented_json_is_byte_for_byte_what_json_dumps_writes() -> None:
     """The manifest's fast writer against json.dumps(indent=2) on random documents: every JSON type,
     escapes, non-ASCII, inf/NaN, empty containers, tuples, and, at any depth, keys other than str and
     subclasses of int (which json.dumps spells), whole or in pieces."""
-    from bnbcli.json_text import dumps_indented, write_indented
+    from bnbcli.json_text import write_indented
+
+    def dumps_indented(document: object) -> str:
+        pieces: list[str] = []
+        write_indented(document, pieces.append)
+        return "".join(pieces)
 
     rng = random.Random(17)
     leaves = [
@@ -914,9 +919,6 @@ def test_indented_json_is_byte_for_byte_what_json_dumps_writes() -> None:
     for _ in range(300):
         document = value(0)
         assert dumps_indented(document) == json.dumps(document, indent=2)
-        pieces: list[str] = []
-        write_indented(document, pieces.append)
-        assert "".join(pieces) == json.dumps(document, indent=2)
 
     class Count(int):
         pass
