@@ -1,6 +1,7 @@
 """Time bnbcli's CPU quantization against bitsandbytes' own CPU path, format by format, quiet or busy.
 
-    python bench/bench_cpu_formats.py [--repeats 5] [--warmup 2] [--rounds 1] [--busy] [--baseline DIR] [--json]
+    python bench/bench_cpu_formats.py [--repeats 5] [--warmup 2] [--rounds 1] [--busy] [--baseline DIR]
+                                      [--threads N] [--json]
 
 One seeded 4096x4096 bf16 tensor. For each format the sides take turns, each in a fresh process of its
 own (so neither side's OpenMP runtime or threads meet the other's), which times ``repeats`` calls after
@@ -17,6 +18,8 @@ importable, only ours is timed.
               and stopped here), as on a shared CI runner.
 --baseline D  also time the bnbcli package in folder D (e.g. ``git archive OLD bnbcli | tar -x -C D``)
               as "before", in the same turns: a before/after from one run.
+--threads N   torch threads in every process, both sides (default: torch's, one per core); with 1, ours
+              runs its parts one after the other, which shows what a second thread is worth to each side.
 
 The machine's load average is printed before and after: on a shared machine, read the figures with it.
 """
@@ -125,9 +128,11 @@ def raw(tensors: list[torch.Tensor]) -> bytes:
     return b"".join(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for t in tensors)
 
 
-def child(side: str, name: str, repeats: int, warmup: int) -> None:
+def child(side: str, name: str, repeats: int, warmup: int, threads: int | None) -> None:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(SEED)
     x = torch.randn(SHAPE, dtype=torch.float32).to(torch.bfloat16)
     try:
@@ -165,6 +170,8 @@ def child(side: str, name: str, repeats: int, warmup: int) -> None:
 
 def run_side(side: str, name: str, args: argparse.Namespace, pythonpath: str | None = None) -> dict:
     command = [sys.executable, __file__, "--child", side, name, "--repeats", str(args.repeats)]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
@@ -262,11 +269,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="turns of every side per format (a fresh process each)")
     parser.add_argument("--busy", action="store_true", help="also run with a CPU burner on every core")
     parser.add_argument("--baseline", type=str, default=None, help="a folder holding an older bnbcli package")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every process (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "FORMAT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, args.repeats, args.warmup)
+        child(*args.child, args.repeats, args.warmup, args.threads)
         return
     if args.baseline and not (Path(args.baseline) / "bnbcli" / "__init__.py").is_file():
         parser.error(f"--baseline {args.baseline}: no bnbcli package in that folder")
