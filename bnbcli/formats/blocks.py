@@ -103,8 +103,18 @@ def pack_nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:
 
 def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     """uint8 [n] codes from packed bytes (the inverse of ``pack_nibbles``)."""
+    codes = torch.empty(2 * packed.numel(), dtype=torch.uint8)
+    unpack_nibbles_into(packed, codes)
+    return codes[:n]
+
+
+def unpack_nibbles_into(packed: torch.Tensor, out: torch.Tensor) -> None:
+    """The codes of packed bytes into ``out[: 2 * packed.numel()]``, which may be any integer dtype (an int32
+    ``out`` takes them without a uint8 copy first)."""
     flat = packed.reshape(-1)
-    return torch.stack((flat >> 4, flat & 0xF), dim=1).reshape(-1)[:n]
+    pairs = out[: 2 * flat.numel()].view(-1, 2)
+    torch.bitwise_right_shift(flat, 4, out=pairs[:, 0])
+    torch.bitwise_and(flat, 0xF, out=pairs[:, 1])
 
 
 def reference_quantize_blocks(

@@ -16,7 +16,7 @@ import torch
 
 from bnbcli.errors import InputError, UsageError
 from bnbcli.formats import blockwise8
-from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks, unpack_nibbles
+from bnbcli.formats.blocks import CodeTable, encode, expand_blocks, quantize_blocks, unpack_nibbles_into
 from bnbcli.formats.codes import (
     DYNAMIC_CODE,
     FLT_MAX,
@@ -252,23 +252,24 @@ def restorer(q: QuantState4bit) -> Restore:
 
     def restore(start: int, stop: int, out: torch.Tensor) -> None:
         assert start % blocksize == 0 and 0 <= start < stop <= n
-        m = stop - start
-        pairs = packed[start // 2 : (stop + 1) // 2]
-        rows = -(-m // blocksize)
-        # Each value's position in the table, 16 * block + code: the codes two per byte, high nibble first
-        # (past the last code, the rows' tail is left unset: it is never looked up).
-        where = torch.empty(rows * blocksize // 2, 2, dtype=torch.int32)
-        torch.bitwise_right_shift(pairs, 4, out=where[: pairs.numel(), 0])
-        torch.bitwise_and(pairs, 0xF, out=where[: pairs.numel(), 1])
-        first = start // blocksize
-        blocks = torch.arange(first * _CODES, (first + rows) * _CODES, _CODES, dtype=torch.int32)
-        where.view(rows, blocksize).add_(blocks[:, None])
-        torch.index_select(table, 0, where.view(-1)[:m], out=out)
+        where = _table_positions(packed[start // 2 : (stop + 1) // 2], start // blocksize, stop - start, blocksize)
+        torch.index_select(table, 0, where, out=out)
 
     return restore
 
 
 _CODES = 16  # values a 4-bit code can take
+
+
+def _table_positions(packed: torch.Tensor, first_block: int, m: int, blocksize: int) -> torch.Tensor:
+    """int32 [m]: where each of the m codes in ``packed`` (two per byte, from the start of block
+    ``first_block``) finds its value in a flat table of 16 values per block, 16 * block + code.
+    int32, as index_select takes it as it is (int64 cost a pass more)."""
+    rows = -(-m // blocksize)
+    where = torch.empty(rows * blocksize, dtype=torch.int32)  # past the last code: unset, never looked up
+    unpack_nibbles_into(packed, where)
+    blocks = torch.arange(first_block * _CODES, (first_block + rows) * _CODES, _CODES, dtype=torch.int32)
+    return where.view(rows, blocksize).add_(blocks[:, None]).view(-1)[:m]
 
 
 def _value_table(scales: torch.Tensor, quant_type: str, dtype: torch.dtype) -> torch.Tensor:
@@ -299,11 +300,5 @@ def dequantize_packed(
     looks its value up: the same bits as multiplying value by value, at a third of the time for a
     large weight (`bnb dequantize` and `bnb inspect` dequantize every weight; the CPU round trip of `bnb
     quantize` looks its values up in the same table, a block at a time: ``restorer``)."""
-    nb = scales.numel()
     table = _value_table(scales, quant_type, dtype)
-    codes = unpack_nibbles(packed, n)
-    if codes.numel() < nb * blocksize:  # the last block's missing tail: looked up, then cut off
-        codes = torch.cat((codes, codes.new_zeros(nb * blocksize - codes.numel())))
-    # int32 positions in the flat table (index_select takes them as they are; int64 cost a pass more)
-    where = codes.view(nb, blocksize) + torch.arange(0, nb * _CODES, _CODES, dtype=torch.int32)[:, None]
-    return table.reshape(-1).index_select(0, where.reshape(-1))[:n]
+    return table.reshape(-1).index_select(0, _table_positions(packed.reshape(-1)[: (n + 1) // 2], 0, n, blocksize))
